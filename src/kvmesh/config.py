@@ -1,0 +1,101 @@
+"""Frozen, validated configuration: one dataclass per subsystem.
+
+Each field's `help` metadata is its documentation; the CLI builds its --help from it and
+accepts every field as a flag, a KVMESH_* environment variable, or a key in a YAML/TOML file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to run and how."""
+
+    model: str = _help(
+        "Model name from `kvmesh model list`, a local Hugging Face directory, or a .gguf file.",
+        default=DEFAULT_MODEL,
+    )
+    dtype: str = _help(
+        "Compute dtype: auto (float32 on CPU, which matches the reference exactly; "
+        "bfloat16 on CUDA), float32, bfloat16 or float16.",
+        default="auto",
+    )
+    device: str = _help("torch device: auto, cpu or cuda[:N].", default="auto")
+    max_model_len: int | None = _help(
+        "Longest prompt + output in tokens (default: the model's context length).", default=None
+    )
+    num_threads: int | None = _help("torch CPU threads (default: torch's own).", default=None)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The device KV cache: paged, block-major, with a prefix index."""
+
+    block_size: int = _help("Tokens per KV block.", default=16)
+    kv_dtype: str = _help("KV cache dtype: auto (the compute dtype), float32, bfloat16, float16.",
+                          default="auto")
+    kv_cache_memory_bytes: int = _help("Memory budget for the device KV cache, in bytes.",
+                                       default=2 * 1024**3)
+    num_blocks: int | None = _help("Exact number of KV blocks (overrides the byte budget).",
+                                   default=None)
+    enable_prefix_caching: bool = _help("Reuse KV blocks across requests by prefix.", default=True)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size > 1024:
+            raise ValueError(f"block_size must be in [1, 1024], got {self.block_size}")
+        if self.kv_dtype not in DTYPES:
+            raise ValueError(f"kv_dtype must be one of {DTYPES}, got {self.kv_dtype!r}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.kv_cache_memory_bytes < 1:
+            raise ValueError("kv_cache_memory_bytes must be positive")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching: what runs in each engine step."""
+
+    max_num_seqs: int = _help("Most sequences running at once.", default=128)
+    max_num_batched_tokens: int = _help(
+        "Token budget per step, shared by decodes and chunked prefills.", default=512
+    )
+    policy: str = _help("Queue order: fcfs or priority.", default="fcfs")
+    max_waiting: int = _help("Most requests waiting in the queue before new ones are refused.",
+                             default=1024)
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.max_waiting < 1:
+            raise ValueError("max_waiting must be >= 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Field name -> help text, for the CLI."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}

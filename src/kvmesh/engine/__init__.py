@@ -1,0 +1,1 @@
+"""The engine: pure scheduling and KV bookkeeping, plus the torch model runner."""

@@ -1,0 +1,108 @@
+"""Per-request block tables over the block pool, and prefix-cache lookups. Pure Python.
+
+Owned by the scheduler. A request's table lists its blocks in token order; its first
+`num_registered` blocks are full and published in the prefix index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kvmesh.engine.block_pool import BlockPool
+from kvmesh.engine.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, pool: BlockPool, block_size: int, enable_prefix_caching: bool = True):
+        self.pool = pool
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._tables: dict[str, list[int]] = {}
+        self._num_registered: dict[str, int] = {}
+        self.num_queried_tokens = 0
+        self.num_hit_tokens = 0
+
+    def block_table(self, request_id: str) -> list[int]:
+        return self._tables.get(request_id, [])
+
+    def find_cached_prefix(self, req: Request) -> list[int]:
+        """Blocks holding the longest cached prefix of `req`, at least one token short of it.
+
+        At least one token is always left to compute, since its logits are needed.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        keys = req.update_block_keys(self.block_size)
+        limit = (req.num_tokens - 1) // self.block_size
+        hits: list[int] = []
+        for key in keys[:limit]:
+            block_id = self.pool.lookup(key)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    def record_query(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
+        self.num_queried_tokens += num_prompt_tokens
+        self.num_hit_tokens += num_hit_tokens
+
+    def allocate(self, req: Request, num_new_tokens: int, cached: Sequence[int] = ()) -> bool:
+        """Make room for `num_new_tokens` more tokens of `req`, first taking `cached` blocks.
+
+        All or nothing: returns False, changing nothing, when the pool is too small.
+        """
+        table = self._tables.get(req.request_id, [])
+        num_tokens = req.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
+        num_needed = cdiv(num_tokens, self.block_size) - len(table) - len(cached)
+        num_revived = sum(1 for b in cached if self.pool.ref_counts[b] == 0)
+        if num_needed + num_revived > self.pool.num_free_blocks:
+            return False
+        self.pool.touch(cached)
+        table = self._tables.setdefault(req.request_id, table)
+        table.extend(cached)
+        self._num_registered.setdefault(req.request_id, 0)
+        if cached:
+            self._num_registered[req.request_id] = len(table)
+        if num_needed > 0:
+            table.extend(self.pool.allocate(num_needed))
+        return True
+
+    def cache_blocks(self, req: Request) -> None:
+        """Publish the request's newly full, computed blocks in the prefix index."""
+        if not self.enable_prefix_caching:
+            return
+        table = self._tables.get(req.request_id)
+        if table is None:
+            return
+        done = self._num_registered[req.request_id]
+        num_full = min(req.num_computed_tokens // self.block_size, len(table))
+        if num_full <= done:
+            return
+        keys = req.update_block_keys(self.block_size)
+        for index in range(done, num_full):
+            self.pool.cache(table[index], keys[index])
+        self._num_registered[req.request_id] = num_full
+
+    def free(self, req: Request) -> None:
+        """Release the request's blocks, tail first, so its shared head stays cached longest."""
+        table = self._tables.pop(req.request_id, None)
+        self._num_registered.pop(req.request_id, None)
+        if table:
+            self.pool.free(reversed(table))
+
+    def reset_prefix_cache(self) -> int:
+        return self.pool.evict_all()
+
+    def check_integrity(self) -> None:
+        self.pool.check_integrity()
+        refs = [0] * self.pool.num_blocks
+        for table in self._tables.values():
+            for block_id in table:
+                refs[block_id] += 1
+        assert refs == self.pool.ref_counts, "block tables disagree with ref counts"
+        for rid, table in self._tables.items():
+            assert self._num_registered[rid] <= len(table)

@@ -1,0 +1,119 @@
+"""Turns a scheduled batch into tensors, runs the model over the paged KV cache, samples.
+
+Owns the device KV tensor [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]:
+block-major, so one block (all layers' K and V) is one contiguous slab.
+Runs on the engine thread only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvmesh.model.arch import ModelArch
+from kvmesh.model.attention import AttentionMetadata, PrefillSegment
+from kvmesh.model.llama import LlamaForCausalLM
+
+
+@dataclass(frozen=True)
+class BatchSeq:
+    """One sequence's slice of a step: feed `token_ids` at positions `start`.. onwards."""
+
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    is_sampling: bool
+
+
+def kv_block_bytes(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return arch.num_layers * 2 * block_size * arch.kv_dim * elem
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        kv_dtype: torch.dtype,
+        device: torch.device,
+    ):
+        arch = model.arch
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        shape = (num_blocks, arch.num_layers, 2, block_size, arch.num_kv_heads, arch.head_dim)
+        # Zeros, not empty: padded decode slots read unused blocks under a mask, and
+        # uninitialised NaNs would leak through the softmax.
+        self.kv = torch.zeros(shape, dtype=kv_dtype, device=device)
+        self.kv_caches = [(self.kv[:, i, 0], self.kv[:, i, 1]) for i in range(arch.num_layers)]
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _slots(self, seqs: list[BatchSeq]) -> tuple[list[int], list[int], list[int], list[int]]:
+        ids: list[int] = []
+        positions: list[int] = []
+        blocks: list[int] = []
+        offsets: list[int] = []
+        bs = self.block_size
+        for s in seqs:
+            ids.extend(s.token_ids)
+            pos = range(s.start, s.start + len(s.token_ids))
+            positions.extend(pos)
+            blocks.extend(s.block_table[p // bs] for p in pos)
+            offsets.extend(p % bs for p in pos)
+        return ids, positions, blocks, offsets
+
+    def _decode_meta(self, decodes: list[BatchSeq]):
+        if not decodes:
+            return None, None
+        bs = self.block_size
+        lengths = [s.start + 1 for s in decodes]
+        width = max(-(-n // bs) for n in lengths)
+        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decodes]
+        span = torch.arange(width * bs, device=self.device)
+        mask = span.unsqueeze(0) < self._tensor(lengths).unsqueeze(1)
+        return self._tensor([b for t in tables for b in t]).view(len(decodes), width), mask[
+            :, None, None, :
+        ]
+
+    def _prefill_meta(self, prefills: list[BatchSeq], first: int) -> list[PrefillSegment]:
+        segments = []
+        start = first
+        for s in prefills:
+            context = s.start + len(s.token_ids)
+            table = self._tensor(s.block_table[: -(-context // self.block_size)])
+            segments.append(PrefillSegment(start, len(s.token_ids), context, table))
+            start += len(s.token_ids)
+        return segments
+
+    def execute(self, seqs: list[BatchSeq]) -> tuple[torch.Tensor, list[int]]:
+        """Run one step. Returns logits for the sampling sequences and their batch indices."""
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].token_ids) > 1)
+        ordered = [seqs[i] for i in order]
+        decodes = [s for s in ordered if len(s.token_ids) == 1]
+        prefills = ordered[len(decodes) :]
+        ids, positions, blocks, offsets = self._slots(ordered)
+        tables, mask = self._decode_meta(decodes)
+        meta = AttentionMetadata(
+            slot_blocks=self._tensor(blocks),
+            slot_offsets=self._tensor(offsets),
+            num_decodes=len(decodes),
+            decode_block_tables=tables,
+            decode_mask=mask,
+            prefills=self._prefill_meta(prefills, len(decodes)),
+        )
+        ends, sampled = [], []
+        cursor = 0
+        for slot, s in zip(order, ordered, strict=True):
+            cursor += len(s.token_ids)
+            if s.is_sampling:
+                ends.append(cursor - 1)
+                sampled.append(slot)
+        logits = self.model(
+            self._tensor(ids), self._tensor(positions), meta, self.kv_caches, self._tensor(ends)
+        )
+        return logits, sampled

@@ -1,0 +1,237 @@
+"""Continuous-batching scheduler with chunked prefill. Pure Python: no torch, no I/O.
+
+Each step shares a token budget between decodes and prefill chunks:
+
+1. Running requests that are decoding go first (one token each), then running requests
+   whose prefill is partly done take what budget is left. Decodes never wait for a
+   long prefill: a prefill is cut into chunks that fit the budget.
+2. When the block pool runs dry, the scheduler preempts by recompute: it frees the
+   blocks of the running request the policy ranks last (for fcfs the latest arrival,
+   for priority the least urgent) and sends it back to the queue. Its full blocks stay
+   in the prefix index, so it usually resumes from cache.
+3. If nothing was preempted, waiting requests are admitted in policy order while the
+   budget, `max_num_seqs` and free blocks allow, each starting after its cached prefix.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from kvmesh.config import SchedulerConfig
+from kvmesh.engine.kv_cache_manager import KVCacheManager
+from kvmesh.engine.policies import make_policy
+from kvmesh.engine.request import Request, RequestStatus
+from kvmesh.types import FinishReason
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at `max_waiting`: the request is refused (HTTP 429)."""
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    request_id: str
+    num_computed_tokens: int
+    num_new_tokens: int
+    is_sampling: bool
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    seqs: tuple[ScheduledSeq, ...]
+    preempted_ids: tuple[str, ...]
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.policy = make_policy(config.policy)
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._seq = itertools.count()
+        self.num_preemptions = 0
+
+    # lifecycle -----------------------------------------------------------------------
+
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)")
+        req.arrival_seq = next(self._seq)
+        self.requests[req.request_id] = req
+        self._enqueue(req)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        self.finish_request(req, "abort")
+        return req
+
+    def finish_request(self, req: Request, reason: FinishReason, stop: str | int | None = None):
+        if req.is_finished:
+            return
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+            self.kv.cache_blocks(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.stop_reason = stop
+        self.requests.pop(req.request_id, None)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # scheduling ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        seqs: list[ScheduledSeq] = []
+        preempted: list[str] = []
+        order = sorted(self.running, key=lambda r: (r.num_pending_tokens > 1, self._key(r)))
+        pending = list(order)
+        while pending and budget > 0:
+            req = pending.pop(0)
+            num_new = min(req.num_pending_tokens, budget)
+            if self._allocate_or_preempt(req, num_new, pending, preempted):
+                seqs.append(self._scheduled(req, num_new))
+                budget -= num_new
+        if not preempted:
+            budget = self._admit(budget, seqs)
+        return SchedulerOutput(tuple(seqs), tuple(preempted))
+
+    def _allocate_or_preempt(
+        self, req: Request, num_new: int, pending: list[Request], preempted: list[str]
+    ) -> bool:
+        while not self.kv.allocate(req, num_new):
+            victim = max([*pending, req], key=self._key)
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is req:
+                return False
+            pending.remove(victim)
+        return True
+
+    def _admit(self, budget: int, seqs: list[ScheduledSeq]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            cached = self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
+            num_cached = len(cached) * self.kv.block_size
+            num_new = min(req.num_tokens - req.num_computed_tokens - num_cached, budget)
+            if not self.kv.allocate(req, num_new, cached):
+                break
+            self.waiting.pop(0)
+            req.num_computed_tokens += num_cached
+            if req.num_cached_tokens is None:
+                req.num_cached_tokens = num_cached
+                self.kv.record_query(req.num_prompt_tokens, num_cached)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            seqs.append(self._scheduled(req, num_new))
+            budget -= num_new
+        return budget
+
+    def _scheduled(self, req: Request, num_new: int) -> ScheduledSeq:
+        is_sampling = req.num_computed_tokens + num_new == req.num_tokens
+        return ScheduledSeq(req.request_id, req.num_computed_tokens, num_new, is_sampling)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self._enqueue(req)
+
+    def _enqueue(self, req: Request) -> None:
+        if req.status is not RequestStatus.PREEMPTED:
+            req.status = RequestStatus.WAITING
+        bisect.insort(self.waiting, req, key=self._key)
+
+    def _key(self, req: Request) -> tuple[float, ...]:
+        return self.policy.sort_key(req)
+
+    # results ---------------------------------------------------------------------------
+
+    def update_from_output(
+        self, out: SchedulerOutput, sampled: dict[str, int]
+    ) -> list[Request]:
+        """Advance computed counts, append sampled tokens, and finish what must stop.
+
+        Returns the requests that got a new token (finished ones included).
+        """
+        updated: list[Request] = []
+        for seq in out.seqs:
+            req = self.requests.get(seq.request_id)
+            if req is None or req.status is not RequestStatus.RUNNING:
+                continue
+            req.num_computed_tokens += seq.num_new_tokens
+            self.kv.cache_blocks(req)
+            token = sampled.get(seq.request_id)
+            if token is None:
+                continue
+            req.token_ids.append(token)
+            updated.append(req)
+            self._check_stop(req, token)
+        return updated
+
+    def _check_stop(self, req: Request, token: int) -> None:
+        params = req.params
+        num_out = req.num_output_tokens
+        if num_out >= params.min_tokens:
+            if not params.ignore_eos and token in req.eos_token_ids:
+                self.finish_request(req, "stop", token)
+                return
+            if token in params.stop_token_ids:
+                self.finish_request(req, "stop", token)
+                return
+        if params.max_tokens is not None and num_out >= params.max_tokens:
+            self.finish_request(req, "length")
+        elif req.num_tokens >= self.max_model_len:
+            self.finish_request(req, "length")
+
+    def finish_many(self, reqs: Iterable[Request], reason: FinishReason) -> None:
+        for req in list(reqs):
+            self.finish_request(req, reason)
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity()
+        ids = [r.request_id for r in self.running] + [r.request_id for r in self.waiting]
+        assert len(ids) == len(set(ids)), "a request is both running and waiting"
+        assert set(ids) == set(self.requests), "request map disagrees with queues"
+        keys = [self._key(r) for r in self.waiting]
+        assert keys == sorted(keys), "waiting queue is out of policy order"
+        for req in self.running:
+            assert req.status is RequestStatus.RUNNING
+            assert req.num_computed_tokens <= req.num_tokens
+            assert len(self.kv.block_table(req.request_id)) * self.kv.block_size >= (
+                req.num_computed_tokens
+            )
+        assert len(self.running) <= self.config.max_num_seqs

@@ -1,0 +1,94 @@
+"""Engine start-up: resolve the model, pick device and dtypes, size the KV cache."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvmesh.config import EngineConfig
+from kvmesh.engine.model_runner import kv_block_bytes
+from kvmesh.model.loader import TORCH_DTYPES, load_model, read_config
+from kvmesh.model.llama import LlamaForCausalLM
+from kvmesh.model.registry import resolve_model
+from kvmesh.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    model_id: str
+    model: LlamaForCausalLM
+    tokenizer: Tokenizer
+    device: torch.device
+    dtype: torch.dtype
+    kv_dtype: torch.dtype
+    kv_dtype_name: str
+    max_model_len: int
+    num_blocks: int
+    eos_token_ids: frozenset[int]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for, but CUDA is not available")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> tuple[str, torch.dtype]:
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" else "float32"
+    return name, TORCH_DTYPES[name]
+
+
+def _model_id(name: str, path: Path) -> str:
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for weights in sorted(path.glob("*.safetensors")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return f"{name}:{digest.hexdigest()[:16]}"
+
+
+def _eos_ids(path: Path, tokenizer: Tokenizer, config_eos: tuple[int, ...]) -> frozenset[int]:
+    ids = set(config_eos)
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        import json
+
+        value = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update([value] if isinstance(value, int) else (value or []))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def load_engine_model(config: EngineConfig, progress: bool = True) -> LoadedModel:
+    mc, cc = config.model, config.cache
+    if mc.num_threads:
+        torch.set_num_threads(mc.num_threads)
+    resolved = resolve_model(mc.model, progress=progress)
+    device = pick_device(mc.device)
+    _, dtype = pick_dtype(mc.dtype, device)
+    kv_name, kv_dtype = pick_dtype(mc.dtype if cc.kv_dtype == "auto" else cc.kv_dtype, device)
+    arch_max = int(read_config(resolved.path).get("max_position_embeddings", 4096))
+    max_len = mc.max_model_len or arch_max
+    if max_len > arch_max:
+        log.warning("max_model_len %d exceeds the model's %d; quality may degrade",
+                    max_len, arch_max)
+    model = load_model(resolved.path, dtype, device, max_len)
+    block_bytes = kv_block_bytes(model.arch, cc.block_size, kv_dtype)
+    num_blocks = cc.num_blocks or max(1, cc.kv_cache_memory_bytes // block_bytes)
+    tokenizer = Tokenizer(resolved.path)
+    return LoadedModel(
+        resolved.name, resolved.path, _model_id(resolved.name, resolved.path), model, tokenizer,
+        device, dtype, kv_dtype, kv_name, max_len, num_blocks,
+        _eos_ids(resolved.path, tokenizer, model.arch.eos_token_ids),
+    )

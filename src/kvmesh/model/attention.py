@@ -1,0 +1,94 @@
+"""Paged attention over the block-major KV cache, with torch SDPA (CPU and CUDA).
+
+The cache is one tensor [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim];
+each layer sees strided views `k_cache`, `v_cache` of shape [num_blocks, block_size, H, D].
+A batch holds decode tokens first (one per sequence), then prefill chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSegment:
+    start: int  # first token of the chunk in the flat batch
+    length: int  # tokens in the chunk
+    context_len: int  # tokens attended to: cached prefix + this chunk
+    block_table: torch.Tensor  # [num_blocks] long, covering context_len
+
+
+@dataclass
+class AttentionMetadata:
+    slot_blocks: torch.Tensor  # [T] block id of each new token
+    slot_offsets: torch.Tensor  # [T] offset within the block
+    num_decodes: int
+    decode_block_tables: torch.Tensor | None  # [S, max_blocks]
+    decode_mask: torch.Tensor | None  # [S, 1, 1, max_blocks * block_size] bool
+    prefills: list[PrefillSegment]
+
+
+def _gather(cache: torch.Tensor, table: torch.Tensor, length: int, dtype: torch.dtype):
+    """[H, length, D] keys or values of one sequence."""
+    return cache[table].flatten(0, 1)[:length].transpose(0, 1).to(dtype)
+
+
+def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    num, num_q_heads, head_dim = q.shape
+    num_kv = k_cache.shape[2]
+    tables = meta.decode_block_tables
+    keys = k_cache[tables].flatten(1, 2).transpose(1, 2).to(q.dtype)  # [S, H, T, D]
+    values = v_cache[tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
+    # Queries sharing a KV head are laid out as that head's query rows (GQA without copies).
+    grouped = q.view(num, num_kv, num_q_heads // num_kv, head_dim)
+    out = F.scaled_dot_product_attention(
+        grouped, keys, values, attn_mask=meta.decode_mask, scale=scale
+    )
+    return out.reshape(num, num_q_heads, head_dim)
+
+
+def _prefill(q, k, v, k_cache, v_cache, seg: PrefillSegment, scale: float) -> torch.Tensor:
+    sl = slice(seg.start, seg.start + seg.length)
+    query = q[sl].transpose(0, 1).unsqueeze(0)  # [1, Hq, L, D]
+    if seg.context_len == seg.length:
+        keys = k[sl].transpose(0, 1).unsqueeze(0)
+        values = v[sl].transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(
+            query, keys, values, is_causal=True, scale=scale, enable_gqa=True
+        )
+    else:
+        keys = _gather(k_cache, seg.block_table, seg.context_len, q.dtype).unsqueeze(0)
+        values = _gather(v_cache, seg.block_table, seg.context_len, q.dtype).unsqueeze(0)
+        offset = seg.context_len - seg.length
+        rows = torch.arange(seg.length, device=q.device).unsqueeze(1) + offset
+        mask = torch.arange(seg.context_len, device=q.device).unsqueeze(0) <= rows
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+    return out.squeeze(0).transpose(0, 1)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Write this batch's K/V into the cache, then attend. q: [T, Hq, D]; k, v: [T, H, D]."""
+    k_cache[meta.slot_blocks, meta.slot_offsets] = k.to(k_cache.dtype)
+    v_cache[meta.slot_blocks, meta.slot_offsets] = v.to(v_cache.dtype)
+    nd = meta.num_decodes
+    if not meta.prefills:
+        return _decode(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)
+    if nd:
+        out[:nd] = _decode(q[:nd], k_cache, v_cache, meta, scale)
+    for seg in meta.prefills:
+        out[seg.start : seg.start + seg.length] = _prefill(q, k, v, k_cache, v_cache, seg, scale)
+    return out
