@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kvmesh.model.arch import ModelArch
-from kvmesh.model.attention import AttentionMetadata, PrefillSegment
+from kvmesh.model.attention import AttentionMetadata, DecodeGroup, PrefillSegment
 from kvmesh.model.llama import LlamaForCausalLM
 
 
@@ -67,18 +67,27 @@ class ModelRunner:
             offsets.extend(p % bs for p in pos)
         return ids, positions, blocks, offsets
 
-    def _decode_meta(self, decodes: list[BatchSeq]):
-        if not decodes:
-            return None, None
+    def _decode_group(self, decodes: list[BatchSeq], start: int) -> DecodeGroup:
         bs = self.block_size
         lengths = [s.start + 1 for s in decodes]
-        width = max(-(-n // bs) for n in lengths)
+        width = -(-max(lengths) // bs)
         tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decodes]
+        table = self._tensor([b for t in tables for b in t]).view(len(decodes), width)
+        if all(n == width * bs for n in lengths):
+            return DecodeGroup(start, len(decodes), table, None)
         span = torch.arange(width * bs, device=self.device)
         mask = span.unsqueeze(0) < self._tensor(lengths).unsqueeze(1)
-        return self._tensor([b for t in tables for b in t]).view(len(decodes), width), mask[
-            :, None, None, :
-        ]
+        return DecodeGroup(start, len(decodes), table, mask[:, None, None, :])
+
+    def _decode_groups(self, decodes: list[BatchSeq]) -> list[DecodeGroup]:
+        """Split decodes (sorted by length) where padding would more than double the work."""
+        groups: list[DecodeGroup] = []
+        begin = 0
+        for i in range(1, len(decodes) + 1):
+            if i == len(decodes) or decodes[i].start + 1 > 2 * (decodes[begin].start + 1) + 64:
+                groups.append(self._decode_group(decodes[begin:i], begin))
+                begin = i
+        return groups
 
     def _prefill_meta(self, prefills: list[BatchSeq], first: int) -> list[PrefillSegment]:
         segments = []
@@ -92,18 +101,16 @@ class ModelRunner:
 
     def execute(self, seqs: list[BatchSeq]) -> tuple[torch.Tensor, list[int]]:
         """Run one step. Returns logits for the sampling sequences and their batch indices."""
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].token_ids) > 1)
+        order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i].token_ids) > 1, seqs[i].start))
         ordered = [seqs[i] for i in order]
         decodes = [s for s in ordered if len(s.token_ids) == 1]
         prefills = ordered[len(decodes) :]
         ids, positions, blocks, offsets = self._slots(ordered)
-        tables, mask = self._decode_meta(decodes)
         meta = AttentionMetadata(
             slot_blocks=self._tensor(blocks),
             slot_offsets=self._tensor(offsets),
             num_decodes=len(decodes),
-            decode_block_tables=tables,
-            decode_mask=mask,
+            decode_groups=self._decode_groups(decodes),
             prefills=self._prefill_meta(prefills, len(decodes)),
         )
         ends, sampled = [], []

@@ -22,12 +22,21 @@ class PrefillSegment:
 
 
 @dataclass
+class DecodeGroup:
+    """Decode tokens of similar context length, padded to a common width."""
+
+    start: int  # first token of the group in the flat batch
+    count: int
+    block_tables: torch.Tensor  # [count, max_blocks]
+    mask: torch.Tensor | None  # [count, 1, 1, max_blocks * block_size] bool; None: no padding
+
+
+@dataclass
 class AttentionMetadata:
     slot_blocks: torch.Tensor  # [T] block id of each new token
     slot_offsets: torch.Tensor  # [T] offset within the block
     num_decodes: int
-    decode_block_tables: torch.Tensor | None  # [S, max_blocks]
-    decode_mask: torch.Tensor | None  # [S, 1, 1, max_blocks * block_size] bool
+    decode_groups: list[DecodeGroup]
     prefills: list[PrefillSegment]
 
 
@@ -36,16 +45,16 @@ def _gather(cache: torch.Tensor, table: torch.Tensor, length: int, dtype: torch.
     return cache[table].flatten(0, 1)[:length].transpose(0, 1).to(dtype)
 
 
-def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tensor:
     num, num_q_heads, head_dim = q.shape
     num_kv = k_cache.shape[2]
-    tables = meta.decode_block_tables
+    tables = group.block_tables
     keys = k_cache[tables].flatten(1, 2).transpose(1, 2).to(q.dtype)  # [S, H, T, D]
     values = v_cache[tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
     # Queries sharing a KV head are laid out as that head's query rows (GQA without copies).
     grouped = q.view(num, num_kv, num_q_heads // num_kv, head_dim)
     out = F.scaled_dot_product_attention(
-        grouped, keys, values, attn_mask=meta.decode_mask, scale=scale
+        grouped, keys, values, attn_mask=group.mask, scale=scale
     )
     return out.reshape(num, num_q_heads, head_dim)
 
@@ -83,12 +92,12 @@ def paged_attention(
     """Write this batch's K/V into the cache, then attend. q: [T, Hq, D]; k, v: [T, H, D]."""
     k_cache[meta.slot_blocks, meta.slot_offsets] = k.to(k_cache.dtype)
     v_cache[meta.slot_blocks, meta.slot_offsets] = v.to(v_cache.dtype)
-    nd = meta.num_decodes
-    if not meta.prefills:
-        return _decode(q, k_cache, v_cache, meta, scale)
+    if not meta.prefills and len(meta.decode_groups) == 1:
+        return _decode(q, k_cache, v_cache, meta.decode_groups[0], scale)
     out = torch.empty_like(q)
-    if nd:
-        out[:nd] = _decode(q[:nd], k_cache, v_cache, meta, scale)
+    for g in meta.decode_groups:
+        sl = slice(g.start, g.start + g.count)
+        out[sl] = _decode(q[sl], k_cache, v_cache, g, scale)
     for seg in meta.prefills:
         out[seg.start : seg.start + seg.length] = _prefill(q, k, v, k_cache, v_cache, seg, scale)
     return out

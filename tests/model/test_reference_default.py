@@ -1,0 +1,64 @@
+"""The real default model matches transformers (loaded from the same GGUF) token for token."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvmesh import LLM, SamplingParams
+from tests.reference import hf_greedy, load_hf
+from tests.texts import varied_prompts
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def prompts(llm) -> list[list[int]]:
+    tok = llm.get_tokenizer()
+    ids = [tok.encode(p) for p in varied_prompts()]
+    lengths = sorted(len(p) for p in ids)
+    assert len(ids) >= 20 and lengths[0] >= 10 and 1500 <= lengths[-1] <= 2000, lengths
+    return ids
+
+
+def test_default_model_matches_transformers(llm, prompts, default_gguf):
+    hf = load_hf(default_gguf.parent, gguf_file=default_gguf.name)
+    expected = hf_greedy(hf, prompts, max_new_tokens=64, eos=2)
+    params = SamplingParams(temperature=0.0, max_tokens=64)
+    batched = llm.generate(prompts, params)
+    assert [o.token_ids for o in batched] == expected
+    llm.engine.kv.reset_prefix_cache()
+    single = [llm.generate([p], params)[0] for p in prompts]
+    assert [o.token_ids for o in single] == expected
+    assert all(o.num_cached_tokens == 0 for o in single)
+
+
+def test_prefix_cache_hit_is_identical(llm, prompts):
+    tok = llm.get_tokenizer()
+    shared = [t for p in prompts for t in p][:1000]
+    assert len(shared) == 1000
+    first = shared + tok.encode(" Question one: what is this text about?")
+    second = shared + tok.encode(" Summarise the above in one sentence.")
+    params = SamplingParams(temperature=0.0, max_tokens=32)
+    llm.engine.kv.reset_prefix_cache()
+    cold = llm.generate([second], params)[0]
+    llm.engine.kv.reset_prefix_cache()
+    llm.generate([first], params)
+    warm = llm.generate([second], params)[0]
+    assert cold.num_cached_tokens == 0
+    assert warm.num_cached_tokens >= 900
+    assert warm.token_ids == cold.token_ids
+
+
+def test_chat_template_and_eos(llm):
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0.0, max_tokens=64))[0]
+    assert "Paris" in out.text
+    assert out.finish_reason == "stop"
+    tok = llm.get_tokenizer()
+    assert tok.decode(out.prompt_token_ids[:3], skip_special_tokens=False).startswith(
+        "<|im_start|>system")
