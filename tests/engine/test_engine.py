@@ -1,0 +1,146 @@
+"""The engine with tiny random models: cache, preemption, sampling options, errors, abort."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from kvmesh import LLM, SamplingParams
+from kvmesh.model.arch import UnsupportedModelError
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    return LLM(str(tiny_llama), block_size=4, num_blocks=512)
+
+
+def prompts(n: int, seed: int = 0, low: int = 5, high: int = 60) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 512) for _ in range(rng.randrange(low, high))] for _ in range(n)]
+
+
+def test_tiny_block_budget_gives_identical_outputs(tiny_llama, llm):
+    ps = prompts(8, seed=1)
+    ample = [o.token_ids for o in llm.generate(ps, GREEDY)]
+    tight = LLM(str(tiny_llama), block_size=4, num_blocks=24, max_num_batched_tokens=32)
+    outs = tight.generate(ps, GREEDY)
+    assert [o.token_ids for o in outs] == ample
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert tight.engine.pool.num_free_blocks == 24
+    tight.engine.scheduler.check_integrity()
+
+
+def test_prefix_cache_reports_cached_tokens(llm):
+    shared = prompts(1, seed=2, low=40, high=41)[0]
+    a, b = shared + [7, 8, 9], shared + [10, 11]
+    first = llm.generate([a], GREEDY)[0]
+    second = llm.generate([b], GREEDY)[0]
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens == 40
+    llm.engine.kv.reset_prefix_cache()
+    cold = llm.generate([b], GREEDY)[0]
+    assert cold.num_cached_tokens == 0 and cold.token_ids == second.token_ids
+
+
+def test_n_shares_prompt_blocks_and_seeds_reproduce(llm):
+    p = prompts(1, seed=3, low=30, high=31)[0]
+    params = SamplingParams(n=3, temperature=1.0, seed=42, max_tokens=12, ignore_eos=True)
+    out = llm.generate([p], params)[0]
+    again = llm.generate([p], params)[0]
+    assert len(out.outputs) == 3 and all(len(o.token_ids) == 12 for o in out.outputs)
+    assert [o.token_ids for o in out.outputs] == [o.token_ids for o in again.outputs]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1  # seed + index differ
+    assert again.num_cached_tokens == 28  # 7 full blocks of the 30-token prompt
+
+
+def test_sampling_options(llm):
+    p = prompts(1, seed=4)[0]
+    greedy = llm.generate([p], GREEDY)[0].token_ids
+    topk1 = llm.generate([p], SamplingParams(temperature=0.8, top_k=1, max_tokens=16,
+                                              ignore_eos=True, seed=1))[0].token_ids
+    assert topk1 == greedy
+    penal = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
+                                              repetition_penalty=2.0, frequency_penalty=1.5))[0]
+    assert len(set(penal.token_ids)) >= len(set(greedy))
+    assert penal.token_ids != greedy or len(set(greedy)) == 16
+    lp = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=4, logprobs=3,
+                                           ignore_eos=True))[0].outputs[0]
+    assert lp.logprobs is not None and len(lp.logprobs) == 4
+    for tok, entry in zip(lp.token_ids, lp.logprobs, strict=True):
+        assert tok in entry and len(entry) >= 3
+        assert entry[tok] == pytest.approx(max(entry.values()))
+        assert all(v <= 0 for v in entry.values())
+
+
+def test_stop_token_ids_and_stop_strings(llm):
+    p = prompts(1, seed=5)[0]
+    full = llm.generate([p], GREEDY)[0]
+    stop_tok = full.token_ids[5]
+    out = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=16,
+                                            stop_token_ids=[stop_tok], ignore_eos=True))[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] == stop_tok
+    assert out.outputs[0].stop_reason == stop_tok
+    text = full.text
+    needle = text[len(text) // 2 : len(text) // 2 + 2]
+    if needle.strip():
+        cut = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=16, stop=[needle],
+                                                ignore_eos=True))[0]
+        assert cut.finish_reason == "stop" and needle not in cut.text
+        assert text.startswith(cut.text)
+
+
+def test_chat_applies_template(llm):
+    out = llm.chat([{"role": "user", "content": "hello"}], GREEDY)[0]
+    tok = llm.get_tokenizer()
+    rendered = tok.decode(out.prompt_token_ids, skip_special_tokens=False)
+    assert rendered.startswith("<s>user\nhello</s>") and rendered.endswith("<s>assistant\n")
+
+
+def test_bad_inputs_raise_clear_errors_and_engine_goes_on(llm, tmp_path):
+    eng = llm.engine
+    eng.add_request("ok", prompts(1, seed=6)[0], GREEDY)
+    with pytest.raises(ValueError, match="max_model_len"):
+        eng.add_request("long", [5] * (eng.max_model_len + 1), GREEDY)
+    with pytest.raises(ValueError, match="vocabulary"):
+        eng.add_request("oov", [10**6], GREEDY)
+    with pytest.raises(ValueError, match="empty"):
+        eng.add_request("empty", [], GREEDY)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_request("ok", [5, 6], GREEDY)
+    done = []
+    while eng.has_unfinished_requests():
+        done += [d for d in eng.step() if d.finished]
+    assert [d.request_id for d in done] == ["ok"] and done[0].finish_reason == "length"
+
+
+def test_abort_mid_generation_frees_blocks(llm):
+    eng = llm.engine
+    free = eng.pool.num_free_blocks
+    eng.add_request("x", prompts(1, seed=7, low=30, high=31)[0], GREEDY)
+    eng.step()
+    eng.step()
+    assert eng.pool.num_free_blocks < free
+    deltas = eng.abort_request("x")
+    assert [d.finish_reason for d in deltas] == ["abort"]
+    assert not eng.has_unfinished_requests() and eng.pool.num_free_blocks == free
+
+
+def test_unknown_model_and_unsupported_architecture(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        LLM("no-such-model")
+    cfg = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
+        LLM(str(tmp_path))
+    with pytest.raises(TypeError, match="bogus"):
+        LLM(str(tmp_path), bogus=1)
