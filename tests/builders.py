@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -18,21 +19,44 @@ CORPUS = (
 
 TINY = {
     "llama": dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64,
-        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
     ),
     "qwen3": dict(
-        architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=64,
-        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, rope_theta=1000000.0,
+        architectures=["Qwen3ForCausalLM"],
+        model_type="qwen3",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        tie_word_embeddings=False,
+        rope_theta=1000000.0,
     ),
     "qwen2": dict(
-        architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=64,
-        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False,
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
     ),
 }
 
@@ -44,7 +68,8 @@ def build_tokenizer(out: Path, vocab_size: int = 512) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator([CORPUS] * 20, trainer)
@@ -53,18 +78,24 @@ def build_tokenizer(out: Path, vocab_size: int = 512) -> None:
         "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
         "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
     )
-    (out / "tokenizer_config.json").write_text(
-        '{"bos_token": "<s>", "eos_token": "</s>", "chat_template": %s}'
-        % __import__("json").dumps(template)
-    )
+    config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+
 
 
 def build_tiny_model(out: Path, family: str, seed: int = 0) -> Path:
     """A random-weight model saved by transformers itself, plus a small BPE tokenizer."""
     import transformers
 
-    cfg = dict(TINY[family], vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-6,
-               bos_token_id=1, eos_token_id=2, initializer_range=0.4)
+    cfg = dict(
+        TINY[family],
+        vocab_size=512,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.4,
+    )
     cls_name = cfg["architectures"][0]
     config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     torch.manual_seed(seed)
@@ -74,9 +105,22 @@ def build_tiny_model(out: Path, family: str, seed: int = 0) -> Path:
     return out
 
 
-def make_request(rid: str, num_tokens: int, max_tokens: int = 4, priority: int = 0,
-                 arrival: float = 0.0, base: int = 0) -> Request:
+def make_request(
+    rid: str,
+    num_tokens: int,
+    max_tokens: int = 4,
+    priority: int = 0,
+    arrival: float = 0.0,
+    base: int = 0,
+) -> Request:
     ids = [(base + i) % 500 + 3 for i in range(num_tokens)]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    return Request(rid, ids, params, make_namespace("test", "float32", "bm"),
-                   arrival_time=arrival, priority=priority, eos_token_ids=frozenset({2}))
+    return Request(
+        rid,
+        ids,
+        params,
+        make_namespace("test", "float32", "bm"),
+        arrival_time=arrival,
+        priority=priority,
+        eos_token_ids=frozenset({2}),
+    )

@@ -7,17 +7,22 @@ from pathlib import Path
 import torch
 
 
-def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, eos: int | None) -> list[list[int]]:
+def hf_greedy(
+    model, prompts: list[list[int]], max_new_tokens: int, eos: int | None
+) -> list[list[int]]:
     """Greedy continuations, one prompt at a time (no padding), stopping at `eos`."""
     outs = []
     with torch.inference_mode():
         for ids in prompts:
             full = model.generate(
-                torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=eos, pad_token_id=eos if eos is not None else 0,
+                torch.tensor([ids]),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos if eos is not None else 0,
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
             )[0].tolist()
-            outs.append(full[len(ids):])
+            outs.append(full[len(ids) :])
     return outs
 
 

@@ -29,8 +29,10 @@ def test_incremental_hashing_equals_full():
 
 
 def test_keys_are_stable_across_processes():
-    code = ("from kvmesh.hashing import *;"
-            "print(hash_blocks(make_namespace('m','f','l'), list(range(32)), 16)[1].hex())")
+    code = (
+        "from kvmesh.hashing import *;"
+        "print(hash_blocks(make_namespace('m','f','l'), list(range(32)), 16)[1].hex())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     here = hash_blocks(make_namespace("m", "f", "l"), list(range(32)), 16)[1].hex()
     assert out.stdout.strip() == here

@@ -14,7 +14,7 @@ import unittest
 
 SHORT = [
     "Here is a simple geography fact that every student knows: the capital of France is",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
     "Translate the following sentence to French: The weather is nice today.",
     "Continue this sequence of Fibonacci numbers, separated by commas: 1, 2, 3, 5, 8, 13,",
     "You are a poet. Write a short haiku about the sea at night, under the moon.",

@@ -49,12 +49,15 @@ class CacheConfig:
     """The device KV cache: paged, block-major, with a prefix index."""
 
     block_size: int = _help("Tokens per KV block.", default=16)
-    kv_dtype: str = _help("KV cache dtype: auto (the compute dtype), float32, bfloat16, float16.",
-                          default="auto")
-    kv_cache_memory_bytes: int = _help("Memory budget for the device KV cache, in bytes.",
-                                       default=2 * 1024**3)
-    num_blocks: int | None = _help("Exact number of KV blocks (overrides the byte budget).",
-                                   default=None)
+    kv_dtype: str = _help(
+        "KV cache dtype: auto (the compute dtype), float32, bfloat16, float16.", default="auto"
+    )
+    kv_cache_memory_bytes: int = _help(
+        "Memory budget for the device KV cache, in bytes.", default=2 * 1024**3
+    )
+    num_blocks: int | None = _help(
+        "Exact number of KV blocks (overrides the byte budget).", default=None
+    )
     enable_prefix_caching: bool = _help("Reuse KV blocks across requests by prefix.", default=True)
 
     def __post_init__(self) -> None:
@@ -77,8 +80,9 @@ class SchedulerConfig:
         "Token budget per step, shared by decodes and chunked prefills.", default=512
     )
     policy: str = _help("Queue order: fcfs or priority.", default="fcfs")
-    max_waiting: int = _help("Most requests waiting in the queue before new ones are refused.",
-                             default=1024)
+    max_waiting: int = _help(
+        "Most requests waiting in the queue before new ones are refused.", default=1024
+    )
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -99,3 +103,28 @@ class EngineConfig:
 def field_help(cls: type) -> dict[str, str]:
     """Field name -> help text, for the CLI."""
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP front end."""
+
+    host: str = _help("Address to listen on.", default="127.0.0.1")
+    port: int = _help("TCP port to listen on.", default=8000)
+    api_keys: tuple[str, ...] = _help(
+        "Accepted API keys, as KEY or KEY:TENANT (comma-separated). None: no auth.", default=()
+    )
+    served_model_name: str | None = _help(
+        "Model name clients use (default: the model's name).", default=None
+    )
+    retry_after_s: int = _help("Retry-After seconds sent with a 429.", default=1)
+    graceful_shutdown_s: float = _help(
+        "Seconds to drain in-flight requests on SIGTERM.", default=30.0
+    )
+    log_level: str = _help("Log level: debug, info, warning, error.", default="info")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if isinstance(self.api_keys, str):
+            object.__setattr__(self, "api_keys", tuple(k for k in self.api_keys.split(",") if k))

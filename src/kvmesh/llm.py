@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ from kvmesh.types import CompletionOutput, Prompt, RequestDelta, RequestOutput, 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
-    items = list(prompts)
+    items: list[Any] = list(prompts)
     if items and all(isinstance(t, int) for t in items):
         return [items]  # one prompt given as token ids
     return items
@@ -29,15 +30,22 @@ class LLM:
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, progress: bool = False, **kwargs: Any):
-        groups: dict[type, dict[str, Any]] = {ModelConfig: {"model": model}, CacheConfig: {},
-                                              SchedulerConfig: {}}
+        groups: dict[type, dict[str, Any]] = {
+            ModelConfig: {"model": model},
+            CacheConfig: {},
+            SchedulerConfig: {},
+        }
         for key, value in kwargs.items():
-            owner = next((c for c in groups if key in c.__dataclass_fields__), None)
+            fields = {c: {f.name for f in dataclasses.fields(c)} for c in groups}
+            owner = next((c for c in groups if key in fields[c]), None)
             if owner is None:
                 raise TypeError(f"LLM() got an unexpected keyword argument {key!r}")
             groups[owner][key] = value
-        config = EngineConfig(ModelConfig(**groups[ModelConfig]), CacheConfig(**groups[CacheConfig]),
-                              SchedulerConfig(**groups[SchedulerConfig]))
+        config = EngineConfig(
+            ModelConfig(**groups[ModelConfig]),
+            CacheConfig(**groups[CacheConfig]),
+            SchedulerConfig(**groups[SchedulerConfig]),
+        )
         self.engine = LLMEngine(config, progress=progress)
         self._counter = 0
 
@@ -54,7 +62,11 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs keep the input order."""
         items = _as_prompt_list(prompts)
-        plist = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(items)
+        plist = (
+            list(params)
+            if isinstance(params, Sequence)
+            else [params or SamplingParams()] * len(items)
+        )
         if len(plist) != len(items):
             raise ValueError(f"{len(items)} prompts but {len(plist)} SamplingParams")
         outputs: dict[str, RequestOutput] = {}
@@ -100,8 +112,11 @@ def _apply(out: RequestOutput, delta: RequestDelta) -> None:
     comp.text += delta.new_text
     if delta.logprobs is not None:
         comp.logprobs = (comp.logprobs or []) + list(delta.logprobs)
-    out.num_cached_tokens = max(out.num_cached_tokens, delta.num_cached_tokens) if delta.index else (
-        delta.num_cached_tokens)
+    out.num_cached_tokens = (
+        max(out.num_cached_tokens, delta.num_cached_tokens)
+        if delta.index
+        else (delta.num_cached_tokens)
+    )
     if delta.finished:
         comp.finish_reason = delta.finish_reason
         comp.stop_reason = delta.stop_reason

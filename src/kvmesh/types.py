@@ -49,13 +49,17 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        _require(isinstance(self.n, int) and 1 <= self.n <= 128, f"n must be in [1, 128], got {self.n}")
+        _require(
+            isinstance(self.n, int) and 1 <= self.n <= 128, f"n must be in [1, 128], got {self.n}"
+        )
         _require(
             math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0,
             f"temperature must be in [0, 100], got {self.temperature}",
         )
         _require(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
-        _require(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 or None, got {self.top_k}")
+        _require(
+            self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 or None, got {self.top_k}"
+        )
         _require(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
         _require(
             math.isfinite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
@@ -155,6 +159,7 @@ class RequestDelta:
     num_cached_tokens: int = 0
     logprobs: tuple[TokenLogprobs, ...] | None = None
     error: str | None = None
+    queue_time_s: float | None = None  # set on a sequence's first delta
 
     @property
     def finished(self) -> bool:

@@ -51,8 +51,11 @@ def test_evict_hook_sees_every_dropped_key():
 
 
 ops = st.lists(
-    st.tuples(st.sampled_from(["alloc", "free", "touch", "cache", "evict", "evict_all"]),
-              st.integers(0, 7), st.integers(0, 5)),
+    st.tuples(
+        st.sampled_from(["alloc", "free", "touch", "cache", "evict", "evict_all"]),
+        st.integers(0, 7),
+        st.integers(0, 5),
+    ),
     max_size=60,
 )
 
@@ -84,5 +87,4 @@ def test_random_operations_keep_integrity(sequence):
         elif op == "evict_all":
             pool.evict_all()
         pool.check_integrity()
-        assert sorted(held) == sorted(
-            i for i, n in enumerate(pool.ref_counts) for _ in range(n))
+        assert sorted(held) == sorted(i for i, n in enumerate(pool.ref_counts) for _ in range(n))

@@ -60,15 +60,25 @@ def test_n_shares_prompt_blocks_and_seeds_reproduce(llm):
 def test_sampling_options(llm):
     p = prompts(1, seed=4)[0]
     greedy = llm.generate([p], GREEDY)[0].token_ids
-    topk1 = llm.generate([p], SamplingParams(temperature=0.8, top_k=1, max_tokens=16,
-                                              ignore_eos=True, seed=1))[0].token_ids
+    topk1 = llm.generate(
+        [p], SamplingParams(temperature=0.8, top_k=1, max_tokens=16, ignore_eos=True, seed=1)
+    )[0].token_ids
     assert topk1 == greedy
-    penal = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
-                                              repetition_penalty=2.0, frequency_penalty=1.5))[0]
+    penal = llm.generate(
+        [p],
+        SamplingParams(
+            temperature=0.0,
+            max_tokens=16,
+            ignore_eos=True,
+            repetition_penalty=2.0,
+            frequency_penalty=1.5,
+        ),
+    )[0]
     assert len(set(penal.token_ids)) >= len(set(greedy))
     assert penal.token_ids != greedy or len(set(greedy)) == 16
-    lp = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=4, logprobs=3,
-                                           ignore_eos=True))[0].outputs[0]
+    lp = llm.generate(
+        [p], SamplingParams(temperature=0.0, max_tokens=4, logprobs=3, ignore_eos=True)
+    )[0].outputs[0]
     assert lp.logprobs is not None and len(lp.logprobs) == 4
     for tok, entry in zip(lp.token_ids, lp.logprobs, strict=True):
         assert tok in entry and len(entry) >= 3
@@ -80,15 +90,18 @@ def test_stop_token_ids_and_stop_strings(llm):
     p = prompts(1, seed=5)[0]
     full = llm.generate([p], GREEDY)[0]
     stop_tok = full.token_ids[5]
-    out = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=16,
-                                            stop_token_ids=[stop_tok], ignore_eos=True))[0]
+    out = llm.generate(
+        [p],
+        SamplingParams(temperature=0.0, max_tokens=16, stop_token_ids=[stop_tok], ignore_eos=True),
+    )[0]
     assert out.finish_reason == "stop" and out.token_ids[-1] == stop_tok
     assert out.outputs[0].stop_reason == stop_tok
     text = full.text
     needle = text[len(text) // 2 : len(text) // 2 + 2]
     if needle.strip():
-        cut = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=16, stop=[needle],
-                                                ignore_eos=True))[0]
+        cut = llm.generate(
+            [p], SamplingParams(temperature=0.0, max_tokens=16, stop=[needle], ignore_eos=True)
+        )[0]
         assert cut.finish_reason == "stop" and needle not in cut.text
         assert text.startswith(cut.text)
 

@@ -14,8 +14,9 @@ from tests.builders import make_request
 
 def make_scheduler(num_blocks=64, budget=16, max_seqs=8, policy="fcfs", max_waiting=100):
     kv = KVCacheManager(BlockPool(num_blocks), block_size=4)
-    cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, policy=policy,
-                          max_waiting=max_waiting)
+    cfg = SchedulerConfig(
+        max_num_seqs=max_seqs, max_num_batched_tokens=budget, policy=policy, max_waiting=max_waiting
+    )
     return Scheduler(cfg, kv, max_model_len=1000)
 
 
@@ -98,9 +99,15 @@ def test_stop_conditions():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 12), st.integers(0, 3)),
-                min_size=1, max_size=12),
-       st.integers(4, 24), st.sampled_from(["fcfs", "priority"]))
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 40), st.integers(1, 12), st.integers(0, 3)),
+        min_size=1,
+        max_size=12,
+    ),
+    st.integers(4, 24),
+    st.sampled_from(["fcfs", "priority"]),
+)
 def test_random_workloads_finish_with_integrity(spec, num_blocks, policy):
     s = make_scheduler(num_blocks=num_blocks, budget=12, max_seqs=4, policy=policy)
     reqs = []

@@ -55,10 +55,13 @@ def test_prefix_cache_hit_is_identical(llm, prompts):
 
 
 def test_chat_template_and_eos(llm):
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                   SamplingParams(temperature=0.0, max_tokens=64))[0]
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0.0, max_tokens=64),
+    )[0]
     assert "Paris" in out.text
     assert out.finish_reason == "stop"
     tok = llm.get_tokenizer()
     assert tok.decode(out.prompt_token_ids[:3], skip_special_tokens=False).startswith(
-        "<|im_start|>system")
+        "<|im_start|>system"
+    )

@@ -16,8 +16,13 @@ class Decoder(Protocol):
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Decoder, stop: Sequence[str], include_stop: bool,
-                 context_ids: Sequence[int] = ()):
+    def __init__(
+        self,
+        tokenizer: Decoder,
+        stop: Sequence[str],
+        include_stop: bool,
+        context_ids: Sequence[int] = (),
+    ):
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
         self.include_stop = include_stop

@@ -51,8 +51,13 @@ class LLMEngine:
         self.pool = BlockPool(self.loaded.num_blocks)
         self.kv = KVCacheManager(self.pool, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.kv, self.max_model_len)
-        self.runner = ModelRunner(self.loaded.model, self.loaded.num_blocks, cache.block_size,
-                                  self.loaded.kv_dtype, self.loaded.device)
+        self.runner = ModelRunner(
+            self.loaded.model,
+            self.loaded.num_blocks,
+            cache.block_size,
+            self.loaded.kv_dtype,
+            self.loaded.device,
+        )
         self._states: dict[str, SeqState] = {}
         self._children: dict[str, list[str]] = {}
         self._namespaces: dict[str | None, Namespace] = {}
@@ -63,8 +68,11 @@ class LLMEngine:
     def namespace(self, cache_salt: str | None) -> Namespace:
         if cache_salt not in self._namespaces:
             self._namespaces[cache_salt] = make_namespace(
-                self.loaded.model_id, self.loaded.kv_dtype_name,
-                f"block-major-v1:bs{self.config.cache.block_size}", cache_salt)
+                self.loaded.model_id,
+                self.loaded.kv_dtype_name,
+                f"block-major-v1:bs{self.config.cache.block_size}",
+                cache_salt,
+            )
         return self._namespaces[cache_salt]
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
@@ -81,16 +89,24 @@ class LLMEngine:
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary (size {vocab})")
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens, but max_model_len is "
-                             f"{self.max_model_len} (prompt plus at least one output token)")
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, but max_model_len is "
+                f"{self.max_model_len} (prompt plus at least one output token)"
+            )
         if max_tokens is not None and len(ids) + max_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
-                f"max_model_len ({self.max_model_len})")
+                f"max_model_len ({self.max_model_len})"
+            )
 
     def add_request(
-        self, request_id: str | None, prompt: Prompt, params: SamplingParams | None = None,
-        priority: int = 0, cache_salt: str | None = None, arrival_time: float | None = None,
+        self,
+        request_id: str | None,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        arrival_time: float | None = None,
     ) -> str:
         """Queue a request. Raises ValueError (bad input) or QueueFullError (overload)."""
         params = params or SamplingParams()
@@ -99,23 +115,44 @@ class LLMEngine:
         self.validate_prompt(ids, params.max_tokens)
         if request_id in self._children:
             raise ValueError(f"request id {request_id!r} is already in use")
-        children = [self._make_child(request_id, i, ids, params, priority, cache_salt,
-                                     arrival_time) for i in range(params.n)]
+        children = [
+            self._make_child(request_id, i, ids, params, priority, cache_salt, arrival_time)
+            for i in range(params.n)
+        ]
         self.scheduler.add_request(children[0])
         self._children[request_id] = [c.request_id for c in children]
         self._states[children[0].request_id].pending_children = children[1:]
         return request_id
 
-    def _make_child(self, parent: str, index: int, ids: list[int], params: SamplingParams,
-                    priority: int, salt: str | None, arrival: float | None) -> Request:
+    def _make_child(
+        self,
+        parent: str,
+        index: int,
+        ids: list[int],
+        params: SamplingParams,
+        priority: int,
+        salt: str | None,
+        arrival: float | None,
+    ) -> Request:
         child_id = parent if params.n == 1 else f"{parent}#{index}"
         seed = None if params.seed is None else params.seed + index
-        gen = torch.Generator(device=self.loaded.device).manual_seed(seed) if seed is not None else None
-        req = Request(child_id, list(ids), params, self.namespace(salt),
-                      arrival_time=time.monotonic() if arrival is None else arrival,
-                      priority=priority, eos_token_ids=self.loaded.eos_token_ids)
-        detok = IncrementalDetokenizer(self.tokenizer, params.stop,
-                                       params.include_stop_str_in_output, ids)
+        gen = (
+            torch.Generator(device=self.loaded.device).manual_seed(seed)
+            if seed is not None
+            else None
+        )
+        req = Request(
+            child_id,
+            list(ids),
+            params,
+            self.namespace(salt),
+            arrival_time=time.monotonic() if arrival is None else arrival,
+            priority=priority,
+            eos_token_ids=self.loaded.eos_token_ids,
+        )
+        detok = IncrementalDetokenizer(
+            self.tokenizer, params.stop, params.include_stop_str_in_output, ids
+        )
         self._states[child_id] = SeqState(parent, index, detok, gen)
         return req
 
@@ -140,6 +177,11 @@ class LLMEngine:
         if out.is_empty:
             return []
         self.num_steps += 1
+        now = time.monotonic()
+        for seq in out.seqs:
+            req = self.scheduler.requests[seq.request_id]
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
         try:
             sampled, logprobs = self._execute(out)
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep the engine
@@ -152,14 +194,25 @@ class LLMEngine:
     def _execute(self, out: SchedulerOutput):
         reqs = [self.scheduler.requests[s.request_id] for s in out.seqs]
         batch = [
-            BatchSeq(r.token_ids[s.num_computed_tokens : s.num_computed_tokens + s.num_new_tokens],
-                     s.num_computed_tokens, self.kv.block_table(r.request_id), s.is_sampling)
+            BatchSeq(
+                r.token_ids[s.num_computed_tokens : s.num_computed_tokens + s.num_new_tokens],
+                s.num_computed_tokens,
+                self.kv.block_table(r.request_id),
+                s.is_sampling,
+            )
             for r, s in zip(reqs, out.seqs, strict=True)
         ]
         logits, positions = self.runner.execute(batch)
         chosen = [reqs[i] for i in positions]
-        rows = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids,
-                            self._states[r.request_id].generator) for r in chosen]
+        rows = [
+            SamplingRow(
+                r.params,
+                r.prompt_token_ids,
+                r.output_token_ids,
+                self._states[r.request_id].generator,
+            )
+            for r in chosen
+        ]
         tokens, logprobs = sample(logits, rows)
         ids = [r.request_id for r in chosen]
         return dict(zip(ids, tokens, strict=True)), dict(zip(ids, logprobs, strict=True))
@@ -174,10 +227,18 @@ class LLMEngine:
             text += state.detok.flush()
             self._forget(req.request_id, state)
         return RequestDelta(
-            state.parent_id, state.index, (req.token_ids[-1],), text, finish, req.stop_reason,
+            state.parent_id,
+            state.index,
+            (req.token_ids[-1],),
+            text,
+            finish,
+            req.stop_reason,
             num_prompt_tokens=req.num_prompt_tokens,
             num_cached_tokens=req.num_cached_tokens or 0,
             logprobs=(logprobs,) if logprobs is not None else None,
+            queue_time_s=(req.first_scheduled_time or req.arrival_time) - req.arrival_time
+            if req.num_output_tokens == 1
+            else None,
         )
 
     def _forget(self, child_id: str, state: SeqState) -> None:
@@ -211,6 +272,15 @@ class LLMEngine:
             for child in state.pending_children:
                 self._states.pop(child.request_id, None)
             self._forget(req.request_id, state)
-            deltas.append(RequestDelta(state.parent_id, state.index, (), "", "error",
-                                       num_prompt_tokens=req.num_prompt_tokens, error=message))
+            deltas.append(
+                RequestDelta(
+                    state.parent_id,
+                    state.index,
+                    (),
+                    "",
+                    "error",
+                    num_prompt_tokens=req.num_prompt_tokens,
+                    error=message,
+                )
+            )
         return deltas

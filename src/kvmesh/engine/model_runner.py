@@ -71,7 +71,9 @@ class ModelRunner:
         bs = self.block_size
         lengths = [s.start + 1 for s in decodes]
         width = -(-max(lengths) // bs)
-        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decodes]
+        tables = [
+            s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decodes
+        ]
         table = self._tensor([b for t in tables for b in t]).view(len(decodes), width)
         if all(n == width * bs for n in lengths):
             return DecodeGroup(start, len(decodes), table, None)

@@ -38,6 +38,7 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None
     block_keys: list[BlockKey] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -83,7 +83,9 @@ class Scheduler:
         self.finish_request(req, "abort")
         return req
 
-    def finish_request(self, req: Request, reason: FinishReason, stop: str | int | None = None):
+    def finish_request(
+        self, req: Request, reason: FinishReason, stop: str | int | None = None
+    ) -> None:
         if req.is_finished:
             return
         if req.status is RequestStatus.RUNNING:
@@ -180,9 +182,7 @@ class Scheduler:
 
     # results ---------------------------------------------------------------------------
 
-    def update_from_output(
-        self, out: SchedulerOutput, sampled: dict[str, int]
-    ) -> list[Request]:
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance computed counts, append sampled tokens, and finish what must stop.
 
         Returns the requests that got a new token (finished ones included).
@@ -212,9 +212,11 @@ class Scheduler:
             if token in params.stop_token_ids:
                 self.finish_request(req, "stop", token)
                 return
-        if params.max_tokens is not None and num_out >= params.max_tokens:
-            self.finish_request(req, "length")
-        elif req.num_tokens >= self.max_model_len:
+        if (
+            params.max_tokens is not None
+            and num_out >= params.max_tokens
+            or req.num_tokens >= self.max_model_len
+        ):
             self.finish_request(req, "length")
 
     def finish_many(self, reqs: Iterable[Request], reason: FinishReason) -> None:

@@ -11,8 +11,8 @@ import torch
 
 from kvmesh.config import EngineConfig
 from kvmesh.engine.model_runner import kv_block_bytes
-from kvmesh.model.loader import TORCH_DTYPES, load_model, read_config
 from kvmesh.model.llama import LlamaForCausalLM
+from kvmesh.model.loader import TORCH_DTYPES, load_model, read_config
 from kvmesh.model.registry import resolve_model
 from kvmesh.model.tokenizer import Tokenizer
 
@@ -81,14 +81,24 @@ def load_engine_model(config: EngineConfig, progress: bool = True) -> LoadedMode
     arch_max = int(read_config(resolved.path).get("max_position_embeddings", 4096))
     max_len = mc.max_model_len or arch_max
     if max_len > arch_max:
-        log.warning("max_model_len %d exceeds the model's %d; quality may degrade",
-                    max_len, arch_max)
+        log.warning(
+            "max_model_len %d exceeds the model's %d; quality may degrade", max_len, arch_max
+        )
     model = load_model(resolved.path, dtype, device, max_len)
     block_bytes = kv_block_bytes(model.arch, cc.block_size, kv_dtype)
     num_blocks = cc.num_blocks or max(1, cc.kv_cache_memory_bytes // block_bytes)
     tokenizer = Tokenizer(resolved.path)
     return LoadedModel(
-        resolved.name, resolved.path, _model_id(resolved.name, resolved.path), model, tokenizer,
-        device, dtype, kv_dtype, kv_name, max_len, num_blocks,
+        resolved.name,
+        resolved.path,
+        _model_id(resolved.name, resolved.path),
+        model,
+        tokenizer,
+        device,
+        dtype,
+        kv_dtype,
+        kv_name,
+        max_len,
+        num_blocks,
         _eos_ids(resolved.path, tokenizer, model.arch.eos_token_ids),
     )

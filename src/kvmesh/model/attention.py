@@ -53,9 +53,7 @@ def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tens
     values = v_cache[tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
     # Queries sharing a KV head are laid out as that head's query rows (GQA without copies).
     grouped = q.view(num, num_kv, num_q_heads // num_kv, head_dim)
-    out = F.scaled_dot_product_attention(
-        grouped, keys, values, attn_mask=group.mask, scale=scale
-    )
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=group.mask, scale=scale)
     return out.reshape(num, num_q_heads, head_dim)
 
 

@@ -16,20 +16,30 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGMLQuantizationType
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from kvmesh.model.arch import UnsupportedModelError
 
-GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-              "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}
+GGUF_ARCHS = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
 LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -67,13 +77,19 @@ def gguf_config(reader: GGUFReader) -> dict[str, Any]:
     tokens = reader.fields["tokenizer.ggml.tokens"]
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
-        raise UnsupportedModelError("GGUF rope_freqs (llama3 RoPE scaling) is not supported; "
-                                    "load the Hugging Face directory instead")
+        raise UnsupportedModelError(
+            "GGUF rope_freqs (llama3 RoPE scaling) is not supported; "
+            "load the Hugging Face directory instead"
+        )
     return {
-        "architectures": [GGUF_ARCHS[arch]], "model_type": arch if arch != "mistral" else "llama",
-        "vocab_size": int(g("vocab_size", len(tokens.data))), "hidden_size": hidden,
-        "intermediate_size": int(g("feed_forward_length")), "num_hidden_layers": int(g("block_count")),
-        "num_attention_heads": heads, "num_key_value_heads": int(g("attention.head_count_kv", heads)),
+        "architectures": [GGUF_ARCHS[arch]],
+        "model_type": arch if arch != "mistral" else "llama",
+        "vocab_size": int(g("vocab_size", len(tokens.data))),
+        "hidden_size": hidden,
+        "intermediate_size": int(g("feed_forward_length")),
+        "num_hidden_layers": int(g("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(g("attention.head_count_kv", heads)),
         "head_dim": int(g("attention.key_length", hidden // heads)),
         "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float(g("rope.freq_base", 10000.0)),
@@ -85,7 +101,9 @@ def gguf_config(reader: GGUFReader) -> dict[str, Any]:
     }
 
 
-def read_weights(reader: GGUFReader, config: dict[str, Any], progress: bool) -> dict[str, torch.Tensor]:
+def read_weights(
+    reader: GGUFReader, config: dict[str, Any], progress: bool
+) -> dict[str, torch.Tensor]:
     permute = config["model_type"] == "llama"
     out: dict[str, torch.Tensor] = {}
     for t in tqdm(reader.tensors, desc="dequantizing", disable=not progress, unit="tensor"):
@@ -108,8 +126,9 @@ def save_tokenizer(gguf_path: Path, out_dir: Path) -> None:
     try:
         from transformers import AutoTokenizer
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise RuntimeError("building a tokenizer from GGUF needs transformers "
-                           "(pip install 'kvmesh[convert]')") from exc
+        raise RuntimeError(
+            "building a tokenizer from GGUF needs transformers (pip install 'kvmesh[convert]')"
+        ) from exc
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tok.save_pretrained(str(out_dir))
 

@@ -59,8 +59,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
+        cos = self.cos[positions].to(dtype).unsqueeze(1)
+        return cos, self.sin[positions].to(dtype).unsqueeze(1)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

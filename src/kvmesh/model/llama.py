@@ -114,11 +114,15 @@ class LlamaForCausalLM(nn.Module):
                 rows = tensor.shape[0]
                 view = dst[offset : offset + rows] if offset is not None else dst
                 if view.shape != tensor.shape:
-                    raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(view.shape)}")
+                    raise ValueError(
+                        f"weight {name!r} has shape {tuple(tensor.shape)}, "
+                        f"expected {tuple(view.shape)}"
+                    )
                 view.copy_(tensor)
                 seen.add(target)
-        missing = set(params) - seen - ({"lm_head.weight"} if self.arch.tie_word_embeddings else set())
+        missing = (
+            set(params) - seen - ({"lm_head.weight"} if self.arch.tie_word_embeddings else set())
+        )
         if missing:
             raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
 

