@@ -39,7 +39,8 @@ def build_dataset(
             n, groups, input_len, max(8, input_len // 8), output_len, seed
         )
     if name == "multiturn":
-        return ds.multiturn_dataset(n, turns, max(8, input_len // 4), output_len, seed)
+        return ds.multiturn_dataset(n, turns, max(4, input_len // 4), output_len, seed,
+                                    system_len=input_len)
     if name == "longdoc":
         return ds.longdoc_dataset(n, groups, input_len, 16, output_len, seed)
     if name == "trace":

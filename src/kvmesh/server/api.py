@@ -42,6 +42,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+Auth = Annotated[str | None, Header(include_in_schema=False)]
+STREAMING_OK: dict[int | str, dict[str, Any]] = {
+    200: {"description": "a JSON body, or an SSE stream when stream=true",
+          "content": {"application/json": {}, "text/event-stream": {}}},
+    **ERRORS,
+}
+
+
 @dataclass
 class AppState:
     engine_config: EngineConfig
@@ -100,7 +108,24 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> Fast
         return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}"), 500)
 
     _add_routes(app, state, metrics, auth)
+    _document_model_names(app, state)
     return app
+
+
+def _document_model_names(app: FastAPI, state: AppState) -> None:
+    """Publish the one accepted `model` value in the schema, once it is known."""
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = base()
+        if state.model_name:
+            for name in ("CompletionRequest", "ChatCompletionRequest"):
+                props = schema["components"]["schemas"][name]["properties"]
+                props["model"] = {"anyOf": [{"type": "string", "enum": [state.model_name]},
+                                            {"type": "null"}], "title": "Model"}
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _check_model(state: AppState, requested: str | None) -> None:
@@ -114,8 +139,6 @@ def _check_model(state: AppState, requested: str | None) -> None:
 
 
 def _add_routes(app: FastAPI, state: AppState, metrics: ServerMetrics, auth: KeyAuth) -> None:
-    Auth = Annotated[str | None, Header(include_in_schema=False)]
-
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -150,7 +173,7 @@ def _add_routes(app: FastAPI, state: AppState, metrics: ServerMetrics, auth: Key
             ],
         }
 
-    @app.post("/v1/completions", responses=ERRORS)
+    @app.post("/v1/completions", responses=STREAMING_OK)
     async def completions(
         body: CompletionRequest, request: Request, authorization: Auth = None
     ) -> Any:
@@ -167,7 +190,7 @@ def _add_routes(app: FastAPI, state: AppState, metrics: ServerMetrics, auth: Key
             state.server_config.retry_after_s,
         )
 
-    @app.post("/v1/chat/completions", responses=ERRORS)
+    @app.post("/v1/chat/completions", responses=STREAMING_OK)
     async def chat(
         body: ChatCompletionRequest, request: Request, authorization: Auth = None
     ) -> Any:

@@ -1,6 +1,9 @@
-"""Run the server with uvicorn; SIGTERM drains in-flight requests, then exits."""
+"""Run the server with uvicorn; SIGTERM drains in-flight requests, then exits 0."""
 
 from __future__ import annotations
+
+import signal
+import sys
 
 import uvicorn
 
@@ -8,8 +11,14 @@ from kvmesh.config import EngineConfig, ServerConfig
 from kvmesh.server.api import create_app
 
 
+def _exit_cleanly(*_: object) -> None:
+    sys.exit(0)
+
+
 def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> None:
     app = create_app(engine_config, server_config)
+    # uvicorn drains on SIGTERM, restores this handler and re-raises the signal: exit 0.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         app,
         host=server_config.host,
