@@ -57,10 +57,9 @@ def kvmesh_run(dtype: str, concs: list[int]) -> dict:
 
 def hf_run(dtype: str, concs: list[int]) -> dict:
     import torch
+    import transformers
 
     from kvmesh.model.registry import MODELS, packaged_file
-
-    import transformers
 
     gguf = packaged_file(MODELS["smollm2-135m-instruct"])
     assert gguf is not None

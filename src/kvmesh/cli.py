@@ -12,7 +12,14 @@ from rich.table import Table
 
 from kvmesh import __version__
 from kvmesh.cli_options import build_configs, load_config_file, with_config_options
-from kvmesh.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
+from kvmesh.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+    TierConfig,
+)
 
 app = typer.Typer(
     help="kvmesh: LLM serving built around a reusable KV cache.",
@@ -22,7 +29,7 @@ app = typer.Typer(
 model_app = typer.Typer(help="Fetch and list models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 console = Console(stderr=True)
-SERVE_CLASSES = [ModelConfig, CacheConfig, SchedulerConfig, ServerConfig]
+SERVE_CLASSES = [ModelConfig, CacheConfig, SchedulerConfig, TierConfig, ServerConfig]
 ConfigFile = typer.Option(
     None, "--config", help="YAML or TOML file with config fields.", envvar="KVMESH_CONFIG"
 )
@@ -33,7 +40,8 @@ ConfigFile = typer.Option(
 def serve(config: Path | None = ConfigFile, **fields: Any) -> None:
     """Serve a model with an OpenAI-compatible API (default: smollm2-135m-instruct)."""
     try:
-        model, cache, sched, server = build_configs(SERVE_CLASSES, fields, load_config_file(config))
+        model, cache, sched, tiers, server = build_configs(
+            SERVE_CLASSES, fields, load_config_file(config))
     except (ValueError, TypeError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     from kvmesh.server.run import run_server
@@ -41,7 +49,7 @@ def serve(config: Path | None = ConfigFile, **fields: Any) -> None:
     logging.basicConfig(
         level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    run_server(EngineConfig(model, cache, sched), server)
+    run_server(EngineConfig(model, cache, sched, tiers), server)
 
 
 @app.command()

@@ -94,10 +94,38 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class TierConfig:
+    """KV tiers below the device: host DRAM (hot) and local disk (large)."""
+
+    host_bytes: int = _help("Host DRAM tier size in bytes (0: off).", default=0)
+    disk_path: str | None = _help("Directory of the disk tier (unset: off).", default=None)
+    disk_bytes: int = _help("Disk tier size in bytes.", default=16 * 1024**3)
+    host_policy: str = _help("Host eviction policy: lru, s3fifo or cost.", default="lru")
+    disk_policy: str = _help("Disk eviction policy: lru, s3fifo or cost.", default="lru")
+    write_through: bool = _help("Copy blocks down as soon as computed (default: on eviction).",
+                                default=False)
+    io_threads: int = _help("Disk I/O worker threads.", default=4)
+    fsync: bool = _help("fsync each disk block (survives power loss; slower).", default=False)
+
+    def __post_init__(self) -> None:
+        if self.host_bytes < 0 or self.disk_bytes < 0:
+            raise ValueError("tier sizes must be >= 0")
+        if self.disk_path and self.host_bytes == 0:
+            raise ValueError("the disk tier needs a host tier: set host_bytes > 0")
+        if self.io_threads < 1:
+            raise ValueError("io_threads must be >= 1")
+
+    @property
+    def is_enabled(self) -> bool:
+        return self.host_bytes > 0
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    tiers: TierConfig = field(default_factory=TierConfig)
 
 
 def field_help(cls: type) -> dict[str, str]:

@@ -8,7 +8,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kvmesh.config import DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from kvmesh.config import (
+    DEFAULT_MODEL,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    TierConfig,
+)
 from kvmesh.engine.engine import LLMEngine
 from kvmesh.model.tokenizer import Message
 from kvmesh.types import CompletionOutput, Prompt, RequestDelta, RequestOutput, SamplingParams
@@ -34,6 +41,7 @@ class LLM:
             ModelConfig: {"model": model},
             CacheConfig: {},
             SchedulerConfig: {},
+            TierConfig: {},
         }
         for key, value in kwargs.items():
             fields = {c: {f.name for f in dataclasses.fields(c)} for c in groups}
@@ -45,9 +53,14 @@ class LLM:
             ModelConfig(**groups[ModelConfig]),
             CacheConfig(**groups[CacheConfig]),
             SchedulerConfig(**groups[SchedulerConfig]),
+            TierConfig(**groups[TierConfig]),
         )
         self.engine = LLMEngine(config, progress=progress)
         self._counter = 0
+
+    def close(self) -> None:
+        """Finish pending disk writes and stop I/O threads."""
+        self.engine.close()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

@@ -20,7 +20,8 @@ class NoFreeBlocksError(RuntimeError):
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, on_evict: EvictHook | None = None) -> None:
+    def __init__(self, num_blocks: int, on_evict: EvictHook | None = None,
+                 on_cache: EvictHook | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -29,6 +30,7 @@ class BlockPool:
         self._key_of: dict[int, BlockKey] = {}
         self._block_of: dict[BlockKey, int] = {}
         self.on_evict = on_evict
+        self.on_cache = on_cache
         self.num_evictions = 0
 
     @property
@@ -85,6 +87,8 @@ class BlockPool:
             return False
         self._block_of[key] = block_id
         self._key_of[block_id] = key
+        if self.on_cache is not None:
+            self.on_cache(block_id, key)
         return True
 
     def key_of(self, block_id: int) -> BlockKey | None:

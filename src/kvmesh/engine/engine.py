@@ -24,7 +24,8 @@ from kvmesh.engine.request import Request
 from kvmesh.engine.sampler import SamplingRow, sample
 from kvmesh.engine.scheduler import Scheduler, SchedulerOutput
 from kvmesh.engine.setup import LoadedModel, load_engine_model
-from kvmesh.hashing import Namespace, make_namespace
+from kvmesh.hashing import BlockKey, Namespace, make_namespace
+from kvmesh.kvstore.store import TieredStore
 from kvmesh.types import FinishReason, Prompt, RequestDelta, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -48,20 +49,30 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = self.loaded.max_model_len
         cache = self.config.cache
-        self.pool = BlockPool(self.loaded.num_blocks)
-        self.kv = KVCacheManager(self.pool, cache.block_size, cache.enable_prefix_caching)
+        self.runner = ModelRunner(self.loaded.model, self.loaded.num_blocks, cache.block_size,
+                                  self.loaded.kv_dtype, self.loaded.device)
+        self.store = self._make_store()
+        self._offloads: list[tuple[int, BlockKey]] = []
+        offload = (lambda b, k: self._offloads.append((b, k))) if self.store else None
+        self.pool = BlockPool(self.loaded.num_blocks, on_evict=offload,
+                              on_cache=offload if self.config.tiers.write_through else None)
+        self.kv = KVCacheManager(self.pool, cache.block_size, cache.enable_prefix_caching,
+                                 external=self.store)
         self.scheduler = Scheduler(self.config.scheduler, self.kv, self.max_model_len)
-        self.runner = ModelRunner(
-            self.loaded.model,
-            self.loaded.num_blocks,
-            cache.block_size,
-            self.loaded.kv_dtype,
-            self.loaded.device,
-        )
         self._states: dict[str, SeqState] = {}
         self._children: dict[str, list[str]] = {}
         self._namespaces: dict[str | None, Namespace] = {}
         self.num_steps = 0
+
+    def _make_store(self) -> TieredStore | None:
+        tiers = self.config.tiers
+        if not tiers.is_enabled or not self.config.cache.enable_prefix_caching:
+            return None
+        return TieredStore(tiers, self.runner.block_bytes, self.config.cache.block_size)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
 
     # requests --------------------------------------------------------------------------
 
@@ -120,9 +131,19 @@ class LLMEngine:
             for i in range(params.n)
         ]
         self.scheduler.add_request(children[0])
+        self._prefetch(children[0])
         self._children[request_id] = [c.request_id for c in children]
         self._states[children[0].request_id].pending_children = children[1:]
         return request_id
+
+    def _prefetch(self, req: Request) -> None:
+        """Start disk reads for the prefix blocks the device does not hold."""
+        if self.store is None:
+            return
+        keys = req.update_block_keys(self.config.cache.block_size)
+        limit = (req.num_tokens - 1) // self.config.cache.block_size
+        first = next((i for i, k in enumerate(keys[:limit]) if self.pool.lookup(k) is None), limit)
+        self.store.prefetch(keys[first:limit])
 
     def _make_child(
         self,
@@ -173,8 +194,12 @@ class LLMEngine:
     # stepping --------------------------------------------------------------------------
 
     def step(self) -> list[RequestDelta]:
+        if self.store is not None:
+            self.store.poll()
         out = self.scheduler.schedule()
         if out.is_empty:
+            if self.store is not None and self.store.has_reads_in_flight():
+                time.sleep(0.0005)  # only disk reads are pending: wait for them, briefly
             return []
         self.num_steps += 1
         now = time.monotonic()
@@ -192,6 +217,7 @@ class LLMEngine:
         return [self._delta(req, logprobs.get(req.request_id)) for req in updated]
 
     def _execute(self, out: SchedulerOutput):
+        self._move_blocks(out)
         reqs = [self.scheduler.requests[s.request_id] for s in out.seqs]
         batch = [
             BatchSeq(
@@ -216,6 +242,17 @@ class LLMEngine:
         tokens, logprobs = sample(logits, rows)
         ids = [r.request_id for r in chosen]
         return dict(zip(ids, tokens, strict=True)), dict(zip(ids, logprobs, strict=True))
+
+    def _move_blocks(self, out: SchedulerOutput) -> None:
+        """Before the step writes any block: save evicted blocks, then copy in loaded ones."""
+        if self.store is None:
+            return
+        for block_id, key in self._offloads:
+            self.store.offload(key, self.runner.block(block_id))
+        self._offloads.clear()
+        for block_id, key in out.loads:
+            if not self.store.load(key, self.runner.block(block_id)):
+                raise RuntimeError(f"host tier lost pinned block {key.hex()[:12]}")
 
     def _delta(self, req: Request, logprobs) -> RequestDelta:
         state = self._states[req.request_id]

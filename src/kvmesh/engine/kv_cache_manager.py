@@ -7,20 +7,37 @@ Owned by the scheduler. A request's table lists its blocks in token order; its f
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from kvmesh.engine.block_pool import BlockPool
 from kvmesh.engine.request import Request
+from kvmesh.hashing import BlockKey
+from kvmesh.kvstore.tier import ExternalCache
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@dataclass(frozen=True)
+class PrefixPlan:
+    """Where a request's cached prefix comes from: device blocks, then host-tier keys."""
+
+    device_blocks: list[int]
+    external_keys: list[BlockKey]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.device_blocks) + len(self.external_keys)
+
+
 class KVCacheManager:
-    def __init__(self, pool: BlockPool, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, pool: BlockPool, block_size: int, enable_prefix_caching: bool = True,
+                 external: ExternalCache | None = None):
         self.pool = pool
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.external = external if enable_prefix_caching else None
         self._tables: dict[str, list[int]] = {}
         self._num_registered: dict[str, int] = {}
         self.num_queried_tokens = 0
@@ -46,17 +63,36 @@ class KVCacheManager:
             hits.append(block_id)
         return hits
 
+    def plan_prefix(self, req: Request) -> PrefixPlan | None:
+        """Device hits, then the host-tier blocks that follow them. None while a prefetch
+        for this prefix is still reading from disk (the request should wait its turn)."""
+        device = self.find_cached_prefix(req)
+        if self.external is None:
+            return PrefixPlan(device, [])
+        limit = (req.num_tokens - 1) // self.block_size
+        rest = req.block_keys[len(device) : limit]
+        if self.external.is_loading(rest):
+            return None
+        ready = self.external.num_ready(rest)
+        if ready < len(rest) and self.external.prefetch(rest[ready:]):
+            if ready == 0:
+                return None
+        return PrefixPlan(device, list(rest[:ready]))
+
     def record_query(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
         self.num_queried_tokens += num_prompt_tokens
         self.num_hit_tokens += num_hit_tokens
 
-    def allocate(self, req: Request, num_new_tokens: int, cached: Sequence[int] = ()) -> bool:
-        """Make room for `num_new_tokens` more tokens of `req`, first taking `cached` blocks.
+    def allocate(self, req: Request, num_new_tokens: int, cached: Sequence[int] = (),
+                 num_loaded_blocks: int = 0) -> bool:
+        """Make room for `num_new_tokens` more tokens of `req`, first taking `cached` blocks
+        (and fresh blocks for `num_loaded_blocks` blocks copied in from the host tier).
 
         All or nothing: returns False, changing nothing, when the pool is too small.
         """
         table = self._tables.get(req.request_id, [])
-        num_tokens = req.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
+        num_tokens = (req.num_computed_tokens + (len(cached) + num_loaded_blocks)
+                      * self.block_size + num_new_tokens)
         num_needed = cdiv(num_tokens, self.block_size) - len(table) - len(cached)
         num_revived = sum(1 for b in cached if self.pool.ref_counts[b] == 0)
         if num_needed + num_revived > self.pool.num_free_blocks:

@@ -48,7 +48,12 @@ class ModelRunner:
         # Zeros, not empty: padded decode slots read unused blocks under a mask, and
         # uninitialised NaNs would leak through the softmax.
         self.kv = torch.zeros(shape, dtype=kv_dtype, device=device)
+        self.block_bytes = self.kv[0].numel() * self.kv.element_size()
         self.kv_caches = [(self.kv[:, i, 0], self.kv[:, i, 1]) for i in range(arch.num_layers)]
+
+    def block(self, block_id: int) -> torch.Tensor:
+        """One block's slab (all layers' K and V): contiguous, so one copy moves it."""
+        return self.kv[block_id]
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

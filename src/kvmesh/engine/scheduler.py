@@ -24,6 +24,7 @@ from kvmesh.config import SchedulerConfig
 from kvmesh.engine.kv_cache_manager import KVCacheManager
 from kvmesh.engine.policies import make_policy
 from kvmesh.engine.request import Request, RequestStatus
+from kvmesh.hashing import BlockKey
 from kvmesh.types import FinishReason
 
 
@@ -43,6 +44,7 @@ class ScheduledSeq:
 class SchedulerOutput:
     seqs: tuple[ScheduledSeq, ...]
     preempted_ids: tuple[str, ...]
+    loads: tuple[tuple[int, BlockKey], ...] = ()  # device block <- host-tier block, first
 
     @property
     def num_batched_tokens(self) -> int:
@@ -124,9 +126,10 @@ class Scheduler:
             if self._allocate_or_preempt(req, num_new, pending, preempted):
                 seqs.append(self._scheduled(req, num_new))
                 budget -= num_new
+        loads: list[tuple[int, BlockKey]] = []
         if not preempted:
-            budget = self._admit(budget, seqs)
-        return SchedulerOutput(tuple(seqs), tuple(preempted))
+            budget = self._admit(budget, seqs, loads)
+        return SchedulerOutput(tuple(seqs), tuple(preempted), tuple(loads))
 
     def _allocate_or_preempt(
         self, req: Request, num_new: int, pending: list[Request], preempted: list[str]
@@ -140,24 +143,40 @@ class Scheduler:
             pending.remove(victim)
         return True
 
-    def _admit(self, budget: int, seqs: list[ScheduledSeq]) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            cached = self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
-            num_cached = len(cached) * self.kv.block_size
-            num_new = min(req.num_tokens - req.num_computed_tokens - num_cached, budget)
-            if not self.kv.allocate(req, num_new, cached):
+    def _admit(self, budget: int, seqs: list[ScheduledSeq],
+               loads: list[tuple[int, BlockKey]]) -> int:
+        """Admit waiting requests in policy order; one still loading from disk is passed over."""
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[i]
+            plan = self.kv.plan_prefix(req)
+            if plan is None:
+                i += 1
+                continue
+            num_cached = plan.num_blocks * self.kv.block_size
+            num_new = min(req.num_tokens - num_cached, budget)
+            if not self.kv.allocate(req, num_new, plan.device_blocks, len(plan.external_keys)):
                 break
-            self.waiting.pop(0)
-            req.num_computed_tokens += num_cached
-            if req.num_cached_tokens is None:
-                req.num_cached_tokens = num_cached
-                self.kv.record_query(req.num_prompt_tokens, num_cached)
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            self.waiting.pop(i)
+            self._start(req, plan.device_blocks, plan.external_keys, loads)
             seqs.append(self._scheduled(req, num_new))
             budget -= num_new
         return budget
+
+    def _start(self, req: Request, device: list[int], external: list[BlockKey],
+               loads: list[tuple[int, BlockKey]]) -> None:
+        bs = self.kv.block_size
+        table = self.kv.block_table(req.request_id)
+        loads.extend(zip(table[len(device) : len(device) + len(external)], external, strict=True))
+        if external and self.kv.external is not None:
+            self.kv.external.pin(external)
+        req.num_computed_tokens = (len(device) + len(external)) * bs
+        if req.num_cached_tokens is None:
+            req.num_cached_tokens = req.num_computed_tokens
+            req.num_external_cached_tokens = len(external) * bs
+            self.kv.record_query(req.num_prompt_tokens, len(device) * bs)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
 
     def _scheduled(self, req: Request, num_new: int) -> ScheduledSeq:
         is_sampling = req.num_computed_tokens + num_new == req.num_tokens
