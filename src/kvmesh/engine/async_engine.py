@@ -7,6 +7,7 @@ The event loop never runs model code, so the HTTP side stays responsive under lo
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import queue
 import threading
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmesh.engine.engine import LLMEngine
+from kvmesh.kvstore.tier import TierStats
 from kvmesh.types import Prompt, RequestDelta, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ class EngineStats:
     num_waiting: int
     kv_cache_usage: float
     num_preemptions: int
+    tiers: tuple[TierStats, ...] = ()
 
 
 class AsyncEngine:
@@ -94,7 +97,10 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         s = self.engine.scheduler
-        return EngineStats(s.num_running, s.num_waiting, self.engine.pool.usage, s.num_preemptions)
+        store = self.engine.store
+        tiers = tuple(copy.copy(t) for t in store.all_stats()) if store else ()
+        return EngineStats(s.num_running, s.num_waiting, self.engine.pool.usage,
+                           s.num_preemptions, tiers)
 
     async def submit(
         self,
@@ -135,9 +141,11 @@ class AsyncEngine:
         return self._call(lambda: fn(self.engine))
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread, then persist the tiers (a restart comes back warm)."""
         self._stopped.set()
         self._inbox.put(None)
         self._thread.join(timeout)
+        self.engine.close()
 
 
 class RequestStream:

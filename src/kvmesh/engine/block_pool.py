@@ -91,6 +91,10 @@ class BlockPool:
             self.on_cache(block_id, key)
         return True
 
+    def cached_blocks(self) -> list[tuple[int, BlockKey]]:
+        """Every (block id, key) in the prefix index, oldest registration first."""
+        return list(self._key_of.items())
+
     def key_of(self, block_id: int) -> BlockKey | None:
         return self._key_of.get(block_id)
 

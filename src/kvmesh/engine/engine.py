@@ -71,8 +71,13 @@ class LLMEngine:
         return TieredStore(tiers, self.runner.block_bytes, self.config.cache.block_size)
 
     def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
+        """Hand every cached device block down the tiers, then persist them (warm restart)."""
+        if self.store is None:
+            return
+        for block_id, key in self._offloads + self.pool.cached_blocks():
+            self.store.offload(key, self.runner.block(block_id))
+        self._offloads.clear()
+        self.store.close()
 
     # requests --------------------------------------------------------------------------
 
@@ -207,6 +212,7 @@ class LLMEngine:
             req = self.scheduler.requests[seq.request_id]
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
+                self._account_tiers(req)
         try:
             sampled, logprobs = self._execute(out)
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep the engine
@@ -242,6 +248,15 @@ class LLMEngine:
         tokens, logprobs = sample(logits, rows)
         ids = [r.request_id for r in chosen]
         return dict(zip(ids, tokens, strict=True)), dict(zip(ids, logprobs, strict=True))
+
+    def _account_tiers(self, req: Request) -> None:
+        if self.store is None:
+            return
+        bs = self.config.cache.block_size
+        device = ((req.num_cached_tokens or 0) - req.num_external_cached_tokens) // bs
+        external = req.num_external_cached_tokens // bs
+        wanted = (req.num_prompt_tokens - 1) // bs - device
+        self.store.account(wanted, req.block_keys[device : device + external])
 
     def _move_blocks(self, out: SchedulerOutput) -> None:
         """Before the step writes any block: save evicted blocks, then copy in loaded ones."""

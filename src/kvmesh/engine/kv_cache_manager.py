@@ -74,9 +74,9 @@ class KVCacheManager:
         if self.external.is_loading(rest):
             return None
         ready = self.external.num_ready(rest)
-        if ready < len(rest) and self.external.prefetch(rest[ready:]):
-            if ready == 0:
-                return None
+        started = ready < len(rest) and self.external.prefetch(rest[ready:]) > 0
+        if started and ready == 0:
+            return None
         return PrefixPlan(device, list(rest[:ready]))
 
     def record_query(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:

@@ -171,7 +171,8 @@ class DiskTier:
             os.replace(tmp, final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            self._done.put(lambda err=exc: self._write_failed(key, err))
+            error: OSError = exc
+            self._done.put(lambda: self._write_failed(key, error))
             return
         self._done.put(lambda: self._write_done(key))
 

@@ -95,6 +95,10 @@ class HostTier:
             self._free.append(slot)
             self._account(-1)
 
+    @property
+    def num_pinned(self) -> int:
+        return len(self._pins)
+
     def pin(self, key: BlockKey) -> None:
         self._pins[key] += 1
 

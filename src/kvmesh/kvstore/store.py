@@ -26,6 +26,9 @@ from kvmesh.kvstore.host import HostTier
 from kvmesh.kvstore.tier import TierStats
 
 
+STAGE_TIMEOUT_S = 30.0
+
+
 class TieredStore:
     def __init__(self, config: TierConfig, block_bytes: int, tokens_per_block: int):
         if config.disk_path and config.host_bytes <= 0:
@@ -39,6 +42,9 @@ class TieredStore:
                      if config.disk_path else None)
         self._reads: dict[BlockKey, tuple[Future, float]] = {}
         self._from_disk: set[BlockKey] = set()
+        # Blocks read ahead for a waiting request stay pinned until it loads them (or for
+        # STAGE_TIMEOUT_S, if it never does), so later reads cannot evict them first.
+        self._staged: dict[BlockKey, float] = {}
 
     # writes ----------------------------------------------------------------------------
 
@@ -61,13 +67,20 @@ class TieredStore:
     def prefetch(self, keys: Sequence[BlockKey]) -> int:
         """Start disk reads for the leading keys not in host memory. Returns how many."""
         started = 0
+        room = self.host.num_slots - self.host.num_pinned - len(self._reads)
         for key in keys:
-            if key in self.host or key in self._reads:
+            if key in self.host:
+                self._stage(key)  # keep the head of the prefix while its tail is read
+                continue
+            if key in self._reads:
                 continue
             if self.disk is None or key not in self.disk or not self.disk.is_enabled:
                 break
+            if room <= 0:
+                break  # the rest of this prefix cannot be staged at once: it is recomputed
             self._reads[key] = (self.disk.read(key), time.perf_counter())
             started += 1
+            room -= 1
         return started
 
     def poll(self) -> None:
@@ -85,8 +98,25 @@ class TieredStore:
                 self.disk.stats.observe_load(time.perf_counter() - start)
             if self.host.put(key, payload):
                 self._from_disk.add(key)
+                self._stage(key)
+        self._expire_staged()
         if self.disk is not None:
             self.disk.poll()
+
+    def _expire_staged(self) -> None:
+        now = time.monotonic()
+        for key, since in list(self._staged.items()):
+            if now - since > STAGE_TIMEOUT_S:
+                self._unstage(key)
+
+    def _stage(self, key: BlockKey) -> None:
+        if key not in self._staged:
+            self.host.pin(key)
+        self._staged[key] = time.monotonic()
+
+    def _unstage(self, key: BlockKey) -> None:
+        if self._staged.pop(key, None) is not None:
+            self.host.unpin(key)
 
     def num_ready(self, keys: Sequence[BlockKey]) -> int:
         n = 0
@@ -116,20 +146,29 @@ class TieredStore:
         start = time.perf_counter()
         src = self.host.get(key)
         self.host.unpin(key)
+        self._unstage(key)
         if src is None:
             return False
         dst.reshape(-1).view(torch.uint8).copy_(src, non_blocking=self.host.is_pinned)
-        tier = self.disk.stats if (self.disk and key in self._from_disk) else self.host.stats
-        tier.hit_blocks += 1
-        tier.hit_tokens += self.tokens_per_block
         self.host.stats.bytes_out += self.host.block_bytes
         self.host.stats.observe_load(time.perf_counter() - start)
         return True
 
-    def record_misses(self, num_blocks: int) -> None:
-        for stats in self.all_stats():
-            stats.miss_blocks += num_blocks
-            stats.miss_tokens += num_blocks * self.tokens_per_block
+    def account(self, num_wanted: int, served: Sequence[BlockKey]) -> None:
+        """Count one admission: `num_wanted` blocks the device lacked, `served` from here.
+
+        A block is a host hit if it was in DRAM already, a disk hit if it was read from
+        disk for this request; each tier's misses are the lookups that reached it and failed.
+        """
+        from_disk = sum(1 for k in served if k in self._from_disk)
+        per_tier = [(self.host.stats, len(served) - from_disk, num_wanted)]
+        if self.disk is not None:
+            per_tier.append((self.disk.stats, from_disk, num_wanted - (len(served) - from_disk)))
+        for stats, hits, lookups in per_tier:
+            stats.hit_blocks += hits
+            stats.hit_tokens += hits * self.tokens_per_block
+            stats.miss_blocks += lookups - hits
+            stats.miss_tokens += (lookups - hits) * self.tokens_per_block
 
     def all_stats(self) -> list[TierStats]:
         return [self.host.stats] + ([self.disk.stats] if self.disk else [])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kvmesh.model.arch import ModelArch, RopeScaling
@@ -19,7 +20,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if dtype == torch.float32:  # op for op as transformers does: exact reference match
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        else:  # same maths in float32, one fused kernel
+            h = F.rms_norm(h, (h.shape[-1],), eps=self.eps)
         return self.weight * h.to(dtype)
 
 

@@ -5,8 +5,48 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from kvmesh.engine.async_engine import EngineStats
+from kvmesh.kvstore.tier import LOAD_BUCKETS_S, TierStats
+
+TIER_COUNTERS = ("hit_blocks", "miss_blocks", "hit_tokens", "miss_tokens", "bytes_in",
+                 "bytes_out", "evictions", "checksum_failures", "write_errors", "dropped_writes")
+TIER_GAUGES = ("used_bytes", "capacity_bytes", "num_blocks")
+
+
+class TierCollector:
+    """Exposes every KV tier's counters as kvmesh:kv_tier_* with a `tier` label."""
+
+    def __init__(self, stats: Callable[[], EngineStats | None], model: Callable[[], str]):
+        self._stats = stats
+        self._model = model
+
+    def collect(self):
+        s = self._stats()
+        tiers: tuple[TierStats, ...] = s.tiers if s else ()
+        labels = ["model_name", "tier"]
+        for name in TIER_COUNTERS:
+            fam = CounterMetricFamily(f"kvmesh:kv_tier_{name}", f"KV tier {name}.", labels=labels)
+            for t in tiers:
+                fam.add_metric([self._model(), t.name], getattr(t, name))
+            yield fam
+        for name in (*TIER_GAUGES, "is_disabled"):
+            gauge = GaugeMetricFamily(f"kvmesh:kv_tier_{name}", f"KV tier {name}.",
+                                      labels=labels)
+            for t in tiers:
+                gauge.add_metric([self._model(), t.name], float(getattr(t, name)))
+            yield gauge
+        hist = HistogramMetricFamily("kvmesh:kv_tier_load_seconds", "Block load latency.",
+                                     labels=labels)
+        for t in tiers:
+            cumulative, buckets = 0, []
+            for bound, count in zip(LOAD_BUCKETS_S, t.load_bucket_counts, strict=True):
+                cumulative += count
+                buckets.append((str(bound), cumulative))
+            buckets.append(("+Inf", t.load_count))
+            hist.add_metric([self._model(), t.name], buckets, t.load_sum_s)
+        yield hist
 
 LATENCY_BUCKETS = (
     0.001,
@@ -78,6 +118,7 @@ class ServerMetrics:
         def field(name: str) -> Callable[[], float]:
             return lambda: float(getattr(stats(), name, 0.0) or 0.0)
 
+        self.registry.register(TierCollector(stats, lambda: self.model_name))
         self.running.labels(m).set_function(field("num_running"))
         self.waiting.labels(m).set_function(field("num_waiting"))
         self.kv_usage.labels(m).set_function(field("kv_cache_usage"))
