@@ -136,10 +136,12 @@ def main() -> None:
     kv = kvmesh_run(args.dtype, concs)
     kv32 = kvmesh_run("float32", [c for c in concs if c != 1])
     hf = None if args.skip_hf else hf_run(args.dtype, concs)
+    hf32 = None if args.skip_hf else hf_run("float32", [c for c in concs if c != 1])
     vl = None if args.skip_vllm else vllm_run(concs, model_dir)
     gflops = max(gflops, matmul_gflops("bfloat16"))
     dec = {"kvmesh": kv["decode_tok_per_s"], "kvmesh_float32": kv32["decode_tok_per_s"],
            "transformers": hf["decode_tok_per_s"] if hf else None,
+           "transformers_float32": hf32["decode_tok_per_s"] if hf32 else None,
            "vllm_cpu": vl["decode_tok_per_s"] if vl else None}
     get = lambda d, c: (d or {}).get(str(c))  # noqa: E731
     figures = {
@@ -150,6 +152,10 @@ def main() -> None:
                                                  get(dec["transformers"], 16)),
         "decode_ratio_vs_transformers_64": ratio(get(dec["kvmesh"], 64),
                                                  get(dec["transformers"], 64)),
+        "decode_ratio_vs_transformers_default_16": ratio(get(dec["kvmesh"], 16),
+                                                         get(dec["transformers_float32"], 16)),
+        "decode_ratio_float32_vs_transformers_float32_16": ratio(
+            get(dec["kvmesh_float32"], 16), get(dec["transformers_float32"], 16)),
         "prefill_tok_per_s_2k": kv["prefill_tok_per_s_2k"],
         "cold_start_s": cold,
         "vllm_cpu_startup_s": vl["startup_s"] if vl else None,
@@ -162,8 +168,9 @@ def main() -> None:
         "workload": f"{PROMPT_LEN} random prompt tokens + {OUTPUT_LEN} output tokens per "
                     "request, EOS ignored, all requests submitted at once; tok/s = output "
                     "tokens / wall time of the batch (prefill included)",
-        "dtypes": f"kvmesh and transformers in {args.dtype} (kvmesh_float32: the CPU default), "
-                  "vLLM-CPU in bfloat16, all from the same dequantized GGUF weights",
+        "dtypes": f"kvmesh and transformers in {args.dtype}; kvmesh_float32 is kvmesh's CPU "
+                  "default, transformers_float32 is how transformers loads the GGUF by default; "
+                  "vLLM-CPU in bfloat16; all from the same dequantized GGUF weights",
         "cold_start": "fresh `python -c` process: import, load the converted model, generate "
                       "one token; float32 (the default); best of 2",
         "vllm_cpu": None if vl else "not installed (make peers-vllm) or failed",

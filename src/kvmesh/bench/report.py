@@ -82,15 +82,7 @@ def plot_ttft_cdf(series: dict[str, list[float]], path: Path, title: str = "TTFT
         s = sorted(values)
         if s:
             ax.plot(s, [(i + 1) / len(s) for i in range(len(s))], label=label)
-    ax.set_xlabel("TTFT (s)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish(fig, ax, "TTFT (s)", "fraction of requests", title, path)
 
 
 def plot_sweep(rates: list[float], summaries: list[dict[str, Any]], path: Path) -> None:
@@ -103,11 +95,18 @@ def plot_sweep(rates: list[float], summaries: list[dict[str, Any]], path: Path) 
     for metric in ("ttft_s", "e2e_s"):
         for p in ("p50", "p99"):
             ax.plot(rates, [s[metric][p] for s in summaries], marker="o", label=f"{metric} {p}")
-    ax.set_xlabel("request rate (req/s)")
-    ax.set_ylabel("latency (s)")
-    ax.set_title("latency vs rate")
+    _finish(fig, ax, "request rate (req/s)", "latency (s)", "latency vs rate", path)
+
+
+def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

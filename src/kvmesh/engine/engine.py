@@ -74,9 +74,9 @@ class LLMEngine:
         """Hand every cached device block down the tiers, then persist them (warm restart)."""
         if self.store is None:
             return
-        for block_id, key in self._offloads + self.pool.cached_blocks():
+        self._flush_offloads()
+        for block_id, key in self.pool.cached_blocks():
             self.store.offload(key, self.runner.block(block_id))
-        self._offloads.clear()
         self.store.close()
 
     # requests --------------------------------------------------------------------------
@@ -200,6 +200,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestDelta]:
         if self.store is not None:
+            self._flush_offloads()  # blocks evicted since the last step become findable
             self.store.poll()
         out = self.scheduler.schedule()
         if out.is_empty:
@@ -249,6 +250,12 @@ class LLMEngine:
         ids = [r.request_id for r in chosen]
         return dict(zip(ids, tokens, strict=True)), dict(zip(ids, logprobs, strict=True))
 
+    def _flush_offloads(self) -> None:
+        assert self.store is not None
+        for block_id, key in self._offloads:
+            self.store.offload(key, self.runner.block(block_id))
+        self._offloads.clear()
+
     def _account_tiers(self, req: Request) -> None:
         if self.store is None:
             return
@@ -262,9 +269,7 @@ class LLMEngine:
         """Before the step writes any block: save evicted blocks, then copy in loaded ones."""
         if self.store is None:
             return
-        for block_id, key in self._offloads:
-            self.store.offload(key, self.runner.block(block_id))
-        self._offloads.clear()
+        self._flush_offloads()
         for block_id, key in out.loads:
             if not self.store.load(key, self.runner.block(block_id)):
                 raise RuntimeError(f"host tier lost pinned block {key.hex()[:12]}")

@@ -28,6 +28,7 @@ class HostTier:
         pin = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.block_bytes = block_bytes
         self.slab = torch.empty((num_slots, block_bytes), dtype=torch.uint8, pin_memory=pin)
+        self.slab.zero_()  # fault every page in now, not on the serving path
         self.is_pinned = pin
         self._free = list(range(num_slots - 1, -1, -1))
         self._slot_of: dict[BlockKey, int] = {}

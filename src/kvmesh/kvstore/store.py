@@ -25,7 +25,6 @@ from kvmesh.kvstore.disk import DiskTier
 from kvmesh.kvstore.host import HostTier
 from kvmesh.kvstore.tier import TierStats
 
-
 STAGE_TIMEOUT_S = 30.0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -173,39 +174,24 @@ def _add_routes(app: FastAPI, state: AppState, metrics: ServerMetrics, auth: Key
             ],
         }
 
-    @app.post("/v1/completions", responses=STREAMING_OK)
-    async def completions(
-        body: CompletionRequest, request: Request, authorization: Auth = None
-    ) -> Any:
+    async def generate(body: Any, request: Request, authorization: str | None,
+                       make_job: Callable[..., Job]) -> Any:
         tenant = auth.tenant(authorization)
         engine = state.require_engine()
         _check_model(state, body.model)
-        job = _completion_job(state, engine, body, tenant)
-        return await respond(
-            request,
-            engine,
-            job,
-            metrics,
-            engine.engine.tokenizer,
-            state.server_config.retry_after_s,
-        )
+        job = make_job(state, engine, body, tenant)
+        return await respond(request, engine, job, metrics, engine.engine.tokenizer,
+                             state.server_config.retry_after_s)
+
+    @app.post("/v1/completions", responses=STREAMING_OK)
+    async def completions(body: CompletionRequest, request: Request,
+                          authorization: Auth = None) -> Any:
+        return await generate(body, request, authorization, _completion_job)
 
     @app.post("/v1/chat/completions", responses=STREAMING_OK)
-    async def chat(
-        body: ChatCompletionRequest, request: Request, authorization: Auth = None
-    ) -> Any:
-        tenant = auth.tenant(authorization)
-        engine = state.require_engine()
-        _check_model(state, body.model)
-        job = _chat_job(state, engine, body, tenant)
-        return await respond(
-            request,
-            engine,
-            job,
-            metrics,
-            engine.engine.tokenizer,
-            state.server_config.retry_after_s,
-        )
+    async def chat(body: ChatCompletionRequest, request: Request,
+                   authorization: Auth = None) -> Any:
+        return await generate(body, request, authorization, _chat_job)
 
 
 def _bad(exc: Exception) -> APIError:
