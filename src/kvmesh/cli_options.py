@@ -36,9 +36,12 @@ def config_parameters(classes: list[type]) -> list[inspect.Parameter]:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else None
             shown = ",".join(default) if isinstance(default, tuple) else default
+            flag = f"--{f.name.replace('_', '-')}"
+            if _base_type(f.type) is bool:
+                flag = f"{flag}/--no-{flag[2:]}"
             option = typer.Option(
                 None,
-                f"--{f.name.replace('_', '-')}",
+                flag,
                 help=f"{f.metadata.get('help', '')} (default: {shown})",
                 envvar=f"KVMESH_{f.name.upper()}",
                 show_default=False,
