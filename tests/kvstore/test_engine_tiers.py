@@ -112,3 +112,20 @@ def test_sigkill_during_heavy_writes_leaves_no_bad_block(tiny_llama, expected, t
     llm = tiered(tiny_llama, tmp_path)
     assert [o.token_ids for o in llm.generate(prompts(6), G)] == expected
     llm.close()
+
+
+def test_tenant_salt_isolates_blocks_in_every_tier(tiny_llama, tmp_path):
+    llm = tiered(tiny_llama, tmp_path, host_blocks=200)
+    p = prompts(1, seed=9)
+    llm.generate(p, G, cache_salt="alice")
+    llm.engine.kv.reset_prefix_cache()  # alice's blocks now live in host DRAM only
+    assert llm.generate(p, G, cache_salt="bob")[0].num_cached_tokens == 0
+    assert llm.generate(p, G, cache_salt="alice")[0].num_cached_tokens == 96
+
+
+def test_unusable_disk_tier_is_disabled_and_serving_goes_on(tiny_llama, expected):
+    llm = tiered(tiny_llama, "/proc/kvmesh-no-disk-here", host_blocks=60)
+    assert [o.token_ids for o in llm.generate(prompts(6), G)] == expected
+    disk = llm.engine.store.disk
+    assert disk.stats.is_disabled and "cannot use" in disk.disabled_reason
+    llm.close()
