@@ -273,6 +273,10 @@ class LLMEngine:
         for block_id, key in out.loads:
             if not self.store.load(key, self.runner.block(block_id)):
                 raise RuntimeError(f"host tier lost pinned block {key.hex()[:12]}")
+        if out.loads and self.runner.device.type == "cuda":
+            # The copies from pinned slots were asynchronous: finish them before those
+            # slots can be reused (the stream is otherwise idle at the start of a step).
+            torch.cuda.current_stream(self.runner.device).synchronize()
 
     def _delta(self, req: Request, logprobs) -> RequestDelta:
         state = self._states[req.request_id]

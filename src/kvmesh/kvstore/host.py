@@ -65,7 +65,8 @@ class HostTier:
         if isinstance(data, bytes | bytearray | memoryview):
             dst.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         else:
-            dst.copy_(data.reshape(-1).view(torch.uint8), non_blocking=self.is_pinned)
+            # Synchronous: the slot may be read by the CPU (disk writes) right after.
+            dst.copy_(data.reshape(-1).view(torch.uint8))
         self._slot_of[key] = slot
         self.policy.insert(key, self.block_bytes, cost)
         self._account(+1)
