@@ -136,10 +136,6 @@ class AsyncEngine:
 
         self._inbox.put(run)
 
-    def run_sync(self, fn: Callable[[LLMEngine], Any]) -> Future:
-        """Run `fn(engine)` on the engine thread between steps."""
-        return self._call(lambda: fn(self.engine))
-
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread, then persist the tiers (a restart comes back warm)."""
         self._stopped.set()
@@ -168,10 +164,6 @@ class RequestStream:
         delta = await self._queue.get()
         self._remaining -= delta.finished
         return delta
-
-    @property
-    def is_done(self) -> bool:
-        return not self._remaining
 
     def close(self) -> None:
         if self._remaining:

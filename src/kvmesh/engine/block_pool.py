@@ -38,10 +38,6 @@ class BlockPool:
         return len(self._free)
 
     @property
-    def num_cached_blocks(self) -> int:
-        return len(self._block_of)
-
-    @property
     def usage(self) -> float:
         """Fraction of blocks referenced by live requests."""
         return 1.0 - len(self._free) / self.num_blocks
@@ -94,9 +90,6 @@ class BlockPool:
     def cached_blocks(self) -> list[tuple[int, BlockKey]]:
         """Every (block id, key) in the prefix index, oldest registration first."""
         return list(self._key_of.items())
-
-    def key_of(self, block_id: int) -> BlockKey | None:
-        return self._key_of.get(block_id)
 
     def evict(self, block_id: int) -> bool:
         """Forget an unreferenced block's key now. False if it is in use or holds none."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kvmesh.config import SchedulerConfig
@@ -237,10 +236,6 @@ class Scheduler:
             or req.num_tokens >= self.max_model_len
         ):
             self.finish_request(req, "length")
-
-    def finish_many(self, reqs: Iterable[Request], reason: FinishReason) -> None:
-        for req in list(reqs):
-            self.finish_request(req, reason)
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
