@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from kvmesh import LLM, SamplingParams
 from kvmesh.model.arch import UnsupportedModelError
@@ -157,3 +158,19 @@ def test_unknown_model_and_unsupported_architecture(tmp_path):
         LLM(str(tmp_path))
     with pytest.raises(TypeError, match="bogus"):
         LLM(str(tmp_path), bogus=1)
+
+
+def test_bfloat16_packed_linears_change_no_token(tiny_llama, monkeypatch):
+    import kvmesh.model.loader as loader
+    from kvmesh.model.packed import PackedLinear, can_pack
+
+    if not can_pack(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("oneDNN weight packing is not available here")
+    ps = prompts(4, seed=11, low=30, high=60)
+    packed = LLM(str(tiny_llama), dtype="bfloat16", block_size=4, num_blocks=512)
+    assert sum(isinstance(m, PackedLinear) for m in packed.engine.loaded.model.modules()) == 9
+    monkeypatch.setattr(loader, "can_pack", lambda *a: False)
+    plain = LLM(str(tiny_llama), dtype="bfloat16", block_size=4, num_blocks=512)
+    assert not any(isinstance(m, PackedLinear) for m in plain.engine.loaded.model.modules())
+    assert [o.token_ids for o in packed.generate(ps, GREEDY)] == [
+        o.token_ids for o in plain.generate(ps, GREEDY)]

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from kvmesh.model.arch import ModelArch, parse_arch
 from kvmesh.model.layers import RotaryEmbedding
 from kvmesh.model.llama import LlamaForCausalLM
+from kvmesh.model.packed import can_pack, pack_linears
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,4 +65,6 @@ def load_model(
     model = build_model(arch, dtype, device, max_len)
     with torch.no_grad():
         model.load_hf_state(iter_tensors(safetensors_files(model_dir), dtype))
+        if can_pack(dtype, device):
+            pack_linears(model)
     return model
