@@ -54,9 +54,11 @@ def test_full_queue_gets_429_with_retry_after(tiny_llama, tmp_path):
             t.start()
         for t in threads:
             t.join(120)
-        assert statuses.count(200) >= 2 and statuses.count(429) >= 1
+        # One runs; how many of the rest fit the one-slot queue depends on arrival timing.
+        assert statuses.count(200) >= 1 and statuses.count(429) >= 1
+        assert statuses.count(200) + statuses.count(429) == 5
         assert all(h == "3" for st, h in zip(statuses, headers, strict=True) if st == 429)
-        assert s.metric("request_rejected_total") >= 1
+        assert s.metric("request_rejected_total") == statuses.count(429)
 
 
 def test_model_that_fails_to_load_gives_503(tmp_path):
