@@ -92,9 +92,15 @@ class LLMEngine:
         return self._namespaces[cache_salt]
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        """Token ids of a prompt (text is tokenized), validated."""
+        ids = self._token_ids(prompt)
         self.validate_prompt(ids)
         return ids
+
+    def _token_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
 
     def validate_prompt(self, ids: Sequence[int], max_tokens: int | None = None) -> None:
         """Raise ValueError if the prompt cannot be served."""
@@ -127,7 +133,7 @@ class LLMEngine:
         """Queue a request. Raises ValueError (bad input) or QueueFullError (overload)."""
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
-        ids = self.encode_prompt(prompt)
+        ids = self._token_ids(prompt)
         self.validate_prompt(ids, params.max_tokens)
         if request_id in self._children:
             raise ValueError(f"request id {request_id!r} is already in use")

@@ -117,7 +117,6 @@ class Collector:
         self.timer = RequestTimer(metrics, start)
         n = job.params.n
         self.choices = [Choice(i) for i in range(len(job.prompts) * n)]
-        self._seen: set[int] = set()
 
     def add(self, prompt_index: int, delta: RequestDelta) -> Choice:
         if delta.error:
@@ -125,13 +124,11 @@ class Collector:
         index = prompt_index * self.job.params.n + delta.index
         choice = self.choices[index]
         now = time.monotonic()
-        if prompt_index not in self._seen and delta.num_prompt_tokens:
-            self._seen.add(prompt_index)
+        if self.usage.add(prompt_index, delta):
             self.timer.on_prompt(
                 delta.num_prompt_tokens, delta.num_cached_tokens, delta.queue_time_s
             )
         self.timer.on_tokens(now, len(delta.new_token_ids), first_of_request=not choice.token_ids)
-        self.usage.add(prompt_index, delta)
         choice.text += delta.new_text
         choice.token_ids.extend(delta.new_token_ids)
         if delta.logprobs:

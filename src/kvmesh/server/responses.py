@@ -32,12 +32,15 @@ class Usage:
     cached_tokens: int = 0
     _seen_prompts: set[int] = field(default_factory=set)
 
-    def add(self, prompt_index: int, delta: RequestDelta) -> None:
+    def add(self, prompt_index: int, delta: RequestDelta) -> bool:
+        """Count a delta. True if it is the first one seen for its prompt."""
         self.completion_tokens += len(delta.new_token_ids)
-        if prompt_index not in self._seen_prompts and delta.num_prompt_tokens:
-            self._seen_prompts.add(prompt_index)
-            self.prompt_tokens += delta.num_prompt_tokens
-            self.cached_tokens += delta.num_cached_tokens
+        if prompt_index in self._seen_prompts or not delta.num_prompt_tokens:
+            return False
+        self._seen_prompts.add(prompt_index)
+        self.prompt_tokens += delta.num_prompt_tokens
+        self.cached_tokens += delta.num_cached_tokens
+        return True
 
     def body(self) -> dict[str, Any]:
         return {
