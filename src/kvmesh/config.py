@@ -12,6 +12,7 @@ from typing import Any
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "native", "sdpa")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -36,10 +37,21 @@ class ModelConfig:
         "Longest prompt + output in tokens (default: the model's context length).", default=None
     )
     num_threads: int | None = _help("torch CPU threads (default: torch's own).", default=None)
+    attention_backend: str = _help(
+        "Decode attention: auto (the native CPU kernel that reads KV blocks in place when "
+        "the compute and KV dtypes are bfloat16 or float16, else SDPA), native (also for "
+        "float32) or sdpa (gather + torch SDPA everywhere).",
+        default="auto",
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, "
+                f"got {self.attention_backend!r}"
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kvmesh.model.arch import ModelArch
-from kvmesh.model.attention import AttentionMetadata, DecodeGroup, PrefillSegment
+from kvmesh.model.attention import AttentionMetadata, DecodeGroup, DecodeKernel, PrefillSegment
 from kvmesh.model.llama import LlamaForCausalLM
 
 
@@ -39,9 +39,11 @@ class ModelRunner:
         block_size: int,
         kv_dtype: torch.dtype,
         device: torch.device,
+        decode_kernel: DecodeKernel | None = None,
     ):
         arch = model.arch
         self.model = model
+        self.decode_kernel = decode_kernel
         self.device = device
         self.block_size = block_size
         shape = (num_blocks, arch.num_layers, 2, block_size, arch.num_kv_heads, arch.head_dim)
@@ -80,14 +82,19 @@ class ModelRunner:
             s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decodes
         ]
         table = self._tensor([b for t in tables for b in t]).view(len(decodes), width)
-        if all(n == width * bs for n in lengths):
-            return DecodeGroup(start, len(decodes), table, None)
+        lens = self._tensor(lengths)
+        if self.decode_kernel is not None or all(n == width * bs for n in lengths):
+            return DecodeGroup(start, len(decodes), table, None, lens)
         span = torch.arange(width * bs, device=self.device)
-        mask = span.unsqueeze(0) < self._tensor(lengths).unsqueeze(1)
-        return DecodeGroup(start, len(decodes), table, mask[:, None, None, :])
+        mask = span.unsqueeze(0) < lens.unsqueeze(1)
+        return DecodeGroup(start, len(decodes), table, mask[:, None, None, :], lens)
 
     def _decode_groups(self, decodes: list[BatchSeq]) -> list[DecodeGroup]:
-        """Split decodes (sorted by length) where padding would more than double the work."""
+        """Split decodes (sorted by length) where padding would more than double the work.
+
+        The native kernel reads each sequence's own length, so it takes one group."""
+        if self.decode_kernel is not None:
+            return [self._decode_group(decodes, 0)] if decodes else []
         groups: list[DecodeGroup] = []
         begin = 0
         for i in range(1, len(decodes) + 1):
@@ -119,6 +126,7 @@ class ModelRunner:
             num_decodes=len(decodes),
             decode_groups=self._decode_groups(decodes),
             prefills=self._prefill_meta(prefills, len(decodes)),
+            decode_kernel=self.decode_kernel,
         )
         ends, sampled = [], []
         cursor = 0

@@ -8,9 +8,17 @@ A batch holds decode tokens first (one per sequence), then prefill chunks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+
+class DecodeKernel(Protocol):
+    """Decode attention reading K/V blocks in place (see model/cpu_kernels.py)."""
+
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 tables: torch.Tensor, lengths: torch.Tensor, scale: float) -> torch.Tensor: ...
 
 
 @dataclass
@@ -29,6 +37,7 @@ class DecodeGroup:
     count: int
     block_tables: torch.Tensor  # [count, max_blocks]
     mask: torch.Tensor | None  # [count, 1, 1, max_blocks * block_size] bool; None: no padding
+    lengths: torch.Tensor  # [count] long: context length of each sequence
 
 
 @dataclass
@@ -38,6 +47,7 @@ class AttentionMetadata:
     num_decodes: int
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillSegment]
+    decode_kernel: DecodeKernel | None = None  # None: gather + SDPA
 
 
 def _gather(cache: torch.Tensor, table: torch.Tensor, length: int, dtype: torch.dtype):
@@ -45,7 +55,10 @@ def _gather(cache: torch.Tensor, table: torch.Tensor, length: int, dtype: torch.
     return cache[table].flatten(0, 1)[:length].transpose(0, 1).to(dtype)
 
 
-def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tensor:
+def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float,
+            kernel: DecodeKernel | None = None) -> torch.Tensor:
+    if kernel is not None:
+        return kernel(q, k_cache, v_cache, group.block_tables, group.lengths, scale)
     num, num_q_heads, head_dim = q.shape
     num_kv = k_cache.shape[2]
     tables = group.block_tables
@@ -91,11 +104,11 @@ def paged_attention(
     k_cache[meta.slot_blocks, meta.slot_offsets] = k.to(k_cache.dtype)
     v_cache[meta.slot_blocks, meta.slot_offsets] = v.to(v_cache.dtype)
     if not meta.prefills and len(meta.decode_groups) == 1:
-        return _decode(q, k_cache, v_cache, meta.decode_groups[0], scale)
+        return _decode(q, k_cache, v_cache, meta.decode_groups[0], scale, meta.decode_kernel)
     out = torch.empty_like(q)
     for g in meta.decode_groups:
         sl = slice(g.start, g.start + g.count)
-        out[sl] = _decode(q[sl], k_cache, v_cache, g, scale)
+        out[sl] = _decode(q[sl], k_cache, v_cache, g, scale, meta.decode_kernel)
     for seg in meta.prefills:
         out[seg.start : seg.start + seg.length] = _prefill(q, k, v, k_cache, v_cache, seg, scale)
     return out
