@@ -38,9 +38,9 @@ class ModelConfig:
     )
     num_threads: int | None = _help("torch CPU threads (default: torch's own).", default=None)
     attention_backend: str = _help(
-        "Decode attention: auto (the native CPU kernel that reads KV blocks in place when "
-        "the compute and KV dtypes are bfloat16 or float16, else SDPA), native (also for "
-        "float32) or sdpa (gather + torch SDPA everywhere).",
+        "Decode attention: auto (the native CPU kernel that reads KV blocks in place, when "
+        "it can be built and the compute and KV dtypes match; else gather + torch SDPA), "
+        "native (the kernel, or an error) or sdpa.",
         default="auto",
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 
 import pytest
 
@@ -16,12 +17,16 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(3, 512) for _ in range(rng.randrange(3, 150))] for _ in range(n)]
 
 
+@pytest.mark.parametrize("backend", ["native", "sdpa"])
 @pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2"])
-def test_tiny_model_matches_transformers(family, tmp_path):
+def test_tiny_model_matches_transformers(family, backend, tmp_path):
+    if backend == "native" and shutil.which("cc") is None:
+        pytest.skip("no C compiler")
     model_dir = build_tiny_model(tmp_path, family)
     prompts = _prompts(6, seed=len(family))
     expected = hf_greedy(load_hf(model_dir), prompts, max_new_tokens=24, eos=None)
-    llm = LLM(str(model_dir), dtype="float32", block_size=8, num_blocks=256)
+    llm = LLM(str(model_dir), dtype="float32", block_size=8, num_blocks=256,
+              attention_backend=backend)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     batched = [o.token_ids for o in llm.generate(prompts, params)]
     single = [llm.generate([p], params)[0].token_ids for p in prompts]

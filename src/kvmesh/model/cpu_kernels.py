@@ -139,10 +139,10 @@ def select_decode_kernel(backend: str, dtype: torch.dtype, kv_dtype: torch.dtype
                          device: torch.device) -> PagedDecodeKernel | None:
     """Apply the `attention_backend` setting: None means gather + SDPA.
 
-    `auto` leaves float32 on SDPA, which matches the transformers reference op for op;
-    `native` asks for the kernel for every dtype and fails loudly when it cannot have it.
+    `auto` takes the kernel where it can be had and SDPA elsewhere; `native` asks for the
+    kernel and fails loudly when it cannot have it.
     """
-    if backend == "sdpa" or (backend == "auto" and dtype == torch.float32):
+    if backend == "sdpa":
         return None
     usable = device.type == "cpu" and dtype == kv_dtype and dtype in _SYMBOLS
     kernel = decode_kernel(dtype, device) if usable else None
