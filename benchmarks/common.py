@@ -39,6 +39,18 @@ def memcpy_gbps(size_bytes: int = 512 * 1024**2, repeats: int = 5) -> float:
     return size_bytes * repeats / (time.perf_counter() - start) / 1e9
 
 
+def read_gbps(size_bytes: int = 512 * 1024**2, repeats: int = 5) -> float:
+    """Large tensor sum: the memory read bandwidth a streaming kernel can hope for."""
+    import torch
+
+    src = torch.ones(size_bytes // 4, dtype=torch.float32)
+    src.sum()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        src.sum()
+    return size_bytes * repeats / (time.perf_counter() - start) / 1e9
+
+
 def save(name: str, config: dict[str, Any], figures: dict[str, Any],
          notes: dict[str, Any] | None = None) -> Path:
     command = shlex.join([Path(sys.executable).name, *sys.argv])

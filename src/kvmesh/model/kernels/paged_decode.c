@@ -3,9 +3,9 @@
  *
  * Layer view of the cache: element [block, token, kv_head, d] sits at
  *   base + block * block_stride + (token * num_kv_heads + kv_head) * head_dim + d.
- * Work is split over (sequence, kv head) pairs; each pair reads its K and V rows once:
- * scores for the group's query heads, an exact softmax (max-subtracted), then the
- * weighted sum of V. Accumulation is float32 whatever the storage type. Built by
+ * Work is split over sequences; each walks its blocks once, reading a block's K and V
+ * slabs together (all heads: contiguous memory) with an online softmax (running max and
+ * sum, rescaled when the max grows), and prefetches the next block while it computes. Accumulation is float32 whatever the storage type. Built by
  * kvmesh/model/cpu_kernels.py with -O3 -march=native -fopenmp. With AVX-512 BF16 the bf16
  * scores use dot-product instructions on the stored values; elsewhere the loops are plain
  * C written so the compiler vectorises them (omp simd), with a polynomial exp.
@@ -106,28 +106,15 @@ INLINE float dot(const float *a, const float *b, int64_t n) {
     return acc;
 }
 
-/* Softmax numerators over `len` scores in place; returns 1 / their sum. */
-static float softmax_numerators(float *s, int64_t len) {
-    float mx = s[0];
-    for (int64_t t = 1; t < len; t++) mx = s[t] > mx ? s[t] : mx;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < len; t++) {
-        s[t] = exp_neg(s[t] - mx);
-        sum += s[t];
-    }
-    return 1.0f / sum;
-}
-
 INLINE void prefetch_block(const void *base, int64_t off, int64_t bytes, size_t elem) {
     const char *p = (const char *)base + (size_t)off * elem;
     for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 3);
 }
 
-/* Scores of one block's `count` tokens for every head: scores[hq * len + t0 + j]. */
+/* Scores of one block's `count` tokens for every head: scores[hq * block_size + j]. */
 INLINE void block_scores(enum kind kind, const struct args *a, int64_t off, int64_t count,
-                         const float *qf, const void *q_raw, float *scores, int64_t len,
-                         int64_t t0) {
+                         const float *qf, const void *q_raw, float *scores) {
+    const int64_t stride = a->block_size;
     const int64_t dim = a->dim, kvh = a->kv_heads, group = a->heads / kvh;
 #if HAVE_AVX512_BF16
     if (kind == BF16 && dim % 32 == 0) { /* bf16 x bf16 products are exact in float32 */
@@ -141,7 +128,7 @@ INLINE void block_scores(enum kind kind, const struct args *a, int64_t off, int6
                     __m512bh qv = (__m512bh)_mm512_loadu_si512((const void *)(q + hq * dim + d));
                     acc = _mm512_dpbf16_ps(acc, qv, kv);
                 }
-                scores[hq * len + t0 + j] = _mm512_reduce_add_ps(acc) * a->scale;
+                scores[hq * stride + j] = _mm512_reduce_add_ps(acc) * a->scale;
             }
         }
         return;
@@ -152,19 +139,66 @@ INLINE void block_scores(enum kind kind, const struct args *a, int64_t off, int6
     for (int64_t j = 0; j < count; j++) {
         load_row(kind, a->k, off + j * kvh * dim, row, kvh * dim);
         for (int64_t hq = 0; hq < a->heads; hq++)
-            scores[hq * len + t0 + j] = dot(qf + hq * dim, row + hq / group * dim, dim) * a->scale;
+            scores[hq * stride + j] = dot(qf + hq * dim, row + hq / group * dim, dim) * a->scale;
     }
 }
 
-/* acc[hq] += p[hq, t] * V[t, hq's kv head] over one block's tokens. */
+#if HAVE_AVX512_BF16
+/* bf16 V for the `group` query heads of one kv head, accumulators held in registers:
+ * acc[g, c:c+16] += p[g, j] * V[j, c:c+16]. `group` is a literal at each call site. */
+INLINE void values_bf16_group(const uint16_t *v, int64_t tok_stride, int64_t count,
+                              const float *p, int64_t p_stride, float *acc, int64_t dim,
+                              const int group) {
+    for (int64_t c = 0; c < dim; c += 16) {
+        __m512 r[8];
+        for (int g = 0; g < group; g++) r[g] = _mm512_loadu_ps(acc + g * dim + c);
+        for (int64_t j = 0; j < count; j++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(v + j * tok_stride + c));
+            const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+            for (int g = 0; g < group; g++)
+                r[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * p_stride + j]), x, r[g]);
+        }
+        for (int g = 0; g < group; g++) _mm512_storeu_ps(acc + g * dim + c, r[g]);
+    }
+}
+
+/* 1 if the register path handled this block. */
+INLINE int values_bf16_fast(const struct args *a, int64_t off, int64_t count,
+                            const float *scores, float *acc) {
+    const int64_t dim = a->dim, kvh = a->kv_heads, group = a->heads / kvh, bs = a->block_size;
+    if (dim % 16 != 0 || group > 8) return 0;
+    const uint16_t *v = (const uint16_t *)a->v + off;
+    for (int64_t h = 0; h < kvh; h++) {
+        const uint16_t *vh = v + h * dim;
+        const float *p = scores + h * group * bs;
+        float *out = acc + h * group * dim;
+        switch (group) { /* a literal group lets the compiler keep r[] in registers */
+        case 1: values_bf16_group(vh, kvh * dim, count, p, bs, out, dim, 1); break;
+        case 2: values_bf16_group(vh, kvh * dim, count, p, bs, out, dim, 2); break;
+        case 3: values_bf16_group(vh, kvh * dim, count, p, bs, out, dim, 3); break;
+        case 4: values_bf16_group(vh, kvh * dim, count, p, bs, out, dim, 4); break;
+        case 5: values_bf16_group(vh, kvh * dim, count, p, bs, out, dim, 5); break;
+        case 6: values_bf16_group(vh, kvh * dim, count, p, bs, out, dim, 6); break;
+        case 7: values_bf16_group(vh, kvh * dim, count, p, bs, out, dim, 7); break;
+        default: values_bf16_group(vh, kvh * dim, count, p, bs, out, dim, 8); break;
+        }
+    }
+    return 1;
+}
+#endif
+
+/* acc[hq] += p[hq, j] * V[j, hq's kv head] over one block's tokens. */
 INLINE void block_values(enum kind kind, const struct args *a, int64_t off, int64_t count,
-                         const float *scores, int64_t len, int64_t t0, float *acc) {
+                         const float *scores, float *acc) {
     const int64_t dim = a->dim, kvh = a->kv_heads, group = a->heads / kvh;
+#if HAVE_AVX512_BF16
+    if (kind == BF16 && values_bf16_fast(a, off, count, scores, acc)) return;
+#endif
     float row[MAX_ROW];
     for (int64_t j = 0; j < count; j++) {
         load_row(kind, a->v, off + j * kvh * dim, row, kvh * dim);
         for (int64_t hq = 0; hq < a->heads; hq++) {
-            const float p = scores[hq * len + t0 + j];
+            const float p = scores[hq * a->block_size + j];
             const float *v = row + hq / group * dim;
             float *out = acc + hq * dim;
 #pragma omp simd
@@ -173,56 +207,79 @@ INLINE void block_values(enum kind kind, const struct args *a, int64_t off, int6
     }
 }
 
-/* Walk sequence s's blocks: scores, softmax, then the weighted values, into `out`. */
-INLINE void attend(enum kind kind, const struct args *a, int64_t s, float *scores, float *acc,
-                   float *qf) {
+/* Online softmax over one block's scores: rescale the running sums when the max grows,
+ * and turn the scores into weights relative to the running max. */
+INLINE void block_softmax(const struct args *a, int64_t count, float *scores, float *mx,
+                          float *sum, float *acc) {
+    for (int64_t hq = 0; hq < a->heads; hq++) {
+        float *sc = scores + hq * a->block_size, top = mx[hq];
+        for (int64_t j = 0; j < count; j++) top = sc[j] > top ? sc[j] : top;
+        float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+        for (int64_t j = 0; j < count; j++) {
+            sc[j] = exp_neg(sc[j] - top);
+            part += sc[j];
+        }
+        if (top > mx[hq]) {
+            const float fix = exp_neg(mx[hq] - top);
+            float *row = acc + hq * a->dim;
+            for (int64_t d = 0; d < a->dim; d++) row[d] *= fix;
+            sum[hq] *= fix;
+            mx[hq] = top;
+        }
+        sum[hq] += part;
+    }
+}
+
+/* One pass over sequence s's blocks (K and V of a block together), into `out`. */
+INLINE void attend(enum kind kind, const struct args *a, int64_t s, float *work) {
     const int64_t dim = a->dim, heads = a->heads, len = a->lengths[s], bs = a->block_size;
     const int64_t *table = a->tables + s * a->table_width;
     const int64_t nblocks = (len + bs - 1) / bs, slab = bs * a->kv_heads * dim;
     const size_t elem = kind == F32 ? 4 : 2;
     const void *q_raw = (const char *)a->q + (size_t)(s * a->q_stride) * elem;
+    float *scores = work, *acc = scores + heads * bs, *qf = acc + heads * dim;
+    float *mx = qf + heads * dim, *sum = mx + heads;
     if (!(kind == BF16 && HAVE_AVX512_BF16 && dim % 32 == 0))
         load_row(kind, a->q, s * a->q_stride, qf, heads * dim);
+    memset(acc, 0, sizeof(float) * (size_t)(heads * dim));
+    for (int64_t hq = 0; hq < heads; hq++) mx[hq] = -3.0e38f, sum[hq] = 0.0f;
     for (int64_t b = 0; b < nblocks; b++) {
-        const int64_t t0 = b * bs, count = len - t0 < bs ? len - t0 : bs;
-        if (b + 1 < nblocks)
-            prefetch_block(a->k, table[b + 1] * a->block_stride, slab * (int64_t)elem, elem);
-        block_scores(kind, a, table[b] * a->block_stride, count, qf, q_raw, scores, len, t0);
+        const int64_t count = len - b * bs < bs ? len - b * bs : bs;
+        const int64_t off = table[b] * a->block_stride;
+        if (b + 1 < nblocks) {
+            const int64_t next = table[b + 1] * a->block_stride;
+            prefetch_block(a->k, next, slab * (int64_t)elem, elem);
+            prefetch_block(a->v, next, slab * (int64_t)elem, elem);
+        }
+        block_scores(kind, a, off, count, qf, q_raw, scores);
+        block_softmax(a, count, scores, mx, sum, acc);
+        block_values(kind, a, off, count, scores, acc);
     }
     for (int64_t hq = 0; hq < heads; hq++) {
-        const float inv = softmax_numerators(scores + hq * len, len);
-        for (int64_t t = 0; t < len; t++) scores[hq * len + t] *= inv;
-    }
-    memset(acc, 0, sizeof(float) * (size_t)(heads * dim));
-    for (int64_t b = 0; b < nblocks; b++) {
-        const int64_t t0 = b * bs, count = len - t0 < bs ? len - t0 : bs;
-        if (b + 1 < nblocks)
-            prefetch_block(a->v, table[b + 1] * a->block_stride, slab * (int64_t)elem, elem);
-        block_values(kind, a, table[b] * a->block_stride, count, scores, len, t0, acc);
+        const float inv = 1.0f / sum[hq];
+        for (int64_t d = 0; d < dim; d++) acc[hq * dim + d] *= inv;
     }
     store_row(kind, a->out, s * heads * dim, acc, heads * dim);
 }
 
 INLINE int run(enum kind kind, const struct args *a, int64_t num_seqs) {
     const int64_t group = a->heads / a->kv_heads;
-    if (a->dim > MAX_HEAD_DIM || a->heads * a->dim > MAX_ROW || group * a->kv_heads != a->heads)
+    if (a->dim > MAX_HEAD_DIM || a->heads * a->dim > MAX_ROW || group * a->kv_heads != a->heads ||
+        a->block_size < 1 || a->block_size > 4096)
         return 1;
-    int64_t max_len = 1;
-    for (int64_t s = 0; s < num_seqs; s++) {
+    for (int64_t s = 0; s < num_seqs; s++)
         if (a->lengths[s] <= 0 || a->lengths[s] > a->table_width * a->block_size) return 2;
-        max_len = a->lengths[s] > max_len ? a->lengths[s] : max_len;
-    }
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
-        const size_t row = (size_t)(a->heads * a->dim);
-        float *scores = malloc(sizeof(float) * ((size_t)(a->heads * max_len) + 2 * row));
-        if (scores == NULL) failed = 3;
+        const size_t words = (size_t)(a->heads * (a->block_size + 2 * a->dim + 2));
+        float *work = malloc(sizeof(float) * words);
+        if (work == NULL) failed = 3;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t s = 0; s < num_seqs; s++)
-            if (scores != NULL)
-                attend(kind, a, s, scores + 2 * row, scores, scores + row);
-        free(scores);
+            if (work != NULL) attend(kind, a, s, work);
+        free(work);
     }
     return failed;
 }
