@@ -247,12 +247,10 @@ INLINE void attend(enum kind kind, const struct args *a, int64_t s, float *work)
     for (int64_t b = 0; b < nblocks; b++) {
         const int64_t count = len - b * bs < bs ? len - b * bs : bs;
         const int64_t off = table[b] * a->block_stride;
-        if (b + 1 < nblocks) {
-            const int64_t next = table[b + 1] * a->block_stride;
-            prefetch_block(a->k, next, slab * (int64_t)elem, elem);
-            prefetch_block(a->v, next, slab * (int64_t)elem, elem);
-        }
+        const int64_t next = b + 1 < nblocks ? table[b + 1] * a->block_stride : -1;
+        if (next >= 0) prefetch_block(a->k, next, slab * (int64_t)elem, elem);
         block_scores(kind, a, off, count, qf, q_raw, scores);
+        if (next >= 0) prefetch_block(a->v, next, slab * (int64_t)elem, elem);
         block_softmax(a, count, scores, mx, sum, acc);
         block_values(kind, a, off, count, scores, acc);
     }
