@@ -18,13 +18,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        if dtype == torch.float32:  # op for op as transformers does: exact reference match
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        else:  # same maths in float32, one fused kernel
-            h = F.rms_norm(h, (h.shape[-1],), eps=self.eps)
-        return self.weight * h.to(dtype)
+        if x.dtype != torch.float32:  # one fused kernel (float32 inside, weight included)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h  # op for op as transformers does: exact reference match
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
