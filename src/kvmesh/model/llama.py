@@ -1,6 +1,8 @@
 """Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2, Qwen3) over paged KV.
 
 Parameters are fused (qkv, gate_up) for speed; `load_hf_state` maps Hugging Face names.
+The forward pass calls submodules' `forward` directly: no hooks are used, and skipping
+`Module.__call__` saves about 3 us per call, some 250 calls per decode step.
 """
 
 from __future__ import annotations
@@ -35,15 +37,15 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache, meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
-        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk, v = self.qkv_proj.forward(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = qk.view(n, self.num_heads + self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
+            qk = torch.cat((self.q_norm.forward(q), self.k_norm.forward(k)), dim=1)
         q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
         out = paged_attention(q, k, v, cache[0], cache[1], meta, self.scale)
-        return self.o_proj(out.reshape(n, self.q_size))
+        return self.o_proj.forward(out.reshape(n, self.q_size))
 
 
 class MLP(nn.Module):
@@ -54,8 +56,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = self.gate_up_proj.forward(x).split(self.intermediate, dim=-1)
+        return self.down_proj.forward(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -67,8 +69,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(arch)
 
     def forward(self, x, cos, sin, cache, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, cache, meta)
+        return x + self.mlp.forward(self.post_attention_layernorm.forward(x))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -93,12 +95,12 @@ class LlamaForCausalLM(nn.Module):
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
         """Run a flat batch of tokens; return float32 logits at `logits_indices`."""
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens.forward(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
         for layer, cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, cache, meta)
-        x = self.norm(x[logits_indices])
-        return self.lm_head(x).float()
+            x = layer.forward(x, cos, sin, cache, meta)
+        x = self.norm.forward(x[logits_indices])
+        return self.lm_head.forward(x).float()
 
     def load_hf_state(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named weights in, fusing q/k/v and gate/up."""
