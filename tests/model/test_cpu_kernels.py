@@ -167,3 +167,41 @@ def test_prefill_kernel_matches_sdpa(heads, kv_heads, dim, block_size):
         bad = segments.clone()
         bad[0, 2] = width * block_size + 1
         kernel(q, kv[:, 1, 0], kv[:, 1, 1], tables, bad, out, scale)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_linear_matches_f_linear(bias):
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(96, 70, generator=gen).to(torch.bfloat16)
+    b = torch.randn(96, generator=gen).to(torch.bfloat16) if bias else None
+    kernel = cpu_kernels.small_linear(weight, b)
+    if kernel is None:
+        pytest.skip("no AVX-512 BF16 on this host")
+    for rows in (1, 5, 16):
+        x = torch.randn(rows, 140, generator=gen).to(torch.bfloat16)[:, ::2]  # strided rows
+        ref = F.linear(x.float(), weight.float(), None if b is None else b.float())
+        out = kernel(x)
+        assert out.shape == (rows, 96) and out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=1e-2)
+    assert cpu_kernels.small_linear(torch.randn(10, 64).to(torch.bfloat16), None) is None
+
+
+def test_packed_linear_uses_small_kernel_for_decode_batches():
+    from kvmesh.model.packed import pack_linears
+
+    gen = torch.Generator().manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32)).to(torch.bfloat16)
+    ref_model = torch.nn.Sequential(torch.nn.Linear(64, 32)).to(torch.bfloat16)
+    ref_model.load_state_dict(model.state_dict())
+    assert pack_linears(model) == 1
+    packed = model[0]
+    if cpu_kernels.small_linear(ref_model[0].weight, None) is None:
+        pytest.skip("no AVX-512 BF16 on this host")
+    assert packed.small is not None
+    for rows in (2, 16, 40):  # 40 rows: the oneDNN path, bitwise equal to F.linear
+        x = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
+        if rows > 16:
+            assert torch.equal(packed(x), ref_model(x))
+        else:
+            torch.testing.assert_close(packed(x).float(), ref_model(x).float(),
+                                       atol=3e-2, rtol=1e-2)

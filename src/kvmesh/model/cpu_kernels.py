@@ -30,7 +30,7 @@ from kvmesh.model.registry import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("paged_decode.c", "paged_prefill.c")
+SOURCES = ("paged_decode.c", "paged_prefill.c", "small_linear.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 _SYMBOLS = {
     torch.bfloat16: "paged_decode_bf16",
@@ -94,6 +94,11 @@ def _load() -> ctypes.CDLL | None:
                     fn = getattr(lib, symbol)
                     fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
                 lib.paged_prefill_available.restype = ctypes.c_int
+                lib.small_linear_available.restype = ctypes.c_int
+                lib.small_linear_pack_bf16.argtypes = [_PTR, _I64, _I64, _PTR]
+                lib.small_linear_pack_bf16.restype = ctypes.c_int
+                lib.small_linear_bf16.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
+                lib.small_linear_bf16.restype = ctypes.c_int
                 _loaded["lib"] = lib
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                 log.warning("CPU decode-attention kernel unavailable, using SDPA: %s", exc)
@@ -172,6 +177,44 @@ class PagedPrefillKernel:
                      segments.shape[0], out.data_ptr(), heads, kv_heads, dim, block_size, scale)
         if rc != 0:
             raise RuntimeError(f"paged prefill kernel rejected its inputs (code {rc})")
+
+
+class SmallLinear:
+    """y = x W^T + b for decode-sized batches (rows <= MAX_ROWS), bf16, from a packed copy of
+    W that streams once per call (kernels/small_linear.c). Larger batches are not its job."""
+
+    MAX_ROWS = 16
+
+    def __init__(self, lib: ctypes.CDLL, weight: torch.Tensor, bias: torch.Tensor | None):
+        n, k = weight.shape
+        self.fn = lib.small_linear_bf16
+        self.n, self.k = n, k
+        self.packed = torch.empty(n * k, dtype=torch.bfloat16)
+        w = weight.detach().contiguous()
+        if lib.small_linear_pack_bf16(w.data_ptr(), n, k, self.packed.data_ptr()) != 0:
+            raise ValueError(f"cannot pack a {n}x{k} weight")
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        rows = x.shape[0]
+        out = torch.empty((rows, self.n), dtype=torch.bfloat16)
+        bias = self.bias.data_ptr() if self.bias is not None else None
+        if self.fn(x.data_ptr(), rows, self.k, self.packed.data_ptr(), bias, self.n, self.k,
+                   out.data_ptr()) != 0:
+            raise RuntimeError("small-batch linear kernel rejected its inputs")
+        return out
+
+
+def small_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> SmallLinear | None:
+    """The small-batch kernel for this bf16 CPU weight, or None where it does not apply."""
+    n, k = weight.shape
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or n % 16 or k % 2:
+        return None
+    lib = _load()
+    if lib is None or not lib.small_linear_available():
+        return None
+    return SmallLinear(lib, weight, bias)
 
 
 PREFILL_HEAD_DIMS = (64, 128)
