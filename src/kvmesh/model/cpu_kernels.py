@@ -3,7 +3,7 @@
 `kernels/paged_decode.c` (decode attention, every dtype) and `kernels/paged_prefill.c`
 (causal prefill attention, bf16 with AVX-512 BF16) are plain C (no torch headers), so they
 build in about a second with `cc -O3 -march=native -fopenmp`. The shared object is cached under
-`$KVMESH_CACHE_DIR/kernels/`, named by a hash of the source, flags and machine, and built
+`$KVMESH_CACHE_DIR/kernels/`, named by a hash of the sources, flags and CPU, and built
 with a temp file + rename so concurrent processes never see half a library. OpenMP
 resolves to the libgomp torch already loaded, so the kernel shares torch's thread pool
 settings. Without a compiler, or on a build failure, `decode_kernel()` returns None and
@@ -56,6 +56,17 @@ def _compiler() -> str | None:
     return None
 
 
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and flags (not the host name, which
+    changes with every container)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.node()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "|".join(sorted({ln for ln in lines if ln.split(":")[0].strip() in wanted}))
+
+
 def build(compiler: str | None = None) -> Path:
     """Compile the kernel library if no cached build exists; return its path."""
     cc = compiler or _compiler()
@@ -64,7 +75,7 @@ def build(compiler: str | None = None) -> Path:
     sources = _sources()
     key = hashlib.sha256(
         b"".join(sources.values())
-        + " ".join([cc, *FLAGS, platform.machine(), platform.node()]).encode()
+        + " ".join([cc, *FLAGS, platform.machine(), _cpu_signature()]).encode()
     ).hexdigest()[:16]
     out_dir = cache_dir() / "kernels"
     target = out_dir / f"attention-{key}.so"
