@@ -145,15 +145,16 @@ class ModelRunner:
         decodes = [s for s in ordered if len(s.token_ids) == 1]
         prefills = ordered[len(decodes) :]
         ids, positions, blocks, offsets = self._slots(ordered)
+        batch = self._prefill_batch(prefills, len(decodes))
         meta = AttentionMetadata(
             slot_blocks=self._tensor(blocks),
             slot_offsets=self._tensor(offsets),
             num_decodes=len(decodes),
             decode_groups=self._decode_groups(decodes),
-            prefills=self._prefill_meta(prefills, len(decodes)),
+            prefills=[] if batch else self._prefill_meta(prefills, len(decodes)),
             decode_kernel=self.decode_kernel,
             prefill_kernel=self.prefill_kernel,
-            prefill_batch=self._prefill_batch(prefills, len(decodes)),
+            prefill_batch=batch,
         )
         ends, sampled = [], []
         cursor = 0

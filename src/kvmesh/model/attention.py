@@ -62,7 +62,7 @@ class AttentionMetadata:
     slot_offsets: torch.Tensor  # [T] offset within the block
     num_decodes: int
     decode_groups: list[DecodeGroup]
-    prefills: list[PrefillSegment]
+    prefills: list[PrefillSegment]  # empty when prefill_batch carries them to the kernel
     decode_kernel: DecodeKernel | None = None  # None: gather + SDPA
     prefill_kernel: PrefillKernel | None = None  # None: SDPA per chunk
     prefill_batch: PrefillBatch | None = None  # set with prefill_kernel
@@ -121,7 +121,7 @@ def paged_attention(
     """Write this batch's K/V into the cache, then attend. q: [T, Hq, D]; k, v: [T, H, D]."""
     k_cache[meta.slot_blocks, meta.slot_offsets] = k.to(k_cache.dtype)
     v_cache[meta.slot_blocks, meta.slot_offsets] = v.to(v_cache.dtype)
-    if not meta.prefills and len(meta.decode_groups) == 1:
+    if not meta.prefills and meta.prefill_batch is None and len(meta.decode_groups) == 1:
         return _decode(q, k_cache, v_cache, meta.decode_groups[0], scale, meta.decode_kernel)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for g in meta.decode_groups:

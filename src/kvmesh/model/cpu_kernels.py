@@ -1,14 +1,14 @@
 """Native CPU kernels, compiled once with the system C compiler and loaded with ctypes.
 
-`kernels/paged_decode.c` (decode attention, every dtype) and `kernels/paged_prefill.c`
-(causal prefill attention, bf16 with AVX-512 BF16) are plain C (no torch headers), so they
-build in about a second with `cc -O3 -march=native -fopenmp`. The shared object is cached under
-`$KVMESH_CACHE_DIR/kernels/`, named by a hash of the sources, flags and CPU, and built
-with a temp file + rename so concurrent processes never see half a library. OpenMP
-resolves to the libgomp torch already loaded, so the kernel shares torch's thread pool
-settings. Without a compiler, or on a build failure, `decode_kernel()` returns None and
-attention falls back to gather + SDPA.
-"""
+`kernels/paged_decode.c` (decode attention, every dtype), `kernels/paged_prefill.c`
+(causal prefill attention, bf16) and `kernels/small_linear.c` (bf16 linears for decode-sized
+batches; both need AVX-512 BF16) are plain C with no torch headers, so they build in about
+a second with `cc -O3 -march=native -fopenmp`. The shared object is cached under
+`$KVMESH_CACHE_DIR/kernels/`, named by a hash of the sources, flags and CPU, and built with
+a temp file + rename so concurrent processes never see half a library. OpenMP resolves to
+the libgomp torch already loaded, so the kernels share torch's thread pool settings.
+Without a compiler, or on a build failure, every accessor here returns None and the model
+keeps torch's paths (gather + SDPA, oneDNN), with one warning."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def _load() -> ctypes.CDLL | None:
                 lib.small_linear_bf16.restype = ctypes.c_int
                 _loaded["lib"] = lib
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                log.warning("CPU decode-attention kernel unavailable, using SDPA: %s", exc)
+                log.warning("native CPU kernels unavailable, using SDPA and oneDNN: %s", exc)
                 _loaded["lib"] = None
         return _loaded["lib"]
 

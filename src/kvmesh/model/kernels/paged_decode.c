@@ -4,11 +4,13 @@
  * Layer view of the cache: element [block, token, kv_head, d] sits at
  *   base + block * block_stride + (token * num_kv_heads + kv_head) * head_dim + d.
  * Work is split over sequences; each walks its blocks once, reading a block's K and V
- * slabs together (all heads: contiguous memory) with an online softmax (running max and
- * sum, rescaled when the max grows), and prefetches the next block while it computes. Accumulation is float32 whatever the storage type. Built by
- * kvmesh/model/cpu_kernels.py with -O3 -march=native -fopenmp. With AVX-512 BF16 the bf16
- * scores use dot-product instructions on the stored values; elsewhere the loops are plain
- * C written so the compiler vectorises them (omp simd), with a polynomial exp.
+ * slabs for all heads (contiguous memory) with an online softmax (running max and sum,
+ * rescaled when the max grows), prefetching the next block's K before the scores and its
+ * V before the weighted sum. Accumulation is float32 whatever the storage type. Built by
+ * kvmesh/model/cpu_kernels.py with -O3 -march=native -fopenmp. With AVX-512 BF16, bf16
+ * scores are dot-product instructions on the stored values and the V sums of a KV head's
+ * query group stay in registers; elsewhere the loops are plain C written so the compiler
+ * vectorises them (omp simd), with a polynomial exp.
  */
 #include <stdint.h>
 #include <stdlib.h>
