@@ -205,3 +205,16 @@ def test_packed_linear_uses_small_kernel_for_decode_batches():
         else:
             torch.testing.assert_close(packed(x).float(), ref_model(x).float(),
                                        atol=3e-2, rtol=1e-2)
+
+
+def test_a_new_build_prunes_older_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVMESH_CACHE_DIR", str(tmp_path))
+    stale = tmp_path / "kernels" / "attention-0000000000000000.so"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old build")
+    other = tmp_path / "kernels" / "unrelated.txt"
+    other.write_text("kept")
+    built = cpu_kernels.build()
+    assert built.exists() and built.parent == stale.parent
+    assert not stale.exists() and other.exists()
+    assert cpu_kernels.build() == built  # cached: not rebuilt, not pruned

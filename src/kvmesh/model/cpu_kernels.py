@@ -93,7 +93,20 @@ def build(compiler: str | None = None) -> Path:
         if proc.returncode != 0:
             raise RuntimeError(f"compiling the CPU kernels failed: {proc.stderr.strip()[-2000:]}")
         os.replace(so_file, target)
+    prune_builds(out_dir, keep=target)
     return target
+
+
+def prune_builds(out_dir: Path, keep: Path) -> int:
+    """Delete older kernel builds (other sources or CPUs) beside `keep`. Processes that
+    loaded one keep their mapping; a host with another CPU sharing the directory rebuilds
+    in about a second. Returns how many were removed."""
+    removed = 0
+    for old in out_dir.glob("attention-*.so"):
+        if old != keep:
+            old.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def _load() -> ctypes.CDLL | None:
