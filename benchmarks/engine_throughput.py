@@ -206,25 +206,18 @@ def main() -> None:
            "transformers_float32": hf32["decode_tok_per_s"] if hf32 else None,
            "vllm_cpu": vl["decode_tok_per_s"] if vl else None}
     get = lambda d, c: (d or {}).get(str(c))  # noqa: E731
+    # figure name -> (numerator system, denominator system, concurrencies)
+    ratios = {"vs_vllm_cpu": ("kvmesh", "vllm_cpu", (16, 64)),
+              "vs_transformers": ("kvmesh", "transformers", (16, 64)),
+              "vs_transformers_default": ("kvmesh", "transformers_float32", (16, 64)),
+              "native_vs_sdpa": ("kvmesh", "kvmesh_sdpa", (16, 64)),
+              "float32_vs_transformers_float32": ("kvmesh_float32", "transformers_float32",
+                                                  (16,))}
     figures = {
         "decode_tok_per_s": dec,
         "decode_tok_per_s_runs": runs,
-        "decode_ratio_vs_vllm_cpu_16": ratio(get(dec["kvmesh"], 16), get(dec["vllm_cpu"], 16)),
-        "decode_ratio_vs_vllm_cpu_64": ratio(get(dec["kvmesh"], 64), get(dec["vllm_cpu"], 64)),
-        "decode_ratio_vs_transformers_16": ratio(get(dec["kvmesh"], 16),
-                                                 get(dec["transformers"], 16)),
-        "decode_ratio_vs_transformers_64": ratio(get(dec["kvmesh"], 64),
-                                                 get(dec["transformers"], 64)),
-        "decode_ratio_vs_transformers_default_16": ratio(get(dec["kvmesh"], 16),
-                                                         get(dec["transformers_float32"], 16)),
-        "decode_ratio_vs_transformers_default_64": ratio(get(dec["kvmesh"], 64),
-                                                         get(dec["transformers_float32"], 64)),
-        "decode_ratio_native_vs_sdpa_16": ratio(get(dec["kvmesh"], 16),
-                                                get(dec["kvmesh_sdpa"], 16)),
-        "decode_ratio_native_vs_sdpa_64": ratio(get(dec["kvmesh"], 64),
-                                                get(dec["kvmesh_sdpa"], 64)),
-        "decode_ratio_float32_vs_transformers_float32_16": ratio(
-            get(dec["kvmesh_float32"], 16), get(dec["transformers_float32"], 16)),
+        **{f"decode_ratio_{name}_{c}": ratio(get(dec[num], c), get(dec[den], c))
+           for name, (num, den, concs_) in ratios.items() for c in concs_},
         "prefill_tok_per_s_2k": kv["prefill_tok_per_s_2k"],
         "prefill_tok_per_s_2k_sdpa": kv_sdpa["prefill_tok_per_s_2k"],
         "cold_start_s": cold,
