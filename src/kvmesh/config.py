@@ -38,9 +38,10 @@ class ModelConfig:
     )
     num_threads: int | None = _help("torch CPU threads (default: torch's own).", default=None)
     attention_backend: str = _help(
-        "Decode attention: auto (the native CPU kernel that reads KV blocks in place, when "
-        "it can be built and the compute and KV dtypes match; else gather + torch SDPA), "
-        "native (the kernel, or an error) or sdpa.",
+        "Attention: auto (native CPU kernels that read KV blocks in place, for decode in "
+        "every dtype and for bf16 prefill, when they can be built and the compute and KV "
+        "dtypes match; else gather + torch SDPA), native (the decode kernel, or an error) "
+        "or sdpa.",
         default="auto",
     )
 

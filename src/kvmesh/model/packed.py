@@ -44,18 +44,17 @@ def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def _attach_small(packed: PackedLinear, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
-    """Give `packed` the small-batch kernel if it agrees with F.linear; bytes it costs."""
+def _attach_small(packed: PackedLinear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Give `packed` the small-batch kernel if there is one and it agrees with F.linear."""
     kernel = small_linear(weight, bias)
     if kernel is None:
-        return 0
+        return
     x = torch.randn(3, weight.shape[1], dtype=weight.dtype)
     ref = nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
     if (kernel(x).float() - ref).abs().max() > 2e-2 * ref.abs().max() + 1e-3:
         log.warning("small-batch linear kernel disagrees with F.linear; not used")
-        return 0
+        return
     packed.small = kernel
-    return weight.numel() * weight.element_size()
 
 
 def pack_linears(model: nn.Module, batch_hint: int = 16) -> int:
