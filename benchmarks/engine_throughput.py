@@ -50,6 +50,7 @@ def kvmesh_run(dtype: str, concs: list[int], backend: str = "auto") -> dict:
     llm.generate(prompts(2, PROMPT_LEN, 99), SamplingParams(temperature=0, max_tokens=4))
     out: dict = {"decode_tok_per_s": {}, "runs": {}, "torch_threads": torch.get_num_threads(),
                  "native_kernel": llm.engine.runner.decode_kernel is not None,
+                 "quantization": llm.engine.loaded.quantization,
                  "native_prefill_kernel": llm.engine.runner.prefill_kernel is not None}
 
     def once(conc: int) -> float:
@@ -72,7 +73,7 @@ def kvmesh_run(dtype: str, concs: list[int], backend: str = "auto") -> dict:
     return out
 
 
-def attention_kernel_gbps(seqs: int = 64, context: int = 192) -> dict:
+def attention_kernel_gbps(dtype_name: str, seqs: int = 64, context: int = 192) -> dict:
     """The native decode kernel alone on a 30-layer bf16 cache (default model's shapes):
     KV bytes read per second, beside gather + SDPA on the same batch."""
     import torch
@@ -80,15 +81,16 @@ def attention_kernel_gbps(seqs: int = 64, context: int = 192) -> dict:
     from kvmesh.model.attention import DecodeGroup, _decode
     from kvmesh.model.cpu_kernels import decode_kernel
 
-    kernel = decode_kernel(torch.bfloat16, torch.device("cpu"))
+    dtype = getattr(torch, dtype_name)
+    kernel = decode_kernel(dtype, torch.device("cpu"))
     if kernel is None:
         return {}
     layers, block, heads, kv_heads, dim = 30, 16, 9, 3, 64
     width = -(-context // block)
-    kv = torch.randn(seqs * width, layers, 2, block, kv_heads, dim).to(torch.bfloat16)
+    kv = torch.randn(seqs * width, layers, 2, block, kv_heads, dim).to(dtype)
     tables = torch.randperm(seqs * width).view(seqs, width).contiguous()
     lengths = torch.full((seqs,), context)
-    q = torch.randn(seqs, heads, dim).to(torch.bfloat16)
+    q = torch.randn(seqs, heads, dim).to(dtype)
     group = DecodeGroup(0, seqs, tables, None, lengths)
     timings = {}
     for name, fn in (("native", lambda k, v: kernel(q, k, v, tables, lengths, 0.125)),
@@ -98,7 +100,7 @@ def attention_kernel_gbps(seqs: int = 64, context: int = 192) -> dict:
         for layer in range(layers):
             fn(kv[:, layer, 0], kv[:, layer, 1])
         timings[name] = (time.perf_counter() - start) / layers
-    kv_bytes = seqs * context * 2 * kv_heads * dim * 2
+    kv_bytes = seqs * context * 2 * kv_heads * dim * kv.element_size()
     return {"seqs": seqs, "context": context, "kv_bytes_per_layer": kv_bytes,
             "native_ms_per_layer": timings["native"] * 1e3,
             "sdpa_ms_per_layer": timings["sdpa"] * 1e3,
@@ -176,26 +178,35 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--concurrency", default="1,16,64")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default=None,
+                    help="kvmesh/transformers dtype (default: bfloat16 where this CPU has "
+                         "native bf16, else float32; bf16 without it takes minutes a step)")
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
     concs = [int(c) for c in args.concurrency.split(",")]
+    from kvmesh.model import cpu_isa
     from kvmesh.model.registry import resolve_model
+
+    fast_bf16 = cpu_isa.has_fast_bf16_native()
+    args.dtype = args.dtype or ("bfloat16" if fast_bf16 else "float32")
+    if args.dtype == "bfloat16" and not fast_bf16:
+        sys.exit("this CPU has no native bf16 (AVX512_BF16/AMX): bf16 would take hours here")
+    matmul_dtype = "bfloat16" if fast_bf16 else "float32"
 
     model_dir = resolve_model("smollm2-135m-instruct").path
     cold = min(cold_start() for _ in range(2))
     print(f"cold start {cold:.2f} s", flush=True)
-    gflops = matmul_gflops("bfloat16")
+    gflops = matmul_gflops(matmul_dtype)
     kv = kvmesh_run(args.dtype, concs)
     kv32 = kvmesh_run("float32", [c for c in concs if c != 1])
     kv_sdpa = kvmesh_run(args.dtype, [c for c in concs if c != 1], backend="sdpa")
-    kernel = attention_kernel_gbps()
+    kernel = attention_kernel_gbps(args.dtype)
     mem_read = read_gbps()
     hf = None if args.skip_hf else hf_run(args.dtype, concs)
     hf32 = None if args.skip_hf else hf_run("float32", [c for c in concs if c != 1])
     vl = None if args.skip_vllm else vllm_run(concs, model_dir)
-    gflops = max(gflops, matmul_gflops("bfloat16"))
+    gflops = max(gflops, matmul_gflops(matmul_dtype))
     runs = {"kvmesh": kv["runs"], "kvmesh_float32": kv32["runs"], "kvmesh_sdpa": kv_sdpa["runs"],
             "transformers": hf["runs"] if hf else None,
             "transformers_float32": hf32["runs"] if hf32 else None,
@@ -222,7 +233,7 @@ def main() -> None:
         "prefill_tok_per_s_2k_sdpa": kv_sdpa["prefill_tok_per_s_2k"],
         "cold_start_s": cold,
         "vllm_cpu_startup_s": vl["startup_s"] if vl else None,
-        "matmul_bf16_gflops": gflops,
+        f"matmul_{'bf16' if fast_bf16 else 'f32'}_gflops": gflops,
         "memory_read_gbps": mem_read,
         "decode_attention_kernel": kernel,
         "native_kernel_used": kv["native_kernel"],

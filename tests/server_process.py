@@ -62,10 +62,14 @@ class Server:
 
 
 @contextmanager
-def serve(args: list[str], tmp: Path, wait: str | None = "/ready"):
+def serve(args: list[str], tmp: Path, wait: str | None = "/ready", pin_float32: bool = True):
+    """A `kvmesh serve` subprocess on a free loopback port. With `pin_float32` (tests) the
+    dtype is float32 unless `args` name one: the exact path on every CPU."""
     port = free_port()
     log = tmp / f"server-{port}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if pin_float32 and "--dtype" not in args:  # auto is bf16 on AVX512_BF16 CPUs
+        args = [*args, "--dtype", "float32"]
     cmd = [sys.executable, "-m", "kvmesh.cli", "serve", "--port", str(port), *args]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)

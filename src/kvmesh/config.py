@@ -13,6 +13,7 @@ from typing import Any
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "native", "sdpa")
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -28,8 +29,16 @@ class ModelConfig:
         default=DEFAULT_MODEL,
     )
     dtype: str = _help(
-        "Compute dtype: auto (float32 on CPU, which matches the reference exactly; "
-        "bfloat16 on CUDA), float32, bfloat16 or float16.",
+        "Compute dtype: auto (bfloat16 on CUDA and on CPUs with AVX512_BF16 or AMX, float32 "
+        "on other CPUs), float32 (the exact path that matches transformers), bfloat16 or "
+        "float16.",
+        default="auto",
+    )
+    quantization: str = _help(
+        "Weight-only quantization of the linear layers (CPU, float32 compute): auto (int4 or "
+        "int8 per group of 32 where that reproduces the weights exactly, as for a model "
+        "converted from a Q4_1/Q8_0 GGUF; float elsewhere), none (float weights), int8 "
+        "(symmetric per group) or int4 (affine per group; lm_head int8).",
         default="auto",
     )
     device: str = _help("torch device: auto, cpu or cuda[:N].", default="auto")
@@ -48,6 +57,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}"
+            )
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, "

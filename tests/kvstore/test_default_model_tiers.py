@@ -29,7 +29,8 @@ def long_prompts(tok) -> list[list[int]]:
 RESTART = """
 import json, sys
 from kvmesh import LLM, SamplingParams
-llm = LLM(num_blocks=160, host_bytes=200 * 737280, disk_path=sys.argv[1], disk_bytes=2 * 10**9)
+llm = LLM(dtype="float32", num_blocks=160, host_bytes=200 * 737280, disk_path=sys.argv[1],
+          disk_bytes=2 * 10**9)
 prompt = json.loads(sys.argv[2])
 out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24))[0]
 disk = llm.engine.store.disk.stats
@@ -40,7 +41,7 @@ llm.close()
 
 
 def tiered(tmp_path=None, host_blocks: int = 400) -> LLM:
-    return LLM(num_blocks=160, host_bytes=host_blocks * 737280,
+    return LLM(dtype="float32", num_blocks=160, host_bytes=host_blocks * 737280,
                disk_path=str(tmp_path) if tmp_path else None, disk_bytes=2 * 10**9)
 
 

@@ -23,13 +23,15 @@ def prompts(n: int, length: int = 100, seed: int = 0) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def expected(tiny_llama):
-    ref = LLM(str(tiny_llama), block_size=4, num_blocks=1024, enable_prefix_caching=False)
+    ref = LLM(str(tiny_llama), dtype="float32", block_size=4, num_blocks=1024,
+              enable_prefix_caching=False)
     return [o.token_ids for o in ref.generate(prompts(6), G)]
 
 
 def tiered(model, disk=None, host_blocks=400, **kw) -> LLM:
-    return LLM(str(model), block_size=4, num_blocks=40, host_bytes=host_blocks * 2048,
-               disk_path=str(disk) if disk else None, disk_bytes=10**8, **kw)
+    return LLM(str(model), dtype="float32", block_size=4, num_blocks=40,
+               host_bytes=host_blocks * 2048, disk_path=str(disk) if disk else None,
+               disk_bytes=10**8, **kw)
 
 
 def test_host_hits_give_identical_tokens(tiny_llama, expected):
@@ -79,7 +81,7 @@ def test_write_through_and_corrupted_files(tiny_llama, expected, tmp_path):
 CRASHER = """
 import random, sys
 from kvmesh import LLM, SamplingParams
-llm = LLM(sys.argv[1], block_size=4, num_blocks=64, host_bytes=64 * 2048,
+llm = LLM(sys.argv[1], dtype="float32", block_size=4, num_blocks=64, host_bytes=64 * 2048,
           disk_path=sys.argv[2], disk_bytes=10**9, write_through=True, io_threads=4)
 rng = random.Random(1)
 print("READY", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kvmesh import LLM, SamplingParams
-from kvmesh.model import cpu_kernels
+from kvmesh.model import cpu_isa, cpu_kernels
 from kvmesh.model.attention import DecodeGroup, _decode
 from tests.builders import build_tiny_model
 
@@ -139,8 +140,9 @@ def _prefill_reference(q, k_cache, v_cache, tables, segments, scale):
                          [(9, 3, 64, 16), (8, 2, 128, 16), (4, 4, 64, 8), (6, 1, 128, 32)])
 def test_prefill_kernel_matches_sdpa(heads, kv_heads, dim, block_size):
     kernel = cpu_kernels.prefill_kernel(torch.bfloat16, CPU, dim)
+    assert (kernel is not None) == (cpu_isa.level() == "avx512_bf16")  # this CPU's path
     if kernel is None:
-        pytest.skip("no AVX-512 BF16 on this host")
+        pytest.skip(f"the bf16 prefill kernel needs AVX-512 BF16; ISA level {cpu_isa.level()}")
     # (chunk length, context): whole prompts, chunks after a cached prefix, ragged tails.
     shapes = [(1, 1), (17, 17), (40, 200), (16, 16), (100, 100), (5, 77), (33, 64)]
     gen = torch.Generator().manual_seed(dim + heads)
@@ -175,8 +177,9 @@ def test_small_linear_matches_f_linear(bias):
     weight = torch.randn(96, 70, generator=gen).to(torch.bfloat16)
     b = torch.randn(96, generator=gen).to(torch.bfloat16) if bias else None
     kernel = cpu_kernels.small_linear(weight, b)
+    assert (kernel is not None) == (cpu_isa.level() == "avx512_bf16")  # this CPU's path
     if kernel is None:
-        pytest.skip("no AVX-512 BF16 on this host")
+        pytest.skip(f"the bf16 linear kernel needs AVX-512 BF16; ISA level {cpu_isa.level()}")
     for rows in (1, 5, 16):
         x = torch.randn(rows, 140, generator=gen).to(torch.bfloat16)[:, ::2]  # strided rows
         ref = F.linear(x.float(), weight.float(), None if b is None else b.float())
@@ -187,17 +190,21 @@ def test_small_linear_matches_f_linear(bias):
 
 
 def test_packed_linear_uses_small_kernel_for_decode_batches():
-    from kvmesh.model.packed import pack_linears
+    from kvmesh.model.packed import can_pack, pack_linears
 
+    # oneDNN packing is torch's path: it follows the CPU itself, not KVMESH_CPU_ISA.
+    assert can_pack(torch.bfloat16, CPU) == cpu_isa.has_fast_bf16_native()
+    if not can_pack(torch.bfloat16, CPU):
+        pytest.skip("bf16 weight packing is only taken with native bf16 (AVX512_BF16/AMX)")
     gen = torch.Generator().manual_seed(4)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32)).to(torch.bfloat16)
     ref_model = torch.nn.Sequential(torch.nn.Linear(64, 32)).to(torch.bfloat16)
     ref_model.load_state_dict(model.state_dict())
     assert pack_linears(model) == 1
     packed = model[0]
-    if cpu_kernels.small_linear(ref_model[0].weight, None) is None:
-        pytest.skip("no AVX-512 BF16 on this host")
-    assert packed.small is not None
+    assert (packed.small is not None) == (cpu_isa.level() == "avx512_bf16")
+    if packed.small is None:
+        pytest.skip(f"the bf16 linear kernel needs AVX-512 BF16; ISA level {cpu_isa.level()}")
     for rows in (2, 16, 40):  # 40 rows: the oneDNN path, bitwise equal to F.linear
         x = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
         if rows > 16:
@@ -212,9 +219,12 @@ def test_a_new_build_prunes_older_ones(tmp_path, monkeypatch):
     stale = tmp_path / "kernels" / "attention-0000000000000000.so"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"old build")
+    os.utime(stale, (1, 1))  # builds touched recently (another ISA level) are kept
+    recent = tmp_path / "kernels" / "attention-1111111111111111.so"
+    recent.write_bytes(b"another level, built a moment ago")
     other = tmp_path / "kernels" / "unrelated.txt"
     other.write_text("kept")
     built = cpu_kernels.build()
     assert built.exists() and built.parent == stale.parent
-    assert not stale.exists() and other.exists()
+    assert not stale.exists() and other.exists() and recent.exists()
     assert cpu_kernels.build() == built  # cached: not rebuilt, not pruned

@@ -11,6 +11,7 @@ import torch
 
 from kvmesh.config import EngineConfig
 from kvmesh.engine.model_runner import kv_block_bytes
+from kvmesh.model import cpu_isa
 from kvmesh.model.llama import LlamaForCausalLM
 from kvmesh.model.loader import TORCH_DTYPES, load_model, read_config
 from kvmesh.model.registry import resolve_model
@@ -33,6 +34,7 @@ class LoadedModel:
     max_model_len: int
     num_blocks: int
     eos_token_ids: frozenset[int]
+    quantization: str = "none"
 
 
 def pick_device(name: str) -> torch.device:
@@ -44,14 +46,30 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def auto_dtype(device: torch.device) -> tuple[str, str]:
+    """What `dtype auto` picks on `device`, and why (logged at startup)."""
+    if device.type == "cuda":
+        return "bfloat16", "CUDA device"
+    isa = cpu_isa.level()
+    if cpu_isa.has_fast_bf16(isa):
+        return "bfloat16", f"CPU ISA {isa}: native bf16 dot products"
+    return "float32", f"CPU ISA {isa}: no native bf16, torch's bf16 matmuls would be slow"
+
+
 def pick_dtype(name: str, device: torch.device) -> tuple[str, torch.dtype]:
     if name == "auto":
-        name = "bfloat16" if device.type == "cuda" else "float32"
+        name, why = auto_dtype(device)
+        log.info("dtype auto -> %s (%s); --dtype float32 is the exact reference path",
+                 name, why)
     return name, TORCH_DTYPES[name]
 
 
-def _model_id(name: str, path: Path) -> str:
+def _model_id(name: str, path: Path, quantization: str = "none") -> str:
+    """Identity for block keys: the weights, and how they are quantized (quantized KV is not
+    interchangeable with float KV, and the disk tier outlives the process)."""
     digest = hashlib.sha256((path / "config.json").read_bytes())
+    if quantization != "none":
+        digest.update(f"quantization:{quantization}".encode())
     for weights in sorted(path.glob("*.safetensors")):
         digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
     return f"{name}:{digest.hexdigest()[:16]}"
@@ -76,22 +94,24 @@ def load_engine_model(config: EngineConfig, progress: bool = True) -> LoadedMode
         torch.set_num_threads(mc.num_threads)
     resolved = resolve_model(mc.model, progress=progress)
     device = pick_device(mc.device)
-    _, dtype = pick_dtype(mc.dtype, device)
-    kv_name, kv_dtype = pick_dtype(mc.dtype if cc.kv_dtype == "auto" else cc.kv_dtype, device)
+    dtype_name, dtype = pick_dtype(mc.dtype, device)
+    kv_name, kv_dtype = pick_dtype(dtype_name if cc.kv_dtype == "auto" else cc.kv_dtype, device)
     arch_max = int(read_config(resolved.path).get("max_position_embeddings", 4096))
     max_len = mc.max_model_len or arch_max
     if max_len > arch_max:
         log.warning(
             "max_model_len %d exceeds the model's %d; quality may degrade", max_len, arch_max
         )
-    model = load_model(resolved.path, dtype, device, max_len)
+    model, quantization = load_model(resolved.path, dtype, device, max_len, mc.quantization)
+    if mc.quantization != "none":
+        log.info("quantization %s -> %s", mc.quantization, quantization)
     block_bytes = kv_block_bytes(model.arch, cc.block_size, kv_dtype)
     num_blocks = cc.num_blocks or max(1, cc.kv_cache_memory_bytes // block_bytes)
     tokenizer = Tokenizer(resolved.path)
     return LoadedModel(
         resolved.name,
         resolved.path,
-        _model_id(resolved.name, resolved.path),
+        _model_id(resolved.name, resolved.path, quantization),
         model,
         tokenizer,
         device,
@@ -101,4 +121,5 @@ def load_engine_model(config: EngineConfig, progress: bool = True) -> LoadedMode
         max_len,
         num_blocks,
         _eos_ids(resolved.path, tokenizer, model.arch.eos_token_ids),
+        quantization,
     )

@@ -1,10 +1,13 @@
 """Native CPU kernels, compiled once with the system C compiler and loaded with ctypes.
 
 `kernels/paged_decode.c` (decode attention, every dtype), `kernels/paged_prefill.c`
-(causal prefill attention, bf16) and `kernels/small_linear.c` (bf16 linears for decode-sized
-batches; both need AVX-512 BF16) are plain C with no torch headers, so they build in about
-a second with `cc -O3 -march=native -fopenmp`. The shared object is cached under
-`$KVMESH_CACHE_DIR/kernels/`, named by a hash of the sources, flags and CPU, and built with
+(causal prefill attention, bf16), `kernels/small_linear.c` (bf16 linears for decode-sized
+batches; both need AVX-512 BF16) and `kernels/quant_linear.c` (int8/int4 weight-only linears,
+every ISA) are plain C with no torch headers, so they build in about a second with
+`cc -O3 -march=native -fopenmp`, narrowed to the ISA level that `cpu_isa` selects
+(`KVMESH_CPU_ISA=avx2` builds the AVX2 variants on an AVX-512 machine). The shared object is
+cached under `$KVMESH_CACHE_DIR/kernels/`, named by a hash of the sources, flags and CPU, and
+built with
 a temp file + rename so concurrent processes never see half a library. OpenMP resolves to
 the libgomp torch already loaded, so the kernels share torch's thread pool settings.
 Without a compiler, or on a build failure, every accessor here returns None and the model
@@ -21,17 +24,19 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from importlib import resources
 from pathlib import Path
 
 import torch
 
+from kvmesh.model import cpu_isa
 from kvmesh.model.registry import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("paged_decode.c", "paged_prefill.c", "small_linear.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
+SOURCES = ("paged_decode.c", "paged_prefill.c", "small_linear.c", "quant_linear.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-Wno-psabi"]
 _SYMBOLS = {
     torch.bfloat16: "paged_decode_bf16",
     torch.float16: "paged_decode_f16",
@@ -67,15 +72,17 @@ def _cpu_signature() -> str:
     return "|".join(sorted({ln for ln in lines if ln.split(":")[0].strip() in wanted}))
 
 
-def build(compiler: str | None = None) -> Path:
-    """Compile the kernel library if no cached build exists; return its path."""
+def build(compiler: str | None = None, isa: str | None = None) -> Path:
+    """Compile the kernel library for `isa` (default: cpu_isa.level(), which follows
+    KVMESH_CPU_ISA) if no cached build exists; return its path."""
     cc = compiler or _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    flags = [*FLAGS, *cpu_isa.compile_flags(isa or cpu_isa.level())]
     sources = _sources()
     key = hashlib.sha256(
         b"".join(sources.values())
-        + " ".join([cc, *FLAGS, platform.machine(), _cpu_signature()]).encode()
+        + " ".join([cc, *flags, platform.machine(), _cpu_signature()]).encode()
     ).hexdigest()[:16]
     out_dir = cache_dir() / "kernels"
     target = out_dir / f"attention-{key}.so"
@@ -88,7 +95,7 @@ def build(compiler: str | None = None) -> Path:
             (Path(tmp) / name).write_bytes(text)
             c_files.append(str(Path(tmp) / name))
         so_file = Path(tmp) / "kernel.so"
-        proc = subprocess.run([cc, *FLAGS, *c_files, "-o", str(so_file)],
+        proc = subprocess.run([cc, *flags, *c_files, "-o", str(so_file)],
                               capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"compiling the CPU kernels failed: {proc.stderr.strip()[-2000:]}")
@@ -97,23 +104,32 @@ def build(compiler: str | None = None) -> Path:
     return target
 
 
-def prune_builds(out_dir: Path, keep: Path) -> int:
-    """Delete older kernel builds (other sources or CPUs) beside `keep`. Processes that
-    loaded one keep their mapping; a host with another CPU sharing the directory rebuilds
-    in about a second. Returns how many were removed."""
+def prune_builds(out_dir: Path, keep: Path, keep_newer_than_s: float = 3600.0) -> int:
+    """Delete older kernel builds (other sources or CPUs) beside `keep`. Builds touched in
+    the last `keep_newer_than_s` stay (another ISA level built by this machine, or a
+    process that is about to load one). Processes that loaded one keep their mapping; a
+    host with another CPU sharing the directory rebuilds in about a second. Returns how
+    many were removed."""
     removed = 0
+    now = time.time()
     for old in out_dir.glob("attention-*.so"):
-        if old != keep:
+        try:
+            recent = now - old.stat().st_mtime < keep_newer_than_s
+        except OSError:
+            continue
+        if old != keep and not recent:
             old.unlink(missing_ok=True)
             removed += 1
     return removed
 
 
-def _load() -> ctypes.CDLL | None:
+def load() -> ctypes.CDLL | None:
+    """The kernel library for the ISA level in force (built on first use), or None."""
+    isa = cpu_isa.level()
     with _lock:
-        if "lib" not in _loaded:
+        if isa not in _loaded:
             try:
-                lib = ctypes.CDLL(str(build()))
+                lib = ctypes.CDLL(str(build(isa=isa)))
                 for symbol in (*_SYMBOLS.values(), "paged_prefill_bf16"):
                     fn = getattr(lib, symbol)
                     fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
@@ -123,11 +139,22 @@ def _load() -> ctypes.CDLL | None:
                 lib.small_linear_pack_bf16.restype = ctypes.c_int
                 lib.small_linear_bf16.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
                 lib.small_linear_bf16.restype = ctypes.c_int
-                _loaded["lib"] = lib
+                _quant_signatures(lib)
+                _loaded[isa] = lib
+                log.info("native CPU kernels built for ISA level %s", isa)
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                 log.warning("native CPU kernels unavailable, using SDPA and oneDNN: %s", exc)
-                _loaded["lib"] = None
-        return _loaded["lib"]
+                _loaded[isa] = None
+        return _loaded[isa]
+
+
+def _quant_signatures(lib: ctypes.CDLL) -> None:
+    lib.quant_linear_f32.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR,
+                                     _I64, _I64, _I64, _I64, _PTR, _I64]
+    lib.quant_linear_f32.restype = ctypes.c_int
+    lib.quant_dequantize_f32.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR]
+    lib.quant_dequantize_f32.restype = ctypes.c_int
+    lib.quant_linear_max_rows.restype = ctypes.c_int
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, dtype: torch.dtype) -> None:
@@ -235,7 +262,7 @@ def small_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> SmallLinear
     n, k = weight.shape
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or n % 16 or k % 2:
         return None
-    lib = _load()
+    lib = load()
     if lib is None or not lib.small_linear_available():
         return None
     return SmallLinear(lib, weight, bias)
@@ -249,7 +276,7 @@ def prefill_kernel(dtype: torch.dtype, device: torch.device,
     """The native prefill kernel (bf16, head_dim 64/128, AVX-512 BF16 hosts), or None."""
     if device.type != "cpu" or dtype != torch.bfloat16 or head_dim not in PREFILL_HEAD_DIMS:
         return None
-    lib = _load()
+    lib = load()
     if lib is None or not lib.paged_prefill_available():
         return None
     return PagedPrefillKernel(lib)
@@ -259,7 +286,7 @@ def decode_kernel(dtype: torch.dtype, device: torch.device) -> PagedDecodeKernel
     """The native decode kernel for this KV dtype on the CPU, or None (use SDPA)."""
     if device.type != "cpu" or dtype not in _SYMBOLS:
         return None
-    lib = _load()
+    lib = load()
     return PagedDecodeKernel(lib, dtype) if lib is not None else None
 
 

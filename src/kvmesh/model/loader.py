@@ -13,6 +13,7 @@ from kvmesh.model.arch import ModelArch, parse_arch
 from kvmesh.model.layers import RotaryEmbedding
 from kvmesh.model.llama import LlamaForCausalLM
 from kvmesh.model.packed import can_pack, pack_linears
+from kvmesh.model.quant import quantize_model
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,12 +60,23 @@ def build_model(arch: ModelArch, dtype: torch.dtype, device: torch.device, max_l
 
 
 def load_model(
-    model_dir: Path, dtype: torch.dtype, device: torch.device, max_len: int
-) -> LlamaForCausalLM:
+    model_dir: Path, dtype: torch.dtype, device: torch.device, max_len: int,
+    quantization: str = "none",
+) -> tuple[LlamaForCausalLM, str]:
+    """The model, and the quantization in force (a summary such as "int4x210+int8x1", or
+    "none"). `quantization` applies to CPU float32 compute; `auto` elsewhere means none."""
     arch = load_arch(model_dir)
     model = build_model(arch, dtype, device, max_len)
+    applied = "none"
     with torch.no_grad():
         model.load_hf_state(iter_tensors(safetensors_files(model_dir), dtype))
+        if quantization != "none":
+            if device.type != "cpu" or dtype != torch.float32:
+                if quantization != "auto":
+                    raise ValueError(f"quantization={quantization} needs the CPU and float32 "
+                                     "compute (--dtype float32)")
+            else:
+                applied = quantize_model(model, quantization)
         if can_pack(dtype, device):
             pack_linears(model)
-    return model
+    return model, applied

@@ -18,6 +18,7 @@ import logging
 import torch
 from torch import nn
 
+from kvmesh.model import cpu_isa
 from kvmesh.model.cpu_kernels import SmallLinear, small_linear
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,12 @@ class PackedLinear(nn.Module):
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
-            and torch.backends.mkldnn.is_available()
+    """bf16 packs only with native bf16 (AVX512_BF16 or AMX): elsewhere oneDNN's packed
+    results differ from F.linear's and are no faster, so the plain path stays. torch follows
+    the CPU itself here, not KVMESH_CPU_ISA. fp16 packs where pack_linears finds it
+    bitwise-equal to F.linear."""
+    native = cpu_isa.has_fast_bf16_native() if dtype == torch.bfloat16 else dtype == torch.float16
+    return (device.type == "cpu" and native and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 

@@ -1,0 +1,253 @@
+/* y = x W^T (+ b) with W stored as weight-only int8 or int4, affine per group:
+ *   W[n][k] = scale[n][g] * q[n][k] + min[n][g],   g = k / group
+ * float32 activations and accumulation, for decode-sized batches (rows <= 64; the caller
+ * dequantizes for larger ones). At small batch a linear is bound by streaming its weights,
+ * so int8 reads a quarter of float32's bytes and int4 an eighth.
+ *
+ * Packed layout, 16 output columns per block (one zmm, or two ymm on AVX2):
+ *   int8: q   [N/16][K][16]    int8
+ *   int4: q   [N/16][K/2][16]  uint8, low nibble k even, high nibble k odd (values 0..15)
+ *   scale, min [N/16][K/group][16] float (min may be NULL: symmetric)
+ * One source builds for every ISA level that cpu_isa.py selects (-march=native narrowed by
+ * -mno-* flags): a 16-column block is one AVX-512 vector, two AVX2 ones, or 16 scalars.
+ * Output column blocks are split across OpenMP threads. Returns non-zero on a shape it does
+ * not support.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+
+#define INLINE_DECL static inline __attribute__((always_inline))
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define W 16
+typedef __m512 vf;
+#define VZERO() _mm512_setzero_ps()
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, v) _mm512_storeu_ps(p, v)
+#define VSET1(x) _mm512_set1_ps(x)
+#define VMUL(a, b) _mm512_mul_ps(a, b)
+#define VADD(a, b) _mm512_add_ps(a, b)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+INLINE_DECL vf q8(const uint8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+INLINE_DECL void q4(const uint8_t *p, vf *lo, vf *hi) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    *lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+    *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define W 8
+typedef __m256 vf;
+#define VZERO() _mm256_setzero_ps()
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VSTORE(p, v) _mm256_storeu_ps(p, v)
+#define VSET1(x) _mm256_set1_ps(x)
+#define VMUL(a, b) _mm256_mul_ps(a, b)
+#define VADD(a, b) _mm256_add_ps(a, b)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+INLINE_DECL vf q8(const uint8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+INLINE_DECL void q4(const uint8_t *p, vf *lo, vf *hi) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    *lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+    *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+#else /* generic: one lane at a time, left to the compiler */
+#define W 1
+typedef float vf;
+#define VZERO() 0.0f
+#define VLOAD(p) (*(p))
+#define VSTORE(p, v) (*(p) = (v))
+#define VSET1(x) (x)
+#define VMUL(a, b) ((a) * (b))
+#define VADD(a, b) ((a) + (b))
+#define VFMA(a, b, c) ((a) * (b) + (c))
+INLINE_DECL vf q8(const uint8_t *p) { return (float)*(const int8_t *)p; }
+INLINE_DECL void q4(const uint8_t *p, vf *lo, vf *hi) {
+    *lo = (float)(*p & 15);
+    *hi = (float)(*p >> 4);
+}
+#endif
+
+#define COLS 16
+#define H (COLS / W) /* vectors per 16-column block */
+#define MAX_ROWS 64
+
+struct qargs {
+    const float *x;
+    int64_t x_stride, n, k, group;
+    const uint8_t *q;
+    const float *scale, *min, *bias, *xsum; /* xsum [rows][K/group], only with min */
+    float *y;
+    int64_t y_stride, groups;
+};
+
+/* R rows times one 16-column block, with U independent accumulators per row (U k-streams,
+ * so a one-row tile still has enough FMA chains in flight). Scales are folded into the
+ * weight vector once per k and shared by the R rows; R and U are literals at each call. */
+INLINE_DECL void tile(const struct qargs *a, int64_t nb, int64_t row0, const int bits,
+                      const int R, const int U) {
+    const int64_t bytes_per_k = bits == 8 ? COLS : COLS / 2;
+    const uint8_t *blk = a->q + nb * a->k * bytes_per_k;
+    const float *sc = a->scale + nb * a->groups * COLS;
+    const float *mn = a->min ? a->min + nb * a->groups * COLS : NULL;
+    const float *x = a->x + row0 * a->x_stride;
+    vf acc[U][R][H];
+    for (int u = 0; u < U; u++)
+        for (int r = 0; r < R; r++)
+            for (int h = 0; h < H; h++) acc[u][r][h] = VZERO();
+    for (int64_t g = 0; g < a->groups; g++) {
+        const int64_t k0 = g * a->group;
+        vf s[H];
+        for (int h = 0; h < H; h++) s[h] = VLOAD(sc + g * COLS + h * W);
+        if (bits == 8) {
+            for (int64_t k = k0; k < k0 + a->group; k += U)
+                for (int u = 0; u < U; u++)
+                    for (int h = 0; h < H; h++) {
+                        const vf w = VMUL(q8(blk + (k + u) * COLS + h * W), s[h]);
+                        for (int r = 0; r < R; r++)
+                            acc[u][r][h] = VFMA(VSET1(x[r * a->x_stride + k + u]), w,
+                                                acc[u][r][h]);
+                    }
+        } else {
+            for (int64_t k = k0; k < k0 + a->group; k += 2) {
+                const int ulo = (int)(k % U), uhi = (int)((k + 1) % U);
+                for (int h = 0; h < H; h++) {
+                    vf lo, hi;
+                    q4(blk + (k / 2) * COLS + h * W, &lo, &hi);
+                    lo = VMUL(lo, s[h]);
+                    hi = VMUL(hi, s[h]);
+                    for (int r = 0; r < R; r++) {
+                        const float *xr = x + r * a->x_stride;
+                        acc[ulo][r][h] = VFMA(VSET1(xr[k]), lo, acc[ulo][r][h]);
+                        acc[uhi][r][h] = VFMA(VSET1(xr[k + 1]), hi, acc[uhi][r][h]);
+                    }
+                }
+            }
+        }
+        if (mn != NULL)
+            for (int h = 0; h < H; h++) {
+                const vf m = VLOAD(mn + g * COLS + h * W);
+                for (int r = 0; r < R; r++)
+                    acc[0][r][h] = VFMA(VSET1(a->xsum[(row0 + r) * a->groups + g]), m,
+                                        acc[0][r][h]);
+            }
+    }
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < H; h++) {
+            vf sum = a->bias ? VLOAD(a->bias + nb * COLS + h * W) : VZERO();
+            for (int u = 0; u < U; u++) sum = VADD(sum, acc[u][r][h]);
+            VSTORE(a->y + (row0 + r) * a->y_stride + nb * COLS + h * W, sum);
+        }
+}
+
+/* One row (single-stream decode): four k-streams of unscaled sums per group, scaled once
+ * at the group's end, so no multiply per weight vector. */
+INLINE_DECL void row1(const struct qargs *a, int64_t nb, int64_t row, const int bits) {
+    const int64_t bytes_per_k = bits == 8 ? COLS : COLS / 2;
+    const uint8_t *blk = a->q + nb * a->k * bytes_per_k;
+    const float *sc = a->scale + nb * a->groups * COLS;
+    const float *mn = a->min ? a->min + nb * a->groups * COLS : NULL;
+    const float *x = a->x + row * a->x_stride;
+    vf tot[H];
+    for (int h = 0; h < H; h++) tot[h] = VZERO();
+    for (int64_t g = 0; g < a->groups; g++) {
+        const int64_t k0 = g * a->group;
+        vf acc[4][H];
+        for (int u = 0; u < 4; u++)
+            for (int h = 0; h < H; h++) acc[u][h] = VZERO();
+        for (int64_t k = k0; k < k0 + a->group; k += 4)
+            for (int h = 0; h < H; h++) {
+                if (bits == 8) {
+                    for (int u = 0; u < 4; u++)
+                        acc[u][h] = VFMA(VSET1(x[k + u]), q8(blk + (k + u) * COLS + h * W),
+                                         acc[u][h]);
+                } else {
+                    for (int p = 0; p < 2; p++) {
+                        vf lo, hi;
+                        q4(blk + ((k + 2 * p) / 2) * COLS + h * W, &lo, &hi);
+                        acc[2 * p][h] = VFMA(VSET1(x[k + 2 * p]), lo, acc[2 * p][h]);
+                        acc[2 * p + 1][h] = VFMA(VSET1(x[k + 2 * p + 1]), hi, acc[2 * p + 1][h]);
+                    }
+                }
+            }
+        for (int h = 0; h < H; h++) {
+            const vf sum = VADD(VADD(acc[0][h], acc[1][h]), VADD(acc[2][h], acc[3][h]));
+            tot[h] = VFMA(sum, VLOAD(sc + g * COLS + h * W), tot[h]);
+            if (mn != NULL)
+                tot[h] = VFMA(VSET1(a->xsum[row * a->groups + g]), VLOAD(mn + g * COLS + h * W),
+                              tot[h]);
+        }
+    }
+    for (int h = 0; h < H; h++) {
+        const vf b = a->bias ? VLOAD(a->bias + nb * COLS + h * W) : VZERO();
+        VSTORE(a->y + row * a->y_stride + nb * COLS + h * W, VADD(tot[h], b));
+    }
+}
+
+INLINE_DECL void block(const struct qargs *a, int64_t nb, int64_t rows, const int bits) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) tile(a, nb, r, bits, 4, 1);
+    for (; r < rows; r++) row1(a, nb, r, bits);
+}
+
+static float *group_sums(const float *x, int64_t rows, int64_t x_stride, int64_t k,
+                         int64_t group) {
+    const int64_t groups = k / group;
+    float *sums = malloc(sizeof(float) * (size_t)(rows * groups));
+    if (sums == NULL) return NULL;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0.0f;
+            for (int64_t i = 0; i < group; i++) s += x[r * x_stride + g * group + i];
+            sums[r * groups + g] = s;
+        }
+    return sums;
+}
+
+int quant_linear_f32(const float *x, int64_t rows, int64_t x_stride, const uint8_t *q,
+                     const float *scale, const float *min, const float *bias, int64_t n,
+                     int64_t k, int64_t group, int64_t bits, float *y, int64_t y_stride) {
+    if (rows < 1 || rows > MAX_ROWS || n % COLS || group < 4 || group % 4 || k % group ||
+        (bits != 8 && bits != 4))
+        return 1;
+    struct qargs a = {x, x_stride, n, k, group, q, scale, min, bias, NULL, y, y_stride,
+                      k / group};
+    float *sums = NULL;
+    if (min != NULL && (sums = group_sums(x, rows, x_stride, k, group)) == NULL) return 2;
+    a.xsum = sums;
+#pragma omp parallel for schedule(static)
+    for (int64_t nb = 0; nb < n / COLS; nb++) {
+        if (bits == 8) block(&a, nb, rows, 8);
+        else block(&a, nb, rows, 4);
+    }
+    free(sums);
+    return 0;
+}
+
+/* The float32 weight [N][K] back from the packed form (for batches above MAX_ROWS). */
+int quant_dequantize_f32(const uint8_t *q, const float *scale, const float *min, int64_t n,
+                         int64_t k, int64_t group, int64_t bits, float *w) {
+    if (n % COLS || group < 4 || group % 4 || k % group || (bits != 8 && bits != 4)) return 1;
+    const int64_t groups = k / group, bytes_per_k = bits == 8 ? COLS : COLS / 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t nb = 0; nb < n / COLS; nb++) {
+        const uint8_t *blk = q + nb * k * bytes_per_k;
+        for (int64_t kk = 0; kk < k; kk++) {
+            const int64_t g = kk / group, at = (nb * groups + g) * COLS;
+            for (int c = 0; c < COLS; c++) {
+                float v;
+                if (bits == 8) v = (float)(int8_t)blk[kk * COLS + c];
+                else v = (float)((blk[(kk / 2) * COLS + c] >> (4 * (kk & 1))) & 15);
+                w[(nb * COLS + c) * k + kk] = v * scale[at + c] + (min ? min[at + c] : 0.0f);
+            }
+        }
+    }
+    return 0;
+}
+
+int quant_linear_max_rows(void) { return MAX_ROWS; }

@@ -1,0 +1,209 @@
+"""Weight-only quantization of linear layers: int8 and int4 with per-group scales.
+
+Profiles (`--quantization`):
+
+- `none`: float weights, the exact path.
+- `int8`: every linear (lm_head included) as symmetric int8, one scale per group of 32
+  weights along K (the layout of GGUF's Q8_0).
+- `int4`: linears as affine int4, a scale and a minimum per group of 32 (GGUF's Q4_1);
+  lm_head stays int8, since logits are the most sensitive.
+- `auto`: the int4 profile where it reproduces a layer's weights to float rounding
+  (re-quantizing a model converted from a Q4_1/Q8_0 GGUF recovers the file's own grid
+  exactly), float elsewhere. So the default model reads about 0.6 bytes per weight with the
+  float32 model's outputs, and a model with float weights keeps the exact path.
+
+Activations and accumulation stay float32: the kernel (kernels/quant_linear.c) converts
+weights on load and serves decode-sized batches; larger batches (prefill) dequantize the
+layer to float32 and use torch's matmul. Quantized layers need float32 compute.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvmesh.model.cpu_kernels import load as load_kernels
+
+log = logging.getLogger(__name__)
+
+PROFILES = ("none", "auto", "int8", "int4")
+GROUP = 32
+COLS = 16
+EXACT_RTOL = 1e-6  # `auto`: reconstruction error allowed, relative to the layer's max |w|
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A packed weight: q in the kernel's column-block layout, scales [N/16][K/G][16]."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    min: torch.Tensor | None
+    bits: int
+    group: int
+    n: int
+    k: int
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.min is None else self.min.numel() * 4
+        return self.q.numel() + self.scale.numel() * 4 + extra
+
+
+def quantize(weight: torch.Tensor, bits: int, group: int = GROUP) -> Quantized:
+    """int8: symmetric, scale = max|w| / 127. int4: affine, q in 0..15 over [min, max]."""
+    n, k = weight.shape
+    if n % COLS or k % group or group % 4:
+        raise ValueError(f"cannot quantize a {n}x{k} weight in groups of {group}")
+    w = weight.detach().float().reshape(n, k // group, group)
+    if bits == 8:
+        scale = w.abs().amax(-1) / 127
+        q = torch.round(w / torch.where(scale > 0, scale, 1)[..., None]).clamp_(-127, 127)
+        low = None
+    elif bits == 4:
+        low, high = w.amin(-1), w.amax(-1)
+        scale = (high - low) / 15
+        safe = torch.where(scale > 0, scale, 1)[..., None]
+        q = torch.round((w - low[..., None]) / safe).clamp_(0, 15)
+    else:
+        raise ValueError(f"bits must be 8 or 4, got {bits}")
+    return Quantized(_pack_q(q.reshape(n, k).to(torch.int16), bits), _blocks(scale),
+                     None if low is None else _blocks(low), bits, group, n, k)
+
+
+def _blocks(per_group: torch.Tensor) -> torch.Tensor:
+    """[N, G] -> [N/16][G][16] contiguous float32."""
+    n, groups = per_group.shape
+    return per_group.reshape(n // COLS, COLS, groups).transpose(1, 2).contiguous().float()
+
+
+def _pack_q(q: torch.Tensor, bits: int) -> torch.Tensor:
+    n, k = q.shape
+    cols = q.reshape(n // COLS, COLS, k).transpose(1, 2)  # [N/16][K][16]
+    if bits == 8:
+        return cols.to(torch.int8).contiguous().view(torch.uint8)
+    pairs = cols.reshape(n // COLS, k // 2, 2, COLS)
+    return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).to(torch.uint8).contiguous()
+
+
+def dequantize(qw: Quantized) -> torch.Tensor:
+    """The float32 weight [N, K]: the native kernel where it is built, else torch ops."""
+    lib = load_kernels()
+    if lib is not None:
+        w = torch.empty((qw.n, qw.k), dtype=torch.float32)
+        rc = lib.quant_dequantize_f32(qw.q.data_ptr(), qw.scale.data_ptr(),
+                                      None if qw.min is None else qw.min.data_ptr(),
+                                      qw.n, qw.k, qw.group, qw.bits, w.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"dequantize kernel rejected its inputs (code {rc})")
+        return w
+    nb = qw.n // COLS
+    if qw.bits == 8:
+        cols = qw.q.view(torch.int8).reshape(nb, qw.k, COLS).float()
+    else:
+        b = qw.q.reshape(nb, qw.k // 2, 1, COLS)
+        cols = torch.cat((b & 15, b >> 4), dim=2).reshape(nb, qw.k, COLS).float()
+    scale = qw.scale.repeat_interleave(qw.group, dim=1)
+    w = cols * scale + (0 if qw.min is None else qw.min.repeat_interleave(qw.group, dim=1))
+    return w.transpose(1, 2).reshape(qw.n, qw.k)
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with a Quantized W; float32 in and out."""
+
+    def __init__(self, qw: Quantized, bias: torch.Tensor | None):
+        super().__init__()
+        self.qw = qw
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.out_features, self.in_features = qw.n, qw.k
+        self.lib = load_kernels()
+        self.max_rows = self.lib.quant_linear_max_rows() if self.lib is not None else 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32:
+            raise ValueError("quantized linears take float32 activations")
+        if x2.shape[0] > self.max_rows:
+            y = F.linear(x2, self.weight(), self.bias)
+        else:
+            y = self._kernel(x2.contiguous())
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        qw, lib = self.qw, self.lib
+        assert lib is not None
+        y = torch.empty((x.shape[0], qw.n), dtype=torch.float32)
+        rc = lib.quant_linear_f32(
+            x.data_ptr(), x.shape[0], x.stride(0), qw.q.data_ptr(), qw.scale.data_ptr(),
+            None if qw.min is None else qw.min.data_ptr(),
+            None if self.bias is None else self.bias.data_ptr(),
+            qw.n, qw.k, qw.group, qw.bits, y.data_ptr(), y.stride(0))
+        if rc != 0:
+            raise RuntimeError(f"quantized linear kernel rejected its inputs (code {rc})")
+        return y
+
+    def weight(self) -> torch.Tensor:
+        """The float32 weight, rebuilt for a large batch (not kept: that is the point)."""
+        return dequantize(self.qw)
+
+
+def _is_exact(weight: torch.Tensor, qw: Quantized) -> bool:
+    w = weight.detach().float()
+    err = (dequantize(qw) - w).abs().max().item()
+    return err <= EXACT_RTOL * max(w.abs().max().item(), 1e-30)
+
+
+def _choose(weight: torch.Tensor, profile: str, is_head: bool) -> Quantized | None:
+    """The packed weight for one layer under `profile`, or None to keep it float."""
+    n, k = weight.shape
+    if n % COLS or k % GROUP:
+        return None
+    bits = 8 if profile == "int8" or is_head else 4
+    if profile != "auto":
+        return quantize(weight, bits)
+    for candidate in ((8,) if is_head else (4, 8)):
+        qw = quantize(weight, candidate)
+        if _is_exact(weight, qw):
+            return qw
+    return None
+
+
+def quantize_model(model: nn.Module, profile: str) -> str:
+    """Swap the model's nn.Linear layers for QuantLinear under `profile`, in place.
+    Returns a summary for logs and the model's cache identity, e.g. "int4x210+int8x1"."""
+    if profile not in PROFILES:
+        raise ValueError(f"quantization must be one of {PROFILES}, got {profile!r}")
+    counts: dict[str, int] = {}
+    if profile == "none":
+        return "none"
+    head = getattr(model, "lm_head", None)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            qw = _choose(child.weight, profile, child is head)
+            label = "float" if qw is None else f"int{qw.bits}"
+            counts[label] = counts.get(label, 0) + 1
+            if qw is not None:
+                setattr(parent, name, QuantLinear(qw, child.bias))
+    summary = "+".join(f"{label}x{n}" for label, n in sorted(counts.items()))
+    if load_kernels() is None and any(label != "float" for label in counts):
+        log.warning("quantized linears without native kernels dequantize on every call")
+    return summary if any(label != "float" for label in counts) else "none"
+
+
+def linear_weight_bytes(model: nn.Module) -> int:
+    """Bytes of linear-layer weights one decode step streams (lm_head included): packed
+    ints and scales for quantized layers, the float tensor for the others."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            total += module.qw.nbytes
+        elif isinstance(module, nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    return total

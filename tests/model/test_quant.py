@@ -1,0 +1,166 @@
+"""Weight-only int8/int4: packing, the native kernel on every ISA level this CPU has, the
+`auto` profile's exactness rule, and the engine end to end."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from kvmesh import LLM, SamplingParams
+from kvmesh.model import cpu_isa, cpu_kernels
+from kvmesh.model.quant import GROUP, QuantLinear, dequantize, quantize, quantize_model
+from tests.builders import build_tiny_model
+
+HAS_CC = shutil.which("cc") is not None
+
+
+def _grid(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """`weight` moved onto an int grid, as a model converted from a Q4_1/Q8_0 GGUF is."""
+    return dequantize(quantize(weight, bits))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_round_trip_error_is_bounded(bits):
+    w = torch.randn(64, 4 * GROUP, generator=torch.Generator().manual_seed(bits))
+    back = dequantize(quantize(w, bits))
+    groups = w.reshape(64, 4, GROUP)
+    err = (back - w).abs().reshape(64, 4, GROUP).amax(-1)
+    half_step = (groups.abs().amax(-1) / 254 if bits == 8
+                 else (groups.amax(-1) - groups.amin(-1)) / 30)
+    bound = half_step
+    assert torch.all(err <= bound * 1.001 + 1e-7)
+    again = dequantize(quantize(back, bits))  # a grid is a fixed point, to float rounding
+    assert (again - back).abs().max() <= 1e-6 * back.abs().max()
+
+
+def _levels_here() -> list[str]:
+    native = cpu_isa.native_level()
+    return list(cpu_isa.LEVELS[: cpu_isa.LEVELS.index(native) + 1])
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler")
+@pytest.mark.parametrize("level", cpu_isa.LEVELS)
+def test_kernel_matches_f_linear_at_each_level(level, monkeypatch):
+    """Every level this CPU can run (KVMESH_CPU_ISA) builds the kernels it should, and the
+    quantized linear equals F.linear on the dequantized weight, for decode-sized batches
+    (the kernel) and prefill-sized ones (dequantize + matmul)."""
+    if level not in _levels_here():
+        pytest.skip(f"this CPU's richest level is {cpu_isa.native_level()}")
+    monkeypatch.setenv(cpu_isa.ENV, level)
+    lib = cpu_kernels.load()
+    assert lib is not None
+    assert lib.small_linear_available() == (level == "avx512_bf16")
+    assert lib.paged_prefill_available() == (level == "avx512_bf16")
+    gen = torch.Generator().manual_seed(7)
+    for bits, (n, k), bias in ((8, (48, 96), True), (4, (32, 128), False), (4, (16, 64), True)):
+        w = torch.randn(n, k, generator=gen)
+        b = torch.randn(n, generator=gen) if bias else None
+        layer = QuantLinear(quantize(w, bits), b)
+        assert layer.lib is lib
+        ref_w = dequantize(layer.qw)
+        for rows in (1, 2, 3, 4, 5, 9, 16, 64, 65, 130):
+            x = torch.randn(rows, k, generator=gen)
+            torch.testing.assert_close(layer.forward(x), F.linear(x, ref_w, b),
+                                       atol=1e-4, rtol=1e-4)
+    decode = cpu_kernels.decode_kernel(torch.float32, torch.device("cpu"))
+    assert decode is not None  # float32 decode attention on every level
+
+
+def test_auto_takes_only_exact_layers():
+    gen = torch.Generator().manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 48),
+                                torch.nn.Linear(64, 30))
+    with torch.no_grad():
+        model[0].weight.copy_(_grid(model[0].weight, 4))  # on a Q4_1-like grid
+        model[1].weight.copy_(torch.randn(48, 32, generator=gen))  # plain float
+    x = torch.randn(3, 64, generator=gen)
+    expected = model[0](x)
+    assert quantize_model(model, "auto") == "floatx2+int4x1"  # 30 rows: not a 16-block
+    assert isinstance(model[0], QuantLinear) and model[0].qw.bits == 4
+    assert isinstance(model[1], torch.nn.Linear) and isinstance(model[2], torch.nn.Linear)
+    torch.testing.assert_close(model[0](x), expected, atol=1e-5, rtol=1e-5)
+    assert quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 32)), "none") == "none"
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        quantize_model(model, "int3")
+
+
+def _grid_model(tmp_path):
+    """A tiny Llama whose weights sit on int4 (linears) and int8 (embeddings) grids."""
+    model_dir = build_tiny_model(tmp_path, "llama")
+    path = next(model_dir.glob("*.safetensors"))
+    tensors = load_file(str(path))
+    for name, t in tensors.items():
+        if t.dim() == 2 and t.shape[0] % 16 == 0 and t.shape[1] % GROUP == 0:
+            tensors[name] = _grid(t.float(), 8 if "embed" in name else 4).to(t.dtype)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return model_dir
+
+
+def test_engine_auto_on_grid_weights_is_exact(tmp_path):
+    model_dir = _grid_model(tmp_path)
+    prompts = [[(5 * i + j) % 300 + 3 for j in range(4 + 37 * i)] for i in range(5)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
+    outs = {}
+    for quant in ("none", "auto", "int8"):
+        llm = LLM(str(model_dir), dtype="float32", quantization=quant, block_size=8,
+                  num_blocks=256, max_num_batched_tokens=96)
+        outs[quant] = llm.generate(prompts, params)
+        applied = llm.engine.loaded.quantization
+        if quant == "none":
+            assert applied == "none"
+        elif quant == "auto":
+            assert applied.startswith("int4x") and "int8x1" in applied  # lm_head: int8
+        else:
+            assert applied.startswith("int8x")
+    for a, b in zip(outs["none"], outs["auto"], strict=True):
+        assert a.token_ids == b.token_ids
+        steps = zip(a.outputs[0].logprobs, b.outputs[0].logprobs, a.token_ids, strict=True)
+        gaps = [abs(x[t] - y[t]) for x, y, t in steps]
+        assert max(gaps) < 1e-3
+
+
+def test_quantization_needs_float32_cpu(tiny_llama):
+    with pytest.raises(ValueError, match="float32"):
+        LLM(str(tiny_llama), dtype="bfloat16", quantization="int8", block_size=4,
+            num_blocks=64)
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        LLM(str(tiny_llama), quantization="fp8")
+    auto = LLM(str(tiny_llama), dtype="bfloat16", block_size=4, num_blocks=64)
+    assert auto.engine.loaded.quantization == "none"  # auto: only under float32
+
+
+def test_quantized_keys_differ_from_float(tiny_llama):
+    """KV from quantized weights never matches float blocks (the disk tier outlives runs)."""
+    a = LLM(str(tiny_llama), dtype="float32", quantization="none", block_size=4, num_blocks=64)
+    b = LLM(str(tiny_llama), dtype="float32", quantization="int8", block_size=4, num_blocks=64)
+    assert a.engine.loaded.model_id != b.engine.loaded.model_id
+
+
+def test_dtype_auto_follows_the_isa(monkeypatch):
+    from kvmesh.engine.setup import auto_dtype
+
+    cpu = torch.device("cpu")
+    expected = "bfloat16" if cpu_isa.has_fast_bf16(cpu_isa.level()) else "float32"
+    assert auto_dtype(cpu)[0] == expected
+    monkeypatch.setenv(cpu_isa.ENV, "avx2")
+    if cpu_isa.native_level() != "generic":
+        assert auto_dtype(cpu) == ("float32", auto_dtype(cpu)[1])
+    assert auto_dtype(torch.device("cuda"))[0] == "bfloat16"
+
+
+@pytest.mark.slow
+def test_default_model_auto_is_int4_and_matches_none():
+    """The default model (Q4_1 linears, Q8_0 embeddings): `auto` recovers the GGUF grid,
+    so greedy tokens equal the float path's."""
+    prompts = ["The capital of France is", "def fibonacci(n):", "List three colours:"]
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    fast = LLM(dtype="float32")
+    if HAS_CC:
+        assert fast.engine.loaded.quantization == "int4x120+int8x1"
+    exact = LLM(dtype="float32", quantization="none")
+    assert [o.token_ids for o in fast.generate(prompts, params)] == [
+        o.token_ids for o in exact.generate(prompts, params)]
