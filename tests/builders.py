@@ -126,3 +126,21 @@ def make_request(
         priority=priority,
         eos_token_ids=frozenset({2}),
     )
+
+
+def build_grid_model(tmp_path: Path, arch: str = "llama") -> Path:
+    """A tiny model whose weights sit on int4 (linears) and int8 (embeddings) grids, as a
+    model converted from a Q4_1/Q8_0 GGUF does: `quantization auto` takes it exactly."""
+    from safetensors.torch import load_file, save_file
+
+    from kvmesh.model.quant import GROUP, dequantize, quantize
+
+    model_dir = build_tiny_model(tmp_path, arch)
+    path = next(model_dir.glob("*.safetensors"))
+    tensors = load_file(str(path))
+    for name, t in tensors.items():
+        if t.dim() == 2 and t.shape[0] % 16 == 0 and t.shape[1] % GROUP == 0:
+            bits = 8 if "embed" in name else 4
+            tensors[name] = dequantize(quantize(t.float(), bits)).to(t.dtype)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return model_dir

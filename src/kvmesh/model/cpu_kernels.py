@@ -35,7 +35,8 @@ from kvmesh.model.registry import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("paged_decode.c", "paged_prefill.c", "small_linear.c", "quant_linear.c")
+SOURCES = ("vec_math.h", "paged_decode.c", "paged_prefill.c", "small_linear.c",
+           "quant_linear.c", "decode_layer.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-Wno-psabi"]
 _SYMBOLS = {
     torch.bfloat16: "paged_decode_bf16",
@@ -93,7 +94,8 @@ def build(compiler: str | None = None, isa: str | None = None) -> Path:
         c_files = []
         for name, text in sources.items():
             (Path(tmp) / name).write_bytes(text)
-            c_files.append(str(Path(tmp) / name))
+            if name.endswith(".c"):
+                c_files.append(str(Path(tmp) / name))
         so_file = Path(tmp) / "kernel.so"
         proc = subprocess.run([cc, *flags, *c_files, "-o", str(so_file)],
                               capture_output=True, text=True, timeout=120)

@@ -8,6 +8,7 @@ The forward pass calls submodules' `forward` directly: no hooks are used, and sk
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,9 @@ from torch import nn
 from kvmesh.model.arch import ModelArch
 from kvmesh.model.attention import AttentionMetadata, paged_attention
 from kvmesh.model.layers import RMSNorm, RotaryEmbedding, apply_rope
+
+if TYPE_CHECKING:
+    from kvmesh.model.fused import FusedDecoder
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -84,6 +88,7 @@ class LlamaForCausalLM(nn.Module):
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(arch, max_len)
+        self.fused: FusedDecoder | None = None  # the native decode path (model/fused.py)
 
     @torch.inference_mode()
     def forward(
@@ -96,9 +101,12 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Run a flat batch of tokens; return float32 logits at `logits_indices`."""
         x = self.embed_tokens.forward(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
-        for layer, cache in zip(self.layers, kv_caches, strict=True):
-            x = layer.forward(x, cos, sin, cache, meta)
+        if self.fused is not None and self.fused.can_run(meta, x.shape[0], kv_caches):
+            x = self.fused.run(x, positions, self.rotary, meta, kv_caches)
+        else:
+            cos, sin = self.rotary(positions, x.dtype)
+            for layer, cache in zip(self.layers, kv_caches, strict=True):
+                x = layer.forward(x, cos, sin, cache, meta)
         x = self.norm.forward(x[logits_indices])
         return self.lm_head.forward(x).float()
 

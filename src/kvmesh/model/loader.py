@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from kvmesh.model.arch import ModelArch, parse_arch
+from kvmesh.model.fused import FusedDecoder
 from kvmesh.model.layers import RotaryEmbedding
 from kvmesh.model.llama import LlamaForCausalLM
 from kvmesh.model.packed import can_pack, pack_linears
@@ -77,6 +78,7 @@ def load_model(
                                      "compute (--dtype float32)")
             else:
                 applied = quantize_model(model, quantization)
+                model.fused = FusedDecoder.build(model) if applied != "none" else None
         if can_pack(dtype, device):
             pack_linears(model)
     return model, applied

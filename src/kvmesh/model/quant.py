@@ -128,7 +128,9 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
             raise ValueError("quantized linears take float32 activations")
-        if x2.shape[0] > self.max_rows:
+        if x2.shape[0] == 0:
+            y = x2.new_empty((0, self.out_features))
+        elif x2.shape[0] > self.max_rows:
             y = F.linear(x2, self.weight(), self.bias)
         else:
             y = self._kernel(x2.contiguous())

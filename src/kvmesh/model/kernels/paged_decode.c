@@ -26,6 +26,7 @@
 #define MAX_HEAD_DIM 256
 #define MAX_ROW 8192 /* heads * head_dim */
 #define INLINE static inline __attribute__((always_inline))
+#include "vec_math.h"
 
 enum kind { BF16, F16, F32 };
 
@@ -47,26 +48,6 @@ INLINE uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays NaN *
     union { uint32_t u; float f; } c = {.f = f};
     if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40u);
     return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
-}
-
-/* exp(x) for x <= 0 (softmax after subtracting the max): 2^(x log2 e), an integer power
- * built in the exponent bits times a degree-6 polynomial on [-0.5, 0.5]. Relative error
- * below 2e-7; inputs under -87 give 0. */
-#pragma omp declare simd
-static inline float exp_neg(float x) {
-    float t = x * 1.44269504088896341f;
-    if (t < -126.0f) return 0.0f;
-    float n = (t + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 trick */
-    float f = t - n;
-    float p = 1.5403530393381606e-4f;
-    p = p * f + 1.3333558146428443e-3f;
-    p = p * f + 9.6181291076284772e-3f;
-    p = p * f + 5.5504108664821580e-2f;
-    p = p * f + 2.4022650695910071e-1f;
-    p = p * f + 6.9314718055994531e-1f;
-    p = p * f + 1.0f;
-    union { int32_t i; float f; } s = {.i = ((int32_t)n + 127) << 23};
-    return p * s.f;
 }
 
 /* n elements of the given kind at src[off] into float dst. */

@@ -89,10 +89,8 @@ struct qargs {
 /* R rows times one 16-column block, with U independent accumulators per row (U k-streams,
  * so a one-row tile still has enough FMA chains in flight). Scales are folded into the
  * weight vector once per k and shared by the R rows; R and U are literals at each call. */
-INLINE_DECL void tile(const struct qargs *a, int64_t nb, int64_t row0, const int bits,
-                      const int R, const int U) {
-    const int64_t bytes_per_k = bits == 8 ? COLS : COLS / 2;
-    const uint8_t *blk = a->q + nb * a->k * bytes_per_k;
+INLINE_DECL void tile(const struct qargs *a, const uint8_t *blk, int64_t nb, int64_t row0,
+                      const int bits, const int R, const int U) {
     const float *sc = a->scale + nb * a->groups * COLS;
     const float *mn = a->min ? a->min + nb * a->groups * COLS : NULL;
     const float *x = a->x + row0 * a->x_stride;
@@ -147,9 +145,8 @@ INLINE_DECL void tile(const struct qargs *a, int64_t nb, int64_t row0, const int
 
 /* One row (single-stream decode): four k-streams of unscaled sums per group, scaled once
  * at the group's end, so no multiply per weight vector. */
-INLINE_DECL void row1(const struct qargs *a, int64_t nb, int64_t row, const int bits) {
-    const int64_t bytes_per_k = bits == 8 ? COLS : COLS / 2;
-    const uint8_t *blk = a->q + nb * a->k * bytes_per_k;
+INLINE_DECL void row1(const struct qargs *a, const uint8_t *blk, int64_t nb, int64_t row,
+                      const int bits) {
     const float *sc = a->scale + nb * a->groups * COLS;
     const float *mn = a->min ? a->min + nb * a->groups * COLS : NULL;
     const float *x = a->x + row * a->x_stride;
@@ -189,10 +186,24 @@ INLINE_DECL void row1(const struct qargs *a, int64_t nb, int64_t row, const int 
     }
 }
 
-INLINE_DECL void block(const struct qargs *a, int64_t nb, int64_t rows, const int bits) {
+INLINE_DECL void block(const struct qargs *a, const uint8_t *blk, int64_t nb, int64_t rows,
+                       const int bits) {
     int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) tile(a, nb, r, bits, 4, 1);
-    for (; r < rows; r++) row1(a, nb, r, bits);
+    for (; r + 4 <= rows; r += 4) tile(a, blk, nb, r, bits, 4, 1);
+    for (; r < rows; r++) row1(a, blk, nb, r, bits);
+}
+
+/* int4 batches of BATCH_ROWS rows or more: each block's nibbles are unpacked once into
+ * an int8 scratch [K][16], then the int8 tiles run on it (same scales and minimums), so
+ * the unpacking is paid once per step rather than once per four rows. */
+#define BATCH_ROWS 8
+
+static void unpack_q4(const uint8_t *blk, int64_t k, int8_t *out) {
+    for (int64_t kp = 0; kp < k / 2; kp++)
+        for (int c = 0; c < COLS; c++) {
+            out[(2 * kp) * COLS + c] = (int8_t)(blk[kp * COLS + c] & 15);
+            out[(2 * kp + 1) * COLS + c] = (int8_t)(blk[kp * COLS + c] >> 4);
+        }
 }
 
 static float *group_sums(const float *x, int64_t rows, int64_t x_stride, int64_t k,
@@ -212,7 +223,8 @@ static float *group_sums(const float *x, int64_t rows, int64_t x_stride, int64_t
 int quant_linear_f32(const float *x, int64_t rows, int64_t x_stride, const uint8_t *q,
                      const float *scale, const float *min, const float *bias, int64_t n,
                      int64_t k, int64_t group, int64_t bits, float *y, int64_t y_stride) {
-    if (rows < 1 || rows > MAX_ROWS || n % COLS || group < 4 || group % 4 || k % group ||
+    if (rows == 0) return 0;
+    if (rows < 0 || rows > MAX_ROWS || n % COLS || group < 4 || group % 4 || k % group ||
         (bits != 8 && bits != 4))
         return 1;
     struct qargs a = {x, x_stride, n, k, group, q, scale, min, bias, NULL, y, y_stride,
@@ -220,13 +232,30 @@ int quant_linear_f32(const float *x, int64_t rows, int64_t x_stride, const uint8
     float *sums = NULL;
     if (min != NULL && (sums = group_sums(x, rows, x_stride, k, group)) == NULL) return 2;
     a.xsum = sums;
-#pragma omp parallel for schedule(static)
-    for (int64_t nb = 0; nb < n / COLS; nb++) {
-        if (bits == 8) block(&a, nb, rows, 8);
-        else block(&a, nb, rows, 4);
+    const int64_t bytes_per_k = bits == 8 ? COLS : COLS / 2;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        int8_t *unpacked = NULL;
+        if (bits == 4 && rows >= BATCH_ROWS &&
+            (unpacked = malloc((size_t)(k * COLS))) == NULL)
+            failed = 2;
+#pragma omp for schedule(static)
+        for (int64_t nb = 0; nb < n / COLS; nb++) {
+            const uint8_t *blk = q + nb * k * bytes_per_k;
+            if (unpacked != NULL) {
+                unpack_q4(blk, k, unpacked);
+                block(&a, (const uint8_t *)unpacked, nb, rows, 8);
+            } else if (bits == 8) {
+                block(&a, blk, nb, rows, 8);
+            } else if (!failed) {
+                block(&a, blk, nb, rows, 4);
+            }
+        }
+        free(unpacked);
     }
     free(sums);
-    return 0;
+    return failed;
 }
 
 /* The float32 weight [N][K] back from the packed form (for batches above MAX_ROWS). */

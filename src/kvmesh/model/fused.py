@@ -1,0 +1,129 @@
+"""The native decode path: one C call per decoder layer (kernels/decode_layer.c).
+
+Taken for pure decode steps (one new token per sequence, no prefill chunk) of float32
+models whose layer linears are all quantized (model/quant.py), with the native decode
+attention kernel and a float32 KV cache, and no q/k norms (Qwen3 keeps the torch path). It
+runs the same steps as `DecoderLayer.forward` in the same order; what it removes is some
+30 small tensor ops and five foreign calls per layer, which at one stream cost more than
+streaming the weights. `KVMESH_FUSED_DECODE=0` turns it off (for A/B runs).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvmesh.model.cpu_kernels import load as load_kernels
+from kvmesh.model.quant import QuantLinear
+
+if TYPE_CHECKING:
+    from kvmesh.model.attention import AttentionMetadata
+    from kvmesh.model.layers import RMSNorm, RotaryEmbedding
+    from kvmesh.model.llama import DecoderLayer, LlamaForCausalLM
+
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+
+
+class _QLinear(ctypes.Structure):
+    _fields_ = [("q", _P), ("scale", _P), ("min", _P), ("bias", _P),
+                ("n", _I64), ("k", _I64), ("group", _I64), ("bits", _I64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("qkv", _QLinear), ("o", _QLinear), ("gate_up", _QLinear), ("down", _QLinear),
+                ("ln1", _P), ("ln2", _P), ("eps", ctypes.c_float), ("hidden", _I64),
+                ("heads", _I64), ("kv_heads", _I64), ("dim", _I64), ("inter", _I64)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("seqs", _I64), ("cos", _P), ("sin", _P), ("slot_blocks", _P),
+                ("slot_offsets", _P), ("tables", _P), ("lengths", _P), ("table_width", _I64),
+                ("block_size", _I64), ("block_stride", _I64), ("scale", ctypes.c_float)]
+
+
+def _qlinear(layer: QuantLinear) -> _QLinear:
+    qw = layer.qw
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    return _QLinear(qw.q.data_ptr(), qw.scale.data_ptr(), ptr(qw.min), ptr(layer.bias),
+                    qw.n, qw.k, qw.group, qw.bits)
+
+
+def _layer(layer: DecoderLayer) -> _Layer | None:
+    attn, mlp = layer.self_attn, layer.mlp
+    linears: list[torch.nn.Module] = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                      mlp.down_proj]
+    quantized = [m for m in linears if isinstance(m, QuantLinear)]
+    norms: tuple[RMSNorm, RMSNorm] = (layer.input_layernorm, layer.post_attention_layernorm)
+    if attn.q_norm is not None or len(quantized) != len(linears):
+        return None
+    if any(n.weight.dtype != torch.float32 or not n.weight.is_contiguous() for n in norms):
+        return None
+    return _Layer(*(_qlinear(m) for m in quantized), norms[0].weight.data_ptr(),
+                  norms[1].weight.data_ptr(), norms[0].eps, norms[0].weight.numel(),
+                  attn.num_heads, attn.num_kv_heads, attn.head_dim, mlp.intermediate)
+
+
+class FusedDecoder:
+    """Runs every decoder layer of a pure decode step natively. Holds raw pointers into the
+    model's parameters: the model must outlive it and its weights must not be replaced."""
+
+    def __init__(self, lib: ctypes.CDLL, layers: list[_Layer], scale: float):
+        self.fn = lib.decode_layer_f32
+        self.fn.argtypes = [_P, _P, _P, _P, _P, _P]
+        self.fn.restype = ctypes.c_int
+        lib.decode_layer_scratch.argtypes = [_P, _I64]
+        lib.decode_layer_scratch.restype = _I64
+        self.scratch_floats = lib.decode_layer_scratch
+        self.layers = layers
+        self.scale = scale
+
+    @classmethod
+    def build(cls, model: LlamaForCausalLM) -> FusedDecoder | None:
+        """The fused path for `model`, or None where it does not apply."""
+        if os.environ.get("KVMESH_FUSED_DECODE", "1") == "0":
+            return None
+        lib = load_kernels()
+        if lib is None or next(model.parameters()).dtype != torch.float32:
+            return None
+        decoder: list[DecoderLayer] = list(model.layers)  # type: ignore[arg-type]
+        layers = [_layer(layer) for layer in decoder]
+        ready = [c for c in layers if c is not None]
+        if not ready or len(ready) != len(layers):
+            return None
+        return cls(lib, ready, decoder[0].self_attn.scale)
+
+    def can_run(self, meta: AttentionMetadata, num_tokens: int,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        if (meta.decode_kernel is None or meta.num_decodes != num_tokens or meta.prefills
+                or meta.prefill_batch is not None or len(meta.decode_groups) != 1):
+            return False
+        k, v = kv_caches[0]
+        _, _, heads, dim = k.shape
+        index = (meta.slot_blocks, meta.slot_offsets, meta.decode_groups[0].block_tables,
+                 meta.decode_groups[0].lengths)
+        return (k.dtype == torch.float32 and k.stride()[1:] == (heads * dim, dim, 1)
+                and v.stride() == k.stride()
+                and all(t.dtype == torch.int64 and t.is_contiguous() for t in index))
+
+    def run(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+            meta: AttentionMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+            ) -> torch.Tensor:
+        """x [S, hidden] float32 (updated in place and returned)."""
+        group = meta.decode_groups[0]
+        cos, sin = rotary.cos[positions].contiguous(), rotary.sin[positions].contiguous()
+        k0 = kv_caches[0][0]
+        step = _Step(x.shape[0], cos.data_ptr(), sin.data_ptr(), meta.slot_blocks.data_ptr(),
+                     meta.slot_offsets.data_ptr(), group.block_tables.data_ptr(),
+                     group.lengths.data_ptr(), group.block_tables.shape[1], k0.shape[1],
+                     k0.stride(0), self.scale)
+        scratch = torch.empty(self.scratch_floats(ctypes.byref(self.layers[0]), x.shape[0]))
+        x = x.contiguous()
+        for layer, (k, v) in zip(self.layers, kv_caches, strict=True):
+            rc = self.fn(ctypes.byref(layer), ctypes.byref(step), x.data_ptr(), k.data_ptr(),
+                         v.data_ptr(), scratch.data_ptr())
+            if rc != 0:
+                raise RuntimeError(f"fused decode layer rejected its inputs (code {rc})")
+        return x

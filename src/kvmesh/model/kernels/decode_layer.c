@@ -1,0 +1,138 @@
+/* One Llama decoder layer for a pure decode step (one new token per sequence), float32,
+ * with weight-only quantized linears (quant_linear.c) and paged decode attention
+ * (paged_decode.c), in one call:
+ *
+ *   h = rmsnorm(x) ; qkv = h Wqkv^T (+b) ; rope(q, k) ; k, v -> cache slots
+ *   a = attention(q, cache) ; x += a Wo^T
+ *   h = rmsnorm(x) ; g, u = h Wgu^T ; x += (silu(g) * u) Wd^T
+ *
+ * The same steps as the torch path (model/llama.py) in the same order, so results agree
+ * to float rounding; what it saves is some 30 small tensor ops and their dispatch per
+ * layer, which at one stream cost more than the weights take to stream. Elementwise loops
+ * are left to the compiler (omp simd); the linears and attention parallelise inside.
+ * Returns non-zero on a shape or buffer it does not support.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "vec_math.h"
+
+int quant_linear_f32(const float *x, int64_t rows, int64_t x_stride, const uint8_t *q,
+                     const float *scale, const float *min, const float *bias, int64_t n,
+                     int64_t k, int64_t group, int64_t bits, float *y, int64_t y_stride);
+int paged_decode_f32(const void *q, int64_t q_stride, const void *k, const void *v,
+                     int64_t block_stride, const int64_t *tables, int64_t table_width,
+                     const int64_t *lengths, void *out, int64_t num_seqs, int64_t heads,
+                     int64_t kv_heads, int64_t dim, int64_t block_size, float scale);
+
+struct qlinear { /* one QuantLinear: model/quant.py fills it */
+    const uint8_t *q;
+    const float *scale, *min, *bias;
+    int64_t n, k, group, bits;
+};
+
+struct layer { /* one decoder layer's weights and shapes: model/fused.py fills it */
+    struct qlinear qkv, o, gate_up, down;
+    const float *ln1, *ln2;
+    float eps;
+    int64_t hidden, heads, kv_heads, dim, inter;
+};
+
+struct step { /* what one decode step shares across layers */
+    int64_t seqs;
+    const float *cos, *sin; /* [seqs, dim]: each token's rotary row */
+    const int64_t *slot_blocks, *slot_offsets, *tables, *lengths;
+    int64_t table_width, block_size, block_stride;
+    float scale;
+};
+
+static int linear(const struct qlinear *l, const float *x, int64_t rows, float *y) {
+    return quant_linear_f32(x, rows, l->k, l->q, l->scale, l->min, l->bias, l->n, l->k,
+                            l->group, l->bits, y, l->n);
+}
+
+static void rmsnorm(const float *x, const float *w, float eps, int64_t rows, int64_t n,
+                    float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < n; i++) ss += xr[i] * xr[i];
+        const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) out[r * n + i] = w[i] * (xr[i] * inv);
+    }
+}
+
+/* rotate_half RoPE on `heads` heads of one token, in place: x*cos + rotate_half(x)*sin. */
+static void rope(float *x, int64_t heads, int64_t dim, const float *cos, const float *sin) {
+    const int64_t half = dim / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        float *v = x + h * dim;
+        float lo[half];
+#pragma omp simd
+        for (int64_t i = 0; i < half; i++) lo[i] = v[i];
+#pragma omp simd
+        for (int64_t i = 0; i < half; i++) v[i] = v[i] * cos[i] - v[i + half] * sin[i];
+#pragma omp simd
+        for (int64_t i = 0; i < half; i++)
+            v[i + half] = v[i + half] * cos[i + half] + lo[i] * sin[i + half];
+    }
+}
+
+static void silu_mul(const float *gu, int64_t rows, int64_t inter, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gu + r * 2 * inter, *u = g + inter;
+#pragma omp simd
+        for (int64_t i = 0; i < inter; i++) {
+            const float e = exp_neg(-fabsf(g[i])); /* sigmoid without overflow */
+            const float sig = g[i] >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+            out[r * inter + i] = g[i] * sig * u[i];
+        }
+    }
+}
+
+static void add_rows(float *x, const float *y, int64_t count) {
+#pragma omp simd
+    for (int64_t i = 0; i < count; i++) x[i] += y[i];
+}
+
+/* Scratch floats this layer needs for `seqs` tokens (the caller allocates them once). */
+int64_t decode_layer_scratch(const struct layer *w, int64_t seqs) {
+    const int64_t qkv = (w->heads + 2 * w->kv_heads) * w->dim;
+    return seqs * (2 * w->hidden + qkv + w->heads * w->dim + 3 * w->inter);
+}
+
+int decode_layer_f32(const struct layer *w, const struct step *s, float *x, float *k_cache,
+                     float *v_cache, float *scratch) {
+    const int64_t S = s->seqs, H = w->hidden, D = w->dim;
+    const int64_t qn = w->heads * D, kvn = w->kv_heads * D, qkv_n = qn + 2 * kvn;
+    if (D % 2 || w->qkv.n != qkv_n || w->gate_up.n != 2 * w->inter || w->o.n != H ||
+        w->down.n != H)
+        return 10;
+    float *h = scratch, *qkv = h + S * H, *att = qkv + S * qkv_n, *gu = att + S * qn;
+    float *act = gu + S * 2 * w->inter, *o = act + S * w->inter;
+    int rc = 0;
+    rmsnorm(x, w->ln1, w->eps, S, H, h);
+    if ((rc = linear(&w->qkv, h, S, qkv))) return rc;
+    for (int64_t t = 0; t < S; t++) {
+        float *row = qkv + t * qkv_n;
+        rope(row, w->heads + w->kv_heads, D, s->cos + t * D, s->sin + t * D);
+        const int64_t at = s->slot_blocks[t] * s->block_stride + s->slot_offsets[t] * kvn;
+        memcpy(k_cache + at, row + qn, sizeof(float) * (size_t)kvn);
+        memcpy(v_cache + at, row + qn + kvn, sizeof(float) * (size_t)kvn);
+    }
+    if ((rc = paged_decode_f32(qkv, qkv_n, k_cache, v_cache, s->block_stride, s->tables,
+                               s->table_width, s->lengths, att, S, w->heads, w->kv_heads, D,
+                               s->block_size, s->scale)))
+        return 20 + rc;
+    if ((rc = linear(&w->o, att, S, o))) return rc;
+    add_rows(x, o, S * H);
+    rmsnorm(x, w->ln2, w->eps, S, H, h);
+    if ((rc = linear(&w->gate_up, h, S, gu))) return rc;
+    silu_mul(gu, S, w->inter, act);
+    if ((rc = linear(&w->down, act, S, o))) return rc;
+    add_rows(x, o, S * H);
+    return 0;
+}

@@ -1,0 +1,26 @@
+/* Small vector math shared by the kernels (included, never compiled on its own). */
+#ifndef KVMESH_VEC_MATH_H
+#define KVMESH_VEC_MATH_H
+#include <stdint.h>
+
+/* exp(x) for x <= 0 (softmax after subtracting the max): 2^(x log2 e), an integer power
+ * built in the exponent bits times a degree-6 polynomial on [-0.5, 0.5]. Relative error
+ * below 2e-7; inputs under -87 give 0. */
+#pragma omp declare simd
+static inline float exp_neg(float x) {
+    float t = x * 1.44269504088896341f;
+    if (t < -126.0f) return 0.0f;
+    float n = (t + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 trick */
+    float f = t - n;
+    float p = 1.5403530393381606e-4f;
+    p = p * f + 1.3333558146428443e-3f;
+    p = p * f + 9.6181291076284772e-3f;
+    p = p * f + 5.5504108664821580e-2f;
+    p = p * f + 2.4022650695910071e-1f;
+    p = p * f + 6.9314718055994531e-1f;
+    p = p * f + 1.0f;
+    union { int32_t i; float f; } s = {.i = ((int32_t)n + 127) << 23};
+    return p * s.f;
+}
+
+#endif
