@@ -5,11 +5,13 @@ Every system serves the default model over HTTP and is driven by the same client
 tokens (EOS ignored), all requests of a round in flight at once, at 1, 16 and 64
 concurrent. Output tok/s, TTFT p50/p99 and TPOT per system and concurrency, each best of
 `--repeats` rounds (every round recorded). kvmesh runs with its defaults and with each
-quantization profile; llama-server runs the GGUF file itself (Q4_1) with one slot per
+quantization profile (under the CPU's default dtype), and on the exact float32 path;
+llama-server runs the GGUF file itself (Q4_1) with one slot per
 client and continuous batching. The decode floor is the bytes of weights one decode step
 streams over the memory read bandwidth measured in the same run.
 
     make peers-llamacpp     # builds .peers/llamacpp/bin/llama-server once
+    make peers-vllm         # optional: vLLM's CPU build in .peers/vllm
     python benchmarks/cpu_peers.py [--concurrency 1,16,64] [--repeats 2]
 Writes benchmarks/results/cpu_peers.json, and the same document as
 cpu_peers_<isa>.json (isa: the CPU's native level, e.g. avx2 or avx512_bf16), so the
@@ -43,11 +45,13 @@ from kvmesh.bench.runner import LoadProfile, run_load  # noqa: E402
 
 PROMPT_WORDS, OUTPUT_LEN = 100, 128  # ~128 prompt tokens with the chat template
 LLAMA_SERVER = ROOT / ".peers" / "llamacpp" / "bin" / "llama-server"
-KVMESH_SYSTEMS = {  # name -> extra `kvmesh serve` flags
+VLLM_PY = ROOT / ".peers" / "vllm" / "bin" / "python"
+KVMESH_SYSTEMS = {  # name -> extra `kvmesh serve` flags; dtype auto unless named
     "kvmesh": [],  # defaults: dtype auto, quantization auto
-    "kvmesh_none": ["--dtype", "float32", "--quantization", "none"],
-    "kvmesh_int8": ["--dtype", "float32", "--quantization", "int8"],
-    "kvmesh_int4": ["--dtype", "float32", "--quantization", "int4"],
+    "kvmesh_none": ["--quantization", "none"],
+    "kvmesh_int8": ["--quantization", "int8"],
+    "kvmesh_int4": ["--quantization", "int4"],
+    "kvmesh_float32_exact": ["--dtype", "float32", "--quantization", "none"],
 }
 
 
@@ -66,16 +70,14 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> Non
 
 
 @contextmanager
-def llama_server(gguf: Path, slots: int, threads: int):
-    port = free_port()
-    log = open(f"/tmp/llama-server-{port}.log", "w")  # noqa: SIM115 - closed below
-    cmd = [str(LLAMA_SERVER), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-           "-np", str(slots), "-c", str(slots * 512), "-t", str(threads), "-cb",
-           "--no-warmup"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+def peer_server(name: str, cmd: list[str], port: int, env: dict | None = None,
+                ready_s: float = 300):
+    """A peer's HTTP server on loopback for the block; its log in /tmp."""
+    log = open(f"/tmp/{name}-{port}.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_ready(url, proc)
+        _wait_ready(url, proc, ready_s)
         yield url
     finally:
         proc.terminate()
@@ -84,6 +86,26 @@ def llama_server(gguf: Path, slots: int, threads: int):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def llama_server(gguf: Path, slots: int, threads: int):
+    port = free_port()
+    return peer_server("llama-server", [
+        str(LLAMA_SERVER), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+        "-np", str(slots), "-c", str(slots * 512), "-t", str(threads), "-cb", "--no-warmup"],
+        port)
+
+
+def vllm_server(model_dir: Path, max_seqs: int):
+    """vLLM's CPU build (make peers-vllm) on kvmesh's converted copy of the model, bf16,
+    prefix caching on; its startup (torch.compile) takes minutes."""
+    port = free_port()
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="4")
+    return peer_server("vllm", [
+        str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--served-model-name", "default", "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "bfloat16", "--enable-prefix-caching", "--max-num-seqs", str(max_seqs)],
+        port, env, ready_s=900)
 
 
 def drive(url: str, conc: int, repeats: int, seed: int) -> dict:
@@ -134,12 +156,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--systems", default=",".join([*KVMESH_SYSTEMS, "llama_server"]))
+    ap.add_argument("--systems",
+                    default=",".join([*KVMESH_SYSTEMS, "llama_server", "vllm_cpu"]))
     args = ap.parse_args()
     concs = [int(c) for c in args.concurrency.split(",")]
     systems = args.systems.split(",")
     from kvmesh.model import cpu_isa
-    from kvmesh.model.registry import MODELS, packaged_file
+    from kvmesh.model.registry import MODELS, packaged_file, resolve_model
 
     threads = len(os.sched_getaffinity(0))
     gguf = packaged_file(MODELS["smollm2-135m-instruct"])
@@ -155,8 +178,13 @@ def main() -> None:
         elif name == "llama_server" and LLAMA_SERVER.exists():
             with llama_server(gguf, max(concs), threads) as url:
                 results[name] = run_system(name, url, concs, args.repeats)
+        elif name == "vllm_cpu" and VLLM_PY.exists():
+            model_dir = resolve_model("smollm2-135m-instruct", progress=False).path
+            with vllm_server(model_dir, max(concs)) as url:
+                results[name] = run_system(name, url, concs, args.repeats)
         else:
             notes[name] = "not installed (make peers-llamacpp / make peers-vllm)"
+            print(f"{name}: {notes[name]}", flush=True)
     read_bps = max(read_gbps() for _ in range(3)) * 1e9
     floor = decode_floor(read_bps)
     cold = min(cold_start() for _ in range(2))
@@ -174,9 +202,10 @@ def main() -> None:
         "threads": threads,
     }
     for c in concs:
-        a, b = tok.get("kvmesh", {}).get(str(c)), tok.get("llama_server", {}).get(str(c))
-        figures[f"ratio_vs_llama_server_{c}"] = a / b if a and b else None
-        figures[f"ratio_vs_vllm_cpu_{c}"] = None
+        a = tok.get("kvmesh", {}).get(str(c))
+        for peer in ("llama_server", "vllm_cpu"):
+            b = tok.get(peer, {}).get(str(c))
+            figures[f"ratio_vs_{peer}_{c}"] = a / b if a and b else None
     one = results.get("kvmesh", {}).get("1")
     figures["decode_floor_ratio_1"] = (one["tpot_p50_s"] / floor["floor_s_per_token"]
                                        if one and one["tpot_p50_s"] else None)
@@ -184,8 +213,9 @@ def main() -> None:
         "workload": f"random words, {PROMPT_WORDS} words (~128 tokens with the chat template) "
                     f"+ {OUTPUT_LEN} output tokens, EOS ignored, streaming chat completions; "
                     "max(conc, 4) requests a round, conc in flight; best round reported",
-        "vllm_cpu": "not run: ratio_vs_vllm_cpu_* are null (needs make peers-vllm, about "
-                    "155 s of startup; see shared/peers)",
+        "vllm_cpu": f"{VLLM_PY} -m vllm.entrypoints.openai.api_server (make peers-vllm), "
+                    "bf16, prefix caching, VLLM_CPU_KVCACHE_SPACE=4; ratio_vs_vllm_cpu_* are "
+                    "null where it is not installed",
         "decode_floor_ratio_1": "TPOT p50 at one stream / (linear weight bytes per token / "
                                 "memory_read_gbps); embedding lookups and KV reads excluded",
         "llama_server": f"{LLAMA_SERVER} (make peers-llamacpp), -np {max(concs)} -cb "

@@ -12,7 +12,10 @@ Figures per profile:
   the token falls outside a profile's top 20, the 20th logprob bounds it; counted);
 - greedy_identical_prefix_mean: free running, how many leading tokens equal the reference.
 
-`none` is scored the same way as a control: it must agree 100%.
+`none` is scored the same way as a control: it must agree 100%. Where the CPU has native
+bf16, bfloat16 profiles (the default there is bfloat16:auto) are scored against the same
+float32 reference; teacher-forced positions run as prefills, free running covers the
+decode path (fused layers included).
 Writes benchmarks/results/quantization.json.
 
     python benchmarks/quantization.py [--profiles none,auto,int8,int4] [--tokens 64]
@@ -88,14 +91,18 @@ def free_running(llm, prompts, refs, tokens: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--profiles", default="none,auto,int8,int4")
+    ap.add_argument("--profiles", default=None,
+                    help="comma-separated; a profile is QUANT or DTYPE:QUANT (default: none,"
+                         "auto,int8,int4, plus bfloat16:none,bfloat16:auto where the CPU "
+                         "has native bf16, whose default that is)")
     ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
     from kvmesh import LLM
     from kvmesh.model import cpu_isa
     from kvmesh.model.quant import linear_weight_bytes
 
-    profiles = args.profiles.split(",")
+    profiles = (args.profiles or "none,auto,int8,int4" + (
+        ",bfloat16:none,bfloat16:auto" if cpu_isa.has_fast_bf16_native() else "")).split(",")
     base = LLM(dtype="float32", quantization="none", max_num_seqs=64)
     tok = base.get_tokenizer()
     prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
@@ -104,14 +111,15 @@ def main() -> None:
     results: dict = {}
     for profile in profiles:
         start = time.perf_counter()
-        llm = LLM(dtype="float32", quantization=profile, max_num_seqs=64)
+        dtype, _, quant = profile.rpartition(":")
+        llm = LLM(dtype=dtype or "float32", quantization=quant, max_num_seqs=64)
         applied = llm.engine.loaded.quantization
         weight_bytes = linear_weight_bytes(llm.engine.loaded.model)
         res = score(llm, prompts, refs, args.tokens)
         res["greedy_identical_prefix_mean"] = free_running(llm, prompts, refs, args.tokens)
         res.update(applied=applied, weight_bytes_read_per_token=weight_bytes,
                    wall_s=time.perf_counter() - start)
-        results[profile] = res
+        results[profile.replace(":", "_")] = res
         print(profile, {k: round(v, 4) if isinstance(v, float) else v
                         for k, v in res.items()}, flush=True)
         del llm
@@ -126,7 +134,8 @@ def main() -> None:
              "weight_bytes_read_per_token": "bytes of every linear layer's weights (packed "
                                             "ints and scales for quantized ones), lm_head "
                                             "included, embedding lookups excluded"}
-    cfg = {"model": "smollm2-135m-instruct", "dtype": "float32", "profiles": profiles,
+    cfg = {"model": "smollm2-135m-instruct", "dtype": "float32 unless a profile names one",
+           "profiles": profiles,
            "tokens": args.tokens, "prompts": len(PROMPTS)}
     print("wrote", save("quantization", cfg, figures, notes))
 

@@ -128,14 +128,14 @@ def make_request(
     )
 
 
-def build_grid_model(tmp_path: Path, arch: str = "llama") -> Path:
+def build_grid_model(tmp_path: Path, arch: str = "llama", **overrides: Any) -> Path:
     """A tiny model whose weights sit on int4 (linears) and int8 (embeddings) grids, as a
     model converted from a Q4_1/Q8_0 GGUF does: `quantization auto` takes it exactly."""
     from safetensors.torch import load_file, save_file
 
     from kvmesh.model.quant import GROUP, dequantize, quantize
 
-    model_dir = build_tiny_model(tmp_path, arch)
+    model_dir = build_tiny_model(tmp_path, arch, **overrides)
     path = next(model_dir.glob("*.safetensors"))
     tensors = load_file(str(path))
     for name, t in tensors.items():

@@ -35,7 +35,8 @@ class ModelConfig:
         default="auto",
     )
     quantization: str = _help(
-        "Weight-only quantization of the linear layers (CPU, float32 compute): auto (int4 or "
+        "Weight-only quantization of the linear layers (CPU: float32 compute, or bfloat16 "
+        "where the CPU has native bf16): auto (int4 or "
         "int8 per group of 32 where that reproduces the weights exactly, as for a model "
         "converted from a Q4_1/Q8_0 GGUF; float elsewhere), none (float weights), int8 "
         "(symmetric per group) or int4 (affine per group; lm_head int8).",

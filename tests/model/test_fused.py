@@ -7,21 +7,41 @@ import shutil
 import pytest
 
 from kvmesh import LLM, SamplingParams
+from kvmesh.model import cpu_isa
+from kvmesh.model.fused import BF16_FUSED_ROWS, FusedDecoder
 from tests.builders import build_grid_model, build_tiny_model
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 
 
-def _run(model_dir, monkeypatch, fused: bool, **kw):
+def _run(model_dir, monkeypatch, fused: bool, dtype: str = "float32", logprobs: int = 0,
+         **kw):
     monkeypatch.setenv("KVMESH_FUSED_DECODE", "1" if fused else "0")
-    llm = LLM(str(model_dir), dtype="float32", block_size=8, num_blocks=256,
+    llm = LLM(str(model_dir), dtype=dtype, block_size=8, num_blocks=256,
               max_num_batched_tokens=64, **kw)
     assert (llm.engine.loaded.model.fused is not None) == fused
+    runs = _count_runs(monkeypatch)
     # Ragged lengths, block boundaries crossed, prefill chunks mixed with decodes (those
     # steps take the torch path) and pure decode steps (the fused one).
     prompts = [[(7 * i + j) % 400 + 3 for j in range(3 + 29 * i)] for i in range(6)]
-    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, logprobs=0)
-    return llm.generate(prompts, params)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True,
+                            logprobs=logprobs)
+    outs = llm.generate(prompts, params)
+    assert bool(runs) == fused  # the fused layers ran, in the steps they take
+    return outs
+
+
+def _count_runs(monkeypatch) -> list[int]:
+    """Sequences of each fused step from now on."""
+    runs: list[int] = []
+    original = FusedDecoder.run
+
+    def run(self, x, *args):
+        runs.append(x.shape[0])
+        return original(self, x, *args)
+
+    monkeypatch.setattr(FusedDecoder, "run", run)
+    return runs
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -35,6 +55,54 @@ def test_fused_decode_matches_torch_layers(tmp_path, monkeypatch, arch):
         assert max(abs(x[t] - y[t]) for x, y, t in steps) < 1e-3
 
 
+def _drift(outs, ref) -> tuple[int, float]:
+    """Against float32 `ref`: how many leading tokens agree in all, and the mean |logprob|
+    gap of the reference tokens over those positions."""
+    agree, gaps = 0, []
+    for o, r in zip(outs, ref, strict=True):
+        for x, y, t, u in zip(o.outputs[0].logprobs, r.outputs[0].logprobs, o.token_ids,
+                              r.token_ids, strict=True):
+            gaps.append(abs(x.get(u, min(x.values())) - y[u]))
+            if t != u:
+                break
+            agree += 1
+    return agree, sum(gaps) / len(gaps)
+
+
+@pytest.mark.skipif(not cpu_isa.has_fast_bf16_native(),
+                    reason="bf16 models are quantized (and fused) only with native bf16")
+@pytest.mark.parametrize("head_dim", [16, 64])  # 64: the bf16 dot-product score path
+def test_fused_decode_bf16_is_no_worse_than_torch_bf16(tmp_path, monkeypatch, head_dim):
+    """A bf16 model: the fused layers keep float32 inside and a bf16 KV cache; the torch
+    layers of the same bf16 model (quantized linears, bf16 between ops) round after every
+    op. Both drift from float32; the fused path no more."""
+    shape = {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "head_dim": 64} if head_dim == 64 else {}
+    model_dir = build_grid_model(tmp_path, **shape)
+    ref = _run(model_dir, monkeypatch, False, quantization="none")
+    logprobs = {"logprobs": 5}
+    plain = _drift(_run(model_dir, monkeypatch, False, dtype="bfloat16", **logprobs), ref)
+    fused = _drift(_run(model_dir, monkeypatch, True, dtype="bfloat16", **logprobs), ref)
+    assert fused[0] >= plain[0] - 6  # leading tokens equal to float32's (of 180)
+    assert fused[1] <= plain[1] + 0.05
+
+
+@pytest.mark.skipif(not cpu_isa.has_fast_bf16_native(),
+                    reason="bf16 models are quantized (and fused) only with native bf16")
+def test_fused_decode_bf16_leaves_large_batches_to_dense_bf16(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVMESH_FUSED_DECODE", "1")
+    llm = LLM(str(build_grid_model(tmp_path)), dtype="bfloat16", block_size=8,
+              num_blocks=512, max_num_seqs=40, max_num_batched_tokens=512)
+    runs = _count_runs(monkeypatch)
+    prompts = [[(3 * i + j) % 300 + 3 for j in range(5)] for i in range(BF16_FUSED_ROWS + 8)]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6,
+                                                ignore_eos=True))
+    assert all(len(o.token_ids) == 6 for o in outs)
+    assert not runs  # every decode step had more sequences than the fused limit
+    llm.generate(prompts[:3], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    assert runs and max(runs) <= BF16_FUSED_ROWS
+
+
 def test_fused_path_only_where_it_applies(tmp_path, tiny_qwen3, monkeypatch):
     monkeypatch.setenv("KVMESH_FUSED_DECODE", "1")
     plain = build_tiny_model(tmp_path / "plain", "llama")
@@ -46,3 +114,22 @@ def test_fused_path_only_where_it_applies(tmp_path, tiny_qwen3, monkeypatch):
     qwen3 = LLM(str(tiny_qwen3), dtype="float32", quantization="int8", block_size=8,
                 num_blocks=64)
     assert qwen3.engine.loaded.model.fused is None  # q/k norms: the torch path
+
+
+def test_fused_decode_hands_batches_over_its_limit_to_torch(tmp_path, monkeypatch):
+    """A decode step with more sequences than the fused kernel takes runs the torch layers
+    (it used to reach the kernel and fail), with the same tokens as the unfused path."""
+    model_dir = build_grid_model(tmp_path)
+    outs = []
+    for fused in (True, False):
+        monkeypatch.setenv("KVMESH_FUSED_DECODE", "1" if fused else "0")
+        llm = LLM(str(model_dir), dtype="float32", block_size=8, num_blocks=512,
+                  max_num_seqs=80, max_num_batched_tokens=512)
+        decoder = llm.engine.loaded.model.fused
+        assert (decoder is not None) == fused
+        if decoder is not None:
+            assert decoder.max_rows == 64
+        prompts = [[(3 * i + j) % 300 + 3 for j in range(5)] for i in range(70)]
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        outs.append([o.token_ids for o in llm.generate(prompts, params)])
+    assert outs[0] == outs[1] and all(len(t) == 4 for t in outs[0])

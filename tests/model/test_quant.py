@@ -110,14 +110,64 @@ def test_engine_auto_on_grid_weights_is_exact(tmp_path):
         assert max(gaps) < 1e-3
 
 
-def test_quantization_needs_float32_cpu(tiny_llama):
-    with pytest.raises(ValueError, match="float32"):
-        LLM(str(tiny_llama), dtype="bfloat16", quantization="int8", block_size=4,
-            num_blocks=64)
+def test_quantization_needs_float32_or_native_bf16(tiny_llama):
+    """Explicit profiles run under float32, and under bf16 only where the CPU has native
+    bf16 (the bf16 hybrid); `auto` elsewhere quietly means none."""
+    native = cpu_isa.has_fast_bf16_native()
+    if native and HAS_CC:
+        llm = LLM(str(tiny_llama), dtype="bfloat16", quantization="int8", block_size=4,
+                  num_blocks=64)
+        assert llm.engine.loaded.quantization.startswith("int8x")
+    elif native:  # no compiler: the dense bf16 copies serve every batch
+        llm = LLM(str(tiny_llama), dtype="bfloat16", quantization="int8", block_size=4,
+                  num_blocks=64)
+        assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0].token_ids
+    else:
+        with pytest.raises(ValueError, match="float32"):
+            LLM(str(tiny_llama), dtype="bfloat16", quantization="int8", block_size=4,
+                num_blocks=64)
     with pytest.raises(ValueError, match="quantization must be one of"):
         LLM(str(tiny_llama), quantization="fp8")
     auto = LLM(str(tiny_llama), dtype="bfloat16", block_size=4, num_blocks=64)
-    assert auto.engine.loaded.quantization == "none"  # auto: only under float32
+    assert auto.engine.loaded.quantization == "none"  # random weights: nothing is exact
+
+
+@pytest.mark.skipif(not (HAS_CC and cpu_isa.has_fast_bf16_native()),
+                    reason="the bf16 hybrid needs native bf16 (AVX512_BF16 or AMX) and a C "
+                           "compiler")
+def test_bf16_hybrid_keeps_ints_for_small_batches_and_bf16_for_large(tmp_path):
+    """bf16 + auto on grid weights: packed ints with a bf16 dense copy; both sides of the
+    row threshold agree with float32 within bf16's rounding."""
+    from kvmesh.model.quant import BF16_KERNEL_ROWS, QuantLinear
+
+    model_dir = build_grid_model(tmp_path)
+    llm = LLM(str(model_dir), dtype="bfloat16", block_size=8, num_blocks=256,
+              max_num_batched_tokens=96)
+    assert llm.engine.loaded.quantization.startswith("int4x")
+    layers = [m for m in llm.engine.loaded.model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.dense is not None for m in layers)
+    layer = layers[0]
+    ref_w = layer.weight()
+    dense_rows: list[int] = []
+    dense = layer.dense
+    assert dense is not None
+    dense_forward = dense.forward
+    dense.forward = lambda x: (dense_rows.append(x.shape[0]), dense_forward(x))[1]
+    for rows in (1, BF16_KERNEL_ROWS, BF16_KERNEL_ROWS + 1, 40):
+        x = torch.randn(rows, layer.in_features).to(torch.bfloat16)
+        y = layer(x)
+        assert y.dtype == torch.bfloat16
+        ref = torch.nn.functional.linear(x.float(), ref_w, layer.bias)
+        assert (y.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
+    assert dense_rows == [BF16_KERNEL_ROWS + 1, 40]  # the ints served the small batches
+    exact = LLM(str(model_dir), dtype="float32", quantization="none", block_size=8,
+                num_blocks=256, max_num_batched_tokens=96)
+    prompts = [[(5 * i + j) % 300 + 3 for j in range(4 + 37 * i)] for i in range(5)]
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=1)
+    for a, b in zip(llm.generate(prompts, params), exact.generate(prompts, params),
+                    strict=True):
+        t = b.token_ids[0]
+        assert abs(a.outputs[0].logprobs[0].get(t, -99.0) - b.outputs[0].logprobs[0][t]) < 0.1
 
 
 def test_quantized_keys_differ_from_float(tiny_llama):

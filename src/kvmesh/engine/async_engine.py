@@ -2,6 +2,11 @@
 
 The event loop never runs model code, so the HTTP side stays responsive under load
 (torch ops release the GIL). Commands (add, abort) are applied between steps, in order.
+
+Given a factory, the engine is also built on that thread, so all model code runs on one
+thread: OpenMP keeps a thread team per calling thread, and with two teams (one left from
+loading) it counts more threads than cores and its workers sleep between parallel regions
+instead of spinning. On 2 cores that made a single stream 2-3x slower than `LLM`.
 """
 
 from __future__ import annotations
@@ -41,15 +46,27 @@ class EngineStats:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine]):
+        """`engine`, or a factory run on the engine thread (its error is raised here)."""
         self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
-        self._thread = threading.Thread(target=self._loop, name="kvmesh-engine", daemon=True)
+        ready: Future = Future()
+        self._thread = threading.Thread(target=self._run, args=(engine, ready),
+                                        name="kvmesh-engine", daemon=True)
         self._stopped = threading.Event()
         self._thread.start()
+        self.engine: LLMEngine = ready.result()
 
     # engine thread ---------------------------------------------------------------------
+
+    def _run(self, engine: LLMEngine | Callable[[], LLMEngine], ready: Future) -> None:
+        try:
+            ready.set_result(engine if isinstance(engine, LLMEngine) else engine())
+        except BaseException as exc:  # noqa: BLE001 - raised in the constructing thread
+            ready.set_exception(exc)
+            return
+        self.engine = ready.result()
+        self._loop()
 
     def _loop(self) -> None:
         while not self._stopped.is_set():

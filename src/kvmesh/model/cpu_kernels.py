@@ -88,6 +88,7 @@ def build(compiler: str | None = None, isa: str | None = None) -> Path:
     out_dir = cache_dir() / "kernels"
     target = out_dir / f"attention-{key}.so"
     if target.exists():
+        os.utime(target)  # in use: pruning goes by the last use
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:

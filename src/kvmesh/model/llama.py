@@ -78,7 +78,7 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, arch: ModelArch, max_len: int):
+    def __init__(self, arch: ModelArch, max_len: int, rotary: RotaryEmbedding | None = None):
         super().__init__()
         self.arch = arch
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
@@ -87,7 +87,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary = RotaryEmbedding(arch, max_len)
+        self.rotary = RotaryEmbedding(arch, max_len) if rotary is None else rotary
         self.fused: FusedDecoder | None = None  # the native decode path (model/fused.py)
 
     @torch.inference_mode()

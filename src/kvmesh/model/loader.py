@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from kvmesh.model.arch import ModelArch, parse_arch
 from kvmesh.model.fused import FusedDecoder
 from kvmesh.model.layers import RotaryEmbedding
 from kvmesh.model.llama import LlamaForCausalLM
-from kvmesh.model.packed import can_pack, pack_linears
-from kvmesh.model.quant import quantize_model
+from kvmesh.model.packed import PackedLinear, can_pack, pack_linears
+from kvmesh.model.quant import attach_dense, quantize_model
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,6 +43,16 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
+def _stores_float32(files: list[Path]) -> bool:
+    """Whether the checkpoint's matrices are stored as float32 (its first one tells)."""
+    with safe_open(str(files[0]), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+            tensor = f.get_slice(name)
+            if len(tensor.get_shape()) == 2:
+                return bool(tensor.get_dtype() == "F32")
+    return False
+
+
 def iter_tensors(files: list[Path], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     for path in files:
         with safe_open(str(path), framework="pt") as f:
@@ -48,15 +60,35 @@ def iter_tensors(files: list[Path], dtype: torch.dtype) -> Iterator[tuple[str, t
                 yield name, f.get_tensor(name).to(dtype)
 
 
+@contextmanager
+def _empty_modules(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
+    """Modules built here get uninitialised parameters of `dtype` on `device`: their
+    weights are loaded next. Not the meta device: there every op goes through torch's
+    reference ops, whose first use imports torch._dynamo and sympy (over a second of each
+    cold start)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    default = torch.get_default_dtype()
+    try:
+        for name in names:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(default)
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 def build_model(arch: ModelArch, dtype: torch.dtype, device: torch.device, max_len: int):
-    """An uninitialised model on `device` (weights are loaded next)."""
-    with torch.device("meta"):
-        model = LlamaForCausalLM(arch, max_len)
-    model = model.to_empty(device=device).to(dtype)
+    """An uninitialised model on `device` (weights are loaded next); rotary tables in
+    float32 whatever the dtype."""
+    rotary = RotaryEmbedding(arch, max_len).to(device)
+    with _empty_modules(dtype, device):
+        model = LlamaForCausalLM(arch, max_len, rotary)
     if arch.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-
-    model.rotary = RotaryEmbedding(arch, max_len).to(device)
     return model.eval()
 
 
@@ -65,20 +97,34 @@ def load_model(
     quantization: str = "none",
 ) -> tuple[LlamaForCausalLM, str]:
     """The model, and the quantization in force (a summary such as "int4x210+int8x1", or
-    "none"). `quantization` applies to CPU float32 compute; `auto` elsewhere means none."""
+    "none"). `quantization` applies on the CPU to float32 compute, and to bfloat16 where the
+    CPU has native bf16 (model/quant.py); `auto` elsewhere means none."""
     arch = load_arch(model_dir)
-    model = build_model(arch, dtype, device, max_len)
+    files = safetensors_files(model_dir)
+    # bf16: `auto` looks for grids only in float32 checkpoints (such as a converted GGUF);
+    # a bf16 checkpoint loads as it is
+    hybrid = (quantization != "none" and dtype == torch.bfloat16 and can_pack(dtype, device)
+              and (quantization != "auto" or _stores_float32(files)))
+    if quantization not in ("none", "auto") and not hybrid and (
+            device.type != "cpu" or dtype != torch.float32):
+        raise ValueError(f"quantization={quantization} needs the CPU and float32 compute "
+                         "(--dtype float32), or bfloat16 on a CPU with native bf16")
+    quantize = quantization != "none" and device.type == "cpu" and (
+        dtype == torch.float32 or hybrid)
+    # quantized layers are cut from float32 weights: bf16-rounded ones are off the grid
+    load_dtype = torch.float32 if quantize else dtype
+    model = build_model(arch, load_dtype, device, max_len)
     applied = "none"
     with torch.no_grad():
-        model.load_hf_state(iter_tensors(safetensors_files(model_dir), dtype))
-        if quantization != "none":
-            if device.type != "cpu" or dtype != torch.float32:
-                if quantization != "auto":
-                    raise ValueError(f"quantization={quantization} needs the CPU and float32 "
-                                     "compute (--dtype float32)")
-            else:
-                applied = quantize_model(model, quantization)
-                model.fused = FusedDecoder.build(model) if applied != "none" else None
+        model.load_hf_state(iter_tensors(files, load_dtype))
+        if quantize:
+            applied = quantize_model(model, quantization)
+        if load_dtype != dtype:
+            for param in model.parameters():  # the rest (norms, embeddings) in bf16
+                param.data = param.data.to(dtype)
+            attach_dense(model, lambda w, b: PackedLinear(w, b, 16))
+        if applied != "none":
+            model.fused = FusedDecoder.build(model)
         if can_pack(dtype, device):
             pack_linears(model)
     return model, applied

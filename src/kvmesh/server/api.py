@@ -72,15 +72,16 @@ class AppState:
 
 
 def _load(state: AppState, metrics: ServerMetrics) -> None:
-    try:
-        engine = LLMEngine(state.engine_config, progress=False)
+    try:  # built on the engine's own thread (see AsyncEngine)
+        async_engine = AsyncEngine(lambda: LLMEngine(state.engine_config, progress=False))
     except Exception as exc:  # noqa: BLE001 - reported by /ready and 503s
         log.exception("model failed to load")
         state.load_error = f"{type(exc).__name__}: {exc}"
         return
+    engine = async_engine.engine
     state.model_name = state.server_config.served_model_name or engine.loaded.name
     metrics.model_name = state.model_name
-    state.engine = AsyncEngine(engine)
+    state.engine = async_engine
     log.info("model %s ready (%d KV blocks)", state.model_name, engine.loaded.num_blocks)
 
 

@@ -10,6 +10,9 @@
  * to float rounding; what it saves is some 30 small tensor ops and their dispatch per
  * layer, which at one stream cost more than the weights take to stream. Elementwise loops
  * are left to the compiler (omp simd); the linears and attention parallelise inside.
+ * The KV cache is float32, or bf16 for a bf16 model (`kv_bf16`): then K and V are rounded
+ * to bf16 on the way into the cache and attention runs on bf16 (paged_decode_bf16), while
+ * the residual stream and the linears stay float32 across the layers.
  * Returns non-zero on a shape or buffer it does not support.
  */
 #include <math.h>
@@ -25,6 +28,10 @@ int paged_decode_f32(const void *q, int64_t q_stride, const void *k, const void 
                      int64_t block_stride, const int64_t *tables, int64_t table_width,
                      const int64_t *lengths, void *out, int64_t num_seqs, int64_t heads,
                      int64_t kv_heads, int64_t dim, int64_t block_size, float scale);
+int paged_decode_bf16(const void *q, int64_t q_stride, const void *k, const void *v,
+                      int64_t block_stride, const int64_t *tables, int64_t table_width,
+                      const int64_t *lengths, void *out, int64_t num_seqs, int64_t heads,
+                      int64_t kv_heads, int64_t dim, int64_t block_size, float scale);
 
 struct qlinear { /* one QuantLinear: model/quant.py fills it */
     const uint8_t *q;
@@ -45,6 +52,7 @@ struct step { /* what one decode step shares across layers */
     const int64_t *slot_blocks, *slot_offsets, *tables, *lengths;
     int64_t table_width, block_size, block_stride;
     float scale;
+    int64_t kv_bf16; /* 1: the KV cache holds bf16 */
 };
 
 static int linear(const struct qlinear *l, const float *x, int64_t rows, float *y) {
@@ -98,14 +106,49 @@ static void add_rows(float *x, const float *y, int64_t count) {
     for (int64_t i = 0; i < count; i++) x[i] += y[i];
 }
 
+static void to_bf16(const float *src, int64_t n, uint16_t *dst) {
+    for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+}
+
 /* Scratch floats this layer needs for `seqs` tokens (the caller allocates them once). */
 int64_t decode_layer_scratch(const struct layer *w, int64_t seqs) {
     const int64_t qkv = (w->heads + 2 * w->kv_heads) * w->dim;
-    return seqs * (2 * w->hidden + qkv + w->heads * w->dim + 3 * w->inter);
+    /* the last heads*dim: bf16 q and attention output (two halves) for a bf16 cache */
+    return seqs * (2 * w->hidden + qkv + 2 * w->heads * w->dim + 3 * w->inter);
 }
 
-int decode_layer_f32(const struct layer *w, const struct step *s, float *x, float *k_cache,
-                     float *v_cache, float *scratch) {
+/* Rotary, the cache write and attention: qkv [S, qkv_n] in, att [S, qn] float32 out. */
+static int attention(const struct layer *w, const struct step *s, float *qkv, void *k_cache,
+                     void *v_cache, float *att, uint16_t *half) {
+    const int64_t S = s->seqs, D = w->dim, qn = w->heads * D, kvn = w->kv_heads * D;
+    const int64_t qkv_n = qn + 2 * kvn;
+    for (int64_t t = 0; t < S; t++) {
+        float *row = qkv + t * qkv_n;
+        rope(row, w->heads + w->kv_heads, D, s->cos + t * D, s->sin + t * D);
+        const int64_t at = s->slot_blocks[t] * s->block_stride + s->slot_offsets[t] * kvn;
+        if (s->kv_bf16) {
+            to_bf16(row + qn, kvn, (uint16_t *)k_cache + at);
+            to_bf16(row + qn + kvn, kvn, (uint16_t *)v_cache + at);
+            to_bf16(row, qn, half + t * qn);
+        } else {
+            memcpy((float *)k_cache + at, row + qn, sizeof(float) * (size_t)kvn);
+            memcpy((float *)v_cache + at, row + qn + kvn, sizeof(float) * (size_t)kvn);
+        }
+    }
+    if (!s->kv_bf16)
+        return paged_decode_f32(qkv, qkv_n, k_cache, v_cache, s->block_stride, s->tables,
+                                s->table_width, s->lengths, att, S, w->heads, w->kv_heads, D,
+                                s->block_size, s->scale);
+    uint16_t *out = half + S * qn;
+    int rc = paged_decode_bf16(half, qn, k_cache, v_cache, s->block_stride, s->tables,
+                               s->table_width, s->lengths, out, S, w->heads, w->kv_heads, D,
+                               s->block_size, s->scale);
+    for (int64_t i = 0; i < S * qn; i++) att[i] = bf16_to_f32(out[i]);
+    return rc;
+}
+
+int decode_layer_f32(const struct layer *w, const struct step *s, float *x, void *k_cache,
+                     void *v_cache, float *scratch) {
     const int64_t S = s->seqs, H = w->hidden, D = w->dim;
     const int64_t qn = w->heads * D, kvn = w->kv_heads * D, qkv_n = qn + 2 * kvn;
     if (D % 2 || w->qkv.n != qkv_n || w->gate_up.n != 2 * w->inter || w->o.n != H ||
@@ -113,20 +156,11 @@ int decode_layer_f32(const struct layer *w, const struct step *s, float *x, floa
         return 10;
     float *h = scratch, *qkv = h + S * H, *att = qkv + S * qkv_n, *gu = att + S * qn;
     float *act = gu + S * 2 * w->inter, *o = act + S * w->inter;
+    uint16_t *half = (uint16_t *)(o + S * H);
     int rc = 0;
     rmsnorm(x, w->ln1, w->eps, S, H, h);
     if ((rc = linear(&w->qkv, h, S, qkv))) return rc;
-    for (int64_t t = 0; t < S; t++) {
-        float *row = qkv + t * qkv_n;
-        rope(row, w->heads + w->kv_heads, D, s->cos + t * D, s->sin + t * D);
-        const int64_t at = s->slot_blocks[t] * s->block_stride + s->slot_offsets[t] * kvn;
-        memcpy(k_cache + at, row + qn, sizeof(float) * (size_t)kvn);
-        memcpy(v_cache + at, row + qn + kvn, sizeof(float) * (size_t)kvn);
-    }
-    if ((rc = paged_decode_f32(qkv, qkv_n, k_cache, v_cache, s->block_stride, s->tables,
-                               s->table_width, s->lengths, att, S, w->heads, w->kv_heads, D,
-                               s->block_size, s->scale)))
-        return 20 + rc;
+    if ((rc = attention(w, s, qkv, k_cache, v_cache, att, half))) return 20 + rc;
     if ((rc = linear(&w->o, att, S, o))) return rc;
     add_rows(x, o, S * H);
     rmsnorm(x, w->ln2, w->eps, S, H, h);

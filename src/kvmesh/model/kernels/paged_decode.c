@@ -39,17 +39,6 @@ struct args {
     float scale;
 };
 
-INLINE float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } c = {.u = (uint32_t)h << 16};
-    return c.f;
-}
-
-INLINE uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays NaN */
-    union { uint32_t u; float f; } c = {.f = f};
-    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40u);
-    return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
-}
-
 /* n elements of the given kind at src[off] into float dst. */
 INLINE void load_row(enum kind kind, const void *src, int64_t off, float *dst, int64_t n) {
     if (kind == BF16) {
