@@ -201,3 +201,34 @@ def test_default_model_auto_is_int4_and_matches_none():
     exact = LLM(dtype="float32", quantization="none")
     assert [o.token_ids for o in fast.generate(prompts, params)] == [
         o.token_ids for o in exact.generate(prompts, params)]
+
+
+@pytest.mark.slow
+def test_default_model_defaults_take_this_cpus_path():
+    """`LLM()` with every default, on the real default model: float32 + exact ints (the
+    reference's tokens) where the CPU lacks native bf16; bf16 + ints + fused decode where it
+    has it, close to float32 (teacher-forced top-1 agreement) but not required equal."""
+    native = cpu_isa.has_fast_bf16(cpu_isa.level()) and cpu_isa.has_fast_bf16_native()
+    llm = LLM()
+    loaded = llm.engine.loaded
+    assert loaded.dtype == (torch.bfloat16 if native else torch.float32)
+    if HAS_CC:
+        assert loaded.quantization == "int4x120+int8x1"
+        assert loaded.model.fused is not None
+    exact = LLM(dtype="float32", quantization="none")
+    tok = exact.get_tokenizer()
+    prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in (
+        "What is the capital of France?", "Write a haiku about rain.", "Why is the sky blue?")]
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    refs = [o.token_ids for o in exact.generate(prompts, greedy)]
+    free = [o.token_ids for o in llm.generate(prompts, greedy)]
+    if not native:
+        assert free == refs
+        return
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    forced = llm.generate([p + r[:i] for p, r in zip(prompts, refs, strict=True)
+                           for i in range(len(r))], one)
+    targets = [t for r in refs for t in r]
+    agree = sum(o.token_ids[0] == t for o, t in zip(forced, targets, strict=True))
+    assert agree >= 0.9 * len(targets)
+    assert sum(a[0] == b[0] for a, b in zip(free, refs, strict=True)) >= 2

@@ -244,7 +244,8 @@ def linear_weight_bytes(model: nn.Module) -> int:
             total += module.qw.nbytes
         elif isinstance(module, nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
-        elif id(module) not in dense and isinstance(getattr(module, "packed", None),
-                                                    torch.Tensor):
-            total += module.packed.numel() * module.packed.element_size()
+        elif id(module) not in dense:
+            packed = getattr(module, "packed", None)
+            if isinstance(packed, torch.Tensor):
+                total += packed.numel() * packed.element_size()
     return total
