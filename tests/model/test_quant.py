@@ -11,7 +11,14 @@ import torch.nn.functional as F
 
 from kvmesh import LLM, SamplingParams
 from kvmesh.model import cpu_isa, cpu_kernels
-from kvmesh.model.quant import GROUP, QuantLinear, dequantize, quantize, quantize_model
+from kvmesh.model.quant import (
+    GROUP,
+    QuantLinear,
+    bf16_pairs,
+    dequantize,
+    quantize,
+    quantize_model,
+)
 from tests.builders import build_grid_model
 
 HAS_CC = shutil.which("cc") is not None
@@ -54,6 +61,7 @@ def test_kernel_matches_f_linear_at_each_level(level, monkeypatch):
     assert lib is not None
     assert lib.small_linear_available() == (level == "avx512_bf16")
     assert lib.paged_prefill_available() == (level == "avx512_bf16")
+    assert lib.quant_i4bf16_available() == (level == "avx512_bf16")
     gen = torch.Generator().manual_seed(7)
     for bits, (n, k), bias in ((8, (48, 96), True), (4, (32, 128), False), (4, (16, 64), True)):
         w = torch.randn(n, k, generator=gen)
@@ -67,6 +75,31 @@ def test_kernel_matches_f_linear_at_each_level(level, monkeypatch):
                                        atol=1e-4, rtol=1e-4)
     decode = cpu_kernels.decode_kernel(torch.float32, torch.device("cpu"))
     assert decode is not None  # float32 decode attention on every level
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler")
+def test_bf16_pair_kernel_matches_f_linear():
+    """int4 as bf16(128 + q) pairs (bf16 models, AVX-512 BF16): equal to F.linear on the
+    dequantized weight and bf16-rounded activations, to float32 accumulation; elsewhere the
+    kernel says it is not there and refuses to run."""
+    lib = cpu_kernels.load()
+    assert lib is not None
+    gen = torch.Generator().manual_seed(3)
+    w, b = torch.randn(48, 256, generator=gen), torch.randn(48, generator=gen)
+    layer = QuantLinear(quantize(w, 4), b)
+    layer.bf16_pairs = bf16_pairs(layer.qw)
+    if not lib.quant_i4bf16_available():
+        assert cpu_isa.level() != "avx512_bf16"
+        with pytest.raises(RuntimeError, match="code 3"):
+            layer._bf16_kernel(torch.randn(1, 256))
+        return
+    ref_w = dequantize(layer.qw)
+    for rows in (0, 1, 2, 3, 4, 5, 7, 16):
+        x = torch.randn(rows, 256, generator=gen)
+        ref = F.linear(x.bfloat16().float(), ref_w, b)
+        torch.testing.assert_close(layer._bf16_kernel(x), ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="code 1"):
+        layer._bf16_kernel(torch.randn(17, 256))  # over its row limit
 
 
 def test_auto_takes_only_exact_layers():
@@ -146,6 +179,10 @@ def test_bf16_hybrid_keeps_ints_for_small_batches_and_bf16_for_large(tmp_path):
     assert llm.engine.loaded.quantization.startswith("int4x")
     layers = [m for m in llm.engine.loaded.model.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m.dense is not None for m in layers)
+    lib = cpu_kernels.load()
+    assert lib is not None
+    with_pairs = [m.bf16_pairs is not None for m in layers if m.qw.bits == 4]
+    assert with_pairs and all(with_pairs) == bool(lib.quant_i4bf16_available())
     layer = layers[0]
     ref_w = layer.weight()
     dense_rows: list[int] = []

@@ -33,7 +33,8 @@ BF16_FUSED_ROWS = 16  # bf16 models: measured on AVX-512 BF16, dense bf16 wins a
 
 class _QLinear(ctypes.Structure):
     _fields_ = [("q", _P), ("scale", _P), ("min", _P), ("bias", _P),
-                ("n", _I64), ("k", _I64), ("group", _I64), ("bits", _I64)]
+                ("n", _I64), ("k", _I64), ("group", _I64), ("bits", _I64),
+                ("pairs", _P), ("min128", _P)]
 
 
 class _Layer(ctypes.Structure):
@@ -52,8 +53,9 @@ class _Step(ctypes.Structure):
 def _qlinear(layer: QuantLinear) -> _QLinear:
     qw = layer.qw
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    pairs = layer.bf16_pairs
     return _QLinear(qw.q.data_ptr(), qw.scale.data_ptr(), ptr(qw.min), ptr(layer.bias),
-                    qw.n, qw.k, qw.group, qw.bits)
+                    qw.n, qw.k, qw.group, qw.bits, *(ptr(t) for t in pairs or (None, None)))
 
 
 def _layer(layer: DecoderLayer, keep: list[torch.Tensor]) -> _Layer | None:

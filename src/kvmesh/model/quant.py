@@ -137,6 +137,8 @@ class QuantLinear(nn.Module):
         self.max_rows = self.lib.quant_linear_max_rows() if self.lib is not None else 0
         self.dense: nn.Module | None = None
         self.kernel_rows = self.max_rows
+        # bf16 models with native bf16: int4 as bf16 pairs (kernels/quant_bf16.c)
+        self.bf16_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -149,7 +151,7 @@ class QuantLinear(nn.Module):
             y = x2.new_empty((0, self.out_features))
         elif self.dense is not None and x2.dtype == torch.bfloat16:
             y = (self.dense(x2) if rows > self.kernel_rows
-                 else self._kernel(x2.float().contiguous()).to(torch.bfloat16))
+                 else self._bf16_kernel(x2.float().contiguous()).to(torch.bfloat16))
         elif rows > self.max_rows:
             y = F.linear(x2, self.weight(), self.bias)
         else:
@@ -167,6 +169,22 @@ class QuantLinear(nn.Module):
             qw.n, qw.k, qw.group, qw.bits, y.data_ptr(), y.stride(0))
         if rc != 0:
             raise RuntimeError(f"quantized linear kernel rejected its inputs (code {rc})")
+        return y
+
+    def _bf16_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """A bf16 model's small batch: the bf16-pair kernel where the layer has it."""
+        if self.bf16_pairs is None:
+            return self._kernel(x)
+        qw, lib = self.qw, self.lib
+        assert lib is not None
+        pairs, min128 = self.bf16_pairs
+        y = torch.empty((x.shape[0], qw.n), dtype=torch.float32)
+        rc = lib.quant_linear_i4bf16(
+            x.data_ptr(), x.shape[0], x.stride(0), pairs.data_ptr(), qw.scale.data_ptr(),
+            min128.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
+            qw.n, qw.k, qw.group, y.data_ptr(), y.stride(0))
+        if rc != 0:
+            raise RuntimeError(f"bf16-pair linear kernel rejected its inputs (code {rc})")
         return y
 
     def weight(self) -> torch.Tensor:
@@ -219,15 +237,33 @@ def quantize_model(model: nn.Module, profile: str) -> str:
     return summary if any(label != "float" for label in counts) else "none"
 
 
+def bf16_pairs(qw: Quantized) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int4 weight in quant_bf16.c's layout: [N/16][K/8][16] uint32 lanes whose nibble i
+    is q[k + 2i] and nibble 4 + i is q[k + 2i + 1], and min - 128 scale per group."""
+    if qw.bits != 4 or qw.min is None or qw.group % 8:
+        raise ValueError("bf16 pairs are for affine int4 in groups of a multiple of 8")
+    nb = qw.n // COLS
+    b = qw.q.reshape(nb, qw.k // 2, COLS).to(torch.int64)
+    q = torch.stack((b & 15, b >> 4), dim=2).reshape(nb, qw.k // 8, 4, 2, COLS)
+    shifts = 4 * torch.arange(4).reshape(1, 1, 4, 1)
+    lanes = ((q[:, :, :, 0] << shifts) | (q[:, :, :, 1] << (shifts + 16))).sum(2)
+    return lanes.to(torch.int32).contiguous(), (qw.min - 128 * qw.scale).contiguous()
+
+
 def attach_dense(model: nn.Module, dense_factory, kernel_rows: int = BF16_KERNEL_ROWS) -> int:
     """Give every QuantLinear of a bf16 model its dense copy for large batches:
-    `dense_factory(weight_bf16, bias_bf16)` builds it. Returns how many."""
+    `dense_factory(weight_bf16, bias_bf16)` builds it; int4 layers also get their bf16-pair
+    form where the kernels have it. Returns how many."""
     count = 0
+    lib = load_kernels()
+    pairs = lib is not None and bool(lib.quant_i4bf16_available())
     for module in model.modules():
         if isinstance(module, QuantLinear):
             bias = None if module.bias is None else module.bias.to(torch.bfloat16)
             module.dense = dense_factory(module.weight().to(torch.bfloat16), bias)
             module.kernel_rows = min(kernel_rows, module.max_rows)
+            if pairs and module.qw.bits == 4 and module.qw.group % 8 == 0:
+                module.bf16_pairs = bf16_pairs(module.qw)
             count += 1
     return count
 
