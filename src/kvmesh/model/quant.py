@@ -19,8 +19,9 @@ layer to float32 and use torch's matmul.
 A bf16 model on a CPU with native bf16 keeps both: the packed ints for decode batches of
 up to BF16_KERNEL_ROWS rows (float32 inside, so no less exact than bf16's own matmul) and
 a bf16 copy packed for oneDNN for larger batches, where bf16 dot products are faster than
-any float32 kernel (`attach_dense`). That is 2.75 bytes per weight instead of bf16's 2, and
-a single stream reads 0.75 of them.
+any float32 kernel (`attach_dense`); its int4 layers also get the bf16-pair layout of
+kernels/quant_bf16.c (`bf16_pairs`). That is about 3.4 bytes per weight instead of bf16's
+2, and a decode step reads 0.75 of them.
 """
 
 from __future__ import annotations
