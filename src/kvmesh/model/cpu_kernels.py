@@ -2,9 +2,11 @@
 
 `kernels/paged_decode.c` (decode attention, every dtype), `kernels/paged_prefill.c`
 (causal prefill attention, bf16), `kernels/small_linear.c` (bf16 linears for decode-sized
-batches; both need AVX-512 BF16) and `kernels/quant_linear.c` (int8/int4 weight-only linears,
-every ISA) are plain C with no torch headers, so they build in about a second with
-`cc -O3 -march=native -fopenmp`, narrowed to the ISA level that `cpu_isa` selects
+batches; both need AVX-512 BF16), `kernels/quant_linear.c` (int8/int4 weight-only linears,
+every ISA), `kernels/quant_bf16.c` (int4 linears of bf16 models, AVX-512 BF16) and
+`kernels/decode_layer.c` (a whole decoder layer per call) are plain C with no torch headers,
+so they build in about a second with `cc -O3 -march=native -fopenmp`, narrowed to the ISA
+level that `cpu_isa` selects
 (`KVMESH_CPU_ISA=avx2` builds the AVX2 variants on an AVX-512 machine). The shared object is
 cached under `$KVMESH_CACHE_DIR/kernels/`, named by a hash of the sources, flags and CPU, and
 built with
@@ -162,6 +164,7 @@ def _quant_signatures(lib: ctypes.CDLL) -> None:
                                         _I64, _I64, _I64, _PTR, _I64]
     lib.quant_linear_i4bf16.restype = ctypes.c_int
     lib.quant_i4bf16_available.restype = ctypes.c_int
+    lib.quant_i4bf16_max_rows.restype = ctypes.c_int
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, dtype: torch.dtype) -> None:

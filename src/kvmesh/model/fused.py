@@ -6,9 +6,10 @@ and no q/k norms (Qwen3 keeps the torch path). It runs the same steps as
 `DecoderLayer.forward` in the same order; what it removes is some 30 small tensor ops and
 five foreign calls per layer, which at one stream cost more than streaming the weights.
 float32 models match the torch path to float rounding. bf16 models (a CPU with native
-bf16) keep the residual stream and the linears in float32 across the layers and round K, V
-and q to bf16 for the bf16 cache and attention: no less exact than bf16's own path, which
-rounds after every op. `KVMESH_FUSED_DECODE=0` turns it off (for A/B runs).
+bf16) keep the residual stream in float32 across the layers, round K, V and q to bf16 for
+the bf16 cache and attention, and int4 linears round their inputs to bf16 (bf16 dot
+products, float32 accumulation): no less exact than bf16's own path, which rounds after
+every op. `KVMESH_FUSED_DECODE=0` turns it off (for A/B runs).
 """
 
 from __future__ import annotations

@@ -17,11 +17,12 @@ weights on load and serves decode-sized batches; larger batches (prefill) dequan
 layer to float32 and use torch's matmul.
 
 A bf16 model on a CPU with native bf16 keeps both: the packed ints for decode batches of
-up to BF16_KERNEL_ROWS rows (float32 inside, so no less exact than bf16's own matmul) and
+up to BF16_KERNEL_ROWS rows (float32 accumulation, so no less exact than bf16's own
+matmul; more rows when the fused decode layer runs, model/fused.py) and
 a bf16 copy packed for oneDNN for larger batches, where bf16 dot products are faster than
 any float32 kernel (`attach_dense`); its int4 layers also get the bf16-pair layout of
 kernels/quant_bf16.c (`bf16_pairs`). That is about 3.4 bytes per weight instead of bf16's
-2, and a decode step reads 0.75 of them.
+2 (int4 layers; 3.1 for int8 ones), and a decode step reads 0.75 of them (1.125).
 """
 
 from __future__ import annotations
@@ -173,11 +174,12 @@ class QuantLinear(nn.Module):
         return y
 
     def _bf16_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """A bf16 model's small batch: the bf16-pair kernel where the layer has it."""
-        if self.bf16_pairs is None:
+        """A bf16 model's small batch: the bf16-pair kernel where the layer has it (inputs
+        rounded to bf16, float32 accumulation), else the float32 one."""
+        assert self.lib is not None
+        if self.bf16_pairs is None or x.shape[0] > self.lib.quant_i4bf16_max_rows():
             return self._kernel(x)
         qw, lib = self.qw, self.lib
-        assert lib is not None
         pairs, min128 = self.bf16_pairs
         y = torch.empty((x.shape[0], qw.n), dtype=torch.float32)
         rc = lib.quant_linear_i4bf16(

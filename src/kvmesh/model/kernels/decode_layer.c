@@ -12,7 +12,8 @@
  * are left to the compiler (omp simd); the linears and attention parallelise inside.
  * The KV cache is float32, or bf16 for a bf16 model (`kv_bf16`): then K and V are rounded
  * to bf16 on the way into the cache and attention runs on bf16 (paged_decode_bf16), while
- * the residual stream and the linears stay float32 across the layers.
+ * the residual stream stays float32 across the layers; int4 linears with bf16 pairs
+ * (quant_bf16.c) round their inputs to bf16 and accumulate in float32.
  * Returns non-zero on a shape or buffer it does not support.
  */
 #include <math.h>
@@ -27,6 +28,7 @@ int quant_linear_f32(const float *x, int64_t rows, int64_t x_stride, const uint8
 int quant_linear_i4bf16(const float *x, int64_t rows, int64_t x_stride, const uint32_t *q,
                         const float *scale, const float *min128, const float *bias, int64_t n,
                         int64_t k, int64_t group, float *y, int64_t y_stride);
+int quant_i4bf16_max_rows(void);
 int paged_decode_f32(const void *q, int64_t q_stride, const void *k, const void *v,
                      int64_t block_stride, const int64_t *tables, int64_t table_width,
                      const int64_t *lengths, void *out, int64_t num_seqs, int64_t heads,
@@ -61,7 +63,7 @@ struct step { /* what one decode step shares across layers */
 };
 
 static int linear(const struct qlinear *l, const float *x, int64_t rows, float *y) {
-    if (l->pairs != NULL)
+    if (l->pairs != NULL && rows <= quant_i4bf16_max_rows())
         return quant_linear_i4bf16(x, rows, l->k, l->pairs, l->scale, l->min128, l->bias,
                                    l->n, l->k, l->group, y, l->n);
     return quant_linear_f32(x, rows, l->k, l->q, l->scale, l->min, l->bias, l->n, l->k,

@@ -23,6 +23,8 @@
 #define COLS 16
 #define MAX_ROWS 16
 
+int quant_i4bf16_max_rows(void) { return MAX_ROWS; }
+
 int quant_i4bf16_available(void) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
     return 1;
@@ -45,7 +47,8 @@ struct bargs {
 static inline __attribute__((always_inline)) void tile(const struct bargs *a, int64_t nb,
                                                         int64_t row0, const int R,
                                                         const int U) {
-    const __m512i mask = _mm512_set1_epi32(0x000F000F), bias = _mm512_set1_epi32(0x43004300);
+    const __m512i mask = _mm512_set1_epi32(0x000F000F);
+    const __m512i hi_bits = _mm512_set1_epi32(0x43004300); /* bf16(128) in both halves */
     const uint32_t *blk = a->q + nb * (a->k / 8) * COLS;
     const int64_t half = a->k / 2, chunks = a->group / 8;
     __m512 tot[R];
@@ -58,7 +61,7 @@ static inline __attribute__((always_inline)) void tile(const struct bargs *a, in
             const __m512i lane = _mm512_loadu_si512(blk + c * COLS);
             for (int p = 0; p < 4; p++) {
                 const __m512i v = _mm512_ternarylogic_epi32(_mm512_srli_epi32(lane, 4 * p),
-                                                            mask, bias, 0xEA); /* a&b|c */
+                                                            mask, hi_bits, 0xEA); /* a&b|c */
                 const __m512bh w = (__m512bh)v;
                 for (int r = 0; r < R; r++) {
                     const __m512bh xv = (__m512bh)_mm512_set1_epi32(
