@@ -246,11 +246,16 @@ def bf16_pairs(qw: Quantized) -> tuple[torch.Tensor, torch.Tensor]:
     if qw.bits != 4 or qw.min is None or qw.group % 8:
         raise ValueError("bf16 pairs are for affine int4 in groups of a multiple of 8")
     nb = qw.n // COLS
-    b = qw.q.reshape(nb, qw.k // 2, COLS).to(torch.int64)
-    q = torch.stack((b & 15, b >> 4), dim=2).reshape(nb, qw.k // 8, 4, 2, COLS)
+    packed = qw.q.reshape(nb, qw.k // 2, COLS)
+    lanes = torch.empty((nb, qw.k // 8, COLS), dtype=torch.int32)
     shifts = 4 * torch.arange(4).reshape(1, 1, 4, 1)
-    lanes = ((q[:, :, :, 0] << shifts) | (q[:, :, :, 1] << (shifts + 16))).sum(2)
-    return lanes.to(torch.int32).contiguous(), (qw.min - 128 * qw.scale).contiguous()
+    step = max(1, (1 << 22) // (qw.k * COLS))  # column blocks at a time: bounded temporaries
+    for start in range(0, nb, step):
+        b = packed[start:start + step].to(torch.int64)
+        q = torch.stack((b & 15, b >> 4), dim=2).reshape(b.shape[0], qw.k // 8, 4, 2, COLS)
+        lanes[start:start + step] = (
+            (q[:, :, :, 0] << shifts) | (q[:, :, :, 1] << (shifts + 16))).sum(2).to(torch.int32)
+    return lanes, (qw.min - 128 * qw.scale).contiguous()
 
 
 def attach_dense(model: nn.Module, dense_factory, kernel_rows: int = BF16_KERNEL_ROWS) -> int:
