@@ -126,9 +126,10 @@ class QuantLinear(nn.Module):
 
     float32 activations: the native kernel for decode-sized batches, W dequantized for
     larger ones. bfloat16 activations (a bf16 model on a CPU with native bf16, see
-    `attach_dense`): batches of at most `kernel_rows` rows convert to float32 for the
-    kernel, which reads a fraction of the bytes; larger ones, which are compute-bound, go
-    to `dense`, a bf16 copy of W packed for oneDNN."""
+    `attach_dense`): batches of at most `kernel_rows` rows go to the packed ints, which
+    read a fraction of the bytes (the bf16-pair kernel where the layer has `bf16_pairs`,
+    else the float32 one); larger ones, which are compute-bound, go to `dense`, a bf16
+    copy of W packed for oneDNN."""
 
     def __init__(self, qw: Quantized, bias: torch.Tensor | None):
         super().__init__()
