@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from kvmesh.engine.request import Request
 from kvmesh.hashing import make_namespace
 from kvmesh.types import SamplingParams
@@ -86,6 +84,7 @@ def build_tokenizer(out: Path, vocab_size: int = 512) -> None:
 
 def build_tiny_model(out: Path, family: str, seed: int = 0, **overrides: Any) -> Path:
     """A random-weight model saved by transformers itself, plus a small BPE tokenizer."""
+    import torch
     import transformers
 
     cfg = dict(

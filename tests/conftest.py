@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random-weight models built on the fly, and the real default model."""
+"""Shared fixtures: tiny random-weight models built on the fly, and the real default model.
+
+Nothing here imports torch at collection: the pure tests (scheduler, block pool, core)
+run without it.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,21 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.builders import build_tiny_model
 
 
 def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    for item in gpu_items:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,10 @@ app.add_typer(model_app, name="model")
 console = Console(stderr=True)
 SERVE_CLASSES = [ModelConfig, CacheConfig, SchedulerConfig, TierConfig, ServerConfig]
 ConfigFile = typer.Option(
-    None, "--config", help="YAML or TOML file with config fields.", envvar="KVMESH_CONFIG"
+    None,
+    "--config",
+    help="YAML or TOML file: field or section_field keys, or fields grouped under a section.",
+    envvar="KVMESH_CONFIG",
 )
 
 

@@ -2,13 +2,16 @@
 
 Each field's `help` metadata is its documentation; the CLI builds its --help from it and
 accepts every field as a flag, a KVMESH_* environment variable, or a key in a YAML/TOML file.
+Each class names its SECTION; `section_field` names a field without ambiguity, and a bare field
+name stays an alias for the first class (in a given list) that owns it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -23,6 +26,8 @@ def _help(text: str, **kwargs: Any) -> Any:
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model to run and how."""
+
+    SECTION: ClassVar[str] = "model"
 
     model: str = _help(
         "Model name from `kvmesh model list`, a local Hugging Face directory, or a .gguf file.",
@@ -75,6 +80,8 @@ class ModelConfig:
 class CacheConfig:
     """The device KV cache: paged, block-major, with a prefix index."""
 
+    SECTION: ClassVar[str] = "cache"
+
     block_size: int = _help("Tokens per KV block.", default=16)
     kv_dtype: str = _help(
         "KV cache dtype: auto (the compute dtype), float32, bfloat16, float16.", default="auto"
@@ -102,6 +109,8 @@ class CacheConfig:
 class SchedulerConfig:
     """Continuous batching: what runs in each engine step."""
 
+    SECTION: ClassVar[str] = "scheduler"
+
     max_num_seqs: int = _help("Most sequences running at once.", default=128)
     max_num_batched_tokens: int = _help(
         "Token budget per step, shared by decodes and chunked prefills.", default=512
@@ -123,6 +132,8 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class TierConfig:
     """KV tiers below the device: host DRAM (hot) and local disk (large)."""
+
+    SECTION: ClassVar[str] = "tiers"
 
     host_bytes: int = _help("Host DRAM tier size in bytes (0: off).", default=0)
     disk_path: str | None = _help("Directory of the disk tier (unset: off).", default=None)
@@ -164,6 +175,8 @@ def field_help(cls: type) -> dict[str, str]:
 class ServerConfig:
     """The HTTP front end."""
 
+    SECTION: ClassVar[str] = "server"
+
     host: str = _help("Address to listen on.", default="127.0.0.1")
     port: int = _help("TCP port to listen on.", default=8000)
     api_keys: tuple[str, ...] = _help(
@@ -183,3 +196,85 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if isinstance(self.api_keys, str):
             object.__setattr__(self, "api_keys", tuple(k for k in self.api_keys.split(",") if k))
+
+
+ENGINE_CLASSES: tuple[type[Any], ...] = (ModelConfig, CacheConfig, SchedulerConfig, TierConfig)
+
+
+class UnknownConfigKeys(TypeError):
+    """Keys that name no field of the given sections."""
+
+    def __init__(self, keys: list[str], sections: list[str]) -> None:
+        self.keys = keys
+        super().__init__(
+            f"unknown config keys: {keys} (valid: field names of sections "
+            f"{', '.join(sections)}, or section_field / section.field)"
+        )
+
+
+def _field_names(cls: type[Any]) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _resolve(classes: Sequence[type[Any]], key: str, first_owner_wins: bool) -> tuple[int, str]:
+    """(index of the owning class, field name) for a bare or prefixed key; KeyError if none."""
+    owners = [i for i, cls in enumerate(classes) if key in _field_names(cls)]
+    if len(owners) == 1 or (owners and first_owner_wins):
+        return owners[0], key
+    if owners:
+        forms = " or ".join(f"{classes[i].SECTION}_{key}" for i in owners)
+        raise ValueError(f"config key {key!r} is ambiguous: use {forms}")
+    for i, cls in enumerate(classes):
+        for sep in (".", "__", "_"):
+            prefix = cls.SECTION + sep
+            if key.startswith(prefix) and key[len(prefix) :] in _field_names(cls):
+                return i, key[len(prefix) :]
+    raise KeyError(key)
+
+
+def split_by_section(
+    classes: Sequence[type[Any]], values: Mapping[str, Any], *, first_owner_wins: bool = False
+) -> list[dict[str, Any]]:
+    """Route keyword values to their owning classes: one kwargs dict per class, in order.
+
+    A key is a field name, or `section_field`, `section.field` or `section__field`. A field
+    name that several classes own goes to the first of them when `first_owner_wins` (the
+    CLI's alias rule) and is an error otherwise. Raises UnknownConfigKeys (a TypeError) for
+    keys that match nothing, ValueError for an ambiguous key or a field given twice.
+    """
+    sections = [cls.SECTION for cls in classes]
+    if len(set(sections)) != len(sections):
+        raise ValueError(f"duplicate config sections: {sections}")
+    out: list[dict[str, Any]] = [{} for _ in classes]
+    given: dict[tuple[int, str], str] = {}
+    unknown = []
+    for key, value in values.items():
+        try:
+            index, name = _resolve(classes, key, first_owner_wins)
+        except KeyError:
+            unknown.append(key)
+            continue
+        if (index, name) in given:
+            first = given[index, name]
+            raise ValueError(f"{sections[index]}.{name} given twice: as {first!r} and {key!r}")
+        given[index, name] = key
+        out[index][name] = value
+    if unknown:
+        raise UnknownConfigKeys(unknown, sections)
+    return out
+
+
+def engine_config_from_kwargs(model: str = DEFAULT_MODEL, **kwargs: Any) -> EngineConfig:
+    """An EngineConfig from `LLM(...)`-style keywords: fields of ModelConfig, CacheConfig,
+    SchedulerConfig and TierConfig, bare or as section_field. TypeError for an unknown
+    keyword, ValueError for an invalid value."""
+    try:
+        groups = split_by_section(ENGINE_CLASSES, {"model": model, **kwargs}, first_owner_wins=True)
+    except UnknownConfigKeys as exc:
+        raise TypeError(f"unexpected keyword argument {exc.keys[0]!r}: {exc}") from None
+    return EngineConfig(
+        ModelConfig(**groups[0]),
+        CacheConfig(**groups[1]),
+        SchedulerConfig(**groups[2]),
+        TierConfig(**groups[3]),
+    )

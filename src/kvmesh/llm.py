@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 from tqdm import tqdm
 
-from kvmesh.config import (
-    DEFAULT_MODEL,
-    CacheConfig,
-    EngineConfig,
-    ModelConfig,
-    SchedulerConfig,
-    TierConfig,
-)
+from kvmesh.config import DEFAULT_MODEL, engine_config_from_kwargs
 from kvmesh.engine.engine import LLMEngine
 from kvmesh.model.tokenizer import Message
 from kvmesh.types import CompletionOutput, Prompt, RequestDelta, RequestOutput, SamplingParams
@@ -33,28 +25,12 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 class LLM:
     """Load a model (the default one with no arguments) and generate in batches.
 
-    Keyword arguments are fields of ModelConfig, CacheConfig and SchedulerConfig.
+    Keyword arguments are fields of ModelConfig, CacheConfig, SchedulerConfig and
+    TierConfig, by name (or `section_field` where a name is ambiguous).
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, progress: bool = False, **kwargs: Any):
-        groups: dict[type, dict[str, Any]] = {
-            ModelConfig: {"model": model},
-            CacheConfig: {},
-            SchedulerConfig: {},
-            TierConfig: {},
-        }
-        for key, value in kwargs.items():
-            fields = {c: {f.name for f in dataclasses.fields(c)} for c in groups}
-            owner = next((c for c in groups if key in fields[c]), None)
-            if owner is None:
-                raise TypeError(f"LLM() got an unexpected keyword argument {key!r}")
-            groups[owner][key] = value
-        config = EngineConfig(
-            ModelConfig(**groups[ModelConfig]),
-            CacheConfig(**groups[CacheConfig]),
-            SchedulerConfig(**groups[SchedulerConfig]),
-            TierConfig(**groups[TierConfig]),
-        )
+        config = engine_config_from_kwargs(model, **kwargs)
         self.engine = LLMEngine(config, progress=progress)
         self._counter = 0
 
@@ -87,8 +63,8 @@ class LLM:
         for i, (prompt, p) in enumerate(zip(items, plist, strict=True)):
             self._counter += 1
             rid = f"llm-{self._counter}"
-            ids = self.engine.encode_prompt(prompt)
-            self.engine.add_request(rid, ids, p, priority[i] if priority else 0, cache_salt)
+            ids = self.engine.inputs.process(prompt, p.max_tokens)
+            self.engine.add_tokens(rid, ids, p, priority[i] if priority else 0, cache_salt)
             text = prompt if isinstance(prompt, str) else None
             outputs[rid] = RequestOutput(rid, text, ids, [CompletionOutput(j) for j in range(p.n)])
             order.append(rid)
@@ -114,8 +90,8 @@ class LLM:
     ) -> list[RequestOutput]:
         """Apply the chat template to one conversation or a list of them, then generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        tok = self.engine.tokenizer
-        prompts: list[Prompt] = [tok.encode_chat(c, **template_kwargs) for c in convs]  # type: ignore[arg-type]
+        inputs = self.engine.inputs
+        prompts: list[Prompt] = [inputs.chat_ids(c, **template_kwargs) for c in convs]  # type: ignore[arg-type]
         return self.generate(prompts, params, use_tqdm=use_tqdm)
 
 

@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmesh.engine.block_pool import BlockPool, NoFreeBlocksError
+from kvmesh.engine.events import BlockRemoved, BlockStored, EventOutbox
 from kvmesh.hashing import BlockKey
 
 
@@ -39,15 +40,18 @@ def test_double_free_is_an_error():
         pool.free([b])
 
 
-def test_evict_hook_sees_every_dropped_key():
-    seen = []
-    pool = BlockPool(2, on_evict=lambda b, k: seen.append((b, k)))
+def test_outbox_sees_every_registered_and_dropped_key_in_order():
+    outbox = EventOutbox()
+    seen: list = []
+    outbox.subscribe(seen.extend)
+    pool = BlockPool(2, outbox)
     (b,) = pool.allocate(1)
     pool.cache(b, key(7))
     assert not pool.evict(b)  # still referenced
     pool.free([b])
     assert pool.evict(b)
-    assert seen == [(b, key(7))]
+    assert seen == [] and outbox.drain() == 2
+    assert seen == [BlockStored("device", key(7), b), BlockRemoved("device", key(7), b)]
 
 
 ops = st.lists(

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmesh.engine.block_pool import BlockPool
-from kvmesh.engine.kv_cache_manager import KVCacheManager
+from kvmesh.engine.kv_cache_manager import KVCacheManager, PrefixPlan
 from tests.builders import make_request
 
 
@@ -19,7 +19,7 @@ def test_prefix_hit_leaves_last_token_and_publishes_full_blocks():
     b = make_request("b", 10)  # same tokens
     hits = kv.find_cached_prefix(b)
     assert hits == [0, 1]  # 2 full blocks = 8 tokens; never all 10
-    assert kv.allocate(b, 2, hits)
+    assert kv.allocate(b, 2, PrefixPlan(hits, []))
     assert kv.block_table("b")[:2] == [0, 1] and kv.pool.ref_counts[:3] == [2, 2, 1]
     kv.check_integrity()
     kv.free(a)
@@ -55,7 +55,7 @@ def test_random_requests_keep_integrity(spec):
     for i, (n, base, finish) in enumerate(spec):
         req = make_request(f"r{i}", n, base=base * 7)
         hits = kv.find_cached_prefix(req)
-        if kv.allocate(req, n - len(hits) * 4, hits):
+        if kv.allocate(req, n - len(hits) * 4, PrefixPlan(hits, [])):
             req.num_computed_tokens = n
             kv.cache_blocks(req)
             live.append(req)

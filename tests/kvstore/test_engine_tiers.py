@@ -21,11 +21,15 @@ def prompts(n: int, length: int = 100, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, 512) for _ in range(length)] for _ in range(n)]
 
 
-@pytest.fixture(scope="module")
-def expected(tiny_llama):
-    ref = LLM(str(tiny_llama), dtype="float32", block_size=4, num_blocks=1024,
+def reference_tokens(model) -> list[list[int]]:
+    ref = LLM(str(model), dtype="float32", block_size=4, num_blocks=1024,
               enable_prefix_caching=False)
     return [o.token_ids for o in ref.generate(prompts(6), G)]
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_llama):
+    return reference_tokens(tiny_llama)
 
 
 def tiered(model, disk=None, host_blocks=400, **kw) -> LLM:
@@ -105,7 +109,7 @@ def test_sigkill_during_heavy_writes_leaves_no_bad_block(tiny_llama, expected, t
     disk = DiskTier(tmp_path, 10**9, 2048)
     assert disk.stats.num_blocks >= 300
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]
-    keys = list(disk._index)
+    keys = [key for key, _ in disk.index.items()]
     results = [disk.read(key).result() for key in keys]
     disk.poll()
     assert all(r is not None and len(r) == 2048 for r in results)  # every file is whole

@@ -24,7 +24,7 @@ from typing import Any
 
 from kvmesh.engine.engine import LLMEngine
 from kvmesh.kvstore.tier import TierStats
-from kvmesh.types import Prompt, RequestDelta, SamplingParams
+from kvmesh.types import RequestDelta, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,12 @@ class AsyncEngine:
         self._stopped = threading.Event()
         self._thread.start()
         self.engine: LLMEngine = ready.result()
+        # What the frontend needs, so it never reaches through the engine:
+        self.inputs = self.engine.inputs  # thread-safe: tokenize + validate off the loop
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
+        self.model_name = self.engine.loaded.name
+        self.num_blocks = self.engine.loaded.num_blocks
 
     # engine thread ---------------------------------------------------------------------
 
@@ -113,35 +119,36 @@ class AsyncEngine:
     # any thread ------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        s = self.engine.scheduler
-        store = self.engine.store
+        core = self.engine.core
+        store = core.store
         tiers = tuple(copy.copy(t) for t in store.all_stats()) if store else ()
-        return EngineStats(s.num_running, s.num_waiting, self.engine.pool.usage,
-                           s.num_preemptions, tiers)
+        return EngineStats(core.num_running, core.num_waiting, core.pool.usage,
+                           core.scheduler.num_preemptions, tiers)
 
     async def submit(
         self,
-        prompt: Prompt,
+        prompt_ids: list[int],
         params: SamplingParams,
         request_id: str | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
     ) -> RequestStream:
-        """Queue a request; raises ValueError or QueueFullError if the engine refuses it."""
+        """Queue a prompt that `inputs` tokenized and validated; raises ValueError or
+        QueueFullError if the engine refuses it."""
         rid = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
 
         def add() -> None:
-            self.engine.add_request(rid, prompt, params, priority, cache_salt)
+            self.engine.add_tokens(rid, prompt_ids, params, priority, cache_salt)
             self._streams[rid] = stream
 
         await asyncio.wrap_future(self._call(add))
         return RequestStream(self, rid, stream.queue, params.n)
 
     async def generate(
-        self, prompt: Prompt, params: SamplingParams, **kwargs: Any
+        self, prompt_ids: list[int], params: SamplingParams, **kwargs: Any
     ) -> AsyncIterator[RequestDelta]:
-        stream = await self.submit(prompt, params, **kwargs)
+        stream = await self.submit(prompt_ids, params, **kwargs)
         async with stream:
             async for delta in stream:
                 yield delta

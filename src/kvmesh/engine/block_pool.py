@@ -3,16 +3,16 @@
 Pure Python. A block whose reference count drops to zero goes to the tail of the free
 queue but keeps its key, so a later request with the same prefix can take it back
 (`touch`). `allocate` takes blocks from the head, evicting whatever key they still hold.
+Every key registered or dropped is an event in the outbox (`kvmesh.engine.events`).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
+from kvmesh.engine.events import DEVICE, BlockRemoved, BlockStored, EventOutbox
 from kvmesh.hashing import BlockKey
-
-EvictHook = Callable[[int, BlockKey], None]
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -20,8 +20,7 @@ class NoFreeBlocksError(RuntimeError):
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, on_evict: EvictHook | None = None,
-                 on_cache: EvictHook | None = None) -> None:
+    def __init__(self, num_blocks: int, outbox: EventOutbox | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -29,8 +28,7 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._key_of: dict[int, BlockKey] = {}
         self._block_of: dict[BlockKey, int] = {}
-        self.on_evict = on_evict
-        self.on_cache = on_cache
+        self.outbox = outbox
         self.num_evictions = 0
 
     @property
@@ -83,8 +81,8 @@ class BlockPool:
             return False
         self._block_of[key] = block_id
         self._key_of[block_id] = key
-        if self.on_cache is not None:
-            self.on_cache(block_id, key)
+        if self.outbox is not None:
+            self.outbox.append(BlockStored(DEVICE, key, block_id))
         return True
 
     def cached_blocks(self) -> list[tuple[int, BlockKey]]:
@@ -110,8 +108,8 @@ class BlockPool:
         if key is not None:
             del self._block_of[key]
             self.num_evictions += 1
-            if self.on_evict is not None:
-                self.on_evict(block_id, key)
+            if self.outbox is not None:
+                self.outbox.append(BlockRemoved(DEVICE, key, block_id))
 
     def check_integrity(self) -> None:
         assert len(self.ref_counts) == self.num_blocks

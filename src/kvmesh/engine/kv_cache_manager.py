@@ -6,7 +6,6 @@ Owned by the scheduler. A request's table lists its blocks in token order; its f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvmesh.engine.block_pool import BlockPool
@@ -17,6 +16,14 @@ from kvmesh.kvstore.tier import ExternalCache
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def num_reusable_blocks(num_tokens: int, block_size: int) -> int:
+    """How many leading full blocks of a sequence may come from a cache.
+
+    The one rule: the last token is never served from cache, since its logits are needed.
+    """
+    return (num_tokens - 1) // block_size
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,9 @@ class PrefixPlan:
         return len(self.device_blocks) + len(self.external_keys)
 
 
+NO_PREFIX = PrefixPlan([], [])
+
+
 class KVCacheManager:
     def __init__(self, pool: BlockPool, block_size: int, enable_prefix_caching: bool = True,
                  external: ExternalCache | None = None):
@@ -40,6 +50,7 @@ class KVCacheManager:
         self.external = external if enable_prefix_caching else None
         self._tables: dict[str, list[int]] = {}
         self._num_registered: dict[str, int] = {}
+        self._loads: list[tuple[int, BlockKey]] = []
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
 
@@ -47,49 +58,47 @@ class KVCacheManager:
         return self._tables.get(request_id, [])
 
     def find_cached_prefix(self, req: Request) -> list[int]:
-        """Blocks holding the longest cached prefix of `req`, at least one token short of it.
-
-        At least one token is always left to compute, since its logits are needed.
-        """
+        """Device blocks holding the longest cached prefix of `req` (never its last token)."""
         if not self.enable_prefix_caching:
             return []
         keys = req.update_block_keys(self.block_size)
-        limit = (req.num_tokens - 1) // self.block_size
         hits: list[int] = []
-        for key in keys[:limit]:
+        for key in keys[: num_reusable_blocks(req.num_tokens, self.block_size)]:
             block_id = self.pool.lookup(key)
             if block_id is None:
                 break
             hits.append(block_id)
         return hits
 
-    def plan_prefix(self, req: Request) -> PrefixPlan | None:
-        """Device hits, then the host-tier blocks that follow them. None while a prefetch
-        for this prefix is still reading from disk (the request should wait its turn)."""
+    def lookup(self, req: Request) -> PrefixPlan | None:
+        """The one prefix lookup: device hits, then the blocks the tiers below hold ready.
+
+        Starts fetches for blocks only a slower tier holds. None while the next block is
+        still being fetched (the request should wait its turn rather than recompute it).
+        """
         device = self.find_cached_prefix(req)
         if self.external is None:
             return PrefixPlan(device, [])
-        limit = (req.num_tokens - 1) // self.block_size
+        limit = num_reusable_blocks(req.num_tokens, self.block_size)
         rest = req.block_keys[len(device) : limit]
-        if self.external.is_loading(rest):
+        match = self.external.lookup(rest)
+        if match.next_in_flight or (match.num_started and match.num_ready == 0):
             return None
-        ready = self.external.num_ready(rest)
-        started = ready < len(rest) and self.external.prefetch(rest[ready:]) > 0
-        if started and ready == 0:
-            return None
-        return PrefixPlan(device, list(rest[:ready]))
+        return PrefixPlan(device, list(rest[: match.num_ready]))
 
     def record_query(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
         self.num_queried_tokens += num_prompt_tokens
         self.num_hit_tokens += num_hit_tokens
 
-    def allocate(self, req: Request, num_new_tokens: int, cached: Sequence[int] = (),
-                 num_loaded_blocks: int = 0) -> bool:
-        """Make room for `num_new_tokens` more tokens of `req`, first taking `cached` blocks
-        (and fresh blocks for `num_loaded_blocks` blocks copied in from the host tier).
+    def allocate(self, req: Request, num_new_tokens: int, plan: PrefixPlan = NO_PREFIX) -> bool:
+        """Make room for `num_new_tokens` more tokens of `req`, first taking the plan's
+        device blocks, then fresh blocks for its host-tier keys (pinned, and queued as
+        loads for the step: `take_loads`).
 
         All or nothing: returns False, changing nothing, when the pool is too small.
         """
+        cached, external = plan.device_blocks, plan.external_keys
+        num_loaded_blocks = len(external)
         table = self._tables.get(req.request_id, [])
         num_tokens = (req.num_computed_tokens + (len(cached) + num_loaded_blocks)
                       * self.block_size + num_new_tokens)
@@ -103,9 +112,20 @@ class KVCacheManager:
         self._num_registered.setdefault(req.request_id, 0)
         if cached:
             self._num_registered[req.request_id] = len(table)
+        first_new = len(table)  # the loaded blocks are the first fresh ones
         if num_needed > 0:
             table.extend(self.pool.allocate(num_needed))
+        if external:
+            self._loads.extend(zip(table[first_new : first_new + num_loaded_blocks], external,
+                                   strict=True))
+            if self.external is not None:
+                self.external.pin(external)
         return True
+
+    def take_loads(self) -> list[tuple[int, BlockKey]]:
+        """(device block, host key) copies queued by `allocate` since the last call."""
+        loads, self._loads = self._loads, []
+        return loads
 
     def cache_blocks(self, req: Request) -> None:
         """Publish the request's newly full, computed blocks in the prefix index."""

@@ -7,10 +7,11 @@ Runs on the engine thread only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 
+from kvmesh.engine.batch import SeqWork
 from kvmesh.model.arch import ModelArch
 from kvmesh.model.attention import (
     AttentionMetadata,
@@ -21,16 +22,6 @@ from kvmesh.model.attention import (
     PrefillSegment,
 )
 from kvmesh.model.llama import LlamaForCausalLM
-
-
-@dataclass(frozen=True)
-class BatchSeq:
-    """One sequence's slice of a step: feed `token_ids` at positions `start`.. onwards."""
-
-    token_ids: list[int]
-    start: int
-    block_table: list[int]
-    is_sampling: bool
 
 
 def kv_block_bytes(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
@@ -69,7 +60,7 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _slots(self, seqs: list[BatchSeq]) -> tuple[list[int], list[int], list[int], list[int]]:
+    def _slots(self, seqs: Sequence[SeqWork]) -> tuple[list[int], list[int], list[int], list[int]]:
         ids: list[int] = []
         positions: list[int] = []
         blocks: list[int] = []
@@ -83,7 +74,7 @@ class ModelRunner:
             offsets.extend(p % bs for p in pos)
         return ids, positions, blocks, offsets
 
-    def _decode_group(self, decodes: list[BatchSeq], start: int) -> DecodeGroup:
+    def _decode_group(self, decodes: Sequence[SeqWork], start: int) -> DecodeGroup:
         bs = self.block_size
         lengths = [s.start + 1 for s in decodes]
         width = -(-max(lengths) // bs)
@@ -98,7 +89,7 @@ class ModelRunner:
         mask = span.unsqueeze(0) < lens.unsqueeze(1)
         return DecodeGroup(start, len(decodes), table, mask[:, None, None, :], lens)
 
-    def _decode_groups(self, decodes: list[BatchSeq]) -> list[DecodeGroup]:
+    def _decode_groups(self, decodes: Sequence[SeqWork]) -> list[DecodeGroup]:
         """Split decodes (sorted by length) where padding would more than double the work.
 
         The native kernel reads each sequence's own length, so it takes one group."""
@@ -112,7 +103,7 @@ class ModelRunner:
                 begin = i
         return groups
 
-    def _prefill_meta(self, prefills: list[BatchSeq], first: int) -> list[PrefillSegment]:
+    def _prefill_meta(self, prefills: Sequence[SeqWork], first: int) -> list[PrefillSegment]:
         segments = []
         start = first
         for s in prefills:
@@ -122,7 +113,7 @@ class ModelRunner:
             start += len(s.token_ids)
         return segments
 
-    def _prefill_batch(self, prefills: list[BatchSeq], first: int) -> PrefillBatch | None:
+    def _prefill_batch(self, prefills: Sequence[SeqWork], first: int) -> PrefillBatch | None:
         if self.prefill_kernel is None or not prefills:
             return None
         rows: list[int] = []
@@ -138,7 +129,7 @@ class ModelRunner:
         return PrefillBatch(self._tensor(flat).view(len(prefills), width),
                             self._tensor(rows).view(len(prefills), 3))
 
-    def execute(self, seqs: list[BatchSeq]) -> tuple[torch.Tensor, list[int]]:
+    def execute(self, seqs: Sequence[SeqWork]) -> tuple[torch.Tensor, list[int]]:
         """Run one step. Returns logits for the sampling sequences and their batch indices."""
         order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i].token_ids) > 1, seqs[i].start))
         ordered = [seqs[i] for i in order]

@@ -41,6 +41,7 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     block_keys: list[BlockKey] = field(default_factory=list)
+    seed: int | None = None  # of this sequence's sampling generator
 
     def __post_init__(self) -> None:
         if not self.token_ids:

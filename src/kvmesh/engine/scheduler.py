@@ -20,7 +20,7 @@ import itertools
 from dataclasses import dataclass
 
 from kvmesh.config import SchedulerConfig
-from kvmesh.engine.kv_cache_manager import KVCacheManager
+from kvmesh.engine.kv_cache_manager import KVCacheManager, PrefixPlan
 from kvmesh.engine.policies import make_policy
 from kvmesh.engine.request import Request, RequestStatus
 from kvmesh.hashing import BlockKey
@@ -65,13 +65,16 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._seq = itertools.count()
         self.num_preemptions = 0
+        self.finished_ids: list[str] = []  # since the core last drained them
 
     # lifecycle -----------------------------------------------------------------------
 
-    def add_request(self, req: Request) -> None:
+    def add_request(self, req: Request, check_capacity: bool = True) -> None:
+        """Queue `req`. QueueFullError at `max_waiting` (unless `check_capacity` is off, for
+        the siblings of a request already admitted)."""
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
-        if len(self.waiting) >= self.config.max_waiting:
+        if check_capacity and len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)")
         req.arrival_seq = next(self._seq)
         self.requests[req.request_id] = req
@@ -99,6 +102,7 @@ class Scheduler:
         req.finish_reason = reason
         req.stop_reason = stop
         self.requests.pop(req.request_id, None)
+        self.finished_ids.append(req.request_id)
 
     @property
     def num_running(self) -> int:
@@ -125,10 +129,9 @@ class Scheduler:
             if self._allocate_or_preempt(req, num_new, pending, preempted):
                 seqs.append(self._scheduled(req, num_new))
                 budget -= num_new
-        loads: list[tuple[int, BlockKey]] = []
         if not preempted:
-            budget = self._admit(budget, seqs, loads)
-        return SchedulerOutput(tuple(seqs), tuple(preempted), tuple(loads))
+            budget = self._admit(budget, seqs)
+        return SchedulerOutput(tuple(seqs), tuple(preempted), tuple(self.kv.take_loads()))
 
     def _allocate_or_preempt(
         self, req: Request, num_new: int, pending: list[Request], preempted: list[str]
@@ -142,38 +145,33 @@ class Scheduler:
             pending.remove(victim)
         return True
 
-    def _admit(self, budget: int, seqs: list[ScheduledSeq],
-               loads: list[tuple[int, BlockKey]]) -> int:
-        """Admit waiting requests in policy order; one still loading from disk is passed over."""
+    def _admit(self, budget: int, seqs: list[ScheduledSeq]) -> int:
+        """Admit waiting requests in policy order; one still fetching its prefix is passed
+        over."""
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[i]
-            plan = self.kv.plan_prefix(req)
+            plan = self.kv.lookup(req)
             if plan is None:
                 i += 1
                 continue
             num_cached = plan.num_blocks * self.kv.block_size
             num_new = min(req.num_tokens - num_cached, budget)
-            if not self.kv.allocate(req, num_new, plan.device_blocks, len(plan.external_keys)):
+            if not self.kv.allocate(req, num_new, plan):
                 break
             self.waiting.pop(i)
-            self._start(req, plan.device_blocks, plan.external_keys, loads)
+            self._start(req, plan)
             seqs.append(self._scheduled(req, num_new))
             budget -= num_new
         return budget
 
-    def _start(self, req: Request, device: list[int], external: list[BlockKey],
-               loads: list[tuple[int, BlockKey]]) -> None:
+    def _start(self, req: Request, plan: PrefixPlan) -> None:
         bs = self.kv.block_size
-        table = self.kv.block_table(req.request_id)
-        loads.extend(zip(table[len(device) : len(device) + len(external)], external, strict=True))
-        if external and self.kv.external is not None:
-            self.kv.external.pin(external)
-        req.num_computed_tokens = (len(device) + len(external)) * bs
+        req.num_computed_tokens = plan.num_blocks * bs
         if req.num_cached_tokens is None:
             req.num_cached_tokens = req.num_computed_tokens
-            req.num_external_cached_tokens = len(external) * bs
-            self.kv.record_query(req.num_prompt_tokens, len(device) * bs)
+            req.num_external_cached_tokens = len(plan.external_keys) * bs
+            self.kv.record_query(req.num_prompt_tokens, len(plan.device_blocks) * bs)
         req.status = RequestStatus.RUNNING
         self.running.append(req)
 

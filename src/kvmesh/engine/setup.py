@@ -10,7 +10,11 @@ from pathlib import Path
 import torch
 
 from kvmesh.config import EngineConfig
+from kvmesh.engine.events import EventOutbox
 from kvmesh.engine.model_runner import kv_block_bytes
+from kvmesh.kvstore.disk import DiskTier
+from kvmesh.kvstore.host import HostTier
+from kvmesh.kvstore.store import TieredStore
 from kvmesh.model import cpu_isa
 from kvmesh.model.llama import LlamaForCausalLM
 from kvmesh.model.loader import TORCH_DTYPES, load_model, read_config
@@ -123,3 +127,15 @@ def load_engine_model(config: EngineConfig, progress: bool = True) -> LoadedMode
         _eos_ids(resolved.path, tokenizer, model.arch.eos_token_ids),
         quantization,
     )
+
+
+def build_store(config: EngineConfig, block_bytes: int,
+                outbox: EventOutbox | None = None) -> TieredStore | None:
+    """Host memory over the disk tier, as configured (None: no tiers below the device)."""
+    tiers = config.tiers
+    if not tiers.is_enabled or not config.cache.enable_prefix_caching:
+        return None
+    host = HostTier(tiers.host_bytes, block_bytes, tiers.host_policy, outbox=outbox)
+    sources = ([DiskTier(Path(tiers.disk_path), tiers.disk_bytes, block_bytes, tiers.disk_policy,
+                         tiers.io_threads, tiers.fsync, outbox)] if tiers.disk_path else [])
+    return TieredStore(tiers, host, sources, config.cache.block_size)

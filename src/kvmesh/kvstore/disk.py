@@ -22,10 +22,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from kvmesh.engine.events import EventOutbox
 from kvmesh.hashing import BlockKey
 from kvmesh.kvstore.codec import HEADER_BYTES, CorruptBlockError, decode, encode_header
-from kvmesh.kvstore.eviction import make_eviction_policy
-from kvmesh.kvstore.tier import TierStats
+from kvmesh.kvstore.index import TierIndex
 
 log = logging.getLogger(__name__)
 SUFFIX = ".kvb"
@@ -43,16 +43,19 @@ def _file_key(name: str) -> BlockKey | None:
 
 
 class DiskTier:
+    name = "disk"
+    writable = True
+
     def __init__(self, path: Path, capacity_bytes: int, block_bytes: int, policy: str = "lru",
-                 io_threads: int = 4, fsync: bool = False):
+                 io_threads: int = 4, fsync: bool = False, outbox: EventOutbox | None = None):
         self.root = Path(path)
         self.block_bytes = block_bytes
         self.file_bytes = block_bytes + HEADER_BYTES
         self.fsync = fsync
         self.max_queued_writes = 1024
-        self.stats = TierStats("disk", capacity_bytes=capacity_bytes)
-        self.policy = make_eviction_policy(policy, capacity_bytes)
-        self._index: set[BlockKey] = set()
+        self.index = TierIndex("disk", capacity_bytes // self.file_bytes, self.file_bytes,
+                               policy, outbox)
+        self.stats = self.index.stats
         self._writing: set[BlockKey] = set()
         self._done: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvmesh-disk")
@@ -79,7 +82,7 @@ class DiskTier:
                     f.unlink(missing_ok=True)  # temp files of a killed writer
                     continue
                 self._admit(key)
-        log.info("disk tier %s: %d blocks found", self.root, len(self._index))
+        log.info("disk tier %s: %d blocks found", self.root, len(self.index))
 
     # engine thread ---------------------------------------------------------------------
 
@@ -88,31 +91,21 @@ class DiskTier:
         return self.disabled_reason is None
 
     def __contains__(self, key: object) -> bool:
-        return key in self._index
+        return key in self.index
 
     def _admit(self, key: BlockKey) -> None:
-        self._index.add(key)
-        self.policy.insert(key, self.file_bytes)
-        self.stats.num_blocks += 1
-        self.stats.used_bytes += self.file_bytes
-        while self.stats.used_bytes > self.stats.capacity_bytes:
-            victim = self.policy.evict_one()
-            if victim is None:
-                break
-            self._forget(victim)
-            self.stats.evictions += 1
-            self._pool.submit(self._path(victim).unlink, missing_ok=True)
+        slot, evicted = self.index.insert(key)
+        if evicted is not None:
+            self._pool.submit(self._path(evicted[0]).unlink, missing_ok=True)
+        if slot is None:  # a tier smaller than one file
+            self._pool.submit(self._path(key).unlink, missing_ok=True)
 
     def _forget(self, key: BlockKey) -> None:
-        if key in self._index:
-            self._index.discard(key)
-            self.policy.remove(key)
-            self.stats.num_blocks -= 1
-            self.stats.used_bytes -= self.file_bytes
+        self.index.remove(key)
 
     def write(self, key: BlockKey, payload: bytes) -> None:
         """Queue a block for writing (the caller hands over its own copy of the bytes)."""
-        if not self.is_enabled or key in self._index or key in self._writing:
+        if not self.is_enabled or key in self.index or key in self._writing:
             return
         if len(self._writing) >= self.max_queued_writes:
             self.stats.dropped_writes += 1
@@ -122,7 +115,7 @@ class DiskTier:
 
     def read(self, key: BlockKey) -> Future:
         """Read and verify a block on a worker; the future's result is bytes or None."""
-        self.policy.touch(key)
+        self.index.touch(key)
         return self._pool.submit(self._read_file, key)
 
     def poll(self) -> None:
@@ -213,7 +206,4 @@ class DiskTier:
         self._forget(key)
 
     def check_integrity(self) -> None:
-        assert self.stats.num_blocks == len(self._index)
-        assert self.stats.used_bytes == len(self._index) * self.file_bytes
-        assert all(k in self.policy for k in self._index)
-        self.policy.check_integrity()
+        self.index.check_integrity()

@@ -1,109 +1,176 @@
-"""The tiered store below the device: host DRAM (hot) and disk (large), one engine thread.
+"""The tiered store below the device: host DRAM (the staging tier) over a list of sources.
 
-Flow:
-- `offload(key, block)`: a device block is being evicted (write-back, the default) or was
-  just computed (write-through). Its bytes go to the host tier; a host eviction spills to
-  disk in write-back mode; write-through writes disk at once.
-- `prefetch(keys)`: on admission, start disk reads for the leading keys that are on disk
-  but not in host memory; finished reads land in host memory in `poll()`.
-- The scheduler asks `num_ready` / `is_loading` (ExternalCache) and pins what it will load;
-  `load(key, dst)` copies host -> device and unpins.
+Pure Python: no torch, no threads of its own. The host tier and every source own their
+bytes; the store decides what moves where, on the engine thread, with an injected clock.
+
+- `offload(key, block)`: a device block was evicted (write-back, the default) or was just
+  computed (write-through). Its bytes go to host memory; a host eviction spills to the
+  writable sources (the disk tier) in write-back mode; write-through writes them at once.
+- `lookup(keys)`: one pass per request that matches a prefix across host memory and the
+  sources (`PrefixMatch`), starts reads for what only a source holds, and holds the
+  host-resident head while the tail arrives. Finished reads land in host memory in `poll()`.
+- `load(key, dst)`: host -> device copy of a block the KV cache manager pinned.
+
+A new source (a peer) plugs in with `add_source`, without changes here.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from concurrent.futures import Future
-from pathlib import Path
-
-import torch
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 from kvmesh.config import TierConfig
 from kvmesh.hashing import BlockKey
-from kvmesh.kvstore.disk import DiskTier
-from kvmesh.kvstore.host import HostTier
-from kvmesh.kvstore.tier import TierStats
+from kvmesh.kvstore.tier import Fetch, PrefixMatch, Source, TierStats
 
 STAGE_TIMEOUT_S = 30.0
+FETCH_TIMEOUT_S = 5.0  # a read not done by then is abandoned: its block is recomputed
+MAX_LOST = 1 << 16  # remembered lost blocks (a source that failed a read is not asked again)
+HOST = "host"
+SpillHook = Callable[[BlockKey, Callable[[], bytes | None]], None]
+
+
+class StagingTier(Protocol):
+    """Host memory as the store sees it (`HostTier`; a byte-less index in the simulator)."""
+
+    stats: TierStats
+    on_evict: SpillHook | None
+
+    @property
+    def num_slots(self) -> int: ...
+    @property
+    def num_pinned(self) -> int: ...
+    def __contains__(self, key: object) -> bool: ...
+    def put(self, key: BlockKey, data: Any, cost: float = 1.0) -> bool: ...
+    def payload(self, key: BlockKey) -> bytes | None: ...
+    def list_keys(self) -> list[BlockKey]: ...
+    def copy_out(self, key: BlockKey, dst: Any) -> bool: ...
+    def pin(self, key: BlockKey) -> None: ...
+    def unpin(self, key: BlockKey) -> None: ...
+    def check_integrity(self) -> None: ...
 
 
 class TieredStore:
-    def __init__(self, config: TierConfig, block_bytes: int, tokens_per_block: int):
-        if config.disk_path and config.host_bytes <= 0:
-            raise ValueError("the disk tier needs a host tier (host_bytes > 0) to stage reads")
+    def __init__(self, config: TierConfig, host: StagingTier, sources: Iterable[Source] = (),
+                 tokens_per_block: int = 16, clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.tokens_per_block = tokens_per_block
-        self.host = HostTier(config.host_bytes, block_bytes, config.host_policy,
-                             on_evict=self._spill)
-        self.disk = (DiskTier(Path(config.disk_path), config.disk_bytes, block_bytes,
-                              config.disk_policy, config.io_threads, config.fsync)
-                     if config.disk_path else None)
-        self._reads: dict[BlockKey, tuple[Future, float]] = {}
-        self._from_disk: set[BlockKey] = set()
-        # Blocks read ahead for a waiting request stay pinned until it loads them (or for
+        self.clock = clock
+        self.host = host
+        host.on_evict = self._spill
+        self.sources: list[Source] = list(sources)
+        self._reads: dict[BlockKey, tuple[Fetch, Source, float]] = {}
+        self._origin: dict[BlockKey, str] = {}  # host blocks fetched from a source
+        self._lost: dict[BlockKey, str] = {}  # key -> the source whose read failed or stalled
+        # Blocks held for a waiting request stay pinned until it loads them (or for
         # STAGE_TIMEOUT_S, if it never does), so later reads cannot evict them first.
         self._staged: dict[BlockKey, float] = {}
 
+    def add_source(self, source: Source) -> None:
+        self.sources.append(source)
+
+    @property
+    def disk(self) -> Source | None:
+        return next((s for s in self.sources if s.name == "disk"), None)
+
     # writes ----------------------------------------------------------------------------
 
-    def offload(self, key: BlockKey, block: torch.Tensor, cost: float = 1.0) -> None:
+    def offload(self, key: BlockKey, block: Any, cost: float = 1.0) -> None:
         """Copy a device block's bytes in (the caller may reuse `block` right after)."""
-        self.host.put(key, block, cost)
-        self._from_disk.discard(key)
-        if self.config.write_through and self.disk is not None:
-            view = self.host.get(key)
-            if view is not None:
-                self.disk.write(key, view.numpy().tobytes())
+        if not self.host.put(key, block, cost):
+            return
+        self._origin.pop(key, None)
+        self._lost.pop(key, None)
+        if self.config.write_through:
+            self._write_down(key, lambda: self.host.payload(key))
 
-    def _spill(self, key: BlockKey, slot: torch.Tensor) -> None:
-        self._from_disk.discard(key)
-        if self.disk is not None and not self.config.write_through:
-            self.disk.write(key, slot.numpy().tobytes())
+    def _spill(self, key: BlockKey, payload: Callable[[], bytes | None]) -> None:
+        """Host memory evicts `key`; `payload()` reads its bytes before the slot is reused."""
+        self._origin.pop(key, None)
+        if not self.config.write_through:
+            self._write_down(key, payload)
+
+    def _write_down(self, key: BlockKey, payload: Callable[[], bytes | None]) -> None:
+        for source in self.sources:
+            if source.writable and source.is_enabled and key not in source:
+                data = payload()
+                if data is not None:
+                    source.write(key, data)
+
+    def move(self, stores: Iterable[tuple[int, BlockKey]], loads: Iterable[tuple[int, BlockKey]],
+             block: Callable[[int], Any]) -> None:
+        """An executor's block moves, before its step writes any block: save the device
+        blocks leaving the device, then copy the loaded ones in. `block(id)` is a device
+        block's bytes (None for a byte-less executor)."""
+        for block_id, key in stores:
+            self.offload(key, block(block_id))
+        for block_id, key in loads:
+            if not self.load(key, block(block_id)):
+                raise RuntimeError(f"host tier lost pinned block {key.hex()[:12]}")
 
     # reads -----------------------------------------------------------------------------
 
-    def prefetch(self, keys: Sequence[BlockKey]) -> int:
-        """Start disk reads for the leading keys not in host memory. Returns how many."""
-        started = 0
+    def lookup(self, keys: Sequence[BlockKey], fetch: bool = True) -> PrefixMatch:
+        origins: list[str] = []
+        num_ready, next_in_flight, started, eta = 0, False, 0, 0.0
         room = self.host.num_slots - self.host.num_pinned - len(self._reads)
         for key in keys:
             if key in self.host:
-                self._stage(key)  # keep the head of the prefix while its tail is read
+                num_ready += len(origins) == num_ready  # still in the leading host run
+                origins.append(HOST)
+                if fetch:
+                    self._stage(key)  # keep the head of the prefix while its tail is read
                 continue
-            if key in self._reads:
-                continue
-            if self.disk is None or key not in self.disk or not self.disk.is_enabled:
+            if len(origins) == num_ready:
+                next_in_flight = key in self._reads
+            read = self._reads.get(key)
+            source = read[1] if read is not None else self._source_of(key)
+            if source is None:
                 break
-            if room <= 0:
-                break  # the rest of this prefix cannot be staged at once: it is recomputed
-            self._reads[key] = (self.disk.read(key), time.perf_counter())
-            started += 1
-            room -= 1
-        return started
+            if read is None and fetch:
+                if room <= 0:
+                    break  # the rest of this prefix cannot be staged at once: recomputed
+                self._reads[key] = (source.read(key), source, self.clock())
+                started += 1
+                room -= 1
+            origins.append(source.name)
+            eta = max(eta, _mean_load_s(source.stats))
+        return PrefixMatch(tuple(origins), num_ready, next_in_flight, started, eta)
+
+    def _source_of(self, key: BlockKey) -> Source | None:
+        lost = self._lost.get(key)
+        return next((s for s in self.sources
+                     if s.is_enabled and s.name != lost and key in s), None)
 
     def poll(self) -> None:
-        """Land finished disk reads in host memory (engine thread, before scheduling)."""
-        if self.disk is not None:
-            self.disk.poll()
-        for key, (fut, start) in list(self._reads.items()):
-            if not fut.done():
+        """Land finished reads in host memory (engine thread, before scheduling)."""
+        for source in self.sources:
+            source.poll()
+        now = self.clock()
+        for key, (fut, source, start) in list(self._reads.items()):
+            if not fut.done() and now - start <= FETCH_TIMEOUT_S:
                 continue
             del self._reads[key]
-            payload = fut.result() if fut.exception() is None else None
-            if payload is None:
+            payload = _payload(fut) if fut.done() else None
+            if payload is None:  # lost, corrupt or stalled: recomputed, never waited on again
+                self._mark_lost(key, source.name)
                 continue
-            if self.disk is not None:
-                self.disk.stats.observe_load(time.perf_counter() - start)
+            source.stats.observe_load(self.clock() - start)
             if self.host.put(key, payload):
-                self._from_disk.add(key)
+                self._origin[key] = source.name
                 self._stage(key)
         self._expire_staged()
-        if self.disk is not None:
-            self.disk.poll()
+        for source in self.sources:
+            source.poll()
+
+    def _mark_lost(self, key: BlockKey, source: str) -> None:
+        if len(self._lost) >= MAX_LOST:
+            self._lost.pop(next(iter(self._lost)))
+        self._lost[key] = source
 
     def _expire_staged(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for key, since in list(self._staged.items()):
             if now - since > STAGE_TIMEOUT_S:
                 self._unstage(key)
@@ -111,27 +178,11 @@ class TieredStore:
     def _stage(self, key: BlockKey) -> None:
         if key not in self._staged:
             self.host.pin(key)
-        self._staged[key] = time.monotonic()
+        self._staged[key] = self.clock()
 
     def _unstage(self, key: BlockKey) -> None:
         if self._staged.pop(key, None) is not None:
             self.host.unpin(key)
-
-    def num_ready(self, keys: Sequence[BlockKey]) -> int:
-        n = 0
-        for key in keys:
-            if key not in self.host:
-                break
-            n += 1
-        return n
-
-    def is_loading(self, keys: Sequence[BlockKey]) -> bool:
-        for key in keys:
-            if key in self._reads:
-                return True
-            if key not in self.host:
-                return False
-        return False
 
     def pin(self, keys: Sequence[BlockKey]) -> None:
         for key in keys:
@@ -140,57 +191,69 @@ class TieredStore:
     def has_reads_in_flight(self) -> bool:
         return bool(self._reads)
 
-    def load(self, key: BlockKey, dst: torch.Tensor) -> bool:
-        """Copy a pinned host block into a device block, unpin it, and count the hit."""
-        start = time.perf_counter()
-        src = self.host.get(key)
+    def load(self, key: BlockKey, dst: Any) -> bool:
+        """Copy a pinned host block into a device block, unpin it, and time the copy."""
+        start = self.clock()
+        ok = self.host.copy_out(key, dst)
         self.host.unpin(key)
         self._unstage(key)
-        if src is None:
-            return False
-        dst.reshape(-1).view(torch.uint8).copy_(src, non_blocking=self.host.is_pinned)
-        self.host.stats.bytes_out += self.host.block_bytes
-        self.host.stats.observe_load(time.perf_counter() - start)
-        return True
+        if ok:
+            self.host.stats.observe_load(self.clock() - start)
+        return ok
+
+    # accounting ------------------------------------------------------------------------
 
     def account(self, num_wanted: int, served: Sequence[BlockKey]) -> None:
         """Count one admission: `num_wanted` blocks the device lacked, `served` from here.
 
-        A block is a host hit if it was in DRAM already, a disk hit if it was read from
-        disk for this request; each tier's misses are the lookups that reached it and failed.
+        A block is a host hit if it was in DRAM already, a source's hit if that source was
+        read for it; each tier's misses are the lookups that reached it and failed.
         """
-        from_disk = sum(1 for k in served if k in self._from_disk)
-        per_tier = [(self.host.stats, len(served) - from_disk, num_wanted)]
-        if self.disk is not None:
-            per_tier.append((self.disk.stats, from_disk, num_wanted - (len(served) - from_disk)))
-        for stats, hits, lookups in per_tier:
+        origins = [self._origin.get(k, HOST) for k in served]
+        lookups = num_wanted
+        for stats in self.all_stats():
+            hits = origins.count(stats.name)
             stats.hit_blocks += hits
             stats.hit_tokens += hits * self.tokens_per_block
             stats.miss_blocks += lookups - hits
             stats.miss_tokens += (lookups - hits) * self.tokens_per_block
+            lookups -= hits
 
     def all_stats(self) -> list[TierStats]:
-        return [self.host.stats] + ([self.disk.stats] if self.disk else [])
+        return [self.host.stats] + [s.stats for s in self.sources]
 
     def persist(self) -> int:
-        """Write every host block the disk lacks (on shutdown, so a restart starts warm)."""
-        if self.disk is None or not self.disk.is_enabled:
-            return 0
+        """Write every host block the writable sources lack (on shutdown: a warm restart)."""
         written = 0
-        for key, slot in list(self.host._slot_of.items()):
-            if key not in self.disk:
-                self.disk.write(key, self.host.slab[slot].numpy().tobytes())
-                written += 1
-        self.disk.drain()
+        for source in self.sources:
+            if not (source.writable and source.is_enabled):
+                continue
+            for key in self.host.list_keys():
+                data = None if key in source else self.host.payload(key)
+                if data is not None:
+                    source.write(key, data)
+                    written += 1
+            source.drain()
         return written
 
     def close(self) -> None:
-        if self.disk is not None:
-            self.persist()
-            self.disk.close()
+        self.persist()
+        for source in self.sources:
+            source.close()
 
     def check_integrity(self) -> None:
         self.host.check_integrity()
-        if self.disk is not None:
-            self.disk.check_integrity()
-        assert self._from_disk <= set(self.host._slot_of), "disk-origin mark on a missing block"
+        for source in self.sources:
+            source.check_integrity()
+        assert all(k in self.host for k in self._origin), "fetched mark on a missing block"
+
+
+def _payload(fut: Fetch) -> bytes | None:
+    try:
+        return fut.result()
+    except Exception:  # noqa: BLE001 - a failed read is a miss
+        return None
+
+
+def _mean_load_s(stats: TierStats) -> float:
+    return stats.load_sum_s / stats.load_count if stats.load_count else 0.0

@@ -43,24 +43,60 @@ class TierStats:
         self.load_sum_s += seconds
 
 
-class ExternalCache(Protocol):
-    """What the scheduler may ask of the tiers below the device (host staging area).
+@dataclass(frozen=True)
+class PrefixMatch:
+    """Where the blocks of a prefix that the device lacks can come from, and how soon.
 
-    All calls are cheap index lookups made on the engine thread.
+    `origins[i]` names the tier that holds block i ("host", or a source such as "disk");
+    the match stops at the first block no tier holds. The first `num_ready` blocks sit in
+    host memory now and can be copied to the device this step.
     """
 
-    def num_ready(self, keys: Sequence[BlockKey]) -> int:
-        """How many leading `keys` sit in host memory, ready to copy to the device."""
-        ...
+    origins: tuple[str, ...] = ()
+    num_ready: int = 0
+    next_in_flight: bool = False  # the first block not ready was already being fetched
+    num_started: int = 0  # fetches this lookup started
+    eta_s: float = 0.0  # estimated time until every matched block is in host memory
 
-    def is_loading(self, keys: Sequence[BlockKey]) -> bool:
-        """Whether a prefetch for one of the leading `keys` is still in flight."""
+    @property
+    def num_blocks(self) -> int:
+        return len(self.origins)
+
+
+class Fetch(Protocol):
+    """An asynchronous read (a concurrent.futures.Future fits): bytes, or None if lost."""
+
+    def done(self) -> bool: ...
+    def result(self, timeout: float | None = None) -> bytes | None: ...
+
+
+class Source(Protocol):
+    """A place below host memory that blocks can be fetched from: the disk tier; a peer
+    next. The store asks it by key, starts reads, and lands the bytes in host memory."""
+
+    name: str
+    writable: bool  # takes blocks spilled from host memory
+    stats: TierStats
+
+    @property
+    def is_enabled(self) -> bool: ...
+    def __contains__(self, key: object) -> bool: ...
+    def read(self, key: BlockKey) -> Fetch: ...
+    def write(self, key: BlockKey, payload: bytes) -> None: ...
+    def poll(self) -> None: ...
+    def drain(self, timeout: float = 30.0) -> None: ...
+    def close(self) -> None: ...
+    def check_integrity(self) -> None: ...
+
+
+class ExternalCache(Protocol):
+    """What the KV cache manager asks of the tiers below the device (engine thread)."""
+
+    def lookup(self, keys: Sequence[BlockKey], fetch: bool = True) -> PrefixMatch:
+        """Match the leading `keys` (one pass); with `fetch`, start reads for the blocks
+        found only in a source, and hold the host-resident ones while they arrive."""
         ...
 
     def pin(self, keys: Sequence[BlockKey]) -> None:
         """Keep these host blocks until they are loaded (they are about to be copied)."""
-        ...
-
-    def prefetch(self, keys: Sequence[BlockKey]) -> int:
-        """Start async reads for leading keys found only on disk; returns how many."""
         ...

@@ -26,6 +26,7 @@ from kvmesh.engine.engine import LLMEngine
 from kvmesh.server.auth import KeyAuth
 from kvmesh.server.errors import APIError, api_error_handler, error_body, validation_error_handler
 from kvmesh.server.handlers import Job, respond
+from kvmesh.server.jobs import chat_job, completion_job
 from kvmesh.server.metrics import ServerMetrics
 from kvmesh.server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -78,11 +79,10 @@ def _load(state: AppState, metrics: ServerMetrics) -> None:
         log.exception("model failed to load")
         state.load_error = f"{type(exc).__name__}: {exc}"
         return
-    engine = async_engine.engine
-    state.model_name = state.server_config.served_model_name or engine.loaded.name
+    state.model_name = state.server_config.served_model_name or async_engine.model_name
     metrics.model_name = state.model_name
     state.engine = async_engine
-    log.info("model %s ready (%d KV blocks)", state.model_name, engine.loaded.num_blocks)
+    log.info("model %s ready (%d KV blocks)", state.model_name, async_engine.num_blocks)
 
 
 def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> FastAPI:
@@ -170,7 +170,7 @@ def _add_routes(app: FastAPI, state: AppState, metrics: ServerMetrics, auth: Key
                     "object": "model",
                     "created": state.created,
                     "owned_by": "kvmesh",
-                    "max_model_len": engine.engine.max_model_len,
+                    "max_model_len": engine.max_model_len,
                 }
             ],
         }
@@ -180,86 +180,16 @@ def _add_routes(app: FastAPI, state: AppState, metrics: ServerMetrics, auth: Key
         tenant = auth.tenant(authorization)
         engine = state.require_engine()
         _check_model(state, body.model)
-        job = make_job(state, engine, body, tenant)
-        return await respond(request, engine, job, metrics, engine.engine.tokenizer,
+        job = await asyncio.to_thread(make_job, engine.inputs, state.model_name, body, tenant)
+        return await respond(request, engine, job, metrics, engine.tokenizer,
                              state.server_config.retry_after_s)
 
     @app.post("/v1/completions", responses=STREAMING_OK)
     async def completions(body: CompletionRequest, request: Request,
                           authorization: Auth = None) -> Any:
-        return await generate(body, request, authorization, _completion_job)
+        return await generate(body, request, authorization, completion_job)
 
     @app.post("/v1/chat/completions", responses=STREAMING_OK)
     async def chat(body: ChatCompletionRequest, request: Request,
                    authorization: Auth = None) -> Any:
-        return await generate(body, request, authorization, _chat_job)
-
-
-def _bad(exc: Exception) -> APIError:
-    return APIError(HTTPStatus.BAD_REQUEST, str(exc))
-
-
-def _salt(body_salt: str | None, tenant: str | None) -> str | None:
-    if tenant is None:
-        return body_salt
-    return f"{tenant}:{body_salt or ''}"
-
-
-def _completion_job(
-    state: AppState, engine: AsyncEngine, body: CompletionRequest, tenant: str | None
-) -> Job:
-    if body.echo or body.suffix:
-        raise APIError(
-            HTTPStatus.BAD_REQUEST,
-            "echo and suffix are not supported",
-            param="echo" if body.echo else "suffix",
-        )
-    core = engine.engine
-    try:
-        prompts = [core.encode_prompt(p) for p in body.prompts()]
-        params = body.sampling(body.max_tokens, body.logprobs)
-        for ids in prompts:
-            core.validate_prompt(ids, params.max_tokens)
-    except ValueError as exc:
-        raise _bad(exc) from exc
-    return Job(
-        "completion",
-        state.model_name,
-        prompts,
-        params,
-        body.priority,
-        _salt(body.cache_salt, tenant),
-        body.stream,
-        body.include_usage,
-    )
-
-
-def _chat_job(
-    state: AppState, engine: AsyncEngine, body: ChatCompletionRequest, tenant: str | None
-) -> Job:
-    core = engine.engine
-    try:
-        ids = core.tokenizer.encode_chat(
-            body.template_messages(),
-            add_generation_prompt=body.add_generation_prompt,
-            **(body.chat_template_kwargs or {}),
-        )
-        core.validate_prompt(ids)
-        limit = body.max_completion_tokens or body.max_tokens
-        max_tokens = limit if limit is not None else core.max_model_len - len(ids)
-        top = body.top_logprobs or 0
-        params = body.sampling(max_tokens, top if body.logprobs else None)
-        core.validate_prompt(ids, params.max_tokens)
-    except ValueError as exc:
-        raise _bad(exc) from exc
-    return Job(
-        "chat",
-        state.model_name,
-        [ids],
-        params,
-        body.priority,
-        _salt(body.cache_salt, tenant),
-        body.stream,
-        body.include_usage,
-        top,
-    )
+        return await generate(body, request, authorization, chat_job)

@@ -1,0 +1,65 @@
+"""What the engine core hands an executor each step, and what it gets back. Pure types.
+
+A batch is self-contained: the executor needs nothing else from the core to run it. The
+torch executor (`TorchExecutor`) is the model runner, sampler and block mover; the
+simulator brings a cost-model executor that only advances a virtual clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from kvmesh.hashing import BlockKey
+from kvmesh.types import SamplingParams
+
+BlockCopy = tuple[int, BlockKey]  # (device block id, key)
+
+
+@dataclass(frozen=True, slots=True)
+class SeqWork:
+    """One sequence's slice of a step: feed `token_ids` at positions `start`.. onwards."""
+
+    request_id: str
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    is_sampling: bool
+    params: SamplingParams
+    seed: int | None  # seeds the sequence's generator when the executor first sees it
+    prompt_token_ids: list[int]  # for penalties: read, never changed
+    all_token_ids: list[int]  # prompt then outputs so far
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[len(self.prompt_token_ids) :]
+
+
+@dataclass(frozen=True, slots=True)
+class ExecuteBatch:
+    """One step's work, in order: save `stores` (device blocks leaving the device, whose
+    bytes this step may overwrite), copy `loads` in (host -> device), then run `seqs`.
+    `finished_ids` are sequences gone since the last batch (drop their state)."""
+
+    seqs: tuple[SeqWork, ...] = ()
+    stores: tuple[BlockCopy, ...] = ()
+    loads: tuple[BlockCopy, ...] = ()
+    finished_ids: tuple[str, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecuteResult:
+    """Sampled token per sampling sequence, and its logprobs entry when asked for."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, Any] = field(default_factory=dict)
+
+
+class Executor(Protocol):
+    def execute(self, batch: ExecuteBatch) -> ExecuteResult:
+        """Run one batch. An exception fails the batch's sequences, not the engine."""
+        ...

@@ -1,0 +1,78 @@
+"""Block events: what every KV store (device pool, host, disk, later peers) gained or lost.
+
+Pure Python. The block pool and the tier indexes append frozen events to one outbox as
+they happen; the engine core drains it once per step (and before anything can overwrite
+an evicted device block) and hands each batch, in order, to its subscribers: the
+offloader today, a KV-event publisher for the router and the peer directory next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kvmesh.hashing import BlockKey
+
+DEVICE = "device"
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStored:
+    """`medium` now holds `key` (device blocks also name their block id)."""
+
+    medium: str
+    key: BlockKey
+    block_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRemoved:
+    """`medium` no longer holds `key`. A device block's bytes stay intact until the step
+    that follows the drain writes it, so a subscriber may still copy them out."""
+
+    medium: str
+    key: BlockKey
+    block_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AllCleared:
+    """`medium` dropped everything it held (for example, a disk tier that was disabled)."""
+
+    medium: str
+
+
+BlockEvent = BlockStored | BlockRemoved | AllCleared
+Subscriber = Callable[[Sequence[BlockEvent]], None]
+
+
+class EventOutbox:
+    """Events in the order they happened, handed to subscribers on `drain()`."""
+
+    def __init__(self) -> None:
+        self._events: list[BlockEvent] = []
+        self._subscribers: list[Subscriber] = []
+        self.num_drained = 0  # sequence number of the next event handed out
+
+    def append(self, event: BlockEvent) -> None:
+        self._events.append(event)
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        self._subscribers.append(subscriber)
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def drain(self) -> int:
+        """Hand pending events to every subscriber; events they cause are handed on too.
+
+        Returns how many events were handed out.
+        """
+        total = 0
+        while self._events:
+            events, self._events = self._events, []
+            for subscriber in self._subscribers:
+                subscriber(events)
+            total += len(events)
+        self.num_drained += total
+        return total

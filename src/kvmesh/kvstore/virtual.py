@@ -1,0 +1,114 @@
+"""Byte-less tiers for the simulator and for pure tests: the real index, no bytes.
+
+`VirtualHostTier` is host memory as the store sees it (a `TierIndex` of slots); a
+`VirtualSource` holds a set of keys and answers a read after a fixed latency on the
+injected clock. The store, the KV cache manager and the core run on them unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from kvmesh.engine.events import EventOutbox
+from kvmesh.hashing import BlockKey
+from kvmesh.kvstore.index import TierIndex
+from kvmesh.kvstore.store import SpillHook
+from kvmesh.kvstore.tier import TierStats
+
+
+class VirtualHostTier:
+    def __init__(self, num_slots: int, block_bytes: int, policy: str = "lru",
+                 outbox: EventOutbox | None = None):
+        self.index = TierIndex("host", num_slots, block_bytes, policy, outbox)
+        self.stats = self.index.stats
+        self.on_evict: SpillHook | None = None
+
+    @property
+    def num_slots(self) -> int:
+        return self.index.num_slots
+
+    @property
+    def num_pinned(self) -> int:
+        return self.index.num_pinned
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.index
+
+    def put(self, key: BlockKey, data: object = None, cost: float = 1.0) -> bool:
+        slot, evicted = self.index.insert(key, cost)
+        if slot is None:
+            self.stats.dropped_writes += 1
+            return False
+        if evicted is not None and self.on_evict is not None:
+            self.on_evict(evicted[0], lambda: b"")
+        return True
+
+    def payload(self, key: BlockKey) -> bytes | None:
+        return b"" if key in self.index else None
+
+    def list_keys(self) -> list[BlockKey]:
+        return [key for key, _ in self.index.items()]
+
+    def copy_out(self, key: BlockKey, dst: object) -> bool:
+        self.index.touch(key)
+        return key in self.index
+
+    def pin(self, key: BlockKey) -> None:
+        self.index.pin(key)
+
+    def unpin(self, key: BlockKey) -> None:
+        self.index.unpin(key)
+
+    def check_integrity(self) -> None:
+        self.index.check_integrity()
+
+
+class _Timed:
+    def __init__(self, clock: Callable[[], float], ready_at: float):
+        self._clock = clock
+        self._ready_at = ready_at
+
+    def done(self) -> bool:
+        return self._clock() >= self._ready_at
+
+    def result(self, timeout: float | None = None) -> bytes | None:
+        return b""
+
+
+class VirtualSource:
+    """A source holding `keys`, each read taking `latency_s` on `clock`; writable ones
+    keep what is spilled to them."""
+
+    def __init__(self, name: str, keys: Iterable[BlockKey], clock: Callable[[], float],
+                 latency_s: float = 0.001, writable: bool = False):
+        self.name = name
+        self.writable = writable
+        self.stats = TierStats(name)
+        self.keys = set(keys)
+        self.clock = clock
+        self.latency_s = latency_s
+
+    @property
+    def is_enabled(self) -> bool:
+        return True
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys
+
+    def read(self, key: BlockKey) -> _Timed:
+        return _Timed(self.clock, self.clock() + self.latency_s)
+
+    def write(self, key: BlockKey, payload: bytes) -> None:
+        self.keys.add(key)
+
+    def poll(self) -> None:
+        pass
+
+    def drain(self, timeout: float = 30.0) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def check_integrity(self) -> None:
+        pass

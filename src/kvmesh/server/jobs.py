@@ -1,0 +1,55 @@
+"""Request bodies -> Jobs: tokenize and validate once, with the engine's input processor.
+
+Run on a worker thread (`asyncio.to_thread`), never on the event loop: tokenizing a long
+prompt or applying a chat template must not stall other streams.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from kvmesh.engine.input_processor import InputProcessor
+from kvmesh.server.errors import APIError
+from kvmesh.server.handlers import Job
+from kvmesh.server.protocol import ChatCompletionRequest, CompletionRequest
+
+
+def _bad(exc: Exception) -> APIError:
+    return APIError(HTTPStatus.BAD_REQUEST, str(exc))
+
+
+def _salt(body_salt: str | None, tenant: str | None) -> str | None:
+    if tenant is None:
+        return body_salt
+    return f"{tenant}:{body_salt or ''}"
+
+
+def completion_job(inputs: InputProcessor, model: str, body: CompletionRequest,
+                   tenant: str | None) -> Job:
+    if body.echo or body.suffix:
+        raise APIError(HTTPStatus.BAD_REQUEST, "echo and suffix are not supported",
+                       param="echo" if body.echo else "suffix")
+    try:
+        params = body.sampling(body.max_tokens, body.logprobs)
+        prompts = [inputs.process(p, params.max_tokens) for p in body.prompts()]
+    except ValueError as exc:
+        raise _bad(exc) from exc
+    return Job("completion", model, prompts, params, body.priority,
+               _salt(body.cache_salt, tenant), body.stream, body.include_usage)
+
+
+def chat_job(inputs: InputProcessor, model: str, body: ChatCompletionRequest,
+             tenant: str | None) -> Job:
+    try:
+        ids = inputs.chat_ids(body.template_messages(),
+                              add_generation_prompt=body.add_generation_prompt,
+                              **(body.chat_template_kwargs or {}))
+        limit = body.max_completion_tokens or body.max_tokens
+        max_tokens = limit if limit is not None else inputs.default_max_tokens(ids)
+        top = body.top_logprobs or 0
+        params = body.sampling(max_tokens, top if body.logprobs else None)
+        inputs.validate(ids, params.max_tokens)
+    except ValueError as exc:
+        raise _bad(exc) from exc
+    return Job("chat", model, [ids], params, body.priority, _salt(body.cache_salt, tenant),
+               body.stream, body.include_usage, top)
