@@ -178,3 +178,16 @@ def test_bfloat16_packed_linears_change_no_token(tiny_llama, monkeypatch):
     assert not any(isinstance(m, PackedLinear) for m in plain.engine.loaded.model.modules())
     assert [o.token_ids for o in packed.generate(ps, GREEDY)] == [
         o.token_ids for o in plain.generate(ps, GREEDY)]
+
+
+def test_max_model_len_is_capped_by_the_kv_cache(tiny_llama):
+    """A sequence longer than the whole cache could never run (it would preempt itself
+    forever): such prompts are refused up front, and the largest one that fits runs."""
+    small = LLM(str(tiny_llama), dtype="float32", block_size=4, num_blocks=10)
+    eng = small.engine
+    assert eng.max_model_len == 40  # 10 blocks of 4 tokens, under the model's 512
+    with pytest.raises(ValueError, match="max_model_len"):
+        eng.add_request("big", [5] * 38, SamplingParams(max_tokens=3))
+    out = small.generate([[5] * 36], SamplingParams(temperature=0.0, max_tokens=4,
+                                                    ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4

@@ -111,6 +111,12 @@ def load_engine_model(config: EngineConfig, progress: bool = True) -> LoadedMode
         log.info("quantization %s -> %s", mc.quantization, quantization)
     block_bytes = kv_block_bytes(model.arch, cc.block_size, kv_dtype)
     num_blocks = cc.num_blocks or max(1, cc.kv_cache_memory_bytes // block_bytes)
+    if num_blocks * cc.block_size < max_len:
+        # A longer sequence could never hold all its blocks at once: it would preempt
+        # itself forever. Refuse such prompts up front (HTTP 400) instead.
+        log.warning("max_model_len %d capped to %d: the KV cache holds %d blocks of %d tokens",
+                    max_len, num_blocks * cc.block_size, num_blocks, cc.block_size)
+        max_len = num_blocks * cc.block_size
     tokenizer = Tokenizer(resolved.path)
     return LoadedModel(
         resolved.name,

@@ -1,0 +1,103 @@
+"""Same-run A/B of the engine's throughput: a base commit against the working tree.
+
+Checks out `--base` in a temporary git worktree, then alternates fresh processes of
+`engine_throughput.kvmesh_run` from each tree (A B A B ..., so drift hits both sides),
+each at 1, 16 and 64 concurrent (128 + 128 tokens, EOS ignored, best of that run's
+repeats) plus 2k-token prefill. Reports, per concurrency, each side's best and every run,
+and the ratio new / base of the bests. Writes benchmarks/results/<--name>.json.
+
+    python benchmarks/ab_commits.py --base 05f5d67 [--rounds 3] [--name ab_core_refactor]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import save  # noqa: E402
+
+RUN = """
+import json, sys
+sys.path[:0] = [{src!r}, {bench!r}]
+import kvmesh
+assert kvmesh.__file__.startswith({src!r}), kvmesh.__file__
+from engine_throughput import kvmesh_run
+out = kvmesh_run("auto", {concs!r})
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def run_tree(tree: Path, concs: list[int]) -> dict:
+    code = RUN.format(src=str(tree / "src"), bench=str(tree / "benchmarks"), concs=concs)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=1800, cwd=tree)
+    for line in r.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"run in {tree} failed: {r.stderr[-2000:]}")
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", required=True, help="commit to compare the working tree with")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--name", default="ab_commits")
+    args = ap.parse_args()
+    concs = [int(c) for c in args.concurrency.split(",")]
+    base = git("rev-parse", args.base)
+    runs: dict[str, list[dict]] = {"base": [], "new": []}
+    with tempfile.TemporaryDirectory(prefix="kvmesh-ab-") as tmp:
+        tree = Path(tmp) / "base"
+        git("worktree", "add", "--detach", str(tree), base)
+        try:
+            for r in range(args.rounds):
+                for side, path in (("base", tree), ("new", ROOT)):
+                    res = run_tree(path, concs)
+                    runs[side].append(res)
+                    print(f"round {r} {side}: " + ", ".join(
+                        f"{c}: {res['decode_tok_per_s'][str(c)]:.1f}" for c in concs)
+                        + f", prefill {res['prefill_tok_per_s_2k']:.0f} tok/s", flush=True)
+        finally:
+            git("worktree", "remove", "--force", str(tree))
+    figures = summarize(runs, concs)
+    from kvmesh.model import cpu_isa
+
+    figures.update(cpu_isa.describe())
+    path = save(args.name, {"base": base, "new": git("rev-parse", "HEAD"),
+                            "new_dirty": bool(git("status", "--porcelain", "--", "src")),
+                            "rounds": args.rounds, "concurrency": concs}, figures,
+                {"method": "fresh process per run, sides alternated; best per side; "
+                           "ratio = new best / base best"})
+    print(json.dumps({k: v for k, v in figures.items() if k.startswith("ratio")}, indent=1))
+    print(f"wrote {path}")
+
+
+def summarize(runs: dict[str, list[dict]], concs: list[int]) -> dict:
+    out: dict = {"decode_tok_per_s": {}, "all_runs": {}, "prefill_tok_per_s_2k": {}}
+    for side, results in runs.items():
+        out["all_runs"][side] = {str(c): [r["decode_tok_per_s"][str(c)] for r in results]
+                                 for c in concs}
+        out["decode_tok_per_s"][side] = {c: max(v) for c, v in out["all_runs"][side].items()}
+        out["prefill_tok_per_s_2k"][side] = max(r["prefill_tok_per_s_2k"] for r in results)
+    for c in concs:
+        out[f"ratio_new_vs_base_{c}"] = (out["decode_tok_per_s"]["new"][str(c)]
+                                         / out["decode_tok_per_s"]["base"][str(c)])
+    out["ratio_new_vs_base_prefill"] = (out["prefill_tok_per_s_2k"]["new"]
+                                        / out["prefill_tok_per_s_2k"]["base"])
+    return out
+
+
+if __name__ == "__main__":
+    main()

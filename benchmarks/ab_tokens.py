@@ -1,0 +1,87 @@
+"""Greedy tokens of the default model from a base commit and from the working tree.
+
+The reference prompts (tests/texts.py `varied_prompts`: about 10 to 2,000 tokens), 48 output
+tokens each, default settings (dtype and quantization auto) and the exact float32 path,
+without tiers and with host + disk tiers (run twice, so the second pass is served by the
+tiers). Reports whether every sequence is identical. Writes
+benchmarks/results/<--name>.json.
+
+    python benchmarks/ab_tokens.py --base 05f5d67 [--name ab_core_refactor_tokens]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from ab_commits import git  # noqa: E402
+from common import save  # noqa: E402
+
+RUN = """
+import json, sys, tempfile
+sys.path[:0] = [{src!r}, {root!r}]
+import kvmesh
+assert kvmesh.__file__.startswith({src!r}), kvmesh.__file__
+from kvmesh import LLM, SamplingParams
+from tests.texts import varied_prompts
+prompts = varied_prompts()
+params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+out = {{}}
+for profile, kw in (("default", {{}}), ("float32", {{"dtype": "float32", "quantization": "none"}})):
+    llm = LLM(**kw)
+    out[profile] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    llm.close()
+    with tempfile.TemporaryDirectory() as disk:
+        tiered = LLM(num_blocks=160, host_bytes=32 * 2**20, disk_path=disk, **kw)
+        for rep in range(2):
+            res = tiered.generate(prompts, params)
+            out[f"{{profile}}_tiers_{{rep}}"] = [o.outputs[0].token_ids for o in res]
+            out[f"{{profile}}_tiers_{{rep}}_cached"] = sum(o.num_cached_tokens for o in res)
+        tiered.close()
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def run_tree(tree: Path) -> dict:
+    code = RUN.format(src=str(tree / "src"), root=str(tree))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=3600, cwd=tree)
+    for line in r.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"run in {tree} failed: {r.stderr[-3000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--name", default="ab_tokens")
+    args = ap.parse_args()
+    base = git("rev-parse", args.base)
+    with tempfile.TemporaryDirectory(prefix="kvmesh-ab-") as tmp:
+        tree = Path(tmp) / "base"
+        git("worktree", "add", "--detach", str(tree), base)
+        try:
+            old = run_tree(tree)
+        finally:
+            git("worktree", "remove", "--force", str(tree))
+    new = run_tree(ROOT)
+    seqs = {k: v for k, v in new.items() if not k.endswith("_cached")}
+    identical = {k: old[k] == v for k, v in seqs.items()}
+    figures = {"identical": identical, "all_identical": all(identical.values()),
+               "num_sequences": {k: len(v) for k, v in seqs.items()},
+               "cached_tokens": {k: [old[k], new[k]] for k in new if k.endswith("_cached")},
+               "tiers_match_cold": {p: new[f"{p}_tiers_1"] == new[p]
+                                    for p in ("default", "float32")}}
+    save(args.name, {"base": base, "new": git("rev-parse", "HEAD")}, figures)
+    print(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
