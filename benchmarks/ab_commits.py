@@ -1,12 +1,13 @@
-"""Same-run A/B of the engine's throughput: a base commit against the working tree.
+"""Same-run A/B of the engine's throughput: a base commit against a new one (HEAD).
 
-Checks out `--base` in a temporary git worktree, then alternates fresh processes of
+Checks out `--base` and `--new` in temporary git worktrees (so edits made while it runs
+change nothing), then alternates fresh processes of
 `engine_throughput.kvmesh_run` from each tree (A B A B ..., so drift hits both sides),
 each at 1, 16 and 64 concurrent (128 + 128 tokens, EOS ignored, best of that run's
 repeats) plus 2k-token prefill. Reports, per concurrency, each side's best and every run,
 and the ratio new / base of the bests. Writes benchmarks/results/<--name>.json.
 
-    python benchmarks/ab_commits.py --base 05f5d67 [--rounds 3] [--name ab_core_refactor]
+    python benchmarks/ab_commits.py --base 05f5d67 [--new HEAD] [--rounds 3] [--name NAME]
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +46,21 @@ def run_tree(tree: Path, concs: list[int]) -> dict:
     raise RuntimeError(f"run in {tree} failed: {r.stderr[-2000:]}")
 
 
+@contextmanager
+def worktrees(commits: dict[str, str]) -> Iterator[dict[str, Path]]:
+    """Each commit checked out in a temporary worktree, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="kvmesh-ab-") as tmp:
+        trees = {side: Path(tmp) / side for side in commits}
+        try:
+            for side, commit in commits.items():
+                git("worktree", "add", "--detach", str(trees[side]), commit)
+            yield trees
+        finally:
+            for tree in trees.values():
+                if tree.exists():
+                    git("worktree", "remove", "--force", str(tree))
+
+
 def git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True,
                           text=True).stdout.strip()
@@ -50,34 +68,28 @@ def git(*args: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--base", required=True, help="commit to compare the working tree with")
+    ap.add_argument("--base", required=True, help="the commit to compare against")
+    ap.add_argument("--new", default="HEAD", help="the commit under test")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--name", default="ab_commits")
     args = ap.parse_args()
     concs = [int(c) for c in args.concurrency.split(",")]
-    base = git("rev-parse", args.base)
+    commits = {"base": git("rev-parse", args.base), "new": git("rev-parse", args.new)}
     runs: dict[str, list[dict]] = {"base": [], "new": []}
-    with tempfile.TemporaryDirectory(prefix="kvmesh-ab-") as tmp:
-        tree = Path(tmp) / "base"
-        git("worktree", "add", "--detach", str(tree), base)
-        try:
-            for r in range(args.rounds):
-                for side, path in (("base", tree), ("new", ROOT)):
-                    res = run_tree(path, concs)
-                    runs[side].append(res)
-                    print(f"round {r} {side}: " + ", ".join(
-                        f"{c}: {res['decode_tok_per_s'][str(c)]:.1f}" for c in concs)
-                        + f", prefill {res['prefill_tok_per_s_2k']:.0f} tok/s", flush=True)
-        finally:
-            git("worktree", "remove", "--force", str(tree))
+    with worktrees(commits) as trees:
+        for r in range(args.rounds):
+            for side, path in trees.items():
+                res = run_tree(path, concs)
+                runs[side].append(res)
+                print(f"round {r} {side}: " + ", ".join(
+                    f"{c}: {res['decode_tok_per_s'][str(c)]:.1f}" for c in concs)
+                    + f", prefill {res['prefill_tok_per_s_2k']:.0f} tok/s", flush=True)
     figures = summarize(runs, concs)
     from kvmesh.model import cpu_isa
 
     figures.update(cpu_isa.describe())
-    path = save(args.name, {"base": base, "new": git("rev-parse", "HEAD"),
-                            "new_dirty": bool(git("status", "--porcelain", "--", "src")),
-                            "rounds": args.rounds, "concurrency": concs}, figures,
+    path = save(args.name, {**commits, "rounds": args.rounds, "concurrency": concs}, figures,
                 {"method": "fresh process per run, sides alternated; best per side; "
                            "ratio = new best / base best"})
     print(json.dumps({k: v for k, v in figures.items() if k.startswith("ratio")}, indent=1))

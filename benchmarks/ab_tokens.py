@@ -1,4 +1,4 @@
-"""Greedy tokens of the default model from a base commit and from the working tree.
+"""Greedy tokens of the default model from a base commit and a new one (HEAD).
 
 The reference prompts (tests/texts.py `varied_prompts`: about 10 to 2,000 tokens), 48 output
 tokens each, default settings (dtype and quantization auto) and the exact float32 path,
@@ -6,7 +6,7 @@ without tiers and with host + disk tiers (run twice, so the second pass is serve
 tiers). Reports whether every sequence is identical. Writes
 benchmarks/results/<--name>.json.
 
-    python benchmarks/ab_tokens.py --base 05f5d67 [--name ab_core_refactor_tokens]
+    python benchmarks/ab_tokens.py --base 05f5d67 [--new HEAD] [--name NAME]
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from ab_commits import git  # noqa: E402
+from ab_commits import git, worktrees  # noqa: E402
 from common import save  # noqa: E402
 
 RUN = """
@@ -61,17 +60,12 @@ def run_tree(tree: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", required=True)
+    ap.add_argument("--new", default="HEAD")
     ap.add_argument("--name", default="ab_tokens")
     args = ap.parse_args()
-    base = git("rev-parse", args.base)
-    with tempfile.TemporaryDirectory(prefix="kvmesh-ab-") as tmp:
-        tree = Path(tmp) / "base"
-        git("worktree", "add", "--detach", str(tree), base)
-        try:
-            old = run_tree(tree)
-        finally:
-            git("worktree", "remove", "--force", str(tree))
-    new = run_tree(ROOT)
+    commits = {"base": git("rev-parse", args.base), "new": git("rev-parse", args.new)}
+    with worktrees(commits) as trees:
+        old, new = run_tree(trees["base"]), run_tree(trees["new"])
     seqs = {k: v for k, v in new.items() if not k.endswith("_cached")}
     identical = {k: old[k] == v for k, v in seqs.items()}
     figures = {"identical": identical, "all_identical": all(identical.values()),
@@ -79,7 +73,7 @@ def main() -> None:
                "cached_tokens": {k: [old[k], new[k]] for k in new if k.endswith("_cached")},
                "tiers_match_cold": {p: new[f"{p}_tiers_1"] == new[p]
                                     for p in ("default", "float32")}}
-    save(args.name, {"base": base, "new": git("rev-parse", "HEAD")}, figures)
+    save(args.name, commits, figures)
     print(json.dumps(figures, indent=1))
 
 

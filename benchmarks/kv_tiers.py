@@ -47,9 +47,8 @@ def ttft(llm: LLM, prompt: list[int]) -> tuple[float, int]:
 def clear_host(llm: LLM) -> None:
     store = llm.engine.store
     store.persist()
-    for key in list(store.host._slot_of):
+    for key in store.host.list_keys():
         store.host.remove(key)
-    store._from_disk.clear()
 
 
 RESTART = """
@@ -148,10 +147,11 @@ def bandwidth(disk_root: Path, block_bytes: int = 737280, num_blocks: int = 512,
     import torch
 
     from kvmesh.config import TierConfig
+    from kvmesh.kvstore.host import HostTier
     from kvmesh.kvstore.store import TieredStore
 
     total = block_bytes * num_blocks
-    store = TieredStore(TierConfig(host_bytes=total), block_bytes, 16)
+    store = TieredStore(TierConfig(host_bytes=total), HostTier(total, block_bytes), (), 16)
     device = torch.randint(0, 255, (num_blocks, block_bytes), dtype=torch.uint8)
     keys = [i.to_bytes(16, "little") for i in range(num_blocks)]
     host_store = host_load = 0.0

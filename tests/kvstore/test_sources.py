@@ -119,3 +119,26 @@ def test_block_events_account_for_every_store_and_removal(tiny_llama, expected):
     assert mirror.held["device"] == device
     assert mirror.held["host"] == set(llm.engine.store.host.list_keys())
     assert llm.engine.store.host.stats.evictions > 0
+
+
+def test_failed_load_publishes_nothing_and_leaks_no_pin(tiny_llama, expected, monkeypatch):
+    llm = tiered(tiny_llama)
+    assert [o.token_ids for o in llm.generate(prompts(6), G)] == expected  # 0 now in host
+    host = llm.engine.store.host
+    real = host.copy_out
+    calls = []
+
+    def broken(key, dst):
+        calls.append(key)
+        if len(calls) == 3:
+            raise OSError("DMA error")
+        return real(key, dst)
+
+    monkeypatch.setattr(host, "copy_out", broken)
+    with pytest.raises(RuntimeError, match="DMA error"):
+        llm.generate(prompts(1), G)
+    assert len(calls) == 3 and host.num_pinned == 0  # the tried load and the untried ones
+    monkeypatch.setattr(host, "copy_out", real)
+    again = llm.generate(prompts(1), G)[0]  # nothing half-loaded was published
+    assert again.token_ids == expected[0] and again.num_cached_tokens == 96
+    llm.engine.core.check_integrity()

@@ -118,12 +118,14 @@ def test_full_disk_disables_tier(tmp_path):
         for i in range(40):
             disk.write(i.to_bytes(16, "little"), bytes([i]) * {BLOCK})
         disk.drain()
-        print("DISABLED", disk.stats.is_disabled, disk.stats.write_errors, disk.stats.num_blocks)
+        print("DISABLED", disk.stats.is_disabled, disk.stats.write_errors, disk.stats.bytes_in,
+              disk.stats.num_blocks)
     """)
     r = subprocess.run(["unshare", "-m", sys.executable, "-c", script], capture_output=True,
                        text=True, timeout=120)
     if "MOUNTED" not in r.stdout:
         pytest.skip(f"cannot mount a private tmpfs here: {r.stderr[-200:]}")
     assert r.returncode == 0, r.stderr
-    flag, errors, blocks = r.stdout.split("DISABLED")[1].split()
-    assert flag == "True" and int(errors) >= 1 and 0 < int(blocks) < 40
+    flag, errors, written, blocks = r.stdout.split("DISABLED")[1].split()
+    assert flag == "True" and int(errors) >= 1 and 0 < int(written) < 40 * 4096
+    assert int(blocks) == 0  # disabled: its index is cleared (an AllCleared event)

@@ -18,7 +18,13 @@ BlockCopy = tuple[int, BlockKey]  # (device block id, key)
 
 @dataclass(frozen=True, slots=True)
 class SeqWork:
-    """One sequence's slice of a step: feed `token_ids` at positions `start`.. onwards."""
+    """One sequence's slice of a step: feed `token_ids` at positions `start`.. onwards.
+
+    The lists are the core's own (no copies on the hot path): valid during `execute`,
+    never to be changed; an executor that keeps a batch copies what it keeps. The whole
+    block table is sent each step (a reference, not new block ids only): the executor
+    needs no state to follow a sequence.
+    """
 
     request_id: str
     token_ids: list[int]

@@ -170,7 +170,7 @@ class EngineCore:
             self._flush(executor)  # blocks evicted since the last step become findable
             self.store.poll()
         out = self.scheduler.schedule()
-        self.outbox.drain()
+        self._drain()
         if out.is_empty:
             if self.store is not None and self.store.has_reads_in_flight():
                 self.clock.sleep(IDLE_WAIT_S)
@@ -189,9 +189,19 @@ class EngineCore:
         return [self._update(req, result.logprobs.get(req.request_id)) for req in updated]
 
     def _flush(self, executor: Executor) -> None:
-        self.outbox.drain()
+        """Save blocks that left the device between steps (a reset): a failure loses
+        only those copies, never a request."""
+        self._drain()
         if self._stores:
-            executor.execute(ExecuteBatch(stores=self._take_stores()))
+            try:
+                executor.execute(ExecuteBatch(stores=self._take_stores()))
+            except Exception as exc:  # noqa: BLE001 - the caller logs it
+                self.last_error = exc
+
+    def _drain(self) -> None:
+        self.outbox.drain()
+        if self.outbox.last_error is not None:
+            self.last_error, self.outbox.last_error = self.outbox.last_error, None
 
     def _collect_stores(self, events: Sequence[BlockEvent]) -> None:
         """Device blocks to copy down: evicted ones (write-back) or new ones (write-through)."""
@@ -265,10 +275,12 @@ class EngineCore:
         """Hand every cached device block down the tiers, then persist them (warm restart)."""
         if self.store is None:
             return
-        self.outbox.drain()
+        self._drain()
         stores = [*self._take_stores(), *self.pool.cached_blocks()]
-        executor.execute(ExecuteBatch(stores=tuple(stores)))
-        self.store.close()
+        try:
+            executor.execute(ExecuteBatch(stores=tuple(stores)))
+        finally:
+            self.store.close()
 
     # introspection ---------------------------------------------------------------------
 

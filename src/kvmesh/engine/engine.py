@@ -70,10 +70,6 @@ class LLMEngine:
 
     # requests --------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt (text is tokenized), validated."""
-        return self.inputs.process(prompt)
-
     def add_request(self, request_id: str | None, prompt: Prompt,
                     params: SamplingParams | None = None, priority: int = 0,
                     cache_salt: str | None = None, arrival_time: float | None = None) -> str:

@@ -52,7 +52,7 @@ class EventOutbox:
     def __init__(self) -> None:
         self._events: list[BlockEvent] = []
         self._subscribers: list[Subscriber] = []
-        self.num_drained = 0  # sequence number of the next event handed out
+        self.last_error: Exception | None = None  # a subscriber's, for the owner to log
 
     def append(self, event: BlockEvent) -> None:
         self._events.append(event)
@@ -60,11 +60,9 @@ class EventOutbox:
     def subscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.append(subscriber)
 
-    def __len__(self) -> int:
-        return len(self._events)
-
     def drain(self) -> int:
         """Hand pending events to every subscriber; events they cause are handed on too.
+        A subscriber that raises misses nothing else and stops no other (`last_error`).
 
         Returns how many events were handed out.
         """
@@ -72,7 +70,9 @@ class EventOutbox:
         while self._events:
             events, self._events = self._events, []
             for subscriber in self._subscribers:
-                subscriber(events)
+                try:
+                    subscriber(events)
+                except Exception as exc:  # noqa: BLE001 - isolated; the owner logs it
+                    self.last_error = exc
             total += len(events)
-        self.num_drained += total
         return total

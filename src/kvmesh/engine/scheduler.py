@@ -94,7 +94,8 @@ class Scheduler:
             return
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
-            self.kv.cache_blocks(req)
+            if reason != "error":  # a failed step may have left its blocks unwritten
+                self.kv.cache_blocks(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         self.kv.free(req)

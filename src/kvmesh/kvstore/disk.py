@@ -147,6 +147,7 @@ class DiskTier:
             log.warning("disk KV tier disabled: %s", reason)
         self.disabled_reason = reason
         self.stats.is_disabled = True
+        self.index.clear()  # this process reads none of it any more (AllCleared event)
 
     # worker threads --------------------------------------------------------------------
 
@@ -172,7 +173,8 @@ class DiskTier:
     def _write_done(self, key: BlockKey) -> None:
         self._writing.discard(key)
         self.stats.bytes_in += self.file_bytes
-        self._admit(key)
+        if self.is_enabled:
+            self._admit(key)
 
     def _write_failed(self, key: BlockKey, exc: OSError) -> None:
         self._writing.discard(key)

@@ -25,7 +25,7 @@ from kvmesh.hashing import BlockKey
 from kvmesh.kvstore.tier import Fetch, PrefixMatch, Source, TierStats
 
 STAGE_TIMEOUT_S = 30.0
-FETCH_TIMEOUT_S = 5.0  # a read not done by then is abandoned: its block is recomputed
+FETCH_TIMEOUT_S = 5.0  # a source silent this long: its pending reads are abandoned
 MAX_LOST = 1 << 16  # remembered lost blocks (a source that failed a read is not asked again)
 HOST = "host"
 SpillHook = Callable[[BlockKey, Callable[[], bytes | None]], None]
@@ -63,6 +63,7 @@ class TieredStore:
         self._reads: dict[BlockKey, tuple[Fetch, Source, float]] = {}
         self._origin: dict[BlockKey, str] = {}  # host blocks fetched from a source
         self._lost: dict[BlockKey, str] = {}  # key -> the source whose read failed or stalled
+        self._progress: dict[str, float] = {}  # source -> when a read of it last completed
         # Blocks held for a waiting request stay pinned until it loads them (or for
         # STAGE_TIMEOUT_S, if it never does), so later reads cannot evict them first.
         self._staged: dict[BlockKey, float] = {}
@@ -103,11 +104,19 @@ class TieredStore:
         """An executor's block moves, before its step writes any block: save the device
         blocks leaving the device, then copy the loaded ones in. `block(id)` is a device
         block's bytes (None for a byte-less executor)."""
-        for block_id, key in stores:
-            self.offload(key, block(block_id))
-        for block_id, key in loads:
-            if not self.load(key, block(block_id)):
-                raise RuntimeError(f"host tier lost pinned block {key.hex()[:12]}")
+        loads = list(loads)
+        done = 0
+        try:
+            for block_id, key in stores:
+                self.offload(key, block(block_id))
+            for block_id, key in loads:
+                done += 1
+                if not self.load(key, block(block_id)):
+                    raise RuntimeError(f"host tier lost pinned block {key.hex()[:12]}")
+        finally:
+            for _, key in loads[done:]:  # a failed step: release what it never loaded
+                self.host.unpin(key)
+                self._unstage(key)
 
     # reads -----------------------------------------------------------------------------
 
@@ -149,8 +158,10 @@ class TieredStore:
             source.poll()
         now = self.clock()
         for key, (fut, source, start) in list(self._reads.items()):
-            if not fut.done() and now - start <= FETCH_TIMEOUT_S:
-                continue
+            if fut.done():
+                self._progress[source.name] = now
+            elif now - max(start, self._progress.get(source.name, start)) <= FETCH_TIMEOUT_S:
+                continue  # pending, and the source is still answering (a deep queue is fine)
             del self._reads[key]
             payload = _payload(fut) if fut.done() else None
             if payload is None:  # lost, corrupt or stalled: recomputed, never waited on again
@@ -194,9 +205,11 @@ class TieredStore:
     def load(self, key: BlockKey, dst: Any) -> bool:
         """Copy a pinned host block into a device block, unpin it, and time the copy."""
         start = self.clock()
-        ok = self.host.copy_out(key, dst)
-        self.host.unpin(key)
-        self._unstage(key)
+        try:
+            ok = self.host.copy_out(key, dst)
+        finally:
+            self.host.unpin(key)
+            self._unstage(key)
         if ok:
             self.host.stats.observe_load(self.clock() - start)
         return ok
