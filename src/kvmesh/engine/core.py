@@ -117,7 +117,7 @@ class EngineCore:
                 for i in range(params.n)]
         self.scheduler.add_request(seqs[0])
         if self.store is not None:
-            self.kv.lookup(seqs[0])  # start fetching its prefix from the slower tiers now
+            self.kv.lookup(seqs[0], on_arrival=True)  # start fetching its prefix now
         self._groups[request_id] = [s.request_id for s in seqs]
         self._group_of.update((s.request_id, request_id) for s in seqs)
         if len(seqs) > 1:

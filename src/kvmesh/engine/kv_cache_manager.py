@@ -70,18 +70,20 @@ class KVCacheManager:
             hits.append(block_id)
         return hits
 
-    def lookup(self, req: Request) -> PrefixPlan | None:
+    def lookup(self, req: Request, on_arrival: bool = False) -> PrefixPlan | None:
         """The one prefix lookup: device hits, then the blocks the tiers below hold ready.
 
         Starts fetches for blocks only a slower tier holds. None while the next block is
         still being fetched (the request should wait its turn rather than recompute it).
+        `on_arrival` (the request was just queued) also holds its host-resident head in
+        host memory while the tail is fetched; at admission, `allocate` pins what it takes.
         """
         device = self.find_cached_prefix(req)
         if self.external is None:
             return PrefixPlan(device, [])
         limit = num_reusable_blocks(req.num_tokens, self.block_size)
         rest = req.block_keys[len(device) : limit]
-        match = self.external.lookup(rest)
+        match = self.external.lookup(rest, hold_head=on_arrival)
         if match.next_in_flight or (match.num_started and match.num_ready == 0):
             return None
         return PrefixPlan(device, list(rest[: match.num_ready]))

@@ -120,15 +120,19 @@ class TieredStore:
 
     # reads -----------------------------------------------------------------------------
 
-    def lookup(self, keys: Sequence[BlockKey], fetch: bool = True) -> PrefixMatch:
+    def lookup(self, keys: Sequence[BlockKey], fetch: bool = True,
+               hold_head: bool = True) -> PrefixMatch:
+        """See `ExternalCache.lookup`. With `hold_head` off, the leading host-resident
+        blocks are not held (the caller is about to pin the ones it takes)."""
         origins: list[str] = []
         num_ready, next_in_flight, started, eta = 0, False, 0, 0.0
         room = self.host.num_slots - self.host.num_pinned - len(self._reads)
         for key in keys:
             if key in self.host:
-                num_ready += len(origins) == num_ready  # still in the leading host run
+                leading = len(origins) == num_ready
+                num_ready += leading
                 origins.append(HOST)
-                if fetch:
+                if fetch and (hold_head or not leading):
                     self._stage(key)  # keep the head of the prefix while its tail is read
                 continue
             if len(origins) == num_ready:

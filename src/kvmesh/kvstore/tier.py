@@ -92,9 +92,11 @@ class Source(Protocol):
 class ExternalCache(Protocol):
     """What the KV cache manager asks of the tiers below the device (engine thread)."""
 
-    def lookup(self, keys: Sequence[BlockKey], fetch: bool = True) -> PrefixMatch:
+    def lookup(self, keys: Sequence[BlockKey], fetch: bool = True,
+               hold_head: bool = True) -> PrefixMatch:
         """Match the leading `keys` (one pass); with `fetch`, start reads for the blocks
-        found only in a source, and hold the host-resident ones while they arrive."""
+        found only in a source, and hold the host-resident ones while they arrive (the
+        leading ones only with `hold_head`)."""
         ...
 
     def pin(self, keys: Sequence[BlockKey]) -> None:
