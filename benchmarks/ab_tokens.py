@@ -2,8 +2,10 @@
 
 The reference prompts (tests/texts.py `varied_prompts`: about 10 to 2,000 tokens), 48 output
 tokens each, default settings (dtype and quantization auto) and the exact float32 path,
-without tiers and with host + disk tiers (run twice, so the second pass is served by the
-tiers). Reports whether every sequence is identical. Writes
+without tiers and with host + disk tiers (all prompts at once, then again one at a time,
+served by the tiers). Reports whether every sequence is identical, old against new and
+tiered against cold (bf16 hits may change tokens: a different batch shape rounds
+differently; float32 must not). Writes
 benchmarks/results/<--name>.json.
 
     python benchmarks/ab_tokens.py --base 05f5d67 [--new HEAD] [--name NAME]
@@ -38,10 +40,12 @@ for profile, kw in (("default", {{}}), ("float32", {{"dtype": "float32", "quanti
     llm.close()
     with tempfile.TemporaryDirectory() as disk:
         tiered = LLM(num_blocks=160, host_bytes=32 * 2**20, disk_path=disk, **kw)
-        for rep in range(2):
-            res = tiered.generate(prompts, params)
-            out[f"{{profile}}_tiers_{{rep}}"] = [o.outputs[0].token_ids for o in res]
-            out[f"{{profile}}_tiers_{{rep}}_cached"] = sum(o.num_cached_tokens for o in res)
+        res = tiered.generate(prompts, params)  # a burst: the tiers fill
+        out[f"{{profile}}_tiers_0"] = [o.outputs[0].token_ids for o in res]
+        out[f"{{profile}}_tiers_0_cached"] = sum(o.num_cached_tokens for o in res)
+        res = [tiered.generate([p], params)[0] for p in prompts]  # one by one: tier hits
+        out[f"{{profile}}_tiers_1"] = [o.outputs[0].token_ids for o in res]
+        out[f"{{profile}}_tiers_1_cached"] = sum(o.num_cached_tokens for o in res)
         tiered.close()
 print("RESULT " + json.dumps(out), flush=True)
 """
