@@ -1,4 +1,4 @@
-"""EngineCore: the step loop, pure (no torch, no threads, no sockets, no wall clock).
+"""EngineCore: the step loop, pure (no torch, no threads, no sockets; an injected clock).
 
 It owns the scheduler, the KV cache manager, the block events and the tier bookkeeping,
 and runs `step(executor)`: drain block events (device blocks leaving the device become
