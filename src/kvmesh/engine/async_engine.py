@@ -16,6 +16,7 @@ import copy
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
@@ -80,7 +81,13 @@ class AsyncEngine:
             if not self._drain(block=not busy):
                 break
             if self.engine.has_unfinished_requests():
-                self._dispatch(self.engine.step())
+                try:
+                    deltas = self.engine.step()
+                except Exception:  # noqa: BLE001 - a bug outside a batch (a tier, a source):
+                    log.exception("engine step failed")  # keep serving, never go silent
+                    time.sleep(0.01)  # bounded retries, bounded logs
+                    continue
+                self._dispatch(deltas)
 
     def _drain(self, block: bool) -> bool:
         while True:

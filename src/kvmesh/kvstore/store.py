@@ -26,6 +26,7 @@ from kvmesh.kvstore.tier import Fetch, PrefixMatch, Source, TierStats
 
 STAGE_TIMEOUT_S = 30.0
 FETCH_TIMEOUT_S = 5.0  # a source silent this long: its pending reads are abandoned
+READ_CAP_S = 30.0  # no read waits longer, even from a source that answers others
 MAX_LOST = 1 << 16  # remembered lost blocks (a source that failed a read is not asked again)
 HOST = "host"
 SpillHook = Callable[[BlockKey, Callable[[], bytes | None]], None]
@@ -110,8 +111,9 @@ class TieredStore:
             for block_id, key in stores:
                 self.offload(key, block(block_id))
             for block_id, key in loads:
-                done += 1
-                if not self.load(key, block(block_id)):
+                dst = block(block_id)
+                done += 1  # from here on, `load` releases this key's pin itself
+                if not self.load(key, dst):
                     raise RuntimeError(f"host tier lost pinned block {key.hex()[:12]}")
         finally:
             for _, key in loads[done:]:  # a failed step: release what it never loaded
@@ -161,11 +163,15 @@ class TieredStore:
         for source in self.sources:
             source.poll()
         now = self.clock()
-        for key, (fut, source, start) in list(self._reads.items()):
+        reads = list(self._reads.items())
+        for _, (fut, source, _) in reads:
             if fut.done():
                 self._progress[source.name] = now
-            elif now - max(start, self._progress.get(source.name, start)) <= FETCH_TIMEOUT_S:
-                continue  # pending, and the source is still answering (a deep queue is fine)
+        for key, (fut, source, start) in reads:
+            if not fut.done():
+                silent = now - max(start, self._progress.get(source.name, start))
+                if silent <= FETCH_TIMEOUT_S and now - start <= READ_CAP_S:
+                    continue  # pending, and the source still answers (a deep queue is fine)
             del self._reads[key]
             payload = _payload(fut) if fut.done() else None
             if payload is None:  # lost, corrupt or stalled: recomputed, never waited on again
