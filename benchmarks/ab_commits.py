@@ -36,14 +36,19 @@ print("RESULT " + json.dumps(out), flush=True)
 """
 
 
-def run_tree(tree: Path, concs: list[int]) -> dict:
-    code = RUN.format(src=str(tree / "src"), bench=str(tree / "benchmarks"), concs=concs)
+def run_in_tree(code: str, tree: Path, timeout_s: float = 1800) -> dict:
+    """Run `code` in a fresh process in `tree`; it prints one `RESULT <json>` line."""
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=1800, cwd=tree)
+                       timeout=timeout_s, cwd=tree)
     for line in r.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    raise RuntimeError(f"run in {tree} failed: {r.stderr[-2000:]}")
+    raise RuntimeError(f"run in {tree} failed: {r.stderr[-3000:]}")
+
+
+def run_tree(tree: Path, concs: list[int]) -> dict:
+    code = RUN.format(src=str(tree / "src"), bench=str(tree / "benchmarks"), concs=concs)
+    return run_in_tree(code, tree)
 
 
 @contextmanager

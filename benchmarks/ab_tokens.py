@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from ab_commits import git, worktrees  # noqa: E402
+from ab_commits import git, run_in_tree, worktrees  # noqa: E402
 from common import save  # noqa: E402
 
 RUN = """
@@ -52,13 +51,7 @@ print("RESULT " + json.dumps(out), flush=True)
 
 
 def run_tree(tree: Path) -> dict:
-    code = RUN.format(src=str(tree / "src"), root=str(tree))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=3600, cwd=tree)
-    for line in r.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"run in {tree} failed: {r.stderr[-3000:]}")
+    return run_in_tree(RUN.format(src=str(tree / "src"), root=str(tree)), tree, 3600)
 
 
 def main() -> None:

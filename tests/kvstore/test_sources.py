@@ -11,7 +11,7 @@ import pytest
 from kvmesh import LLM
 from kvmesh.hashing import BlockKey
 from kvmesh.kvstore import store as store_module
-from kvmesh.kvstore.tier import TierStats
+from kvmesh.kvstore.virtual import VirtualSource
 from tests.engine.core_driver import EventMirror
 from tests.kvstore.test_engine_tiers import G, prompts, reference_tokens, tiered
 
@@ -21,28 +21,19 @@ def expected(tiny_llama):
     return reference_tokens(tiny_llama)
 
 
-class DictSource:
-    """A toy source: blocks held in a dict, each read already done. Counts its reads."""
-
-    name = "toy"
-    writable = False
+class DictSource(VirtualSource):
+    """A toy source: blocks held in a dict, each read already done. Counts its reads.
+    (The no-op `poll`/`drain`/`close` of the `Source` interface come from VirtualSource.)"""
 
     def __init__(self, blocks: dict[BlockKey, bytes], corrupt: bool = False,
                  stalled: bool | str = False):
+        super().__init__("toy", blocks, time.monotonic)
         self.blocks = blocks
-        self.stats = TierStats(self.name)
         self.reads = 0
         self.corrupt = corrupt
         self.stalled = stalled
 
-    @property
-    def is_enabled(self) -> bool:
-        return True
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.blocks
-
-    def read(self, key: BlockKey) -> Future:
+    def read(self, key: BlockKey) -> Future:  # type: ignore[override]
         self.reads += 1
         fut: Future = Future()
         if not self.stalled or (self.stalled == "half" and self.reads % 2):
@@ -51,18 +42,6 @@ class DictSource:
 
     def write(self, key: BlockKey, payload: bytes) -> None:
         raise AssertionError("a read-only source is never written")
-
-    def poll(self) -> None:
-        pass
-
-    def drain(self, timeout: float = 30.0) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def check_integrity(self) -> None:
-        pass
 
 
 def _blocks_of(llm: LLM) -> dict[BlockKey, bytes]:

@@ -1,6 +1,7 @@
 """Byte-less tiers for the simulator and for pure tests: the real index, no bytes.
 
-`VirtualHostTier` is host memory as the store sees it (a `TierIndex` of slots); a
+`VirtualHostTier` is host memory as the store sees it (a `TierIndex` of slots; `HostTier`
+is the same with a slab behind the slots, through the `_read`/`_write` hooks); a
 `VirtualSource` holds a set of keys and answers a read after a fixed latency on the
 injected clock. The store, the KV cache manager and the core run on them unchanged.
 """
@@ -35,23 +36,49 @@ class VirtualHostTier:
         return key in self.index
 
     def put(self, key: BlockKey, data: object = None, cost: float = 1.0) -> bool:
+        """Store a block (copying it in). False if every slot is pinned."""
+        if key in self.index:
+            self.index.touch(key)
+            return True
         slot, evicted = self.index.insert(key, cost)
         if slot is None:
             self.stats.dropped_writes += 1
             return False
         if evicted is not None and self.on_evict is not None:
-            self.on_evict(evicted[0], lambda: b"")
+            self.on_evict(evicted[0], lambda: self._read(slot))  # before the slot is reused
+        self._write(slot, data)
         return True
 
     def payload(self, key: BlockKey) -> bytes | None:
-        return b"" if key in self.index else None
+        """A copy of the block's bytes (for a disk write)."""
+        slot = self.index.slot(key)
+        if slot is None:
+            return None
+        self.index.touch(key)
+        return self._read(slot)
 
     def list_keys(self) -> list[BlockKey]:
         return [key for key, _ in self.index.items()]
 
     def copy_out(self, key: BlockKey, dst: object) -> bool:
+        """Copy the block into `dst` (a device block); False if it is not held."""
+        slot = self.index.slot(key)
+        if slot is None:
+            return False
         self.index.touch(key)
-        return key in self.index
+        self._copy_to(slot, dst)
+        return True
+
+    # the bytes behind the slots: none here ---------------------------------------------
+
+    def _read(self, slot: int) -> bytes:
+        return b""
+
+    def _write(self, slot: int, data: object) -> None:
+        pass
+
+    def _copy_to(self, slot: int, dst: object) -> None:
+        pass
 
     def pin(self, key: BlockKey) -> None:
         self.index.pin(key)
