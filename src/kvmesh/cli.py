@@ -94,6 +94,121 @@ def _register_bench() -> None:
 
 
 _register_bench()
+PROFILE_CLASSES = [ModelConfig, CacheConfig, SchedulerConfig, TierConfig]
+
+
+@app.command()
+@with_config_options(PROFILE_CLASSES)
+def profile(config: Path | None = ConfigFile,
+            out: Path = typer.Option(Path("cost_model.json"), help="Cost model JSON to write."),
+            budget_s: float = typer.Option(240.0, help="Most seconds of step measurements."),
+            **fields: Any) -> None:
+    """Measure the engine on this machine and fit the simulator's cost model (JSON)."""
+    try:
+        model, cache, sched, tiers = build_configs(PROFILE_CLASSES, fields,
+                                                   load_config_file(config))
+    except (ValueError, TypeError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    from rich.progress import Progress
+
+    from kvmesh.bench.profile import profile_engine
+    from kvmesh.sim.cost_model import save
+
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("profiled steps", total=None)
+        cost = profile_engine(EngineConfig(model, cache, sched, tiers), budget_s,
+                              on_step=lambda: bar.advance(task))
+    save(cost, out)
+    fit = cost.fit
+    console.print(f"{fit['num_samples']} steps, mean |error| {fit['mean_abs_rel_error']:.1%}, "
+                  f"p90 {fit['p90_abs_rel_error']:.1%}, R^2 {fit['r2']:.3f}; wrote {out}")
+
+
+def _register_sim() -> None:
+    from kvmesh.sim.cli import SIM_CLASSES, print_summary, run_sim
+
+    @app.command()
+    @with_config_options(SIM_CLASSES)
+    def sim(config: Path | None = ConfigFile,
+            out: Path = typer.Option(Path("sim.json"), help="JSON result path."),
+            plot: Path | None = typer.Option(None, help="PNG plot (TTFT CDF) path."),
+            model: str = typer.Option("smollm2-135m-instruct",
+                                      help="Whose tokenizer and chat template turn the "
+                                      "workload's text into tokens."),
+            progress: bool = typer.Option(True, help="Show a progress bar."),
+            **fields: Any) -> None:
+        """Simulate instances running a workload (the engine's own scheduler and cache)."""
+        import shlex
+        import sys
+
+        from kvmesh.bench.report import plot_ttft_cdf, result_doc, write_json
+        from kvmesh.sim.instance import InstanceSpec
+
+        try:
+            simc, work, cache, sched, tiers = build_configs(SIM_CLASSES, fields,
+                                                            load_config_file(config))
+            figures = run_sim(simc, work, InstanceSpec(sched, cache, tiers), progress, model)
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        records = figures.pop("records")
+        config_doc = {"sim": vars(simc), "workload": vars(work), "cache": vars(cache),
+                      "scheduler": vars(sched), "tiers": vars(tiers)}
+        doc = result_doc("sim", shlex.join(["kvmesh", "sim", *sys.argv[2:]]), config_doc,
+                         figures)
+        doc["records"] = [r.to_json() for r in records]
+        write_json(out, doc)
+        if plot is not None:
+            plot_ttft_cdf({work.dataset: [r.ttft_s for r in records if r.ttft_s is not None]},
+                          plot, "simulated TTFT CDF")
+        print_summary(figures)
+        console.print(f"wrote {out}")
+
+
+_register_sim()
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _register_plan() -> None:
+    from kvmesh.sim.cli import SIM_CLASSES
+
+    @app.command()
+    @with_config_options(SIM_CLASSES)
+    def plan(config: Path | None = ConfigFile,
+             instance_per_hour: float = typer.Option(..., help="$ per instance-hour."),
+             host_gb_per_hour: float = typer.Option(0.0, help="$ per GB-hour of host tier."),
+             disk_gb_per_hour: float = typer.Option(0.0, help="$ per GB-hour of disk tier."),
+             instances: str = typer.Option("1,2,4", help="Instance counts to try."),
+             host_gb: str = typer.Option("0", help="Host tier sizes (GB per instance)."),
+             disk_gb: str = typer.Option("0", help="Disk tier sizes (GB per instance)."),
+             block_sizes: str = typer.Option("16", help="Block sizes to try."),
+             routes: str = typer.Option("round_robin", help="Routing policies to try."),
+             out: Path = typer.Option(Path("plan.json"), help="JSON result path."),
+             plot: Path | None = typer.Option(None, help="PNG frontier plot path."),
+             model: str = typer.Option("smollm2-135m-instruct",
+                                       help="Tokenizer for text workloads."),
+             **fields: Any) -> None:
+        """The cheapest fleet (instances, tiers, block size, routing) meeting --slo."""
+        from kvmesh.sim.cli import plan_command
+
+        try:
+            simc, work, cache, sched, tiers = build_configs(SIM_CLASSES, fields,
+                                                            load_config_file(config))
+            space = (_floats(instances), _floats(host_gb), _floats(disk_gb),
+                     _floats(block_sizes), [r for r in routes.split(",") if r])
+            plan_command(simc, work, (sched, cache, tiers), space,
+                         (instance_per_hour, host_gb_per_hour, disk_gb_per_hour), out, plot,
+                         model)
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            raise typer.BadParameter(str(exc)) from exc
+
+
+_register_plan()
 
 
 def main() -> None:

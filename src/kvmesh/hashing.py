@@ -65,8 +65,16 @@ def hash_blocks(
         raise ValueError(f"block_size must be positive, got {block_size}")
     if start % block_size:
         raise ValueError(f"start {start} is not a multiple of block_size {block_size}")
+    num_blocks = (len(token_ids) - start) // block_size
+    if num_blocks <= 0:
+        return []
+    raw = memoryview(_token_bytes(token_ids[start : start + num_blocks * block_size]))
+    stride = 4 * block_size  # one conversion for the whole run, then a slice per block
     keys: list[BlockKey] = []
-    for begin in range(start, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, namespace, token_ids[begin : begin + block_size])
+    for i in range(num_blocks):
+        h = xxhash.xxh3_128(parent or _ROOT)
+        h.update(namespace)
+        h.update(raw[i * stride : (i + 1) * stride])
+        parent = BlockKey(h.digest())
         keys.append(parent)
     return keys

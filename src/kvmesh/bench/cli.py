@@ -16,8 +16,7 @@ from kvmesh.bench.client import Endpoint
 from kvmesh.bench.metrics import SLO, summarize
 from kvmesh.bench.report import plot_sweep, plot_ttft_cdf, result_doc, write_json
 from kvmesh.bench.runner import LoadProfile, run_load
-
-DATASETS = ("random", "shared-prefix", "multiturn", "longdoc", "trace")
+from kvmesh.bench.workload import DATASETS, WorkloadConfig
 
 
 def build_dataset(
@@ -32,22 +31,12 @@ def build_dataset(
     turns: int,
     groups: int,
 ) -> list[ds.Session]:
-    if name == "random":
-        return ds.random_dataset(n, input_len, output_len, 0.3, seed)
-    if name == "shared-prefix":
-        return ds.shared_prefix_dataset(
-            n, groups, input_len, max(8, input_len // 8), output_len, seed
-        )
-    if name == "multiturn":
-        return ds.multiturn_dataset(n, turns, max(4, input_len // 4), output_len, seed,
-                                    system_len=input_len)
-    if name == "longdoc":
-        return ds.longdoc_dataset(n, groups, input_len, 16, output_len, seed)
-    if name == "trace":
-        if trace is None:
-            raise typer.BadParameter("--dataset trace needs --trace FILE")
-        return ds.trace_dataset(trace, n, time_scale, length_scale, output_len, seed)
-    raise typer.BadParameter(f"unknown dataset {name!r}; choose from {DATASETS}")
+    try:
+        return WorkloadConfig(name, n, input_len, output_len, turns, groups,
+                              str(trace) if trace else None, time_scale, length_scale,
+                              seed=seed).sessions()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
 
 
 def run_once(ep: Endpoint, sessions, profile: LoadProfile, slo: SLO, progress: bool):

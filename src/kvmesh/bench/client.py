@@ -4,39 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-
-@dataclass
-class RequestRecord:
-    session: int
-    turn: int
-    start_s: float  # relative to the run's start
-    ok: bool = False
-    error: str | None = None
-    status: int | None = None
-    ttft_s: float | None = None
-    e2e_s: float | None = None
-    itl_s: list[float] = field(default_factory=list)
-    prompt_tokens: int | None = None
-    output_tokens: int = 0
-    cached_tokens: int | None = None
-    text: str = ""
-
-    @property
-    def tpot_s(self) -> float | None:
-        if self.ttft_s is None or self.e2e_s is None or self.output_tokens < 2:
-            return None
-        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("text")
-        d["tpot_s"] = self.tpot_s
-        return d
+from kvmesh.bench.records import RequestRecord
 
 
 @dataclass(frozen=True)

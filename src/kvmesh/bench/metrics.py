@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from kvmesh.bench.client import RequestRecord
+from kvmesh.bench.records import RequestRecord
 
 PERCENTILES = (50, 90, 95, 99)
 

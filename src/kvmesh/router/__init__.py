@@ -1,0 +1,2 @@
+"""Request routing across instances: pure policies (no sockets), used by the simulator
+now and by the router proxy."""

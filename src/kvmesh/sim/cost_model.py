@@ -1,0 +1,214 @@
+"""Cost models: how long a step, a block copy and a disk read take. Pure Python.
+
+A step's cost depends on its batch only through `StepFeatures`. Two kinds:
+
+- **linear** (fitted by `kvmesh profile` on the real engine, least squares with
+  non-negative coefficients):
+
+      step_s = c_const + c_seq * num_seqs + c_tok * num_tokens + c_samp * num_sampling
+             + c_ctx * decode_ctx_tokens + c_pair * prefill_pair_ktokens
+             + c_load * num_loads + c_store * num_stores
+
+  `decode_ctx_tokens` is the KV a decode step reads (sum of context lengths of the
+  one-token sequences); `prefill_pair_ktokens` is attention's quadratic work, the sum over
+  prefill chunks of n * (start + (n + 1) / 2), in thousands.
+
+- **roofline** (a named GPU and model shape; no measurement):
+
+      step_s = overhead_s + max(flops / (tflops * mfu), bytes / (hbm * mbu))
+             + (num_loads + num_stores) * block_bytes / pcie
+
+  flops = 2 * params * num_tokens (the lm_head only for sampled tokens)
+        + 4 * layers * heads * head_dim * (decode_ctx_tokens + 1000 * prefill_pair_ktokens)
+  bytes = weight bytes + kv_bytes_per_token * (decode_ctx_tokens + prefill KV read)
+
+Tier costs (both kinds): a disk read of one block takes `disk_read_s` on one of
+`disk_io_threads` workers; `request_overhead_s` is the time from a client's send to the
+engine queue (HTTP, tokenizing), `token_overhead_s` from a step's end to the client.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from kvmesh.engine.batch import ExecuteBatch
+from kvmesh.sim.shapes import GpuSpec, ModelShape, gpu, model_shape
+
+FEATURES = ("const", "num_seqs", "num_tokens", "num_sampling", "decode_ctx_tokens",
+            "prefill_pair_ktokens", "num_loads", "num_stores")
+
+
+@dataclass(frozen=True, slots=True)
+class StepFeatures:
+    num_seqs: int = 0
+    num_tokens: int = 0
+    num_sampling: int = 0
+    decode_ctx_tokens: int = 0
+    prefill_pair_ktokens: float = 0.0
+    prefill_kv_tokens: int = 0  # KV a prefill chunk reads: start + n per chunk
+    num_loads: int = 0
+    num_stores: int = 0
+    block_size: int = 16
+
+    def vector(self) -> list[float]:
+        """Values in `FEATURES` order (const is 1 for a batch that runs the model)."""
+        return [1.0 if self.num_seqs else 0.0, self.num_seqs, self.num_tokens,
+                self.num_sampling, self.decode_ctx_tokens, self.prefill_pair_ktokens,
+                self.num_loads, self.num_stores]
+
+
+def step_features(batch: ExecuteBatch, block_size: int) -> StepFeatures:
+    tokens = sampling = ctx = kv = 0
+    pairs = 0.0
+    for seq in batch.seqs:
+        n = len(seq.token_ids)
+        tokens += n
+        sampling += seq.is_sampling
+        if n == 1:
+            ctx += seq.start + 1
+        else:
+            pairs += n * (seq.start + (n + 1) / 2)
+            kv += seq.start + n
+    return StepFeatures(len(batch.seqs), tokens, sampling, ctx, pairs / 1000.0, kv,
+                        len(batch.loads), len(batch.stores), block_size)
+
+
+@dataclass(frozen=True)
+class TierCosts:
+    disk_read_s: float = 0.0005  # one block, on one I/O worker
+    disk_io_threads: int = 4
+    request_overhead_s: float = 0.0
+    token_overhead_s: float = 0.0
+
+
+class CostModel(Protocol):
+    @property
+    def kind(self) -> str: ...
+    @property
+    def shape(self) -> ModelShape: ...
+    @property
+    def kv_dtype_bytes(self) -> int: ...
+    @property
+    def tiers(self) -> TierCosts: ...
+
+    def step_s(self, f: StepFeatures) -> float: ...
+    def to_json(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class LinearCostModel:
+    shape: ModelShape
+    coefficients: dict[str, float]
+    kv_dtype_bytes: int = 4
+    tiers: TierCosts = field(default_factory=TierCosts)
+    fit: dict[str, Any] = field(default_factory=dict)  # error figures, samples, machine
+    kind: str = "linear"
+
+    def __post_init__(self) -> None:
+        unknown = set(self.coefficients) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"unknown cost-model features {sorted(unknown)}")
+        object.__setattr__(self, "_coef", [float(self.coefficients.get(n, 0.0))
+                                           for n in FEATURES])
+
+    def step_s(self, f: StepFeatures) -> float:
+        coef: list[float] = self._coef  # type: ignore[attr-defined]
+        return sum(c * x for c, x in zip(coef, f.vector(), strict=True))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "shape": self.shape.to_json(),
+                "coefficients": dict(self.coefficients), "kv_dtype_bytes": self.kv_dtype_bytes,
+                "tiers": asdict(self.tiers), "fit": self.fit}
+
+
+@dataclass(frozen=True)
+class RooflineCostModel:
+    gpu: GpuSpec
+    shape: ModelShape
+    mfu: float = 0.6  # fraction of peak FLOP/s a step reaches
+    mbu: float = 0.8  # fraction of peak HBM bandwidth
+    overhead_s: float = 0.0003  # per step: launch and scheduling
+    weight_bytes_per_param: float = 2.0
+    kv_dtype_bytes: int = 2
+    tiers: TierCosts = field(default_factory=lambda: TierCosts(disk_read_s=0.0002,
+                                                               disk_io_threads=16))
+    kind: str = "roofline"
+
+    def __post_init__(self) -> None:
+        if not (0 < self.mfu <= 1 and 0 < self.mbu <= 1):
+            raise ValueError("mfu and mbu must be in (0, 1]")
+
+    @property
+    def block_copy_s_per_token(self) -> float:
+        return self.shape.kv_bytes_per_token(self.kv_dtype_bytes) / (self.gpu.pcie_gbps * 1e9)
+
+    def step_s(self, f: StepFeatures) -> float:
+        s = self.shape
+        copy_s = (f.num_loads + f.num_stores) * f.block_size * self.block_copy_s_per_token
+        if not f.num_seqs:
+            return copy_s
+        embed = s.hidden_size * s.vocab_size
+        body = s.num_params - embed
+        attn = 4 * s.num_layers * s.num_heads * s.head_dim
+        flops = (2 * body * f.num_tokens + 2 * embed * f.num_sampling
+                 + attn * (f.decode_ctx_tokens + 1000 * f.prefill_pair_ktokens))
+        kv_tokens = f.decode_ctx_tokens + f.prefill_kv_tokens
+        data = (s.num_params * self.weight_bytes_per_param
+                + s.kv_bytes_per_token(self.kv_dtype_bytes) * kv_tokens)
+        compute_s = flops / (self.gpu.bf16_tflops * 1e12 * self.mfu)
+        memory_s = data / (self.gpu.hbm_gbps * 1e9 * self.mbu)
+        return copy_s + self.overhead_s + max(compute_s, memory_s)
+
+    def kv_capacity_bytes(self, utilization: float = 0.9) -> int:
+        """Device memory left for KV after the weights."""
+        total = self.gpu.memory_gib * 2**30 * utilization
+        return max(0, int(total - self.shape.num_params * self.weight_bytes_per_param))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "gpu": self.gpu.name, "shape": self.shape.to_json(),
+                "mfu": self.mfu, "mbu": self.mbu, "overhead_s": self.overhead_s,
+                "weight_bytes_per_param": self.weight_bytes_per_param,
+                "kv_dtype_bytes": self.kv_dtype_bytes, "tiers": asdict(self.tiers)}
+
+
+def roofline(gpu_name: str, model_name: str, **kwargs: Any) -> RooflineCostModel:
+    return RooflineCostModel(gpu(gpu_name), model_shape(model_name), **kwargs)
+
+
+def from_json(doc: dict[str, Any]) -> CostModel:
+    kind = doc.get("kind")
+    tiers = TierCosts(**doc.get("tiers", {}))
+    shape = ModelShape(**doc["shape"])
+    if kind == "linear":
+        return LinearCostModel(shape, doc["coefficients"], doc.get("kv_dtype_bytes", 4), tiers,
+                               doc.get("fit", {}))
+    if kind == "roofline":
+        return RooflineCostModel(gpu(doc["gpu"]), shape, doc.get("mfu", 0.6),
+                                 doc.get("mbu", 0.8), doc.get("overhead_s", 0.0003),
+                                 doc.get("weight_bytes_per_param", 2.0),
+                                 doc.get("kv_dtype_bytes", 2), tiers)
+    raise ValueError(f"unknown cost model kind {kind!r}: expected linear or roofline")
+
+
+def load(spec: str) -> CostModel:
+    """A cost model from a JSON file (`kvmesh profile`), or `roofline:GPU:MODEL`."""
+    if spec.startswith("roofline:"):
+        parts = spec.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"bad cost model {spec!r}: use roofline:GPU:MODEL")
+        return roofline(parts[1], parts[2])
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"cost model {spec!r} is neither a file nor roofline:GPU:MODEL")
+    try:
+        return from_json(json.loads(path.read_text()))
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a cost model ({exc})") from exc
+
+
+def save(model: CostModel, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(model.to_json(), indent=2) + "\n")

@@ -1,0 +1,55 @@
+"""Least-squares fit of the linear step-cost model, with non-negative coefficients.
+
+Each sample is a step's `StepFeatures` and its measured wall time. Non-negativity keeps
+the model physical (no feature makes a step faster) and stable when extrapolating; it is
+solved by the active-set method: fit, drop the most negative coefficient, refit.
+Relative error matters more than absolute for small steps, so rows are weighted by
+1 / measured time (a fit of relative error).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from kvmesh.sim.cost_model import FEATURES, StepFeatures
+
+
+def fit_step_model(samples: Sequence[tuple[StepFeatures, float]],
+                   fixed: dict[str, float] | None = None
+                   ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Coefficients per feature name, and the fit's error figures.
+
+    `fixed` coefficients (measured apart, such as block copies) are subtracted first.
+    """
+    if len(samples) < len(FEATURES):
+        raise ValueError(f"need at least {len(FEATURES)} samples, got {len(samples)}")
+    fixed = fixed or {}
+    x = np.array([f.vector() for f, _ in samples], dtype=np.float64)
+    y = np.array([t for _, t in samples], dtype=np.float64)
+    fixed_vec = np.array([fixed.get(n, 0.0) for n in FEATURES])
+    target = y - x @ fixed_vec
+    active = [i for i, n in enumerate(FEATURES) if n not in fixed and x[:, i].any()]
+    w = 1.0 / np.maximum(y, 1e-6)
+    coef = np.zeros(len(FEATURES))
+    while active:
+        sol, *_ = np.linalg.lstsq(x[:, active] * w[:, None], target * w, rcond=None)
+        if (sol >= 0).all():
+            coef[:] = 0.0
+            coef[active] = sol
+            break
+        active.pop(int(np.argmin(sol)))
+    coef += fixed_vec
+    pred = x @ coef
+    rel = np.abs(pred - y) / np.maximum(y, 1e-9)
+    total_rel = abs(pred.sum() - y.sum()) / y.sum()
+    error = {
+        "num_samples": len(samples),
+        "mean_abs_rel_error": float(rel.mean()),
+        "p90_abs_rel_error": float(np.percentile(rel, 90)),
+        "total_time_rel_error": float(total_rel),
+        "r2": float(1 - ((pred - y) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30)),
+    }
+    return {n: float(c) for n, c in zip(FEATURES, coef, strict=True)}, error

@@ -1,0 +1,117 @@
+"""One simulated instance: the engine's own `EngineCore`, block pool, scheduler, KV cache
+manager and tier indexes (`VirtualHostTier` over a bounded `VirtualSource` disk), run by a
+cost-model executor on the instance's virtual clock. No copy of engine logic lives here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvmesh.config import CacheConfig, SchedulerConfig, TierConfig
+from kvmesh.engine.batch import ExecuteBatch, ExecuteResult, SeqWork
+from kvmesh.engine.core import EngineCore, ModelIdentity
+from kvmesh.engine.events import EventOutbox
+from kvmesh.kvstore.store import TieredStore
+from kvmesh.kvstore.virtual import VirtualHostTier, VirtualSource
+from kvmesh.router.policies import InstanceLoad
+from kvmesh.sim.clock import VirtualClock
+from kvmesh.sim.cost_model import CostModel, RooflineCostModel, step_features
+
+FILLER_TOKENS = tuple(range(1000, 1000 + 4096))  # what a simulated model "generates"
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """What one instance runs with: the engine's own config sections."""
+
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    tiers: TierConfig = field(default_factory=TierConfig)
+
+    @property
+    def has_disk(self) -> bool:
+        """As in `serve`: a disk tier of `tiers.disk_bytes` when `tiers.disk_path` is set
+        (the simulator writes nothing there)."""
+        return self.tiers.disk_path is not None
+
+
+class CostModelExecutor:
+    """The simulator's `Executor`: moves blocks in the tier indexes, advances the clock by
+    the cost model's step time, and "samples" a fixed token sequence (never EOS)."""
+
+    def __init__(self, clock: VirtualClock, cost: CostModel, store: TieredStore | None,
+                 block_size: int, filler: tuple[int, ...] = FILLER_TOKENS):
+        self.clock = clock
+        self.cost = cost
+        self.store = store
+        self.block_size = block_size
+        self.filler = filler
+        self.busy_s = 0.0
+        self.num_batches = 0
+
+    def execute(self, batch: ExecuteBatch) -> ExecuteResult:
+        if self.store is not None and (batch.stores or batch.loads):
+            self.store.move(batch.stores, batch.loads, _no_bytes)
+        seconds = self.cost.step_s(step_features(batch, self.block_size))
+        self.clock.sleep(seconds)
+        self.busy_s += seconds
+        self.num_batches += 1
+        return ExecuteResult({s.request_id: self.next_token(s) for s in batch.seqs
+                              if s.is_sampling})
+
+    def next_token(self, seq: SeqWork) -> int:
+        num_out = len(seq.all_token_ids) - len(seq.prompt_token_ids)
+        return self.filler[num_out % len(self.filler)]
+
+
+def _no_bytes(block_id: int) -> None:
+    return None
+
+
+def block_bytes(cost: CostModel, block_size: int) -> int:
+    return cost.shape.kv_bytes_per_token(cost.kv_dtype_bytes) * block_size
+
+
+def num_device_blocks(cost: CostModel, cache: CacheConfig) -> int:
+    """`cache.num_blocks`, else the byte budget: the GPU's memory after weights for a
+    roofline model, `kv_cache_memory_bytes` for a profiled one."""
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    budget = (cost.kv_capacity_bytes() if isinstance(cost, RooflineCostModel)
+              else cache.kv_cache_memory_bytes)
+    return max(1, budget // block_bytes(cost, cache.block_size))
+
+
+class SimInstance:
+    def __init__(self, index: int, spec: InstanceSpec, cost: CostModel):
+        self.index = index
+        self.clock = VirtualClock()
+        self.block_size = spec.cache.block_size
+        self.block_bytes = block_bytes(cost, self.block_size)
+        self.num_blocks = num_device_blocks(cost, spec.cache)
+        self.outbox = EventOutbox()
+        self.store = self._build_store(spec, cost)
+        self.max_model_len = min(cost.shape.max_model_len, self.num_blocks * self.block_size)
+        identity = ModelIdentity(f"sim:{cost.shape.name}", f"bytes{cost.kv_dtype_bytes}",
+                                 self.max_model_len)
+        self.core = EngineCore(spec.scheduler, spec.cache, identity, self.num_blocks,
+                               self.store, spec.tiers.write_through, self.outbox, self.clock)
+        self.executor = CostModelExecutor(self.clock, cost, self.store, self.block_size)
+        self.is_stepping = False  # a step event is queued for this instance
+
+    def _build_store(self, spec: InstanceSpec, cost: CostModel) -> TieredStore | None:
+        tiers = spec.tiers
+        if not tiers.is_enabled or not spec.cache.enable_prefix_caching:
+            return None
+        host = VirtualHostTier(tiers.host_bytes // self.block_bytes, self.block_bytes,
+                               tiers.host_policy, self.outbox)
+        sources = []
+        if spec.has_disk:
+            sources.append(VirtualSource(
+                "disk", (), self.clock.now, cost.tiers.disk_read_s, writable=True,
+                num_slots=tiers.disk_bytes // self.block_bytes, policy=tiers.disk_policy,
+                outbox=self.outbox, num_workers=cost.tiers.disk_io_threads,
+                block_bytes=self.block_bytes))
+        return TieredStore(tiers, host, sources, self.block_size, self.clock.now)
+
+    def load(self) -> InstanceLoad:
+        return InstanceLoad(self.core.num_running, self.core.num_waiting, self.core.pool.usage)

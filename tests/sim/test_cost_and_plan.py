@@ -1,0 +1,145 @@
+"""Cost models (features, roofline formulas, the fit), routing policies and the planner:
+pure, with exact expected values."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from kvmesh.bench.metrics import SLO
+from kvmesh.config import CacheConfig, SchedulerConfig, TierConfig
+from kvmesh.engine.batch import ExecuteBatch, SeqWork
+from kvmesh.router.policies import InstanceLoad, RouteRequest, make_route_policy
+from kvmesh.sim import cost_model as cm
+from kvmesh.sim.fit import fit_step_model
+from kvmesh.sim.instance import InstanceSpec
+from kvmesh.sim.planner import Candidate, Prices, SearchSpace, frontier, plan
+from kvmesh.sim.shapes import MODELS
+from kvmesh.sim.workload import TokenSession
+from kvmesh.types import SamplingParams
+
+
+def seq(n: int, start: int, sampling: bool = True) -> SeqWork:
+    ids = list(range(start + n))
+    return SeqWork("r", ids[start:], start, [0], sampling, SamplingParams(), None, ids, ids)
+
+
+def test_step_features_of_a_mixed_batch():
+    batch = ExecuteBatch((seq(1, 99), seq(1, 9), seq(10, 20, sampling=False)),
+                         stores=((0, b"k"),), loads=((1, b"a"), (2, b"b")))  # type: ignore[arg-type]
+    f = cm.step_features(batch, 16)
+    assert (f.num_seqs, f.num_tokens, f.num_sampling) == (3, 12, 2)
+    assert f.decode_ctx_tokens == 100 + 10
+    assert f.prefill_pair_ktokens == pytest.approx(10 * (20 + 5.5) / 1000)
+    assert f.prefill_kv_tokens == 30 and (f.num_loads, f.num_stores) == (2, 1)
+
+
+def test_roofline_decode_is_memory_bound_and_prefill_compute_bound():
+    m = cm.roofline("h100", "llama-3.1-8b")
+    s = MODELS["llama-3.1-8b"]
+    decode = cm.StepFeatures(num_seqs=1, num_tokens=1, num_sampling=1, decode_ctx_tokens=1)
+    weights_s = s.num_params * 2 / (3350e9 * 0.8)
+    assert m.step_s(decode) == pytest.approx(m.overhead_s + weights_s, rel=1e-3)
+    assert 7.5e9 < s.num_params < 8.5e9  # the published 8B, embeddings counted once
+    prefill = cm.StepFeatures(num_seqs=1, num_tokens=8192, num_sampling=1,
+                              prefill_pair_ktokens=8192 * 4096.5 / 1000, prefill_kv_tokens=8192)
+    flops = 2 * (s.num_params - s.hidden_size * s.vocab_size) * 8192
+    assert m.step_s(prefill) > m.overhead_s + flops / (989e12 * 0.6)
+    copies = cm.StepFeatures(num_loads=4, block_size=16)
+    assert m.step_s(copies) == pytest.approx(4 * 16 * s.kv_bytes_per_token(2) / 55e9)
+
+
+def test_cost_models_round_trip_through_json(tmp_path):
+    lin = cm.LinearCostModel(MODELS["smollm2-135m"], {"const": 0.01, "num_tokens": 1e-4},
+                             tiers=cm.TierCosts(disk_read_s=0.002, request_overhead_s=0.003))
+    for model in (lin, cm.roofline("a100", "qwen2.5-32b")):
+        path = tmp_path / f"{model.kind}.json"
+        cm.save(model, path)
+        back = cm.load(str(path))
+        assert back.to_json() == model.to_json()
+    f = cm.StepFeatures(num_seqs=2, num_tokens=5)
+    assert lin.step_s(f) == pytest.approx(0.01 + 5e-4)
+    assert cm.load("roofline:l4:llama-3.1-8b").kind == "roofline"
+    with pytest.raises(ValueError, match="unknown GPU"):
+        cm.load("roofline:tpu:llama-3.1-8b")
+    (tmp_path / "bad.json").write_text(json.dumps({"kind": "linear"}))
+    with pytest.raises(ValueError, match="not a cost model"):
+        cm.load(str(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match="unknown cost-model features"):
+        cm.LinearCostModel(MODELS["smollm2-135m"], {"flux": 1.0})
+
+
+def test_fit_recovers_known_coefficients_and_keeps_them_non_negative():
+    true = {"const": 0.004, "num_seqs": 2e-4, "num_tokens": 5e-5, "decode_ctx_tokens": 1e-7,
+            "prefill_pair_ktokens": 3e-6}
+    model = cm.LinearCostModel(MODELS["smollm2-135m"], true)
+    rng = random.Random(0)
+    samples = []
+    for _ in range(200):
+        s = rng.randrange(1, 64)
+        prefill = rng.random() < 0.3
+        n = rng.randrange(16, 512) if prefill else s
+        sampling = rng.randrange(0, s + 1) if prefill else s
+        f = cm.StepFeatures(s, n, sampling, 0 if prefill else s * rng.randrange(10, 2000),
+                            n * rng.randrange(0, 1000) / 1000 if prefill else 0.0)
+        samples.append((f, model.step_s(f)))
+    coef, err = fit_step_model(samples)
+    for name, value in true.items():
+        assert coef[name] == pytest.approx(value, rel=1e-6)
+    assert err["mean_abs_rel_error"] < 1e-9 and err["r2"] > 0.999999
+    noisy = [(f, t * (1.2 if i % 2 else 0.8)) for i, (f, t) in enumerate(samples)]
+    coef, err = fit_step_model(noisy, fixed={"num_loads": 1e-4})
+    assert min(coef.values()) >= 0 and coef["num_loads"] == 1e-4
+    assert 0.1 < err["mean_abs_rel_error"] < 0.3
+    with pytest.raises(ValueError, match="at least"):
+        fit_step_model(samples[:3])
+
+
+def test_route_policies_choose_exactly():
+    loads = [InstanceLoad(3, 1, 0.5), InstanceLoad(1, 0, 0.9), InstanceLoad(1, 0, 0.2)]
+    req = RouteRequest("s1", [1, 2, 3])
+    rr = make_route_policy("round_robin")
+    assert [rr.choose(req, loads) for _ in range(4)] == [0, 1, 2, 0]
+    assert make_route_policy("least_load").choose(req, loads) == 2
+    sticky = make_route_policy("session")
+    assert sticky.choose(req, loads) == 2
+    busy = [InstanceLoad(0, 0, 0.0), InstanceLoad(0, 0, 0.0), InstanceLoad(9, 9, 1.0)]
+    assert sticky.choose(req, busy) == 2  # the session stays home
+    assert sticky.choose(RouteRequest(None, []), busy) == 0
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        make_route_policy("kv-magic")
+
+
+def _workload(n: int = 48) -> list[TokenSession]:
+    rng = random.Random(1)
+    prefix = [rng.randrange(1000, 9000) for _ in range(256)]
+    return [TokenSession(i * 0.02, [32], prompts=[prefix + [rng.randrange(1000, 9000)
+                                                            for _ in range(64)]])
+            for i in range(n)]
+
+
+def test_planner_picks_the_cheapest_fleet_that_meets_the_slo():
+    sessions = _workload()
+    starts = [s.arrival_s for s in sessions]
+    base = InstanceSpec(SchedulerConfig(max_num_seqs=8), CacheConfig(num_blocks=2048),
+                        TierConfig())
+    cost = cm.roofline("l4", "llama-3.1-8b")
+    space = SearchSpace(instances=(1, 2, 4, 8), host_gb=(0.0, 4.0), disk_gb=(0.0,))
+    prices = Prices(instance_per_hour=1.0, host_gb_per_hour=0.01)
+    loose, tight = SLO(tpot_ms=1000.0), SLO(ttft_ms=300.0)
+    rows = plan(space, base, cost, prices, tight, sessions, starts)
+    assert len(rows) == 8
+    ok = [r for r in rows if r["meets_slo"]]
+    assert ok and not all(r["meets_slo"] for r in rows)  # the SLO binds
+    best = rows[0]
+    assert best["meets_slo"] and best["price_per_hour"] == min(r["price_per_hour"] for r in ok)
+    assert best["candidate"]["num_instances"] > 1  # one L4 cannot meet it
+    assert plan(space, base, cost, prices, loose, sessions, starts)[0]["price_per_hour"] == 1.0
+    front = frontier(rows)
+    assert front[0]["price_per_hour"] == min(r["price_per_hour"] for r in rows)
+    tputs = [r["output_tok_per_s"] for r in front]
+    assert tputs == sorted(tputs) and len(set(tputs)) == len(tputs)
+    assert prices.per_hour(Candidate(2, 4.0, 0.0, 16, "round_robin")) == pytest.approx(2.08)
+    assert SearchSpace(instances=(1,), host_gb=(0.0,), disk_gb=(10.0,)).candidates() == []
