@@ -101,7 +101,7 @@ PROFILE_CLASSES = [ModelConfig, CacheConfig, SchedulerConfig, TierConfig]
 @with_config_options(PROFILE_CLASSES)
 def profile(config: Path | None = ConfigFile,
             out: Path = typer.Option(Path("cost_model.json"), help="Cost model JSON to write."),
-            budget_s: float = typer.Option(240.0, help="Most seconds of step measurements."),
+            budget_s: float = typer.Option(600.0, help="Most seconds of load to measure."),
             **fields: Any) -> None:
     """Measure the engine on this machine and fit the simulator's cost model (JSON)."""
     try:
@@ -115,9 +115,11 @@ def profile(config: Path | None = ConfigFile,
     from kvmesh.sim.cost_model import save
 
     with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("profiled steps", total=None)
+        from kvmesh.bench.profile import GRID
+
+        task = bar.add_task("load runs", total=len(GRID))
         cost = profile_engine(EngineConfig(model, cache, sched, tiers), budget_s,
-                              on_step=lambda: bar.advance(task))
+                              on_row=lambda: bar.advance(task))
     save(cost, out)
     fit = cost.fit
     console.print(f"{fit['num_samples']} steps, mean |error| {fit['mean_abs_rel_error']:.1%}, "

@@ -17,7 +17,7 @@ from kvmesh.sim.fit import fit_step_model
 from kvmesh.sim.instance import InstanceSpec
 from kvmesh.sim.planner import Candidate, Prices, SearchSpace, frontier, plan
 from kvmesh.sim.shapes import MODELS
-from kvmesh.sim.workload import TokenSession
+from kvmesh.sim.workload import SimWorkload, TokenSession
 from kvmesh.types import SamplingParams
 
 
@@ -122,21 +122,21 @@ def _workload(n: int = 48) -> list[TokenSession]:
 
 def test_planner_picks_the_cheapest_fleet_that_meets_the_slo():
     sessions = _workload()
-    starts = [s.arrival_s for s in sessions]
+    work = SimWorkload(sessions, [s.arrival_s for s in sessions])
     base = InstanceSpec(SchedulerConfig(max_num_seqs=8), CacheConfig(num_blocks=2048),
                         TierConfig())
     cost = cm.roofline("l4", "llama-3.1-8b")
     space = SearchSpace(instances=(1, 2, 4, 8), host_gb=(0.0, 4.0), disk_gb=(0.0,))
     prices = Prices(instance_per_hour=1.0, host_gb_per_hour=0.01)
     loose, tight = SLO(tpot_ms=1000.0), SLO(ttft_ms=300.0)
-    rows = plan(space, base, cost, prices, tight, sessions, starts)
+    rows = plan(space, base, cost, prices, tight, work)
     assert len(rows) == 8
     ok = [r for r in rows if r["meets_slo"]]
     assert ok and not all(r["meets_slo"] for r in rows)  # the SLO binds
     best = rows[0]
     assert best["meets_slo"] and best["price_per_hour"] == min(r["price_per_hour"] for r in ok)
     assert best["candidate"]["num_instances"] > 1  # one L4 cannot meet it
-    assert plan(space, base, cost, prices, loose, sessions, starts)[0]["price_per_hour"] == 1.0
+    assert plan(space, base, cost, prices, loose, work)[0]["price_per_hour"] == 1.0
     front = frontier(rows)
     assert front[0]["price_per_hour"] == min(r["price_per_hour"] for r in rows)
     tputs = [r["output_tok_per_s"] for r in front]

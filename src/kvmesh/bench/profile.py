@@ -1,80 +1,111 @@
-"""`kvmesh profile`: measure the real engine on this machine and fit the simulator's cost
-model (`kvmesh.sim.cost_model.LinearCostModel`).
+"""`kvmesh profile`: measure the real engine on this machine, serving, and fit the
+simulator's cost model (`kvmesh.sim.cost_model.LinearCostModel`).
 
-1. Step times: batches of S sequences with L-token prompts (S and L on a grid, random
-   tokens so nothing is a cache hit) go through `LLMEngine.step`, the whole engine step
-   (scheduling, model, sampling, detokenizing) timed on the wall clock, and the batch's
-   `StepFeatures` recorded by a wrapper around the executor. A warm-up pass is dropped.
+1. Step times, as served: the engine runs behind the real HTTP server (in this process),
+   and `kvmesh bench` processes drive it on loopback with a grid of concurrency and
+   prompt lengths. Each engine step's `StepFeatures` (a wrapper around the executor) and
+   its period (from its start to the next step's start, while work remained) are
+   recorded, so HTTP streaming, detokenizing and the client's share of the CPU are in the
+   figures the simulator replays. A warm-up run is dropped.
 2. Block copies: the real host tier's copy in (store) and out (load) per block.
 3. Disk reads: the real disk tier, a batch of blocks read through its worker pool.
-4. Request overhead: tokenizing and templating a chat prompt, as the server does.
+4. Request overhead: the client's TTFT for single requests minus the fitted time of
+   their prefill step (HTTP, tokenizing, queueing a command on the engine thread).
 
 The fit is least squares with non-negative coefficients; its error is in the JSON.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import socket
+import subprocess
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvmesh.config import EngineConfig, TierConfig
+from kvmesh.config import EngineConfig, ServerConfig, TierConfig
 from kvmesh.engine.batch import ExecuteBatch, ExecuteResult, Executor
-from kvmesh.engine.engine import LLMEngine
 from kvmesh.hashing import BlockKey
 from kvmesh.sim.cost_model import LinearCostModel, StepFeatures, TierCosts, step_features
 from kvmesh.sim.fit import fit_step_model
 from kvmesh.sim.shapes import ModelShape
-from kvmesh.types import SamplingParams
 
-BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
-PROMPT_LENS = (16, 128, 512, 1536)
-OUTPUT_TOKENS = 12
+# (concurrency, prompt words, output tokens, requests): short and long prompts, 1 to 48
+# streams. The first row also calibrates the request overhead.
+GRID = ((1, 48, 24, 12), (1, 700, 8, 6), (4, 128, 48, 16), (8, 1200, 16, 16),
+        (16, 128, 48, 48), (32, 300, 32, 64), (48, 64, 48, 96))
+WARMUP = (4, 64, 8, 8)
 
 
 @dataclass
 class _Recorder:
-    """Wraps the engine's executor; notes each batch's features."""
+    """Wraps the engine's executor and observes the step loop (engine thread)."""
 
     inner: Executor
     block_size: int
     last: StepFeatures | None = None
+    samples: list[tuple[StepFeatures, float]] = field(default_factory=list)
+    _pending: tuple[StepFeatures, float] | None = None
+    is_recording: bool = False
 
     def execute(self, batch: ExecuteBatch) -> ExecuteResult:
-        self.last = step_features(batch, self.block_size) if batch.seqs else None
+        if batch.seqs:
+            self.last = step_features(batch, self.block_size)
         return self.inner.execute(batch)
 
-
-def _run_grid(engine: LLMEngine, rec: _Recorder, sizes: Sequence[int], lens: Sequence[int],
-              rng: random.Random, budget_s: float,
-              on_step: Callable[[], None]) -> list[tuple[StepFeatures, float]]:
-    samples: list[tuple[StepFeatures, float]] = []
-    vocab = engine.inputs.vocab_size
-    deadline = time.perf_counter() + budget_s
-    for num_seqs in sizes:
-        for prompt_len in lens:
-            if num_seqs * (prompt_len + OUTPUT_TOKENS) > engine.pool.num_blocks * (
-                    engine.config.cache.block_size) or time.perf_counter() > deadline:
-                continue
-            params = SamplingParams(max_tokens=OUTPUT_TOKENS, temperature=0.0, ignore_eos=True)
-            for _ in range(num_seqs):
-                ids = [rng.randrange(100, vocab) for _ in range(prompt_len)]
-                engine.add_tokens(None, ids, params)
-            while engine.has_unfinished_requests():
-                start = time.perf_counter()
-                engine.step()
-                elapsed = time.perf_counter() - start
-                if rec.last is not None:
-                    samples.append((rec.last, elapsed))
-                on_step()
-    return samples
+    def observe(self, start: float, end: float, busy: bool) -> None:
+        """A step's period runs to the next step's start when work was left."""
+        if self._pending is not None and self.is_recording:
+            self.samples.append((self._pending[0], start - self._pending[1]))
+        self._pending = (self.last, start) if busy and self.last is not None else None
+        self.last = None
 
 
-def _copy_costs(engine: LLMEngine, num_blocks: int = 64) -> tuple[float, float]:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(config: EngineConfig, port: int) -> tuple[Any, Any]:
+    """The real server app on a thread; returns (uvicorn server, app state) once ready."""
+    import uvicorn
+
+    from kvmesh.server.api import create_app
+
+    app = create_app(config, ServerConfig(port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning", access_log=False))
+    threading.Thread(target=server.run, name="kvmesh-profile-http", daemon=True).start()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2):
+                return server, app.state.kvmesh
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("the profiled server did not become ready in 600 s")
+
+
+def _bench(port: int, row: tuple[int, int, int, int], seed: int, out: Path) -> list[dict]:
+    conc, words, output, n = row
+    cmd = [sys.executable, "-m", "kvmesh.cli", "bench", "--base-url",
+           f"http://127.0.0.1:{port}", "--dataset", "random", "--num-requests", str(n),
+           "--input-len", str(words), "--output-len", str(output), "--concurrency",
+           str(conc), "--seed", str(seed), "--out", str(out), "--no-progress"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=1800)
+    return list(json.loads(out.read_text())["runs"][0]["records"])
+
+
+def _copy_costs(engine: Any, num_blocks: int = 64) -> tuple[float, float]:
     """Seconds per block: device -> host (store) and host -> device (load)."""
     from kvmesh.kvstore.host import HostTier
 
@@ -89,8 +120,7 @@ def _copy_costs(engine: LLMEngine, num_blocks: int = 64) -> tuple[float, float]:
     start = time.perf_counter()
     for i, key in enumerate(keys):
         host.copy_out(key, runner.block(i))
-    load_s = (time.perf_counter() - start) / n
-    return store_s, load_s
+    return store_s, (time.perf_counter() - start) / n
 
 
 def _disk_read_s(block_bytes: int, io_threads: int, num_blocks: int = 64) -> float:
@@ -114,42 +144,63 @@ def _disk_read_s(block_bytes: int, io_threads: int, num_blocks: int = 64) -> flo
     return elapsed * io_threads / max(1, len(futures))
 
 
-def _request_overhead_s(engine: LLMEngine, rng: random.Random, n: int = 20) -> float:
-    from kvmesh.bench.datasets import words
+def _request_overhead_s(records: list[dict], coef: dict[str, float], block_size: int,
+                        budget: int) -> float:
+    """Mean client TTFT of lone requests minus the modelled time of their prefill."""
+    model = LinearCostModel(ModelShape("x", 1, 1, 1, 1, 1, 1, 1, 1), coef)
+    gaps = []
+    for r in records:
+        if not r["ok"] or not r["prompt_tokens"] or r["prompt_tokens"] > budget:
+            continue
+        n = r["prompt_tokens"]
+        f = StepFeatures(1, n, 1, 0, n * (n + 1) / 2 / 1000, n, block_size=block_size)
+        gaps.append(r["ttft_s"] - model.step_s(f))
+    return max(0.0, sum(gaps) / len(gaps)) if gaps else 0.0
 
-    start = time.perf_counter()
-    for _ in range(n):
-        msgs = [{"role": "user", "content": words(rng, 200)}]
-        engine.inputs.validate(engine.inputs.chat_ids(msgs, add_generation_prompt=True))
-    return (time.perf_counter() - start) / n
 
-
-def model_shape(engine: LLMEngine) -> ModelShape:
+def model_shape(engine: Any) -> ModelShape:
     a = engine.loaded.model.arch
     return ModelShape(engine.loaded.name, a.num_layers, a.hidden_size, a.intermediate_size,
                       a.num_heads, a.num_kv_heads, a.head_dim, a.vocab_size,
                       engine.max_model_len, a.tie_word_embeddings)
 
 
-def profile_engine(config: EngineConfig, budget_s: float = 240.0, seed: int = 0,
-                   on_step: Callable[[], None] = lambda: None) -> LinearCostModel:
-    engine = LLMEngine(config, progress=False)
+def profile_engine(config: EngineConfig, budget_s: float = 600.0, seed: int = 0,
+                   on_row: Callable[[], None] = lambda: None) -> LinearCostModel:
+    port = _free_port()
+    server, state = _serve(config, port)
+    engine = state.engine.engine  # the LLMEngine behind the AsyncEngine
     rec = _Recorder(engine.executor, config.cache.block_size)
-    engine.executor = rec  # type: ignore[assignment]
-    rng = random.Random(seed)
-    _run_grid(engine, rec, (1, 8), (64,), rng, budget_s, on_step)  # warm-up, dropped
+    engine.executor = rec  # swapped while idle: the engine thread reads it per step
+    state.engine.step_observer = rec.observe
     t0 = time.perf_counter()
-    samples = _run_grid(engine, rec, BATCH_SIZES, PROMPT_LENS, rng, budget_s, on_step)
-    store_s, load_s = _copy_costs(engine)
+    lone: list[dict] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="kvmesh-profile-") as tmp:
+            _bench(port, WARMUP, seed, Path(tmp) / "warmup.json")
+            rec.is_recording = True
+            for i, row in enumerate(GRID):
+                if i and time.perf_counter() - t0 > budget_s:  # the first row always runs
+                    break
+                records = _bench(port, row, seed + i + 1, Path(tmp) / f"row{i}.json")
+                lone += records if row[0] == 1 and row[1] < 200 else []
+                on_row()
+        rec.is_recording = False
+        store_s, load_s = _copy_costs(engine)
+    finally:
+        server.should_exit = True
+    coef, error = fit_step_model(rec.samples, {"num_loads": load_s, "num_stores": store_s})
     tiers = config.tiers if config.tiers.is_enabled else TierConfig()
-    coef, error = fit_step_model(samples, {"num_loads": load_s, "num_stores": store_s})
     costs = TierCosts(disk_read_s=_disk_read_s(engine.runner.block_bytes, tiers.io_threads),
                       disk_io_threads=tiers.io_threads,
-                      request_overhead_s=_request_overhead_s(engine, rng))
+                      request_overhead_s=_request_overhead_s(
+                          lone, coef, config.cache.block_size,
+                          config.scheduler.max_num_batched_tokens))
     fit: dict[str, Any] = {**error, "profile_s": time.perf_counter() - t0,
                            "block_size": config.cache.block_size,
                            "num_blocks": engine.pool.num_blocks,
                            "dtype": str(engine.loaded.dtype).removeprefix("torch."),
-                           "quantization": engine.loaded.quantization}
+                           "quantization": engine.loaded.quantization,
+                           "grid": [list(r) for r in GRID]}
     return LinearCostModel(model_shape(engine), coef, engine.runner.kv.element_size(), costs,
                            fit)

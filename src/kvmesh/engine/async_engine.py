@@ -55,6 +55,9 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, args=(engine, ready),
                                         name="kvmesh-engine", daemon=True)
         self._stopped = threading.Event()
+        # Called on the engine thread after each step with its start and end times
+        # (perf_counter) and whether work is left (the next step follows at once).
+        self.step_observer: Callable[[float, float, bool], None] | None = None
         self._thread.start()
         self.engine: LLMEngine = ready.result()
         # What the frontend needs, so it never reaches through the engine:
@@ -81,6 +84,7 @@ class AsyncEngine:
             if not self._drain(block=not busy):
                 break
             if self.engine.has_unfinished_requests():
+                start = time.perf_counter()
                 try:
                     deltas = self.engine.step()
                 except Exception:  # noqa: BLE001 - a bug outside a batch (a tier, a source):
@@ -88,6 +92,9 @@ class AsyncEngine:
                     time.sleep(0.01)  # bounded retries, bounded logs
                     continue
                 self._dispatch(deltas)
+                if self.step_observer is not None:
+                    self.step_observer(start, time.perf_counter(),
+                                       self.engine.has_unfinished_requests())
 
     def _drain(self, block: bool) -> bool:
         while True:

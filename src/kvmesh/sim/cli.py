@@ -3,6 +3,7 @@ engine sections and as `bench` for the workload."""
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -15,39 +16,40 @@ from kvmesh.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig, TierConfi
 from kvmesh.sim import cost_model as cm
 from kvmesh.sim.instance import InstanceSpec
 from kvmesh.sim.run import SimConfig, session_starts, simulate
-from kvmesh.sim.workload import SimSession, from_bench, trace_sessions
+from kvmesh.sim.workload import SimWorkload, from_bench, trace_sessions
 
 SIM_CLASSES = [SimConfig, WorkloadConfig, CacheConfig, SchedulerConfig, TierConfig]
 console = Console(stderr=True)
 
 
-def build_sessions(w: WorkloadConfig, tokenizer_model: str) -> tuple[list[SimSession],
-                                                                     list[float]]:
+def build_sessions(w: WorkloadConfig, tokenizer_model: str) -> SimWorkload:
     """The workload as token ids, with start times drawn as `kvmesh bench` draws them."""
     if w.dataset == "trace":
         assert w.trace is not None
         sessions = trace_sessions(Path(w.trace), w.num_requests, w.time_scale, w.length_scale,
                                   w.output_len, w.seed)
-        return sessions, session_starts(sessions, None, w.profile())
+        return SimWorkload(sessions, session_starts(sessions, None, w.profile()))
+    from kvmesh.bench.datasets import words
     from kvmesh.model.registry import resolve_model
     from kvmesh.model.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(resolve_model(tokenizer_model, progress=False).path)
     text = w.sessions()
     sessions = from_bench(text, tokenizer)
-    return sessions, session_starts(sessions, text, w.profile())
+    filler = tuple(tokenizer.encode(words(random.Random(0), 4000), add_special_tokens=False))
+    return SimWorkload(sessions, session_starts(sessions, text, w.profile()), filler)
 
 
 def run_sim(sim: SimConfig, w: WorkloadConfig, spec: InstanceSpec, progress: bool = True,
             tokenizer_model: str = DEFAULT_MODEL) -> dict[str, Any]:
     cost = cm.load(sim.cost_model)
-    sessions, starts = build_sessions(w, tokenizer_model)
-    total = sum(s.num_turns for s in sessions)
+    work = build_sessions(w, tokenizer_model)
+    total = sum(s.num_turns for s in work.sessions)
     t0 = time.perf_counter()
     with Progress(disable=not progress, transient=True, console=console) as bar:
         task = bar.add_task("simulated requests", total=total)
-        figures = simulate(spec, cost, sim, sessions, starts, w.concurrency, w.max_duration_s,
-                           lambda n: bar.advance(task, n))
+        figures = simulate(spec, cost, sim, work.sessions, work.starts, w.concurrency,
+                           w.max_duration_s, lambda n: bar.advance(task, n), work.filler)
     figures["wall_s"] = time.perf_counter() - t0
     figures["cost_model"] = cost.to_json()
     return figures
@@ -87,12 +89,12 @@ def plan_command(simc: SimConfig, w: WorkloadConfig, engine: tuple[Any, Any, Any
                          [int(b) for b in block_sizes], routes)
     slo = SLO.parse(simc.slo)
     cost = cm.load(simc.cost_model)
-    sessions, starts = build_sessions(w, tokenizer_model)
+    work = build_sessions(w, tokenizer_model)
     candidates = search.candidates()
     with Progress(transient=True, console=console) as bar:
         task = bar.add_task("candidates", total=len(candidates))
-        rows = plan(search, InstanceSpec(*engine), cost, Prices(*prices), slo, sessions,
-                    starts, w.concurrency, lambda: bar.advance(task))
+        rows = plan(search, InstanceSpec(*engine), cost, Prices(*prices), slo, work,
+                    w.concurrency, lambda: bar.advance(task))
     front = frontier(rows)
     doc = result_doc("plan", shlex.join(["kvmesh", "plan", *sys.argv[2:]]),
                      {"workload": vars(w), "slo": simc.slo, "prices": prices,

@@ -15,8 +15,11 @@ from kvmesh.kvstore.virtual import VirtualHostTier, VirtualSource
 from kvmesh.router.policies import InstanceLoad
 from kvmesh.sim.clock import VirtualClock
 from kvmesh.sim.cost_model import CostModel, RooflineCostModel, step_features
+from kvmesh.sim.workload import SimWorkload
 
-FILLER_TOKENS = tuple(range(1000, 1000 + 4096))  # what a simulated model "generates"
+# What a simulated model "generates" (cyclically). For chat workloads the simulator passes
+# the tokens of ordinary text, so a reply sent back in the next turn tokenizes the same.
+FILLER_TOKENS = SimWorkload.filler
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,8 @@ def num_device_blocks(cost: CostModel, cache: CacheConfig) -> int:
 
 
 class SimInstance:
-    def __init__(self, index: int, spec: InstanceSpec, cost: CostModel):
+    def __init__(self, index: int, spec: InstanceSpec, cost: CostModel,
+                 filler: tuple[int, ...] = FILLER_TOKENS):
         self.index = index
         self.clock = VirtualClock()
         self.block_size = spec.cache.block_size
@@ -95,7 +99,7 @@ class SimInstance:
                                  self.max_model_len)
         self.core = EngineCore(spec.scheduler, spec.cache, identity, self.num_blocks,
                                self.store, spec.tiers.write_through, self.outbox, self.clock)
-        self.executor = CostModelExecutor(self.clock, cost, self.store, self.block_size)
+        self.executor = CostModelExecutor(self.clock, cost, self.store, self.block_size, filler)
         self.is_stepping = False  # a step event is queued for this instance
 
     def _build_store(self, spec: InstanceSpec, cost: CostModel) -> TieredStore | None:

@@ -17,7 +17,7 @@ import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from kvmesh.bench.metrics import SLO
 from kvmesh.sim.cost_model import CostModel
@@ -92,12 +92,22 @@ def _miss(figures: dict[str, Any], slo: SLO) -> float:
     return worst
 
 
+class Workload(Protocol):
+    """Sessions, their start times, and what the simulated model generates."""
+
+    @property
+    def sessions(self) -> Sequence[SimSession]: ...
+    @property
+    def starts(self) -> Sequence[float]: ...
+    @property
+    def filler(self) -> tuple[int, ...]: ...
+
+
 def evaluate(c: Candidate, base: InstanceSpec, cost: CostModel, prices: Prices, slo: SLO,
-             sessions: Sequence[SimSession], starts: Sequence[float],
-             concurrency: int | None) -> dict[str, Any]:
+             work: Workload, concurrency: int | None) -> dict[str, Any]:
     figures = simulate(c.spec(base), cost, SimConfig(num_instances=c.num_instances,
-                                                     route=c.route), sessions, starts,
-                       concurrency)
+                                                     route=c.route), work.sessions,
+                       work.starts, concurrency, filler=work.filler)
     figures.pop("records")
     price = prices.per_hour(c)
     tput = figures["output_tok_per_s"] or 0.0
@@ -127,12 +137,11 @@ def frontier(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plan(space: SearchSpace, base: InstanceSpec, cost: CostModel, prices: Prices, slo: SLO,
-         sessions: Sequence[SimSession], starts: Sequence[float],
-         concurrency: int | None = None,
+         work: Workload, concurrency: int | None = None,
          on_progress: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     rows = []
     for c in space.candidates():
-        rows.append(evaluate(c, base, cost, prices, slo, sessions, starts, concurrency))
+        rows.append(evaluate(c, base, cost, prices, slo, work, concurrency))
         if on_progress is not None:
             on_progress()
     return rank(rows)

@@ -12,7 +12,7 @@ from kvmesh.bench.datasets import Session
 from kvmesh.bench.metrics import SLO, summarize
 from kvmesh.router.policies import ROUTE_POLICIES, make_route_policy
 from kvmesh.sim.cost_model import CostModel
-from kvmesh.sim.instance import InstanceSpec, SimInstance
+from kvmesh.sim.instance import FILLER_TOKENS, InstanceSpec, SimInstance
 from kvmesh.sim.simulator import SimRun, Simulator
 from kvmesh.sim.workload import SimSession
 
@@ -77,9 +77,10 @@ def summarize_run(run: SimRun, slo: SLO) -> dict[str, Any]:
 def simulate(spec: InstanceSpec, cost: CostModel, config: SimConfig,
              sessions: Sequence[SimSession], starts: Sequence[float],
              concurrency: int | None = None, max_duration_s: float | None = None,
-             on_progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+             on_progress: Callable[[int], None] | None = None,
+             filler: tuple[int, ...] = FILLER_TOKENS) -> dict[str, Any]:
     sim = Simulator(spec, cost, config.num_instances, make_route_policy(config.route),
-                    max_duration_s, on_progress)
+                    max_duration_s, on_progress, filler)
     run = sim.run(sessions, starts, concurrency)
     return summarize_run(run, SLO.parse(config.slo))
 

@@ -22,7 +22,7 @@ from kvmesh.engine.core import IDLE_WAIT_S, SeqUpdate
 from kvmesh.engine.scheduler import QueueFullError
 from kvmesh.router.policies import RoutePolicy, RouteRequest
 from kvmesh.sim.cost_model import CostModel
-from kvmesh.sim.instance import InstanceSpec, SimInstance
+from kvmesh.sim.instance import FILLER_TOKENS, InstanceSpec, SimInstance
 from kvmesh.sim.workload import SimSession
 from kvmesh.types import SamplingParams
 
@@ -53,11 +53,12 @@ class SimRun:
 class Simulator:
     def __init__(self, spec: InstanceSpec, cost: CostModel, num_instances: int,
                  router: RoutePolicy, max_duration_s: float | None = None,
-                 on_progress: Callable[[int], None] | None = None):
+                 on_progress: Callable[[int], None] | None = None,
+                 filler: tuple[int, ...] = FILLER_TOKENS):
         if num_instances < 1:
             raise ValueError(f"num_instances must be >= 1, got {num_instances}")
         self.cost = cost
-        self.instances = [SimInstance(i, spec, cost) for i in range(num_instances)]
+        self.instances = [SimInstance(i, spec, cost, filler) for i in range(num_instances)]
         self.router = router
         self.max_duration_s = max_duration_s
         self.on_progress = on_progress

@@ -77,6 +77,15 @@ def from_bench(sessions: Sequence[Session], tokenizer: ChatTokenizer) -> list[Si
                         session=s, tokenizer=tokenizer) for s in sessions]
 
 
+@dataclass(frozen=True)
+class SimWorkload:
+    """Sessions, when each starts, and what the simulated model generates (cyclically)."""
+
+    sessions: list[SimSession]
+    starts: list[float]
+    filler: tuple[int, ...] = tuple(range(1000, 1000 + 4096))
+
+
 class BlockTokens:
     """Deterministic token ids for trace block ids: equal ids give equal tokens, and
     different ids differ in their first two tokens (the id, in base TOKEN_SPAN digits).
