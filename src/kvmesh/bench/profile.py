@@ -40,8 +40,9 @@ from kvmesh.sim.shapes import ModelShape
 
 # (concurrency, prompt words, output tokens, requests): short and long prompts, 1 to 48
 # streams. The first row also calibrates the request overhead.
-GRID = ((1, 48, 24, 12), (1, 700, 8, 6), (4, 128, 48, 16), (8, 1200, 16, 16),
-        (16, 128, 48, 48), (32, 300, 32, 64), (48, 64, 48, 96))
+GRID = ((1, 48, 24, 12), (1, 700, 8, 6), (2, 200, 32, 12), (4, 128, 48, 16),
+        (8, 1200, 16, 16), (8, 64, 32, 24), (16, 128, 48, 48), (24, 400, 24, 48),
+        (32, 300, 32, 64), (48, 64, 48, 96))
 WARMUP = (4, 64, 8, 8)
 
 
@@ -153,7 +154,8 @@ def _request_overhead_s(records: list[dict], coef: dict[str, float], block_size:
         if not r["ok"] or not r["prompt_tokens"] or r["prompt_tokens"] > budget:
             continue
         n = r["prompt_tokens"]
-        f = StepFeatures(1, n, 1, 0, n * (n + 1) / 2 / 1000, n, block_size=block_size)
+        f = StepFeatures(1, n, 1, 0, n * (n + 1) / 2 / 1000, n, block_size=block_size,
+                         num_prefill_seqs=int(n > 1))
         gaps.append(r["ttft_s"] - model.step_s(f))
     return max(0.0, sum(gaps) / len(gaps)) if gaps else 0.0
 
@@ -201,6 +203,8 @@ def profile_engine(config: EngineConfig, budget_s: float = 600.0, seed: int = 0,
                            "num_blocks": engine.pool.num_blocks,
                            "dtype": str(engine.loaded.dtype).removeprefix("torch."),
                            "quantization": engine.loaded.quantization,
-                           "grid": [list(r) for r in GRID]}
+                           "grid": [list(r) for r in GRID],
+                           # (features in FEATURES order, measured period): to refit
+                           "samples": [[*f.vector(), round(t, 6)] for f, t in rec.samples]}
     return LinearCostModel(model_shape(engine), coef, engine.runner.kv.element_size(), costs,
                            fit)

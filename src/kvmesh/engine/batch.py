@@ -69,3 +69,20 @@ class Executor(Protocol):
     def execute(self, batch: ExecuteBatch) -> ExecuteResult:
         """Run one batch. An exception fails the batch's sequences, not the engine."""
         ...
+
+
+class RunExecutor(Executor, Protocol):
+    """An executor that can also run several decode steps of one batch at once (the
+    simulator's cost model: each step's cost still counted one by one)."""
+
+    def plan_run(self, batch: ExecuteBatch, max_steps: int, growth: list[int]) -> int:
+        """How many of the `max_steps` decode steps of `batch` to run now (its clock may
+        have to stop sooner for an event). `growth[j]`: blocks step j allocates, each of
+        which may evict one (a store at that step)."""
+        ...
+
+    def execute_run(self, batch: ExecuteBatch, num_steps: int,
+                    stores: dict[int, tuple[BlockCopy, ...]]) -> dict[str, list[int]]:
+        """Run `num_steps` decode steps (step j first saves `stores[j]`; step 0's are the
+        batch's); the sampled tokens of each sequence, in order."""
+        ...

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kvmesh.config import CacheConfig, SchedulerConfig
-from kvmesh.engine.batch import BlockCopy, ExecuteBatch, Executor, SeqWork
+from kvmesh.engine.batch import BlockCopy, ExecuteBatch, Executor, RunExecutor, SeqWork
 from kvmesh.engine.block_pool import BlockPool
 from kvmesh.engine.events import DEVICE, BlockEvent, BlockRemoved, BlockStored, EventOutbox
 from kvmesh.engine.kv_cache_manager import KVCacheManager, num_reusable_blocks
@@ -68,6 +68,16 @@ class SeqUpdate:
     logprobs: Any = None
     queue_time_s: float | None = None
     error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRun:
+    """A decode run's outcome: each sequence's tokens (one per step, none finished before
+    the last step), and the last step's updates (which carry any finish)."""
+
+    num_steps: int
+    tokens: dict[str, list[int]]
+    last: list[SeqUpdate]
 
 
 class EngineCore:
@@ -187,6 +197,49 @@ class EngineCore:
         updated = self.scheduler.update_from_output(out, result.sampled)
         self._release_held(updated)
         return [self._update(req, result.logprobs.get(req.request_id)) for req in updated]
+
+    def step_decode_run(self, executor: RunExecutor, max_steps: int) -> DecodeRun | None:
+        """Up to `max_steps` plain decode steps at once, or none ([]): the simulator's fast
+        path. Only when `Scheduler.decode_run_length` finds the coming steps decided in
+        advance (each running request decodes one token; nothing waits, stops early or
+        runs out of blocks) and the executor agrees to run them (`plan_run`: its virtual
+        clock may stop sooner). Blocks are allocated step by step as `schedule()` would,
+        and what each step evicts is that step's stores: the state after the run is that
+        of as many `step` calls."""
+        if self._held or (self.store is not None and (self._write_through
+                                                      or self.store.has_reads_in_flight())):
+            return None
+        k = self.scheduler.decode_run_length(max_steps)
+        if k < 2:
+            return None
+        out = self.scheduler.scheduled_decodes()
+        allocations = self.scheduler.decode_run_allocations(k)
+        growth = [0] * k
+        for j, _ in allocations:
+            growth[j] += 1
+        probe = ExecuteBatch(tuple(self._work(s) for s in out.seqs))
+        n = min(k, executor.plan_run(probe, k, growth))
+        if n < 2:
+            return None
+        if self.store is not None:
+            self._flush(executor)
+            self.store.poll()
+        stores: dict[int, tuple[BlockCopy, ...]] = {}
+        for j, req in allocations:
+            if j >= n:
+                break
+            ok = self.kv.allocate(req, j + 1)  # what step j's `schedule()` allocates
+            assert ok, "decode_run_length promised the blocks"
+            self._drain()
+            if self._stores:
+                stores[j] = stores.get(j, ()) + self._take_stores()
+        self._drain()
+        self.num_steps += n
+        batch = ExecuteBatch(tuple(self._work(s) for s in out.seqs), stores.pop(0, ()),
+                             (), self._take_finished())
+        sampled = executor.execute_run(batch, n, stores)
+        updated = self.scheduler.update_from_decode_run(out, sampled)
+        return DecodeRun(n, sampled, [self._update(req, None) for req in updated])
 
     def _flush(self, executor: Executor) -> None:
         """Save blocks that left the device between steps (a reset): a failure loses

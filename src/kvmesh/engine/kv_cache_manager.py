@@ -124,6 +124,12 @@ class KVCacheManager:
                 self.external.pin(external)
         return True
 
+    def num_blocks_to_grow(self, reqs: list[Request], num_new_tokens: int) -> int:
+        """Fresh blocks the requests need for `num_new_tokens` more computed tokens each."""
+        bs = self.block_size
+        return sum(max(0, cdiv(r.num_computed_tokens + num_new_tokens, bs)
+                       - len(self._tables.get(r.request_id, ()))) for r in reqs)
+
     def take_loads(self) -> list[tuple[int, BlockKey]]:
         """(device block, host key) copies queued by `allocate` since the last call."""
         loads, self._loads = self._loads, []

@@ -219,6 +219,60 @@ class Scheduler:
             self._check_stop(req, token)
         return updated
 
+    # decode runs (the simulator's fast path) ---------------------------------------------
+
+    def decode_run_length(self, max_steps: int) -> int:
+        """How many coming steps would each schedule exactly every running request for one
+        decode token, with nothing else to decide, as `schedule()` would: nobody waiting,
+        every running request decoding, none that could stop before the last of them (no
+        EOS, stop token or stop string checks, a length cap at least that far) and free
+        blocks for all (no preemption). 0 if the next step is anything else."""
+        running = self.running
+        if self.waiting or not running or len(running) > self.config.max_num_batched_tokens:
+            return 0
+        k = max_steps
+        for req in running:
+            p = req.params
+            if req.num_pending_tokens != 1 or p.stop or p.stop_token_ids or p.n != 1 or (
+                    req.eos_token_ids and not p.ignore_eos) or p.max_tokens is None:
+                return 0
+            k = min(k, p.max_tokens - req.num_output_tokens,
+                    self.max_model_len - req.num_tokens)
+        while k > 1 and self.kv.num_blocks_to_grow(running, k) > self.kv.pool.num_free_blocks:
+            k //= 2
+        return k if k > 1 else 0
+
+    def decode_run_allocations(self, num_steps: int) -> list[tuple[int, Request]]:
+        """(step, request) for each new block a decode run takes, in the order `schedule()`
+        would allocate them: by step, then in policy order."""
+        bs = self.kv.block_size
+        events = []
+        for rank, req in enumerate(sorted(self.running, key=self._key)):
+            capacity = len(self.kv.block_table(req.request_id)) * bs
+            for j in range(capacity - req.num_computed_tokens, num_steps, bs):
+                events.append((j, rank, req))
+        events.sort(key=lambda e: (e[0], e[1]))
+        return [(j, req) for j, _, req in events]
+
+    def scheduled_decodes(self) -> SchedulerOutput:
+        """Every running request for one decode token, in policy order (a run's batch)."""
+        return SchedulerOutput(tuple(self._scheduled(req, 1)
+                                     for req in sorted(self.running, key=self._key)), ())
+
+    def update_from_decode_run(self, out: SchedulerOutput,
+                               sampled: dict[str, list[int]]) -> list[Request]:
+        """Apply a run's tokens (one per step, in order) as `update_from_output` applies one."""
+        updated = []
+        for seq in out.seqs:
+            req = self.requests[seq.request_id]
+            tokens = sampled[seq.request_id]
+            req.num_computed_tokens += len(tokens)
+            req.token_ids.extend(tokens)
+            self.kv.cache_blocks(req)
+            updated.append(req)
+            self._check_stop(req, tokens[-1])
+        return updated
+
     def _check_stop(self, req: Request, token: int) -> None:
         params = req.params
         num_out = req.num_output_tokens

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 from kvmesh.engine.events import AllCleared, BlockRemoved, BlockStored, EventOutbox
 from kvmesh.hashing import BlockKey
@@ -70,11 +71,11 @@ class TierIndex:
             evicted = (victim, slot)
             self.stats.evictions += 1
             self._account(-1)
-            self._emit(BlockRemoved(self.name, victim))
+            self._emit(BlockRemoved, victim)
         self._slot_of[key] = slot
         self.policy.insert(key, self.slot_bytes, cost)
         self._account(+1)
-        self._emit(BlockStored(self.name, key))
+        self._emit(BlockStored, key)
         return slot, evicted
 
     def remove(self, key: BlockKey) -> int | None:
@@ -85,7 +86,7 @@ class TierIndex:
         self.policy.remove(key)
         self._free.append(slot)
         self._account(-1)
-        self._emit(BlockRemoved(self.name, key))
+        self._emit(BlockRemoved, key)
         return slot
 
     def clear(self) -> None:
@@ -93,15 +94,15 @@ class TierIndex:
             self.policy.remove(key)
             self._free.append(self._slot_of.pop(key))
             self._account(-1)
-        self._emit(AllCleared(self.name))
+        self._emit(AllCleared)
 
     def _account(self, sign: int) -> None:
         self.stats.num_blocks += sign
         self.stats.used_bytes += sign * self.slot_bytes
 
-    def _emit(self, event: BlockStored | BlockRemoved | AllCleared) -> None:
-        if self.outbox is not None:
-            self.outbox.append(event)
+    def _emit(self, kind: type[BlockStored | BlockRemoved | AllCleared], *args: Any) -> None:
+        if self.outbox is not None:  # no event is built when nobody listens
+            self.outbox.append(kind(self.name, *args))
 
     # pins: a pinned key is never evicted (it is being read or is about to be loaded) ------
 

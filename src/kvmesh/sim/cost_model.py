@@ -7,11 +7,12 @@ A step's cost depends on its batch only through `StepFeatures`. Two kinds:
 
       step_s = c_const + c_seq * num_seqs + c_tok * num_tokens + c_samp * num_sampling
              + c_ctx * decode_ctx_tokens + c_pair * prefill_pair_ktokens
-             + c_load * num_loads + c_store * num_stores
+             + c_load * num_loads + c_store * num_stores + c_pre * num_prefill_seqs
 
   `decode_ctx_tokens` is the KV a decode step reads (sum of context lengths of the
   one-token sequences); `prefill_pair_ktokens` is attention's quadratic work, the sum over
-  prefill chunks of n * (start + (n + 1) / 2), in thousands.
+  prefill chunks of n * (start + (n + 1) / 2), in thousands; `num_prefill_seqs` prices
+  the fixed work of each prefill chunk (its attention metadata and kernel calls).
 
 - **roofline** (a named GPU and model shape; no measurement):
 
@@ -30,6 +31,7 @@ engine queue (HTTP, tokenizing), `token_overhead_s` from a step's end to the cli
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,7 +40,7 @@ from kvmesh.engine.batch import ExecuteBatch
 from kvmesh.sim.shapes import GpuSpec, ModelShape, gpu, model_shape
 
 FEATURES = ("const", "num_seqs", "num_tokens", "num_sampling", "decode_ctx_tokens",
-            "prefill_pair_ktokens", "num_loads", "num_stores")
+            "prefill_pair_ktokens", "num_loads", "num_stores", "num_prefill_seqs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,16 +54,17 @@ class StepFeatures:
     num_loads: int = 0
     num_stores: int = 0
     block_size: int = 16
+    num_prefill_seqs: int = 0  # sequences feeding more than one token (prefill chunks)
 
     def vector(self) -> list[float]:
         """Values in `FEATURES` order (const is 1 for a batch that runs the model)."""
         return [1.0 if self.num_seqs else 0.0, self.num_seqs, self.num_tokens,
                 self.num_sampling, self.decode_ctx_tokens, self.prefill_pair_ktokens,
-                self.num_loads, self.num_stores]
+                self.num_loads, self.num_stores, self.num_prefill_seqs]
 
 
 def step_features(batch: ExecuteBatch, block_size: int) -> StepFeatures:
-    tokens = sampling = ctx = kv = 0
+    tokens = sampling = ctx = kv = prefills = 0
     pairs = 0.0
     for seq in batch.seqs:
         n = len(seq.token_ids)
@@ -72,8 +75,9 @@ def step_features(batch: ExecuteBatch, block_size: int) -> StepFeatures:
         else:
             pairs += n * (seq.start + (n + 1) / 2)
             kv += seq.start + n
+            prefills += 1
     return StepFeatures(len(batch.seqs), tokens, sampling, ctx, pairs / 1000.0, kv,
-                        len(batch.loads), len(batch.stores), block_size)
+                        len(batch.loads), len(batch.stores), block_size, prefills)
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,8 @@ class CostModel(Protocol):
     def tiers(self) -> TierCosts: ...
 
     def step_s(self, f: StepFeatures) -> float: ...
+    def decode_run_s(self, f: StepFeatures, num_steps: int,
+                     stores: Sequence[int]) -> list[float]: ...
     def to_json(self) -> dict[str, Any]: ...
 
 
@@ -118,6 +124,18 @@ class LinearCostModel:
         coef: list[float] = self._coef  # type: ignore[attr-defined]
         return sum(c * x for c, x in zip(coef, f.vector(), strict=True))
 
+    def decode_run_s(self, f: StepFeatures, num_steps: int,
+                     stores: Sequence[int]) -> list[float]:
+        """`step_s` of `num_steps` decode steps from `f` (no stores of its own): each
+        reads one more token of context per sequence, step j saves `stores[j]` blocks."""
+        c0, c1, c2, c3, c4, c5, c6, c7, c8 = self._coef  # type: ignore[attr-defined]
+        x0 = 1.0 if f.num_seqs else 0.0
+        s, ctx, growth = f.num_seqs, f.decode_ctx_tokens, f.num_seqs
+        # The same sum, in the same order, as `step_s`: bit-identical to stepping.
+        return [0 + c0 * x0 + c1 * s + c2 * f.num_tokens + c3 * f.num_sampling
+                + c4 * (ctx + growth * j) + c5 * f.prefill_pair_ktokens + c6 * 0
+                + c7 * stores[j] + c8 * f.num_prefill_seqs for j in range(num_steps)]
+
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "shape": self.shape.to_json(),
                 "coefficients": dict(self.coefficients), "kv_dtype_bytes": self.kv_dtype_bytes,
@@ -140,27 +158,46 @@ class RooflineCostModel:
     def __post_init__(self) -> None:
         if not (0 < self.mfu <= 1 and 0 < self.mbu <= 1):
             raise ValueError("mfu and mbu must be in (0, 1]")
+        s = self.shape
+        embed = s.hidden_size * s.vocab_size
+        consts = {  # per-step constants of the formulas below, computed once
+            "_embed": embed, "_body": s.num_params - embed,
+            "_attn": 4 * s.num_layers * s.num_heads * s.head_dim,
+            "_kv": s.kv_bytes_per_token(self.kv_dtype_bytes),
+            "_weights": s.num_params * self.weight_bytes_per_param,
+            "_flops_rate": self.gpu.bf16_tflops * 1e12 * self.mfu,
+            "_bytes_rate": self.gpu.hbm_gbps * 1e9 * self.mbu,
+        }
+        for name, value in consts.items():
+            object.__setattr__(self, name, value)
 
     @property
     def block_copy_s_per_token(self) -> float:
         return self.shape.kv_bytes_per_token(self.kv_dtype_bytes) / (self.gpu.pcie_gbps * 1e9)
 
     def step_s(self, f: StepFeatures) -> float:
-        s = self.shape
+        c: Any = self
         copy_s = (f.num_loads + f.num_stores) * f.block_size * self.block_copy_s_per_token
         if not f.num_seqs:
             return copy_s
-        embed = s.hidden_size * s.vocab_size
-        body = s.num_params - embed
-        attn = 4 * s.num_layers * s.num_heads * s.head_dim
-        flops = (2 * body * f.num_tokens + 2 * embed * f.num_sampling
-                 + attn * (f.decode_ctx_tokens + 1000 * f.prefill_pair_ktokens))
-        kv_tokens = f.decode_ctx_tokens + f.prefill_kv_tokens
-        data = (s.num_params * self.weight_bytes_per_param
-                + s.kv_bytes_per_token(self.kv_dtype_bytes) * kv_tokens)
-        compute_s = flops / (self.gpu.bf16_tflops * 1e12 * self.mfu)
-        memory_s = data / (self.gpu.hbm_gbps * 1e9 * self.mbu)
-        return copy_s + self.overhead_s + max(compute_s, memory_s)
+        flops = (2 * c._body * f.num_tokens + 2 * c._embed * f.num_sampling
+                 + c._attn * (f.decode_ctx_tokens + 1000 * f.prefill_pair_ktokens))
+        data = c._weights + c._kv * (f.decode_ctx_tokens + f.prefill_kv_tokens)
+        return copy_s + self.overhead_s + max(flops / c._flops_rate, data / c._bytes_rate)
+
+    def decode_run_s(self, f: StepFeatures, num_steps: int,
+                     stores: Sequence[int]) -> list[float]:
+        """`step_s` of `num_steps` decode steps from `f` (see LinearCostModel)."""
+        c: Any = self
+        flops0 = (2 * c._body * f.num_tokens + 2 * c._embed * f.num_sampling
+                  + c._attn * (f.decode_ctx_tokens + 1000 * f.prefill_pair_ktokens))
+        data0 = c._weights + c._kv * (f.decode_ctx_tokens + f.prefill_kv_tokens)
+        dflops, ddata = c._attn * f.num_seqs, c._kv * f.num_seqs
+        copy = f.block_size * self.block_copy_s_per_token
+        fr, br, over = c._flops_rate, c._bytes_rate, self.overhead_s
+        return [over + copy * stores[j] + max((flops0 + dflops * j) / fr,
+                                              (data0 + ddata * j) / br)
+                for j in range(num_steps)]
 
     def kv_capacity_bytes(self, utilization: float = 0.9) -> int:
         """Device memory left for KV after the weights."""

@@ -7,14 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvmesh.config import CacheConfig, SchedulerConfig, TierConfig
-from kvmesh.engine.batch import ExecuteBatch, ExecuteResult, SeqWork
+from kvmesh.engine.batch import BlockCopy, ExecuteBatch, ExecuteResult, SeqWork
 from kvmesh.engine.core import EngineCore, ModelIdentity
 from kvmesh.engine.events import EventOutbox
 from kvmesh.kvstore.store import TieredStore
 from kvmesh.kvstore.virtual import VirtualHostTier, VirtualSource
 from kvmesh.router.policies import InstanceLoad
 from kvmesh.sim.clock import VirtualClock
-from kvmesh.sim.cost_model import CostModel, RooflineCostModel, step_features
+from kvmesh.sim.cost_model import CostModel, RooflineCostModel, StepFeatures, step_features
 from kvmesh.sim.workload import SimWorkload
 
 # What a simulated model "generates" (cyclically). For chat workloads the simulator passes
@@ -50,6 +50,7 @@ class CostModelExecutor:
         self.filler = filler
         self.busy_s = 0.0
         self.num_batches = 0
+        self.run_ends: list[float] = []  # when each step of the last run ended
 
     def execute(self, batch: ExecuteBatch) -> ExecuteResult:
         if self.store is not None and (batch.stores or batch.loads):
@@ -60,6 +61,52 @@ class CostModelExecutor:
         self.num_batches += 1
         return ExecuteResult({s.request_id: self.next_token(s) for s in batch.seqs
                               if s.is_sampling})
+
+    # decode runs (`EngineCore.step_decode_run`) ------------------------------------------
+
+    deadline_s: float = float("inf")  # a run's steps all start before this (the next event)
+
+    def _run_costs(self, batch: ExecuteBatch, max_steps: int, stores: list[int],
+                   deadline_s: float = float("inf")) -> list[float]:
+        """Each step's cost: the features `execute` would see, context growing, step j
+        saving `stores[j]` blocks; the steps that start before `deadline_s` (one at least)."""
+        first = step_features(batch, self.block_size)
+        costs = self.cost.decode_run_s(
+            StepFeatures(first.num_seqs, first.num_tokens, first.num_sampling,
+                         first.decode_ctx_tokens, block_size=self.block_size),
+            max_steps, stores)
+        if deadline_s == float("inf"):
+            return costs
+        t = self.clock.now()
+        for j, seconds in enumerate(costs):
+            if t >= deadline_s and j:
+                return costs[:j]
+            t += seconds
+        return costs
+
+    def plan_run(self, batch: ExecuteBatch, max_steps: int, growth: list[int]) -> int:
+        # Each new block evicts at most one: the planned steps cost no less than the
+        # real ones, so every step run starts before the deadline.
+        return len(self._run_costs(batch, max_steps, growth, self.deadline_s))
+
+    def execute_run(self, batch: ExecuteBatch, num_steps: int,
+                    stores: dict[int, tuple[BlockCopy, ...]]) -> dict[str, list[int]]:
+        per_step = {0: batch.stores, **stores}
+        counts = [len(per_step.get(j, ())) for j in range(num_steps)]
+        self.run_ends = []
+        for j, seconds in enumerate(self._run_costs(batch, num_steps, counts)):
+            if self.store is not None and per_step.get(j):
+                self.store.move(per_step[j], (), _no_bytes)
+            self.clock.sleep(seconds)
+            self.busy_s += seconds
+            self.run_ends.append(self.clock.now())
+        self.num_batches += num_steps
+        out = {}
+        for seq in batch.seqs:
+            num_out = len(seq.all_token_ids) - len(seq.prompt_token_ids)
+            out[seq.request_id] = [self.filler[(num_out + j) % len(self.filler)]
+                                   for j in range(num_steps)]
+        return out
 
     def next_token(self, seq: SeqWork) -> int:
         num_out = len(seq.all_token_ids) - len(seq.prompt_token_ids)
@@ -106,14 +153,16 @@ class SimInstance:
         tiers = spec.tiers
         if not tiers.is_enabled or not spec.cache.enable_prefix_caching:
             return None
+        # The tiers publish no events: nothing in the simulator listens to them yet (the
+        # device pool's events still reach the core, which turns evictions into stores).
         host = VirtualHostTier(tiers.host_bytes // self.block_bytes, self.block_bytes,
-                               tiers.host_policy, self.outbox)
+                               tiers.host_policy)
         sources = []
         if spec.has_disk:
             sources.append(VirtualSource(
                 "disk", (), self.clock.now, cost.tiers.disk_read_s, writable=True,
                 num_slots=tiers.disk_bytes // self.block_bytes, policy=tiers.disk_policy,
-                outbox=self.outbox, num_workers=cost.tiers.disk_io_threads,
+                num_workers=cost.tiers.disk_io_threads,
                 block_bytes=self.block_bytes))
         return TieredStore(tiers, host, sources, self.block_size, self.clock.now)
 

@@ -27,6 +27,7 @@ from kvmesh.sim.workload import SimSession
 from kvmesh.types import SamplingParams
 
 SEND, ENQUEUE, STEP = 0, 1, 2
+MAX_RUN_STEPS = 4096
 
 
 @dataclass
@@ -54,7 +55,7 @@ class Simulator:
     def __init__(self, spec: InstanceSpec, cost: CostModel, num_instances: int,
                  router: RoutePolicy, max_duration_s: float | None = None,
                  on_progress: Callable[[int], None] | None = None,
-                 filler: tuple[int, ...] = FILLER_TOKENS):
+                 filler: tuple[int, ...] = FILLER_TOKENS, decode_runs: bool = True):
         if num_instances < 1:
             raise ValueError(f"num_instances must be >= 1, got {num_instances}")
         self.cost = cost
@@ -64,15 +65,20 @@ class Simulator:
         self.on_progress = on_progress
         self._events: list[tuple[float, int, int, Any]] = []
         self._order = itertools.count()
+        self._external: list[float] = []  # times of pending SEND and ENQUEUE events
+        self.decode_runs = decode_runs
         self._live: dict[str, _Live] = {}
         self._replies: dict[int, list[list[int]]] = {}
         self.records: list[RequestRecord] = []
+        self._last_end = 0.0  # when the last request ended: the run's duration
         self.num_events = 0
 
     # events ----------------------------------------------------------------------------
 
     def _push(self, t: float, kind: int, payload: Any) -> None:
         heapq.heappush(self._events, (t, next(self._order), kind, payload))
+        if kind != STEP:
+            heapq.heappush(self._external, t)
 
     def run(self, sessions: Sequence[SimSession], starts: Sequence[float],
             concurrency: int | None = None) -> SimRun:
@@ -85,20 +91,20 @@ class Simulator:
         self._starts = starts
         for i in order[:limit]:
             self._push(starts[i], SEND, (i, 0))
-        end = 0.0
         while self._events:
             t, _, kind, payload = heapq.heappop(self._events)
+            if kind != STEP:
+                heapq.heappop(self._external)  # the earliest: events come in time order
             if self.max_duration_s is not None and t > self.max_duration_s and kind == SEND:
                 continue
             self.num_events += 1
-            end = max(end, t)
             if kind == SEND:
                 self._send(t, *payload)
             elif kind == ENQUEUE:
                 self._enqueue(t, payload)
             else:
                 self._step(t, payload)
-        return SimRun(self.records, end, self.instances, self.num_events)
+        return SimRun(self.records, self._last_end, self.instances, self.num_events)
 
     # requests --------------------------------------------------------------------------
 
@@ -152,6 +158,8 @@ class Simulator:
     def _step(self, t: float, index: int) -> None:
         inst = self.instances[index]
         inst.clock.advance_to(t)
+        if self.decode_runs and self._decode_run(inst):
+            return
         updates = inst.core.step(inst.executor)
         if not updates and inst.clock.now() == t and inst.core.has_unfinished():
             inst.clock.sleep(IDLE_WAIT_S)  # nothing ran (waiting on a fetch): poll again
@@ -162,6 +170,40 @@ class Simulator:
         inst.is_stepping = False
         if inst.core.has_unfinished():
             self._wake(inst, done)
+
+    def _decode_run(self, inst: SimInstance) -> bool:
+        """Plain decode steps until the next arrival, at once (the same state and token
+        times as stepping one by one: `EngineCore.step_decode_run`)."""
+        inst.executor.deadline_s = self._external[0] if self._external else float("inf")
+        run = inst.core.step_decode_run(inst.executor, MAX_RUN_STEPS)
+        if run is None:
+            return False
+        overhead = self.cost.tiers.token_overhead_s
+        times = [end + overhead for end in inst.executor.run_ends]
+        for u in run.last:
+            self._run_tokens(u, run.tokens[u.seq_id][:-1], times[:-1])
+            self._token(times[-1], u)
+        inst.is_stepping = False
+        if inst.core.has_unfinished():
+            self._wake(inst, inst.clock.now())
+        return True
+
+    def _run_tokens(self, last: SeqUpdate, tokens: list[int], times: list[float]) -> None:
+        """Tokens of a decode run before its last step (none finishes; the first may be
+        the sequence's first: its prompt's last token was left over by a chunk)."""
+        live = self._live.get(last.seq_id)
+        if live is None or not tokens:
+            return
+        live.output.extend(tokens)
+        prev = live.last_token_s
+        if prev is None:
+            live.record.ttft_s = times[0] - live.sent_s
+            live.record.cached_tokens = last.num_cached_tokens
+            prev = times[0]
+            times = times[1:]
+        live.record.itl_s.extend(t - p for p, t in zip([prev, *times[:-1]], times,
+                                                         strict=True))
+        live.last_token_s = times[-1] if times else prev
 
     def _token(self, t: float, u: SeqUpdate) -> None:
         live = self._live.get(u.seq_id)
@@ -181,6 +223,7 @@ class Simulator:
 
     def _end(self, t: float, rid: str, error: str | None) -> None:
         live = self._live.pop(rid)
+        self._last_end = max(self._last_end, t)
         rec = live.record
         rec.output_tokens = len(live.output)
         rec.e2e_s = t - live.sent_s
