@@ -190,19 +190,22 @@ def _register_plan() -> None:
              disk_gb: str = typer.Option("0", help="Disk tier sizes (GB per instance)."),
              block_sizes: str = typer.Option("16", help="Block sizes to try."),
              routes: str = typer.Option("round_robin", help="Routing policies to try."),
+             evictions: str = typer.Option("lru", help="Tier eviction policies to try."),
              out: Path = typer.Option(Path("plan.json"), help="JSON result path."),
              plot: Path | None = typer.Option(None, help="PNG frontier plot path."),
              model: str = typer.Option("smollm2-135m-instruct",
                                        help="Tokenizer for text workloads."),
              **fields: Any) -> None:
-        """The cheapest fleet (instances, tiers, block size, routing) meeting --slo."""
+        """The cheapest fleet (instances, tiers, block size, routing, eviction) meeting
+        --slo."""
         from kvmesh.sim.cli import plan_command
 
         try:
             simc, work, cache, sched, tiers = build_configs(SIM_CLASSES, fields,
                                                             load_config_file(config))
             space = (_floats(instances), _floats(host_gb), _floats(disk_gb),
-                     _floats(block_sizes), [r for r in routes.split(",") if r])
+                     _floats(block_sizes), [r for r in routes.split(",") if r],
+                     [e for e in evictions.split(",") if e])
             plan_command(simc, work, (sched, cache, tiers), space,
                          (instance_per_hour, host_gb_per_hour, disk_gb_per_hour), out, plot,
                          model)

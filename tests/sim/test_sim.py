@@ -225,6 +225,10 @@ def test_decode_runs_give_the_same_results_as_stepping_one_by_one():
     """The fast path (`EngineCore.step_decode_run`) changes how fast the simulator runs,
     not what it predicts: the same records, token times included, with and without it."""
     sessions = shared_sessions(80, seed=3)
+    # Prompts one token longer than a step's budget: a chunk leaves the last prompt token,
+    # and the first output token comes from a decode-like step (possibly inside a run).
+    sessions += [TokenSession(0.3 * i, [20], prompts=[list(range(5000 + i, 5000 + i + n))])
+                 for i, n in enumerate((257, 513, 257, 513))]
     starts = [s.arrival_s for s in sessions]
     for spec in (InstanceSpec(SchedulerConfig(max_num_seqs=16), CacheConfig(num_blocks=400)),
                  tiered_spec(num_blocks=64, host_blocks=48)):

@@ -81,12 +81,16 @@ def plan_command(simc: SimConfig, w: WorkloadConfig, engine: tuple[Any, Any, Any
     from kvmesh.router.policies import ROUTE_POLICIES
     from kvmesh.sim.planner import Prices, SearchSpace, frontier, plan
 
-    instances, host, disk, block_sizes, routes = space
+    instances, host, disk, block_sizes, routes, evictions = space
     unknown = [r for r in routes if r not in ROUTE_POLICIES]
     if unknown:
         raise ValueError(f"unknown routes {unknown}; choose from {list(ROUTE_POLICIES)}")
+    from kvmesh.kvstore.eviction import make_eviction_policy
+
+    for name in evictions:
+        make_eviction_policy(name, 1)  # ValueError names the known ones
     search = SearchSpace([int(n) for n in instances], host, disk,
-                         [int(b) for b in block_sizes], routes)
+                         [int(b) for b in block_sizes], routes, evictions)
     slo = SLO.parse(simc.slo)
     cost = cm.load(simc.cost_model)
     work = build_sessions(w, tokenizer_model)
@@ -109,7 +113,8 @@ def plan_command(simc: SimConfig, w: WorkloadConfig, engine: tuple[Any, Any, Any
         console.print(
             f"{i + 1:2d}. {'ok  ' if r['meets_slo'] else 'miss'} ${r['price_per_hour']:.2f}/h "
             f"n={c['num_instances']} host={c['host_gb']}GB disk={c['disk_gb']}GB "
-            f"bs={c['block_size']} {c['route']}: {r['output_tok_per_s']:.0f} tok/s, TTFT p99 "
+            f"bs={c['block_size']} {c['route']} {c['eviction']}: "
+            f"{r['output_tok_per_s']:.0f} tok/s, TTFT p99 "
             f"{(r['ttft_p99_s'] or 0) * 1000:.0f} ms, "
             f"TPOT p99 {(r['tpot_p99_s'] or 0) * 1000:.1f} ms")
     console.print(f"wrote {out}")

@@ -1,7 +1,7 @@
 """`kvmesh plan`: the cheapest fleet that meets an SLO, found by simulating each candidate.
 
-A candidate is an instance count, host and disk tier sizes per instance, a block size and
-a routing policy. Its price per hour is
+A candidate is an instance count, host and disk tier sizes per instance, a block size, a
+routing policy and an eviction policy for the tiers. Its price per hour is
 
     instances * (instance_per_hour + host_gb * host_gb_per_hour + disk_gb * disk_gb_per_hour)
 
@@ -47,11 +47,13 @@ class Candidate:
     disk_gb: float
     block_size: int
     route: str
+    eviction: str = "lru"
 
     def spec(self, base: InstanceSpec) -> InstanceSpec:
         tiers = dataclasses.replace(
             base.tiers, host_bytes=int(self.host_gb * GB),
-            disk_bytes=int(self.disk_gb * GB),
+            disk_bytes=int(self.disk_gb * GB), host_policy=self.eviction,
+            disk_policy=self.eviction,
             disk_path=(base.tiers.disk_path or "sim-disk") if self.disk_gb > 0 else None)
         cache = dataclasses.replace(base.cache, block_size=self.block_size)
         return InstanceSpec(base.scheduler, cache, tiers)
@@ -64,14 +66,18 @@ class SearchSpace:
     disk_gb: Sequence[float] = (0.0,)
     block_sizes: Sequence[int] = (16,)
     routes: Sequence[str] = ("round_robin",)
+    evictions: Sequence[str] = ("lru",)
 
     def candidates(self) -> list[Candidate]:
         out = []
-        for n, host, disk, bs, route in itertools.product(
-                self.instances, self.host_gb, self.disk_gb, self.block_sizes, self.routes):
+        for n, host, disk, bs, route, evict in itertools.product(
+                self.instances, self.host_gb, self.disk_gb, self.block_sizes, self.routes,
+                self.evictions):
             if disk > 0 and host <= 0:
                 continue  # the disk tier needs a host tier to stage through
-            out.append(Candidate(n, host, disk, bs, route))
+            if evict != self.evictions[0] and host <= 0:
+                continue  # no tier, nothing to evict: the first policy stands for all
+            out.append(Candidate(n, host, disk, bs, route, evict))
         return out
 
 
