@@ -133,7 +133,8 @@ def _register_sim() -> None:
     @with_config_options(SIM_CLASSES)
     def sim(config: Path | None = ConfigFile,
             out: Path = typer.Option(Path("sim.json"), help="JSON result path."),
-            plot: Path | None = typer.Option(None, help="PNG plot (TTFT CDF) path."),
+            plot: Path | None = typer.Option(
+                None, help="PNG plot path (TTFT CDF; hits by tier beside it, *_tiers.png)."),
             model: str = typer.Option("smollm2-135m-instruct",
                                       help="Whose tokenizer and chat template turn the "
                                       "workload's text into tokens."),
@@ -143,7 +144,7 @@ def _register_sim() -> None:
         import shlex
         import sys
 
-        from kvmesh.bench.report import plot_ttft_cdf, result_doc, write_json
+        from kvmesh.bench.report import plot_tier_hits, plot_ttft_cdf, result_doc, write_json
         from kvmesh.sim.instance import InstanceSpec
 
         try:
@@ -162,6 +163,7 @@ def _register_sim() -> None:
         if plot is not None:
             plot_ttft_cdf({work.dataset: [r.ttft_s for r in records if r.ttft_s is not None]},
                           plot, "simulated TTFT CDF")
+            plot_tier_hits(figures["tiers"], plot.with_name(f"{plot.stem}_tiers{plot.suffix}"))
         print_summary(figures)
         console.print(f"wrote {out}")
 
@@ -198,17 +200,19 @@ def _register_plan() -> None:
              **fields: Any) -> None:
         """The cheapest fleet (instances, tiers, block size, routing, eviction) meeting
         --slo."""
-        from kvmesh.sim.cli import plan_command
+        from kvmesh.sim.cli import plan_command, search_space
+        from kvmesh.sim.instance import InstanceSpec
+        from kvmesh.sim.planner import Prices
 
         try:
             simc, work, cache, sched, tiers = build_configs(SIM_CLASSES, fields,
                                                             load_config_file(config))
-            space = (_floats(instances), _floats(host_gb), _floats(disk_gb),
-                     _floats(block_sizes), [r for r in routes.split(",") if r],
-                     [e for e in evictions.split(",") if e])
-            plan_command(simc, work, (sched, cache, tiers), space,
-                         (instance_per_hour, host_gb_per_hour, disk_gb_per_hour), out, plot,
-                         model)
+            space = search_space(_floats(instances), _floats(host_gb), _floats(disk_gb),
+                                 _floats(block_sizes), [r for r in routes.split(",") if r],
+                                 [e for e in evictions.split(",") if e])
+            plan_command(simc, work, InstanceSpec(sched, cache, tiers), space,
+                         Prices(instance_per_hour, host_gb_per_hour, disk_gb_per_hour), out,
+                         plot, model)
         except (ValueError, TypeError, FileNotFoundError) as exc:
             raise typer.BadParameter(str(exc)) from exc
 

@@ -54,6 +54,7 @@ def test_sim_and_plan_with_the_profiled_model(profiled, tmp_path):
     assert f["ttft_s"]["p50"] > 0 and f["tpot_s"]["mean"] > 0
     assert f["cached_tokens"] > 0  # the second turns reuse the first
     assert f["wall_s"] < 60 and png.stat().st_size > 1000
+    assert (tmp_path / "ttft_tiers.png").stat().st_size > 1000
     plan_out = tmp_path / "plan.json"
     r = kvmesh("plan", "--cost-model", str(profiled), "--dataset", "random",
                "--num-requests", "12", "--input-len", "32", "--output-len", "8",

@@ -138,8 +138,13 @@ def test_planner_picks_the_cheapest_fleet_that_meets_the_slo():
     assert best["candidate"]["num_instances"] > 1  # one L4 cannot meet it
     assert plan(space, base, cost, prices, loose, work)[0]["price_per_hour"] == 1.0
     front = frontier(rows)
-    assert front[0]["price_per_hour"] == min(r["price_per_hour"] for r in rows)
+    assert front and all(r["meets_slo"] for r in front)
+    assert front[0]["price_per_hour"] == min(r["price_per_hour"] for r in ok)
     tputs = [r["output_tok_per_s"] for r in front]
     assert tputs == sorted(tputs) and len(set(tputs)) == len(tputs)
     assert prices.per_hour(Candidate(2, 4.0, 0.0, 16, "round_robin")) == pytest.approx(2.08)
     assert SearchSpace(instances=(1,), host_gb=(0.0,), disk_gb=(10.0,)).candidates() == []
+    wide = Candidate(1, 4.0, 8.0, 32, "session", "s3fifo").spec(base)
+    assert wide.cache.num_blocks == 1024 and wide.cache.block_size == 32  # same memory
+    assert wide.tiers.disk_path is not None and wide.tiers.host_policy == "s3fifo"
+    assert len(SearchSpace(host_gb=(0.0, 1.0), evictions=("lru", "s3fifo")).candidates()) == 9

@@ -223,23 +223,30 @@ def test_mooncake_replay_hits_the_shared_prefixes():
 
 def test_decode_runs_give_the_same_results_as_stepping_one_by_one():
     """The fast path (`EngineCore.step_decode_run`) changes how fast the simulator runs,
-    not what it predicts: the same records, token times included, with and without it."""
-    sessions = shared_sessions(80, seed=3)
-    # Prompts one token longer than a step's budget: a chunk leaves the last prompt token,
-    # and the first output token comes from a decode-like step (possibly inside a run).
-    sessions += [TokenSession(0.3 * i, [20], prompts=[list(range(5000 + i, 5000 + i + n))])
-                 for i, n in enumerate((257, 513, 257, 513))]
-    starts = [s.arrival_s for s in sessions]
-    for spec in (InstanceSpec(SchedulerConfig(max_num_seqs=16), CacheConfig(num_blocks=400)),
-                 tiered_spec(num_blocks=64, host_blocks=48)):
-        runs = []
-        for fast in (False, True):
-            sim = Simulator(spec, COST, 2, make_route_policy("round_robin"), decode_runs=fast)
-            run = sim.run(sessions, starts)
-            runs.append(([r.to_json() for r in run.records],
-                         sum(i.core.num_steps for i in run.instances),
-                         sum(i.executor.num_batches for i in run.instances)))
-        (slow, slow_steps, slow_calls), (fast, fast_steps, _) = runs
-        assert fast == slow
-        assert fast_steps == slow_steps
-        assert sum(i.core.num_steps for i in sim.instances) > 0
+    not what it predicts: the same records, token times included, with and without it.
+    Cases: tiers (evictions become stores mid-run), prompts one token longer than a
+    step's budget (a first token inside a run), repeated identical prompts (their decode
+    blocks collide in the prefix index), multi-turn sessions under a concurrency limit on
+    three instances (a finished turn starts the next one)."""
+    single = shared_sessions(80, seed=3)
+    single += [TokenSession(0.3 * i, [20], prompts=[list(range(5000 + i, 5000 + i + n))])
+               for i, n in enumerate((257, 513, 257, 513))]
+    single += [TokenSession(1.0 + 0.5 * i, [40], prompts=[list(range(7000, 7100))])
+               for i in range(6)]
+    chat = [TokenSession(0.02 * i, [12, 12, 12],
+                         prompts=[list(range(1000 + 97 * (i % 4), 1400 + 40 * t))
+                                  for t in range(3)]) for i in range(18)]
+    specs = (InstanceSpec(SchedulerConfig(max_num_seqs=16), CacheConfig(num_blocks=400)),
+             tiered_spec(num_blocks=64, host_blocks=48))
+    for sessions, n, concurrency in ((single, 2, None), (chat, 3, 6)):
+        starts = [s.arrival_s for s in sessions]
+        for spec in specs:
+            runs = []
+            for fast in (False, True):
+                sim = Simulator(spec, COST, n, make_route_policy("least_load"),
+                                decode_runs=fast)
+                run = sim.run(sessions, starts, concurrency)
+                runs.append(([r.to_json() for r in run.records],
+                             sum(i.core.num_steps for i in run.instances)))
+            assert runs[1] == runs[0]
+            assert all(r["ok"] for r in runs[0][0])

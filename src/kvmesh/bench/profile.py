@@ -121,6 +121,10 @@ def _copy_costs(engine: Any, num_blocks: int = 64) -> tuple[float, float]:
     start = time.perf_counter()
     for i, key in enumerate(keys):
         host.copy_out(key, runner.block(i))
+    if runner.device.type == "cuda":  # copies from pinned slots are asynchronous
+        import torch
+
+        torch.cuda.synchronize(runner.device)
     return store_s, (time.perf_counter() - start) / n
 
 
@@ -147,15 +151,17 @@ def _disk_read_s(block_bytes: int, io_threads: int, num_blocks: int = 64) -> flo
 
 def _request_overhead_s(records: list[dict], coef: dict[str, float], block_size: int,
                         budget: int) -> float:
-    """Mean client TTFT of lone requests minus the modelled time of their prefill."""
+    """Mean client TTFT of lone requests minus the modelled time of their prefill (the
+    tokens after the cached prefix: the chat template's system prompt is shared)."""
     model = LinearCostModel(ModelShape("x", 1, 1, 1, 1, 1, 1, 1, 1), coef)
     gaps = []
     for r in records:
-        if not r["ok"] or not r["prompt_tokens"] or r["prompt_tokens"] > budget:
+        cached = r.get("cached_tokens") or 0
+        n = (r["prompt_tokens"] or 0) - cached
+        if not r["ok"] or n < 1 or n > budget:
             continue
-        n = r["prompt_tokens"]
-        f = StepFeatures(1, n, 1, 0, n * (n + 1) / 2 / 1000, n, block_size=block_size,
-                         num_prefill_seqs=int(n > 1))
+        f = StepFeatures(1, n, 1, 0, n * (cached + (n + 1) / 2) / 1000, cached + n,
+                         block_size=block_size, num_prefill_seqs=int(n > 1))
         gaps.append(r["ttft_s"] - model.step_s(f))
     return max(0.0, sum(gaps) / len(gaps)) if gaps else 0.0
 

@@ -129,3 +129,16 @@ def plot_frontier(rows: list[dict[str, Any]], frontier: list[dict[str, Any]], pa
     ax.plot([r["price_per_hour"] for r in frontier], [r["output_tok_per_s"] for r in frontier],
             linestyle="--", label="frontier")
     _finish(fig, ax, "price ($/hour)", "output tokens/s", title, path)
+
+
+def plot_tier_hits(tiers: dict[str, Any], path: Path, title: str = "prefix hits by tier") -> None:
+    """Bars: prompt tokens served by each tier (the `tiers` figures of `kvmesh sim`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k, v in tiers.items() if isinstance(v, dict)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(names, [tiers[k]["hit_tokens"] for k in names])
+    _finish(fig, ax, "tier", "hit tokens", title, path)

@@ -37,7 +37,9 @@ class WorkloadConfig:
                                "the trace's own times.", default=None)
     burstiness: float = _help("Gamma shape of inter-arrivals (1 = Poisson).", default=1.0)
     concurrency: int | None = _help("Most sessions in flight.", default=None)
-    max_duration_s: float = _help("Stop sending after this many seconds.", default=1800.0)
+    max_duration_s: float | None = _help(
+        "Stop sending after this many seconds (unset: when every session is sent; a bench "
+        "run stops at an hour).", default=None)
     seed: int = _help("Workload and arrival seed.", default=0)
 
     def __post_init__(self) -> None:
@@ -52,7 +54,8 @@ class WorkloadConfig:
         return LoadProfile(rate=self.rate, burstiness=self.burstiness,
                            concurrency=self.concurrency,
                            use_trace_times=self.dataset == "trace" and self.rate is None,
-                           max_duration_s=self.max_duration_s, ignore_eos=ignore_eos,
+                           max_duration_s=self.max_duration_s or 3600.0,
+                           ignore_eos=ignore_eos,
                            seed=self.seed)
 
     def sessions(self) -> list[ds.Session]:

@@ -75,14 +75,18 @@ class RunExecutor(Executor, Protocol):
     """An executor that can also run several decode steps of one batch at once (the
     simulator's cost model: each step's cost still counted one by one)."""
 
-    def plan_run(self, batch: ExecuteBatch, max_steps: int, growth: list[int]) -> int:
-        """How many of the `max_steps` decode steps of `batch` to run now (its clock may
-        have to stop sooner for an event). `growth[j]`: blocks step j allocates, each of
+    def plan_run(self, batch: ExecuteBatch, max_steps: int, growth: list[int],
+                 until_s: float) -> int:
+        """How many of the `max_steps` decode steps of `batch` to run: those that start
+        before `until_s` (one at least). `growth[j]`: blocks step j allocates, each of
         which may evict one (a store at that step)."""
         ...
 
+    def sample_run(self, batch: ExecuteBatch, num_steps: int) -> dict[str, list[int]]:
+        """The tokens each sequence samples over `num_steps` steps, in order."""
+        ...
+
     def execute_run(self, batch: ExecuteBatch, num_steps: int,
-                    stores: dict[int, tuple[BlockCopy, ...]]) -> dict[str, list[int]]:
-        """Run `num_steps` decode steps (step j first saves `stores[j]`; step 0's are the
-        batch's); the sampled tokens of each sequence, in order."""
+                    stores: dict[int, tuple[BlockCopy, ...]]) -> None:
+        """Run the steps: step j first saves `stores[j]` (step 0's are the batch's)."""
         ...

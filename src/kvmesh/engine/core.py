@@ -24,7 +24,7 @@ from kvmesh.engine.block_pool import BlockPool
 from kvmesh.engine.events import DEVICE, BlockEvent, BlockRemoved, BlockStored, EventOutbox
 from kvmesh.engine.kv_cache_manager import KVCacheManager, num_reusable_blocks
 from kvmesh.engine.request import Request
-from kvmesh.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from kvmesh.engine.scheduler import ALLOCATE, ScheduledSeq, Scheduler, SchedulerOutput
 from kvmesh.hashing import Namespace, make_namespace
 from kvmesh.kvstore.store import TieredStore
 from kvmesh.types import FinishReason, SamplingParams
@@ -198,14 +198,15 @@ class EngineCore:
         self._release_held(updated)
         return [self._update(req, result.logprobs.get(req.request_id)) for req in updated]
 
-    def step_decode_run(self, executor: RunExecutor, max_steps: int) -> DecodeRun | None:
-        """Up to `max_steps` plain decode steps at once, or none ([]): the simulator's fast
-        path. Only when `Scheduler.decode_run_length` finds the coming steps decided in
-        advance (each running request decodes one token; nothing waits, stops early or
-        runs out of blocks) and the executor agrees to run them (`plan_run`: its virtual
-        clock may stop sooner). Blocks are allocated step by step as `schedule()` would,
-        and what each step evicts is that step's stores: the state after the run is that
-        of as many `step` calls."""
+    def step_decode_run(self, executor: RunExecutor, max_steps: int,
+                        until_s: float = float("inf")) -> DecodeRun | None:
+        """Up to `max_steps` plain decode steps at once, all starting before `until_s`, or
+        None: the simulator's fast path. Only when `Scheduler.decode_run_length` finds the
+        coming steps decided in advance (each running request decodes one token; nothing
+        waits, stops early or runs out of blocks) and the executor agrees (`plan_run`).
+        Step by step and in `schedule()`'s order, blocks are allocated (what a step evicts
+        is that step's stores) and filled blocks published, so the state after the run is
+        that of as many `step` calls."""
         if self._held or (self.store is not None and (self._write_through
                                                       or self.store.has_reads_in_flight())):
             return None
@@ -213,33 +214,48 @@ class EngineCore:
         if k < 2:
             return None
         out = self.scheduler.scheduled_decodes()
-        allocations = self.scheduler.decode_run_allocations(k)
+        events = self.scheduler.decode_run_events(k)
         growth = [0] * k
-        for j, _ in allocations:
-            growth[j] += 1
+        for j, phase, _ in events:
+            growth[j] += phase == ALLOCATE
+        if self.store is not None:  # a staged block's timeout would change a step's poll
+            until_s = min(until_s, self.store.next_expiry_s())
         probe = ExecuteBatch(tuple(self._work(s) for s in out.seqs))
-        n = min(k, executor.plan_run(probe, k, growth))
+        n = min(k, executor.plan_run(probe, k, growth, until_s))
         if n < 2:
             return None
         if self.store is not None:
             self._flush(executor)
             self.store.poll()
+        tokens = executor.sample_run(probe, n)
+        stores = self._replay_run(events, n, tokens)
+        self.num_steps += n
+        batch = ExecuteBatch(probe.seqs, stores.pop(0, ()), (), self._take_finished())
+        executor.execute_run(batch, n, stores)
+        updated = self.scheduler.finish_decode_run(out, tokens, n)
+        return DecodeRun(n, tokens, [self._update(req, None) for req in updated])
+
+    def _replay_run(self, events: list[tuple[int, int, Request]], n: int,
+                    tokens: dict[str, list[int]]) -> dict[int, tuple[BlockCopy, ...]]:
+        """A run's block allocations and publications in step order; each step's stores."""
+        base = {r.request_id: (r.num_computed_tokens, r.num_tokens)
+                for r in self.scheduler.running}
         stores: dict[int, tuple[BlockCopy, ...]] = {}
-        for j, req in allocations:
+        for j, phase, req in events:
             if j >= n:
                 break
-            ok = self.kv.allocate(req, j + 1)  # what step j's `schedule()` allocates
-            assert ok, "decode_run_length promised the blocks"
-            self._drain()
-            if self._stores:
-                stores[j] = stores.get(j, ()) + self._take_stores()
+            computed, length = base[req.request_id]
+            if phase == ALLOCATE:  # what step j's `schedule()` allocates
+                ok = self.kv.allocate(req, computed + j + 1 - req.num_computed_tokens)
+                assert ok, "decode_run_length promised the blocks"
+                self._drain()
+                if self._stores:
+                    stores[j] = stores.get(j, ()) + self._take_stores()
+            else:  # step j's `update_from_output` fills a block: publish it
+                self.scheduler.advance_decode(req, tokens[req.request_id], computed, length,
+                                              j + 1)
         self._drain()
-        self.num_steps += n
-        batch = ExecuteBatch(tuple(self._work(s) for s in out.seqs), stores.pop(0, ()),
-                             (), self._take_finished())
-        sampled = executor.execute_run(batch, n, stores)
-        updated = self.scheduler.update_from_decode_run(out, sampled)
-        return DecodeRun(n, sampled, [self._update(req, None) for req in updated])
+        return stores
 
     def _flush(self, executor: Executor) -> None:
         """Save blocks that left the device between steps (a reset): a failure loses

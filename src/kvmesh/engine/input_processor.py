@@ -14,6 +14,19 @@ from kvmesh.model.tokenizer import Message, Tokenizer
 from kvmesh.types import Prompt
 
 
+def check_lengths(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
+    """The length rules a request must meet (ValueError: the server's 400). Pure: the
+    simulator applies the same rules."""
+    if num_prompt_tokens >= max_model_len:
+        raise ValueError(
+            f"prompt has {num_prompt_tokens} tokens, but max_model_len is "
+            f"{max_model_len} (prompt plus at least one output token)")
+    if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
+        raise ValueError(
+            f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds "
+            f"max_model_len ({max_model_len})")
+
+
 class InputProcessor:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int):
         self.tokenizer = tokenizer
@@ -40,14 +53,7 @@ class InputProcessor:
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary (size {self.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens, but max_model_len is "
-                f"{self.max_model_len} (prompt plus at least one output token)")
-        if max_tokens is not None and len(ids) + max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
-                f"max_model_len ({self.max_model_len})")
+        check_lengths(len(ids), max_tokens, self.max_model_len)
 
     def process(self, prompt: Prompt, max_tokens: int | None = None) -> list[int]:
         """Tokenize and validate once."""

@@ -26,6 +26,8 @@ from kvmesh.engine.request import Request, RequestStatus
 from kvmesh.hashing import BlockKey
 from kvmesh.types import FinishReason
 
+ALLOCATE, FILL = 0, 1  # a decode run's block events, in this order within a step
+
 
 class QueueFullError(RuntimeError):
     """The waiting queue is at `max_waiting`: the request is refused (HTTP 429)."""
@@ -242,35 +244,47 @@ class Scheduler:
             k //= 2
         return k if k > 1 else 0
 
-    def decode_run_allocations(self, num_steps: int) -> list[tuple[int, Request]]:
-        """(step, request) for each new block a decode run takes, in the order `schedule()`
-        would allocate them: by step, then in policy order."""
+    def decode_run_events(self, num_steps: int) -> list[tuple[int, int, Request]]:
+        """(step, ALLOCATE or FILL, request) for each block a decode run allocates or fills,
+        in the order `schedule()` and `update_from_output` would meet them: by step, the
+        step's allocations before its fills, requests in policy order."""
         bs = self.kv.block_size
         events = []
         for rank, req in enumerate(sorted(self.running, key=self._key)):
+            computed = req.num_computed_tokens
             capacity = len(self.kv.block_table(req.request_id)) * bs
-            for j in range(capacity - req.num_computed_tokens, num_steps, bs):
-                events.append((j, rank, req))
-        events.sort(key=lambda e: (e[0], e[1]))
-        return [(j, req) for j, _, req in events]
+            events += [(j, ALLOCATE, rank, req)
+                       for j in range(capacity - computed, num_steps, bs)]
+            events += [(j, FILL, rank, req)
+                       for j in range((-(computed + 1)) % bs, num_steps, bs)]
+        events.sort(key=lambda e: (e[0], e[1], e[2]))
+        return [(j, phase, req) for j, phase, _, req in events]
+
+    def advance_decode(self, req: Request, tokens: list[int], computed: int, length: int,
+                       num_steps: int) -> None:
+        """`req` as after `num_steps` steps of a run that began at `computed` tokens
+        computed and `length` tokens: tokens appended, newly full blocks published."""
+        req.token_ids.extend(tokens[req.num_tokens - length : num_steps])
+        req.num_computed_tokens = computed + num_steps
+        self.kv.cache_blocks(req)
 
     def scheduled_decodes(self) -> SchedulerOutput:
         """Every running request for one decode token, in policy order (a run's batch)."""
         return SchedulerOutput(tuple(self._scheduled(req, 1)
                                      for req in sorted(self.running, key=self._key)), ())
 
-    def update_from_decode_run(self, out: SchedulerOutput,
-                               sampled: dict[str, list[int]]) -> list[Request]:
-        """Apply a run's tokens (one per step, in order) as `update_from_output` applies one."""
+    def finish_decode_run(self, out: SchedulerOutput, tokens: dict[str, list[int]],
+                          num_steps: int) -> list[Request]:
+        """The end of a run: every request advanced by `num_steps` tokens, the stop checks
+        of its last token (none can stop before). Returns them (all got tokens)."""
         updated = []
         for seq in out.seqs:
             req = self.requests[seq.request_id]
-            tokens = sampled[seq.request_id]
-            req.num_computed_tokens += len(tokens)
-            req.token_ids.extend(tokens)
-            self.kv.cache_blocks(req)
+            run = tokens[seq.request_id]
+            self.advance_decode(req, run, seq.num_computed_tokens,
+                                seq.num_computed_tokens + 1, num_steps)
             updated.append(req)
-            self._check_stop(req, tokens[-1])
+            self._check_stop(req, run[-1])
         return updated
 
     def _check_stop(self, req: Request, token: int) -> None:

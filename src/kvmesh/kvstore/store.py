@@ -196,6 +196,12 @@ class TieredStore:
             if now - since > STAGE_TIMEOUT_S:
                 self._unstage(key)
 
+    def next_expiry_s(self) -> float:
+        """When the oldest staged block's hold times out (inf: none staged)."""
+        if not self._staged:
+            return float("inf")
+        return min(self._staged.values()) + STAGE_TIMEOUT_S
+
     def _stage(self, key: BlockKey) -> None:
         if key not in self._staged:
             self.host.pin(key)

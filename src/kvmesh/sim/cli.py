@@ -11,10 +11,12 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress
 
+from kvmesh.bench.metrics import SLO
 from kvmesh.bench.workload import WorkloadConfig
 from kvmesh.config import DEFAULT_MODEL, CacheConfig, SchedulerConfig, TierConfig
 from kvmesh.sim import cost_model as cm
 from kvmesh.sim.instance import InstanceSpec
+from kvmesh.sim.planner import Prices, SearchSpace
 from kvmesh.sim.run import SimConfig, session_starts, simulate
 from kvmesh.sim.workload import SimWorkload, from_bench, trace_sessions
 
@@ -69,52 +71,56 @@ def print_summary(s: dict[str, Any]) -> None:
         f"{hits} (wall {s['wall_s']:.1f}s)")
 
 
-def plan_command(simc: SimConfig, w: WorkloadConfig, engine: tuple[Any, Any, Any],
-                 space: tuple[Any, ...], prices: tuple[float, float, float], out: Path,
-                 plot: Path | None, tokenizer_model: str) -> None:
+def plan_command(simc: SimConfig, w: WorkloadConfig, base: InstanceSpec, space: SearchSpace,
+                 prices: Prices, out: Path, plot: Path | None, tokenizer_model: str) -> None:
     """Run the planner and write its ranked table (JSON), frontier plot and summary."""
     import shlex
     import sys
 
-    from kvmesh.bench.metrics import SLO
     from kvmesh.bench.report import plot_frontier, result_doc, write_json
-    from kvmesh.router.policies import ROUTE_POLICIES
-    from kvmesh.sim.planner import Prices, SearchSpace, frontier, plan
+    from kvmesh.sim.planner import frontier, plan
 
-    instances, host, disk, block_sizes, routes, evictions = space
-    unknown = [r for r in routes if r not in ROUTE_POLICIES]
-    if unknown:
-        raise ValueError(f"unknown routes {unknown}; choose from {list(ROUTE_POLICIES)}")
-    from kvmesh.kvstore.eviction import make_eviction_policy
-
-    for name in evictions:
-        make_eviction_policy(name, 1)  # ValueError names the known ones
-    search = SearchSpace([int(n) for n in instances], host, disk,
-                         [int(b) for b in block_sizes], routes, evictions)
     slo = SLO.parse(simc.slo)
     cost = cm.load(simc.cost_model)
     work = build_sessions(w, tokenizer_model)
-    candidates = search.candidates()
+    candidates = space.candidates()
     with Progress(transient=True, console=console) as bar:
         task = bar.add_task("candidates", total=len(candidates))
-        rows = plan(search, InstanceSpec(*engine), cost, Prices(*prices), slo, work,
-                    w.concurrency, lambda: bar.advance(task))
+        rows = plan(space, base, cost, prices, slo, work, w.concurrency,
+                    lambda: bar.advance(task))
     front = frontier(rows)
     doc = result_doc("plan", shlex.join(["kvmesh", "plan", *sys.argv[2:]]),
-                     {"workload": vars(w), "slo": simc.slo, "prices": prices,
-                      "cost_model": cost.to_json()},
+                     {"workload": vars(w), "slo": simc.slo, "prices": vars(prices),
+                      "space": vars(space), "cost_model": cost.to_json()},
                      {"ranked": rows, "frontier": front,
                       "best": rows[0] if rows and rows[0]["meets_slo"] else None})
     write_json(out, doc)
     if plot is not None:
         plot_frontier(rows, front, plot)
     for i, r in enumerate(rows[:10]):
-        c = r["candidate"]
-        console.print(
-            f"{i + 1:2d}. {'ok  ' if r['meets_slo'] else 'miss'} ${r['price_per_hour']:.2f}/h "
+        console.print(f"{i + 1:2d}. {_row_text(r)}")
+    console.print(f"wrote {out}")
+
+
+def search_space(instances: list[float], host_gb: list[float], disk_gb: list[float],
+                 block_sizes: list[float], routes: list[str],
+                 evictions: list[str]) -> SearchSpace:
+    """The planner's grid from the CLI's lists; ValueError for unknown names."""
+    from kvmesh.kvstore.eviction import make_eviction_policy
+    from kvmesh.router.policies import make_route_policy
+
+    for route in routes:
+        make_route_policy(route)
+    for name in evictions:
+        make_eviction_policy(name, 1)
+    return SearchSpace([int(n) for n in instances], host_gb, disk_gb,
+                       [int(b) for b in block_sizes], routes, evictions)
+
+
+def _row_text(r: dict[str, Any]) -> str:
+    c = r["candidate"]
+    return (f"{'ok  ' if r['meets_slo'] else 'miss'} ${r['price_per_hour']:.2f}/h "
             f"n={c['num_instances']} host={c['host_gb']}GB disk={c['disk_gb']}GB "
             f"bs={c['block_size']} {c['route']} {c['eviction']}: "
-            f"{r['output_tok_per_s']:.0f} tok/s, TTFT p99 "
-            f"{(r['ttft_p99_s'] or 0) * 1000:.0f} ms, "
-            f"TPOT p99 {(r['tpot_p99_s'] or 0) * 1000:.1f} ms")
-    console.print(f"wrote {out}")
+            f"{r['output_tok_per_s']:.0f} tok/s, TTFT p99 {(r['ttft_p99_s'] or 0) * 1000:.0f} "
+            f"ms, TPOT p99 {(r['tpot_p99_s'] or 0) * 1000:.1f} ms")

@@ -193,10 +193,11 @@ class RooflineCostModel:
                   + c._attn * (f.decode_ctx_tokens + 1000 * f.prefill_pair_ktokens))
         data0 = c._weights + c._kv * (f.decode_ctx_tokens + f.prefill_kv_tokens)
         dflops, ddata = c._attn * f.num_seqs, c._kv * f.num_seqs
-        copy = f.block_size * self.block_copy_s_per_token
+        bs, pt = f.block_size, self.block_copy_s_per_token
         fr, br, over = c._flops_rate, c._bytes_rate, self.overhead_s
-        return [over + copy * stores[j] + max((flops0 + dflops * j) / fr,
-                                              (data0 + ddata * j) / br)
+        # The same operations, in the same order, as `step_s`: bit-identical to stepping.
+        return [(0 + stores[j]) * bs * pt + over + max((flops0 + dflops * j) / fr,
+                                                       (data0 + ddata * j) / br)
                 for j in range(num_steps)]
 
     def kv_capacity_bytes(self, utilization: float = 0.9) -> int:

@@ -64,33 +64,38 @@ class CostModelExecutor:
 
     # decode runs (`EngineCore.step_decode_run`) ------------------------------------------
 
-    deadline_s: float = float("inf")  # a run's steps all start before this (the next event)
-
     def _run_costs(self, batch: ExecuteBatch, max_steps: int, stores: list[int],
-                   deadline_s: float = float("inf")) -> list[float]:
+                   until_s: float = float("inf")) -> list[float]:
         """Each step's cost: the features `execute` would see, context growing, step j
-        saving `stores[j]` blocks; the steps that start before `deadline_s` (one at least)."""
+        saving `stores[j]` blocks; the steps that start before `until_s` (one at least)."""
         first = step_features(batch, self.block_size)
         costs = self.cost.decode_run_s(
             StepFeatures(first.num_seqs, first.num_tokens, first.num_sampling,
                          first.decode_ctx_tokens, block_size=self.block_size),
             max_steps, stores)
-        if deadline_s == float("inf"):
-            return costs
         t = self.clock.now()
         for j, seconds in enumerate(costs):
-            if t >= deadline_s and j:
+            if t >= until_s and j:
                 return costs[:j]
             t += seconds
         return costs
 
-    def plan_run(self, batch: ExecuteBatch, max_steps: int, growth: list[int]) -> int:
+    def plan_run(self, batch: ExecuteBatch, max_steps: int, growth: list[int],
+                 until_s: float) -> int:
         # Each new block evicts at most one: the planned steps cost no less than the
-        # real ones, so every step run starts before the deadline.
-        return len(self._run_costs(batch, max_steps, growth, self.deadline_s))
+        # real ones, so every step run starts before `until_s`.
+        return len(self._run_costs(batch, max_steps, growth, until_s))
+
+    def sample_run(self, batch: ExecuteBatch, num_steps: int) -> dict[str, list[int]]:
+        out = {}
+        for seq in batch.seqs:
+            num_out = len(seq.all_token_ids) - len(seq.prompt_token_ids)
+            out[seq.request_id] = [self.filler[(num_out + j) % len(self.filler)]
+                                   for j in range(num_steps)]
+        return out
 
     def execute_run(self, batch: ExecuteBatch, num_steps: int,
-                    stores: dict[int, tuple[BlockCopy, ...]]) -> dict[str, list[int]]:
+                    stores: dict[int, tuple[BlockCopy, ...]]) -> None:
         per_step = {0: batch.stores, **stores}
         counts = [len(per_step.get(j, ())) for j in range(num_steps)]
         self.run_ends = []
@@ -101,12 +106,6 @@ class CostModelExecutor:
             self.busy_s += seconds
             self.run_ends.append(self.clock.now())
         self.num_batches += num_steps
-        out = {}
-        for seq in batch.seqs:
-            num_out = len(seq.all_token_ids) - len(seq.prompt_token_ids)
-            out[seq.request_id] = [self.filler[(num_out + j) % len(self.filler)]
-                                   for j in range(num_steps)]
-        return out
 
     def next_token(self, seq: SeqWork) -> int:
         num_out = len(seq.all_token_ids) - len(seq.prompt_token_ids)
@@ -148,6 +147,7 @@ class SimInstance:
                                self.store, spec.tiers.write_through, self.outbox, self.clock)
         self.executor = CostModelExecutor(self.clock, cost, self.store, self.block_size, filler)
         self.is_stepping = False  # a step event is queued for this instance
+        self.next_step_s = 0.0  # when (while is_stepping)
 
     def _build_store(self, spec: InstanceSpec, cost: CostModel) -> TieredStore | None:
         tiers = spec.tiers

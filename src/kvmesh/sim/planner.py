@@ -7,8 +7,9 @@ routing policy and an eviction policy for the tiers. Its price per hour is
 
 It meets the SLO when every request completed and its TTFT and TPOT p99 are within the
 limits. Candidates are ranked: those that meet the SLO by price (then by goodput), then the
-rest by how far they miss. The frontier is the set of candidates no other beats on both
-price and throughput.
+rest by how far they miss. The frontier is the set of candidates meeting the SLO that no
+other beats on both price and throughput. Changing the block size keeps the device memory
+(`num_blocks` scales inversely).
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ class Candidate:
             disk_bytes=int(self.disk_gb * GB), host_policy=self.eviction,
             disk_policy=self.eviction,
             disk_path=(base.tiers.disk_path or "sim-disk") if self.disk_gb > 0 else None)
-        cache = dataclasses.replace(base.cache, block_size=self.block_size)
+        blocks = base.cache.num_blocks  # the same device memory, in blocks of this size
+        if blocks is not None:
+            blocks = max(1, blocks * base.cache.block_size // self.block_size)
+        cache = dataclasses.replace(base.cache, block_size=self.block_size, num_blocks=blocks)
         return InstanceSpec(base.scheduler, cache, tiers)
 
 
@@ -133,8 +137,10 @@ def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def frontier(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows that no other row beats on both price (lower) and throughput (higher)."""
-    by_price = sorted(rows, key=lambda r: (r["price_per_hour"], -r["output_tok_per_s"]))
+    """Rows meeting the SLO that no other such row beats on both price (lower) and
+    throughput (higher)."""
+    by_price = sorted((r for r in rows if r["meets_slo"]),
+                      key=lambda r: (r["price_per_hour"], -r["output_tok_per_s"]))
     out: list[dict[str, Any]] = []
     for row in by_price:
         if not out or row["output_tok_per_s"] > out[-1]["output_tok_per_s"]:

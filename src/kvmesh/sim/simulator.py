@@ -19,6 +19,7 @@ from typing import Any
 
 from kvmesh.bench.records import RequestRecord
 from kvmesh.engine.core import IDLE_WAIT_S, SeqUpdate
+from kvmesh.engine.input_processor import check_lengths
 from kvmesh.engine.scheduler import QueueFullError
 from kvmesh.router.policies import RoutePolicy, RouteRequest
 from kvmesh.sim.cost_model import CostModel
@@ -88,6 +89,7 @@ class Simulator:
         order = sorted(range(len(sessions)), key=lambda i: (starts[i], i))
         limit = concurrency or len(sessions)
         self._pending = order[limit:]  # sessions waiting for a free slot
+        self._chains = bool(self._pending) or any(s.num_turns > 1 for s in sessions)
         self._starts = starts
         for i in order[:limit]:
             self._push(starts[i], SEND, (i, 0))
@@ -140,18 +142,20 @@ class Simulator:
 
     @staticmethod
     def _validate(inst: SimInstance, prompt: list[int], max_tokens: int) -> str | None:
-        """The server's 400s that depend on lengths (`InputProcessor.validate`)."""
+        """The server's 400s that depend on lengths (the input processor's own rules)."""
         if not prompt:
             return "400: prompt is empty"
-        if len(prompt) + max_tokens > inst.max_model_len:
-            return (f"400: prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds "
-                    f"max_model_len ({inst.max_model_len})")
+        try:
+            check_lengths(len(prompt), max_tokens, inst.max_model_len)
+        except ValueError as exc:
+            return f"400: {exc}"
         return None
 
     def _wake(self, inst: SimInstance, t: float) -> None:
         if not inst.is_stepping:
             inst.is_stepping = True
-            self._push(max(t, inst.clock.now()), STEP, inst.index)
+            inst.next_step_s = max(t, inst.clock.now())
+            self._push(inst.next_step_s, STEP, inst.index)
 
     # steps -----------------------------------------------------------------------------
 
@@ -171,11 +175,21 @@ class Simulator:
         if inst.core.has_unfinished():
             self._wake(inst, done)
 
+    def _run_until(self, inst: SimInstance) -> float:
+        """When a run must stop: the next send or enqueue (it may go to this instance),
+        and, when a finished request can start another one (multi-turn sessions, a
+        concurrency limit), the next step of any other instance (it may finish one)."""
+        until = self._external[0] if self._external else float("inf")
+        if self._chains:
+            for other in self.instances:
+                if other is not inst and other.is_stepping:
+                    until = min(until, other.next_step_s)
+        return until
+
     def _decode_run(self, inst: SimInstance) -> bool:
-        """Plain decode steps until the next arrival, at once (the same state and token
-        times as stepping one by one: `EngineCore.step_decode_run`)."""
-        inst.executor.deadline_s = self._external[0] if self._external else float("inf")
-        run = inst.core.step_decode_run(inst.executor, MAX_RUN_STEPS)
+        """Plain decode steps up to the next event that could change them, at once (the
+        same state and token times as stepping one by one: `EngineCore.step_decode_run`)."""
+        run = inst.core.step_decode_run(inst.executor, MAX_RUN_STEPS, self._run_until(inst))
         if run is None:
             return False
         overhead = self.cost.tiers.token_overhead_s

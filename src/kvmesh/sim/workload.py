@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import abc
 import json
 import random
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ class ChatTokenizer(Protocol):
 
 
 @dataclass
-class SimSession:
+class SimSession(abc.ABC):
     """One session: `prompt(turn, replies)` gives a turn's prompt token ids, from the
     replies (token ids) to the turns before it. Stateless: a workload can be rerun."""
 
@@ -42,8 +43,8 @@ class SimSession:
     def num_turns(self) -> int:
         return len(self.max_tokens)
 
-    def prompt(self, turn: int, replies: Sequence[list[int]]) -> list[int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def prompt(self, turn: int, replies: Sequence[list[int]]) -> list[int]: ...
 
 
 @dataclass
