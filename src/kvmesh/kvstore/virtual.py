@@ -125,7 +125,7 @@ class VirtualSource:
         self.block_bytes = block_bytes
         self._workers = [0.0] * max(1, num_workers)  # when each is next free
         for key in keys:
-            self.write(key, b"")
+            self._admit(key)
 
     @property
     def is_enabled(self) -> bool:
@@ -145,6 +145,9 @@ class VirtualSource:
         return _Timed(self.clock, ready)
 
     def write(self, key: BlockKey, payload: bytes) -> None:
+        self._admit(key)
+
+    def _admit(self, key: BlockKey) -> None:
         if self.index is None:
             self.keys.add(key)
         elif key not in self.index:
