@@ -22,7 +22,7 @@ from kvmesh.kvstore.index import TierIndex
 from kvmesh.kvstore.store import TieredStore
 from kvmesh.kvstore.virtual import VirtualHostTier, VirtualSource
 from kvmesh.router.policies import make_route_policy
-from kvmesh.sim.cost_model import roofline
+from kvmesh.sim.cost_model import LinearCostModel, roofline
 from kvmesh.sim.instance import InstanceSpec, SimInstance
 from kvmesh.sim.run import SimConfig, simulate
 from kvmesh.sim.simulator import Simulator
@@ -238,15 +238,22 @@ def test_decode_runs_give_the_same_results_as_stepping_one_by_one():
                                   for t in range(3)]) for i in range(18)]
     specs = (InstanceSpec(SchedulerConfig(max_num_seqs=16), CacheConfig(num_blocks=400)),
              tiered_spec(num_blocks=64, host_blocks=48))
-    for sessions, n, concurrency in ((single, 2, None), (chat, 3, 6)):
+    linear = LinearCostModel(COST.shape, {"const": 0.004, "num_tokens": 3e-4,
+                                          "num_sampling": 1.7e-4, "decode_ctx_tokens": 3.3e-6,
+                                          "num_stores": 7e-5, "num_prefill_seqs": 0.011},
+                             kv_dtype_bytes=2)
+    cases = [(single, 2, None, COST), (chat, 3, 6, COST), (chat, 3, 6, linear)]
+    for sessions, n, concurrency, cost in cases:
         starts = [s.arrival_s for s in sessions]
         for spec in specs:
             runs = []
             for fast in (False, True):
-                sim = Simulator(spec, COST, n, make_route_policy("least_load"),
+                sim = Simulator(spec, cost, n, make_route_policy("least_load"),
                                 decode_runs=fast)
                 run = sim.run(sessions, starts, concurrency)
                 runs.append(([r.to_json() for r in run.records],
-                             sum(i.core.num_steps for i in run.instances)))
+                             [(i.core.num_steps, i.executor.num_batches, i.executor.busy_s,
+                               i.core.pool.num_free_blocks, i.core.kv.num_hit_tokens)
+                              for i in run.instances]))
             assert runs[1] == runs[0]
             assert all(r["ok"] for r in runs[0][0])

@@ -117,12 +117,18 @@ class LinearCostModel:
         unknown = set(self.coefficients) - set(FEATURES)
         if unknown:
             raise ValueError(f"unknown cost-model features {sorted(unknown)}")
+        negative = sorted(n for n, c in self.coefficients.items() if c < 0)
+        if negative:  # no feature makes a step faster (decode runs rely on it)
+            raise ValueError(f"cost-model coefficients must be >= 0: {negative}")
         object.__setattr__(self, "_coef", [float(self.coefficients.get(n, 0.0))
                                            for n in FEATURES])
 
     def step_s(self, f: StepFeatures) -> float:
         coef: list[float] = self._coef  # type: ignore[attr-defined]
-        return sum(c * x for c, x in zip(coef, f.vector(), strict=True))
+        total = 0.0  # left to right (not sum(), which compensates on 3.12+): see decode_run_s
+        for c, x in zip(coef, f.vector(), strict=True):
+            total += c * x
+        return total
 
     def decode_run_s(self, f: StepFeatures, num_steps: int,
                      stores: Sequence[int]) -> list[float]:
@@ -132,7 +138,7 @@ class LinearCostModel:
         x0 = 1.0 if f.num_seqs else 0.0
         s, ctx, growth = f.num_seqs, f.decode_ctx_tokens, f.num_seqs
         # The same sum, in the same order, as `step_s`: bit-identical to stepping.
-        return [0 + c0 * x0 + c1 * s + c2 * f.num_tokens + c3 * f.num_sampling
+        return [0.0 + c0 * x0 + c1 * s + c2 * f.num_tokens + c3 * f.num_sampling
                 + c4 * (ctx + growth * j) + c5 * f.prefill_pair_ktokens + c6 * 0
                 + c7 * stores[j] + c8 * f.num_prefill_seqs for j in range(num_steps)]
 
