@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from kvmesh.config import CacheConfig, SchedulerConfig, TierConfig
 from kvmesh.engine.batch import BlockCopy, ExecuteBatch, ExecuteResult, SeqWork
 from kvmesh.engine.core import EngineCore, ModelIdentity
-from kvmesh.engine.events import EventOutbox
 from kvmesh.kvstore.store import TieredStore
 from kvmesh.kvstore.virtual import VirtualHostTier, VirtualSource
 from kvmesh.router.policies import InstanceLoad
@@ -55,12 +54,19 @@ class CostModelExecutor:
     def execute(self, batch: ExecuteBatch) -> ExecuteResult:
         if self.store is not None and (batch.stores or batch.loads):
             self.store.move(batch.stores, batch.loads, _no_bytes)
-        seconds = self.cost.step_s(step_features(batch, self.block_size))
+        self._spend(self.cost.step_s(step_features(batch, self.block_size)))
+        self.num_batches += 1
+        return ExecuteResult({s.request_id: self._token(s, 0) for s in batch.seqs
+                              if s.is_sampling})
+
+    def _spend(self, seconds: float) -> None:
         self.clock.sleep(seconds)
         self.busy_s += seconds
-        self.num_batches += 1
-        return ExecuteResult({s.request_id: self.next_token(s) for s in batch.seqs
-                              if s.is_sampling})
+
+    def _token(self, seq: SeqWork, j: int) -> int:
+        """The token `seq` samples `j` steps from now: the filler, cyclically."""
+        num_out = len(seq.all_token_ids) - len(seq.prompt_token_ids)
+        return self.filler[(num_out + j) % len(self.filler)]
 
     # decode runs (`EngineCore.step_decode_run`) ------------------------------------------
 
@@ -87,12 +93,8 @@ class CostModelExecutor:
         return len(self._run_costs(batch, max_steps, growth, until_s))
 
     def sample_run(self, batch: ExecuteBatch, num_steps: int) -> dict[str, list[int]]:
-        out = {}
-        for seq in batch.seqs:
-            num_out = len(seq.all_token_ids) - len(seq.prompt_token_ids)
-            out[seq.request_id] = [self.filler[(num_out + j) % len(self.filler)]
-                                   for j in range(num_steps)]
-        return out
+        return {seq.request_id: [self._token(seq, j) for j in range(num_steps)]
+                for seq in batch.seqs}
 
     def execute_run(self, batch: ExecuteBatch, num_steps: int,
                     stores: dict[int, tuple[BlockCopy, ...]]) -> None:
@@ -102,14 +104,9 @@ class CostModelExecutor:
         for j, seconds in enumerate(self._run_costs(batch, num_steps, counts)):
             if self.store is not None and per_step.get(j):
                 self.store.move(per_step[j], (), _no_bytes)
-            self.clock.sleep(seconds)
-            self.busy_s += seconds
+            self._spend(seconds)
             self.run_ends.append(self.clock.now())
         self.num_batches += num_steps
-
-    def next_token(self, seq: SeqWork) -> int:
-        num_out = len(seq.all_token_ids) - len(seq.prompt_token_ids)
-        return self.filler[num_out % len(self.filler)]
 
 
 def _no_bytes(block_id: int) -> None:
@@ -138,13 +135,12 @@ class SimInstance:
         self.block_size = spec.cache.block_size
         self.block_bytes = block_bytes(cost, self.block_size)
         self.num_blocks = num_device_blocks(cost, spec.cache)
-        self.outbox = EventOutbox()
         self.store = self._build_store(spec, cost)
         self.max_model_len = min(cost.shape.max_model_len, self.num_blocks * self.block_size)
         identity = ModelIdentity(f"sim:{cost.shape.name}", f"bytes{cost.kv_dtype_bytes}",
                                  self.max_model_len)
         self.core = EngineCore(spec.scheduler, spec.cache, identity, self.num_blocks,
-                               self.store, spec.tiers.write_through, self.outbox, self.clock)
+                               self.store, spec.tiers.write_through, clock=self.clock)
         self.executor = CostModelExecutor(self.clock, cost, self.store, self.block_size, filler)
         self.is_stepping = False  # a step event is queued for this instance
         self.next_step_s = 0.0  # when (while is_stepping)
