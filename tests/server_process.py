@@ -62,15 +62,17 @@ class Server:
 
 
 @contextmanager
-def serve(args: list[str], tmp: Path, wait: str | None = "/ready", pin_float32: bool = True):
-    """A `kvmesh serve` subprocess on a free loopback port. With `pin_float32` (tests) the
-    dtype is float32 unless `args` name one: the exact path on every CPU."""
-    port = free_port()
-    log = tmp / f"server-{port}.log"
+def serve(args: list[str], tmp: Path, wait: str | None = "/ready", pin_float32: bool = True,
+          command: str = "serve", port: int | None = None):
+    """A `kvmesh serve` (or `command`) subprocess on a free loopback port. With
+    `pin_float32` (tests) serve's dtype is float32 unless `args` name one: the exact path on
+    every CPU."""
+    port = port or free_port()
+    log = tmp / f"{command}-{port}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if pin_float32 and "--dtype" not in args:  # auto is bf16 on AVX512_BF16 CPUs
+    if command == "serve" and pin_float32 and "--dtype" not in args:  # auto: bf16 on some CPUs
         args = [*args, "--dtype", "float32"]
-    cmd = [sys.executable, "-m", "kvmesh.cli", "serve", "--port", str(port), *args]
+    cmd = [sys.executable, "-m", "kvmesh.cli", command, "--port", str(port), *args]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     server = Server(proc, port, log)

@@ -1,4 +1,4 @@
-"""The `kvmesh` command: serve, bench, model pull|list, version."""
+"""The `kvmesh` command: serve, router, bench, profile, sim, plan, model pull|list, version."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from kvmesh.config import (
     CacheConfig,
     EngineConfig,
     ModelConfig,
+    RouterConfig,
     SchedulerConfig,
     ServerConfig,
     TierConfig,
@@ -53,6 +54,29 @@ def serve(config: Path | None = ConfigFile, **fields: Any) -> None:
         level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     run_server(EngineConfig(model, cache, sched, tiers), server)
+
+
+@app.command()
+@with_config_options([RouterConfig])
+def router(config: Path | None = ConfigFile, **fields: Any) -> None:
+    """Route requests across instances: kv/prefix-aware, tenants, failover (docs/router.md)."""
+    try:
+        (cfg,) = build_configs([RouterConfig], fields, load_config_file(config))
+        from kvmesh.router.policies import make_route_policy
+
+        make_route_policy(cfg.policy)
+        if cfg.tenants:
+            from kvmesh.tenants import TenantTable
+
+            TenantTable.load(cfg.tenants)
+    except (ValueError, TypeError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    from kvmesh.router.app import run_router
+
+    logging.basicConfig(
+        level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    run_router(cfg)
 
 
 @app.command()

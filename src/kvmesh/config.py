@@ -115,10 +115,20 @@ class SchedulerConfig:
     max_num_batched_tokens: int = _help(
         "Token budget per step, shared by decodes and chunked prefills.", default=512
     )
-    policy: str = _help("Queue order: fcfs or priority.", default="fcfs")
+    policy: str = _help(
+        "Queue order: fcfs, priority (the tenant's class, then the request's), edf (earliest "
+        "TTFT deadline from the tenant's SLO) or fair (a virtual token counter per tenant).",
+        default="fcfs")
     max_waiting: int = _help(
         "Most requests waiting in the queue before new ones are refused.", default=1024
     )
+    admission_control: bool = _help(
+        "Refuse at once (429 + Retry-After) a request whose predicted TTFT, from the queue "
+        "ahead of it and the measured prefill rate, exceeds its tenant's TTFT SLO.",
+        default=True)
+    default_ttft_slo_s: float = _help(
+        "edf: the deadline of a request whose tenant has no TTFT SLO (arrival + this), so "
+        "work without an SLO still ages to the front.", default=60.0)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -127,6 +137,8 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if self.max_waiting < 1:
             raise ValueError("max_waiting must be >= 1")
+        if not self.default_ttft_slo_s > 0:
+            raise ValueError("default_ttft_slo_s must be > 0")
 
 
 @dataclass(frozen=True)
@@ -182,6 +194,13 @@ class ServerConfig:
     api_keys: tuple[str, ...] = _help(
         "Accepted API keys, as KEY or KEY:TENANT (comma-separated). None: no auth.", default=()
     )
+    tenants: str | None = _help(
+        "Tenants file (YAML): API keys, priority class, TTFT/TPOT SLOs, rate limits and "
+        "cache salt per tenant; the router reads the same file. See docs/router.md.",
+        default=None)
+    kv_events_port: int | None = _help(
+        "Publish KV block events (stored/removed, per tier) on this ZeroMQ PUB port, for "
+        "the router's `kv` policy (unset: off).", default=None)
     served_model_name: str | None = _help(
         "Model name clients use (default: the model's name).", default=None
     )
@@ -196,6 +215,59 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if isinstance(self.api_keys, str):
             object.__setattr__(self, "api_keys", tuple(k for k in self.api_keys.split(",") if k))
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """`kvmesh router`: one OpenAI-compatible endpoint in front of N instances."""
+
+    SECTION: ClassVar[str] = "router"
+
+    host: str = _help("Address to listen on.", default="127.0.0.1")
+    port: int = _help("TCP port to listen on.", default=8080)
+    instances: tuple[str, ...] = _help(
+        "Instance base URLs, comma-separated (http://HOST:PORT).", default=())
+    policy: str = _help(
+        "Routing policy: round_robin, least_load, prefix (the router's own approximate "
+        "index; any OpenAI-compatible server), kv (exact, from the instances' KV events) or "
+        "session (sticky by the X-Session-Id header or the `user` field).", default="kv")
+    tenants: str | None = _help("Tenants file (YAML), the same one the instances read.",
+                                default=None)
+    api_keys: tuple[str, ...] = _help("Accepted API keys, as KEY or KEY:TENANT.", default=())
+    model: str = _help(
+        "Model whose tokenizer and chat template the `kv` policy uses to compute block "
+        "keys (the instances' model).", default=DEFAULT_MODEL)
+    load_cost_tokens: float = _help(
+        "Cost of one more request queued on an instance, in prefill tokens (the cache-aware "
+        "policies' trade-off; docs/router.md).", default=512.0)
+    chars_per_token: float = _help("prefix: characters per token of matched text.",
+                                   default=4.0)
+    session_max_imbalance: int = _help(
+        "session: move a session when its home carries this many more requests than the "
+        "least-loaded instance.", default=4)
+    poll_interval_s: float = _help("Seconds between health and load probes.", default=0.5)
+    max_attempts: int = _help(
+        "Instances tried per request before any byte reaches the client.", default=3)
+    connect_timeout_s: float = _help("Connect timeout to an instance.", default=2.0)
+    request_timeout_s: float = _help(
+        "Longest wait for an instance's first byte, and between later bytes.", default=600.0)
+    log_level: str = _help("Log level: debug, info, warning, error.", default="info")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.instances, str):
+            object.__setattr__(self, "instances",
+                               tuple(u for u in self.instances.split(",") if u))
+        if isinstance(self.api_keys, str):
+            object.__setattr__(self, "api_keys", tuple(k for k in self.api_keys.split(",") if k))
+        if not self.instances:
+            raise ValueError("name at least one instance: --instances http://HOST:PORT,...")
+        bad = [u for u in self.instances if not u.startswith(("http://", "https://"))]
+        if bad:
+            raise ValueError(f"instance URLs must start with http:// or https://: {bad}")
+        if self.max_attempts < 1 or self.poll_interval_s <= 0:
+            raise ValueError("max_attempts must be >= 1 and poll_interval_s > 0")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
 
 
 ENGINE_CLASSES: tuple[type[Any], ...] = (ModelConfig, CacheConfig, SchedulerConfig, TierConfig)

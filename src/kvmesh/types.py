@@ -93,6 +93,16 @@ class SamplingParams:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class TenantClass:
+    """What the scheduler knows of a request's tenant: its name (the `fair` policy's
+    counter), its TTFT SLO (the `edf` deadline, admission control) and its fair share."""
+
+    name: str
+    ttft_slo_s: float | None = None
+    weight: float = 1.0
+
+
 TokenLogprobs = dict[int, float]
 
 

@@ -11,7 +11,6 @@ import pytest
 from kvmesh.bench.metrics import SLO
 from kvmesh.config import CacheConfig, SchedulerConfig, TierConfig
 from kvmesh.engine.batch import ExecuteBatch, SeqWork
-from kvmesh.router.policies import InstanceLoad, RouteRequest, make_route_policy
 from kvmesh.sim import cost_model as cm
 from kvmesh.sim.fit import fit_step_model
 from kvmesh.sim.instance import InstanceSpec
@@ -95,21 +94,6 @@ def test_fit_recovers_known_coefficients_and_keeps_them_non_negative():
     assert 0.1 < err["mean_abs_rel_error"] < 0.3
     with pytest.raises(ValueError, match="at least"):
         fit_step_model(samples[:3])
-
-
-def test_route_policies_choose_exactly():
-    loads = [InstanceLoad(3, 1, 0.5), InstanceLoad(1, 0, 0.9), InstanceLoad(1, 0, 0.2)]
-    req = RouteRequest("s1", [1, 2, 3])
-    rr = make_route_policy("round_robin")
-    assert [rr.choose(req, loads) for _ in range(4)] == [0, 1, 2, 0]
-    assert make_route_policy("least_load").choose(req, loads) == 2
-    sticky = make_route_policy("session")
-    assert sticky.choose(req, loads) == 2
-    busy = [InstanceLoad(0, 0, 0.0), InstanceLoad(0, 0, 0.0), InstanceLoad(9, 9, 1.0)]
-    assert sticky.choose(req, busy) == 2  # the session stays home
-    assert sticky.choose(RouteRequest(None, []), busy) == 0
-    with pytest.raises(ValueError, match="unknown routing policy"):
-        make_route_policy("kv-magic")
 
 
 def _workload(n: int = 48) -> list[TokenSession]:

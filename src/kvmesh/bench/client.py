@@ -59,9 +59,14 @@ async def send(
     rec: RequestRecord,
     t0: float,
     ignore_eos: bool,
+    session_id: str | None = None,
 ) -> None:
+    """Stream one request into `rec`. `session_id` goes out as X-Session-Id (what the
+    router's `session` policy sticks by)."""
     path, body = _payload(ep, messages, max_tokens, ignore_eos)
     headers = {"Authorization": f"Bearer {ep.api_key}"} if ep.api_key else {}
+    if session_id is not None:
+        headers["X-Session-Id"] = session_id
     start = time.perf_counter()
     rec.start_s = start - t0
     last = None
@@ -71,6 +76,7 @@ async def send(
         ) as resp:
             rec.status = resp.status_code
             if resp.status_code != 200:
+                rec.retry_after = resp.headers.get("retry-after")
                 rec.error = (await resp.aread()).decode(errors="replace")[:500]
                 return
             async for line in resp.aiter_lines():

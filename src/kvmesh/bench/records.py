@@ -21,6 +21,7 @@ class RequestRecord:
     output_tokens: int = 0
     cached_tokens: int | None = None
     text: str = ""
+    retry_after: str | None = None  # the Retry-After header of a refusal (429, 503)
 
     @property
     def tpot_s(self) -> float | None:
@@ -31,5 +32,7 @@ class RequestRecord:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("text")
+        if d["retry_after"] is None:
+            d.pop("retry_after")
         d["tpot_s"] = self.tpot_s
         return d

@@ -34,7 +34,8 @@ async def _session(
         messages.append({"role": "user", "content": turn.user_text})
         rec = RequestRecord(idx, turn_no, time.perf_counter() - t0)
         records.append(rec)
-        await send(client, ep, messages, turn.max_tokens, rec, t0, profile.ignore_eos)
+        await send(client, ep, messages, turn.max_tokens, rec, t0, profile.ignore_eos,
+                   f"session-{idx}")
         on_done()
         if not rec.ok:
             return

@@ -25,7 +25,7 @@ from typing import Any
 
 from kvmesh.engine.engine import LLMEngine
 from kvmesh.kvstore.tier import TierStats
-from kvmesh.types import RequestDelta, SamplingParams
+from kvmesh.types import RequestDelta, SamplingParams, TenantClass
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class AsyncEngine:
         self.max_model_len = self.engine.max_model_len
         self.model_name = self.engine.loaded.name
         self.num_blocks = self.engine.loaded.num_blocks
+        self.block_size = self.engine.core.block_size
 
     # engine thread ---------------------------------------------------------------------
 
@@ -132,6 +133,10 @@ class AsyncEngine:
 
     # any thread ------------------------------------------------------------------------
 
+    def run_on_engine(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the engine thread between steps; its result or error in the Future."""
+        return self._call(fn)
+
     def stats(self) -> EngineStats:
         core = self.engine.core
         store = core.store
@@ -146,6 +151,7 @@ class AsyncEngine:
         request_id: str | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        tenant: TenantClass | None = None,
     ) -> RequestStream:
         """Queue a prompt that `inputs` tokenized and validated; raises ValueError or
         QueueFullError if the engine refuses it."""
@@ -153,7 +159,8 @@ class AsyncEngine:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
 
         def add() -> None:
-            self.engine.add_tokens(rid, prompt_ids, params, priority, cache_salt)
+            self.engine.add_tokens(rid, prompt_ids, params, priority, cache_salt,
+                                   tenant=tenant)
             self._streams[rid] = stream
 
         await asyncio.wrap_future(self._call(add))

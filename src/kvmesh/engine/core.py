@@ -27,7 +27,7 @@ from kvmesh.engine.request import Request
 from kvmesh.engine.scheduler import ALLOCATE, ScheduledSeq, Scheduler, SchedulerOutput
 from kvmesh.hashing import Namespace, make_namespace
 from kvmesh.kvstore.store import TieredStore
-from kvmesh.types import FinishReason, SamplingParams
+from kvmesh.types import FinishReason, SamplingParams, TenantClass
 
 IDLE_WAIT_S = 0.0005  # nothing to run but fetches in flight: wait this long for them
 
@@ -106,26 +106,33 @@ class EngineCore:
 
     # requests --------------------------------------------------------------------------
 
+    def key_scheme(self) -> tuple[str, str, str]:
+        """What `make_namespace` folds in besides the salt: model, KV dtype, layout."""
+        return (self.model.model_id, self.model.kv_dtype_name,
+                f"block-major-v1:bs{self.block_size}")
+
     def namespace(self, cache_salt: str | None) -> Namespace:
         if cache_salt not in self._namespaces:
-            self._namespaces[cache_salt] = make_namespace(
-                self.model.model_id, self.model.kv_dtype_name,
-                f"block-major-v1:bs{self.block_size}", cache_salt)
+            self._namespaces[cache_salt] = make_namespace(*self.key_scheme(), cache_salt)
         return self._namespaces[cache_salt]
 
     def add(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
             priority: int = 0, cache_salt: str | None = None,
-            arrival_time: float | None = None) -> list[str]:
+            arrival_time: float | None = None, tenant: TenantClass | None = None) -> list[str]:
         """Queue a request's `params.n` sequences (validated token ids); returns their ids.
 
-        Raises ValueError (id in use) or QueueFullError (the waiting queue is full).
+        Raises ValueError (id in use) or QueueFullError (the waiting queue is full, or
+        admission control predicts a missed TTFT SLO).
         """
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         arrival = self.clock.now() if arrival_time is None else arrival_time
         seqs = [self._make_seq(request_id, i, prompt_ids, params, priority, cache_salt, arrival)
                 for i in range(params.n)]
-        self.scheduler.add_request(seqs[0])
+        for seq in seqs:
+            seq.tenant = tenant
+        cached = len(self.kv.find_cached_prefix(seqs[0])) * self.block_size
+        self.scheduler.add_request(seqs[0], num_cached_tokens=cached)
         if self.store is not None:
             self.kv.lookup(seqs[0], on_arrival=True)  # start fetching its prefix now
         self._groups[request_id] = [s.request_id for s in seqs]
@@ -189,11 +196,13 @@ class EngineCore:
         self._mark_started(out.seqs)
         batch = ExecuteBatch(tuple(self._work(s) for s in out.seqs), self._take_stores(),
                              out.loads, self._take_finished())
+        start = self.clock.now()
         try:
             result = executor.execute(batch)
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep the engine
             self.last_error = exc
             return self._fail(out, f"internal error: {type(exc).__name__}: {exc}")
+        self.scheduler.observe_step(out, self.clock.now() - start)
         updated = self.scheduler.update_from_output(out, result.sampled)
         self._release_held(updated)
         return [self._update(req, result.logprobs.get(req.request_id)) for req in updated]

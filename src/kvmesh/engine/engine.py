@@ -21,7 +21,7 @@ from kvmesh.engine.model_runner import ModelRunner
 from kvmesh.engine.output_processor import OutputProcessor
 from kvmesh.engine.setup import LoadedModel, build_store, load_engine_model
 from kvmesh.model.cpu_kernels import select_kernels
-from kvmesh.types import Prompt, RequestDelta, SamplingParams
+from kvmesh.types import Prompt, RequestDelta, SamplingParams, TenantClass
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,11 @@ class LLMEngine:
 
     def add_tokens(self, request_id: str | None, ids: list[int], params: SamplingParams,
                    priority: int = 0, cache_salt: str | None = None,
-                   arrival_time: float | None = None) -> str:
+                   arrival_time: float | None = None, tenant: TenantClass | None = None) -> str:
         """Queue a prompt the input processor already validated."""
         request_id = request_id or uuid.uuid4().hex
-        seq_ids = self.core.add(request_id, ids, params, priority, cache_salt, arrival_time)
+        seq_ids = self.core.add(request_id, ids, params, priority, cache_salt, arrival_time,
+                                tenant)
         self.outputs.add(request_id, seq_ids, ids, params)
         return request_id
 

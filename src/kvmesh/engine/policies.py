@@ -1,14 +1,21 @@
 """Scheduling policies, picked by name from a registry. Pure Python.
 
-A policy orders requests: a smaller `sort_key` runs first. The same order picks the
-preemption victim: the running request the policy ranks last.
+A policy orders requests: a smaller `sort_key` runs first. Preemption picks its victim
+among the running requests of the class the policy ranks last (`preempt_class`: the
+largest), and within that class the one cheapest to bring back (the scheduler's cost).
+
+A policy whose order changes as work is done (`fair`) also implements `UsageAware`: the
+scheduler tells it when a request arrives, is scheduled for tokens, or finishes, and
+re-sorts its queue before each admission.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+from kvmesh.config import SchedulerConfig
 from kvmesh.engine.request import Request
 
 SortKey = tuple[float, ...]
@@ -19,8 +26,21 @@ class SchedulingPolicy(Protocol):
 
     def sort_key(self, req: Request) -> SortKey: ...
 
+    def preempt_class(self, req: Request) -> SortKey: ...
 
-POLICIES: dict[str, Callable[[], SchedulingPolicy]] = {}
+
+@runtime_checkable
+class UsageAware(Protocol):
+    """A policy whose order depends on the work done so far."""
+
+    def on_arrival(self, req: Request) -> None: ...
+
+    def on_scheduled(self, req: Request, num_tokens: int) -> None: ...
+
+    def on_finish(self, req: Request) -> None: ...
+
+
+POLICIES: dict[str, Callable[[SchedulerConfig], SchedulingPolicy]] = {}
 
 
 def register(name: str) -> Callable[[type], type]:
@@ -32,27 +52,113 @@ def register(name: str) -> Callable[[type], type]:
     return wrap
 
 
-def make_policy(name: str) -> SchedulingPolicy:
+def make_policy(name: str, config: SchedulerConfig | None = None) -> SchedulingPolicy:
     if name not in POLICIES:
         raise ValueError(f"unknown scheduling policy {name!r}; choose from {sorted(POLICIES)}")
-    return POLICIES[name]()
+    return POLICIES[name](config or SchedulerConfig())
+
+
+def tenant_name(req: Request) -> str:
+    return req.tenant.name if req.tenant is not None else ""
 
 
 @register("fcfs")
 class FcfsPolicy:
-    """First come, first served: arrival order; the latest arrival is preempted first."""
+    """First come, first served. One class: the victim is the cheapest to bring back."""
 
     name = "fcfs"
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        pass
 
     def sort_key(self, req: Request) -> SortKey:
         return (req.arrival_time, req.arrival_seq)
 
+    def preempt_class(self, req: Request) -> SortKey:
+        return ()
+
 
 @register("priority")
 class PriorityPolicy:
-    """Lower `priority` value first, then arrival; the least urgent is preempted first."""
+    """Lower `priority` value first, then arrival; victims come from the least urgent
+    class."""
 
     name = "priority"
 
+    def __init__(self, config: SchedulerConfig) -> None:
+        pass
+
     def sort_key(self, req: Request) -> SortKey:
         return (req.priority, req.arrival_time, req.arrival_seq)
+
+    def preempt_class(self, req: Request) -> SortKey:
+        return (req.priority,)
+
+
+@register("edf")
+class EdfPolicy:
+    """Earliest deadline first: a request's deadline is its arrival plus its tenant's TTFT
+    SLO, or plus `default_ttft_slo_s` for a request without one (so work with no SLO still
+    ages to the front: no starvation). Running requests have had their first token, so
+    preemption sees one class."""
+
+    name = "edf"
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.default_slo_s = config.default_ttft_slo_s
+
+    def deadline(self, req: Request) -> float:
+        slo = req.tenant.ttft_slo_s if req.tenant is not None else None
+        return req.arrival_time + (self.default_slo_s if slo is None else slo)
+
+    def sort_key(self, req: Request) -> SortKey:
+        return (self.deadline(req), req.arrival_time, req.arrival_seq)
+
+    def preempt_class(self, req: Request) -> SortKey:
+        return ()
+
+
+@register("fair")
+class FairPolicy:
+    """Fair sharing across tenants by a virtual token counter (start-time fair queuing).
+
+    Each tenant's counter is the tokens scheduled for it (prefill and decode) over its
+    weight; the tenant with the smallest counter goes first, arrival order within a tenant.
+    A tenant that had nothing queued or running starts at the smallest counter among the
+    active tenants, so idle time banks no credit and one tenant's burst cannot starve
+    another. Victims come from the tenant with the largest counter. Counters are kept as
+    whole tokens, so the order never depends on the order of additions."""
+
+    name = "fair"
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self._served: dict[str, int] = {}  # tenant -> tokens scheduled (lifted when idle)
+        self._weight: dict[str, float] = {}
+        self._live: dict[str, int] = {}  # tenant -> requests queued or running
+
+    def counter(self, tenant: str) -> float:
+        return self._served.get(tenant, 0) / self._weight.get(tenant, 1.0)
+
+    def sort_key(self, req: Request) -> SortKey:
+        return (self.counter(tenant_name(req)), req.arrival_time, req.arrival_seq)
+
+    def preempt_class(self, req: Request) -> SortKey:
+        return (self.counter(tenant_name(req)),)
+
+    def on_arrival(self, req: Request) -> None:
+        name = tenant_name(req)
+        self._weight[name] = req.tenant.weight if req.tenant is not None else 1.0
+        if not self._live.get(name):
+            active = [self.counter(t) for t, n in self._live.items() if n]
+            if active:
+                floor = math.ceil(min(active) * self._weight[name])
+                self._served[name] = max(self._served.get(name, 0), floor)
+        self._live[name] = self._live.get(name, 0) + 1
+
+    def on_scheduled(self, req: Request, num_tokens: int) -> None:
+        name = tenant_name(req)
+        self._served[name] = self._served.get(name, 0) + num_tokens
+
+    def on_finish(self, req: Request) -> None:
+        name = tenant_name(req)
+        self._live[name] = self._live.get(name, 0) - 1

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from kvmesh.hashing import BlockKey, Namespace, hash_blocks
-from kvmesh.types import FinishReason, SamplingParams
+from kvmesh.types import FinishReason, SamplingParams, TenantClass
 
 
 class RequestStatus(enum.Enum):
@@ -42,6 +42,7 @@ class Request:
     first_scheduled_time: float | None = None
     block_keys: list[BlockKey] = field(default_factory=list)
     seed: int | None = None  # of this sequence's sampling generator
+    tenant: TenantClass | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -5,12 +5,17 @@ Each step shares a token budget between decodes and prefill chunks:
 1. Running requests that are decoding go first (one token each), then running requests
    whose prefill is partly done take what budget is left. Decodes never wait for a
    long prefill: a prefill is cut into chunks that fit the budget.
-2. When the block pool runs dry, the scheduler preempts by recompute: it frees the
-   blocks of the running request the policy ranks last (for fcfs the latest arrival,
-   for priority the least urgent) and sends it back to the queue. Its full blocks stay
-   in the prefix index, so it usually resumes from cache.
+2. When the block pool runs dry, the scheduler preempts: among the running requests of
+   the class the policy ranks last (all of them for fcfs and edf, the least urgent
+   priority, the most-served tenant for fair) it picks the one cheapest to bring back
+   (`restore_cost_tokens`) and sends it back to the queue. Its full blocks stay in the
+   prefix index and, when a host tier exists, are offloaded there as they are evicted,
+   so resuming it is a load rather than a recompute.
 3. If nothing was preempted, waiting requests are admitted in policy order while the
    budget, `max_num_seqs` and free blocks allow, each starting after its cached prefix.
+
+A request is refused on arrival (QueueFullError, HTTP 429) when the queue is full, or
+when admission control predicts it would miss its tenant's TTFT SLO (`admission.py`).
 """
 
 from __future__ import annotations
@@ -20,17 +25,17 @@ import itertools
 from dataclasses import dataclass
 
 from kvmesh.config import SchedulerConfig
+from kvmesh.engine.admission import PrefillRate, QueueFullError, check_slo
 from kvmesh.engine.kv_cache_manager import KVCacheManager, PrefixPlan
-from kvmesh.engine.policies import make_policy
+from kvmesh.engine.policies import UsageAware, make_policy
 from kvmesh.engine.request import Request, RequestStatus
 from kvmesh.hashing import BlockKey
 from kvmesh.types import FinishReason
 
 ALLOCATE, FILL = 0, 1  # a decode run's block events, in this order within a step
+LOAD_COST_RATIO = 0.1  # loading a block from the host tier, against recomputing it
 
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at `max_waiting`: the request is refused (HTTP 429)."""
+__all__ = ["QueueFullError", "Scheduler", "SchedulerOutput", "ScheduledSeq"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,9 @@ class Scheduler:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
-        self.policy = make_policy(config.policy)
+        self.policy = make_policy(config.policy, config)
+        self._usage = self.policy if isinstance(self.policy, UsageAware) else None
+        self.prefill_rate = PrefillRate()
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -71,16 +78,38 @@ class Scheduler:
 
     # lifecycle -----------------------------------------------------------------------
 
-    def add_request(self, req: Request, check_capacity: bool = True) -> None:
-        """Queue `req`. QueueFullError at `max_waiting` (unless `check_capacity` is off, for
-        the siblings of a request already admitted)."""
+    def add_request(self, req: Request, check_capacity: bool = True,
+                    num_cached_tokens: int = 0) -> None:
+        """Queue `req`. QueueFullError at `max_waiting`, or when admission control predicts
+        a missed TTFT SLO (`num_cached_tokens` of its prompt need no prefill); neither
+        applies with `check_capacity` off (the siblings of a request already admitted)."""
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         if check_capacity and len(self.waiting) >= self.config.max_waiting:
-            raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)")
+            raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)",
+                                 retry_after_s=None)
         req.arrival_seq = next(self._seq)
+        if check_capacity and self.config.admission_control and req.tenant is not None:
+            check_slo(self.num_prefill_tokens_ahead(req),
+                      req.num_prompt_tokens - num_cached_tokens, req.tenant.ttft_slo_s,
+                      self.prefill_rate)
         self.requests[req.request_id] = req
+        if self._usage is not None:
+            self._usage.on_arrival(req)
         self._enqueue(req)
+
+    def num_prefill_tokens_ahead(self, req: Request) -> int:
+        """Prefill tokens that run before `req` would start: running prefills, and waiting
+        requests the policy orders first."""
+        key = self._key(req)
+        running = sum(r.num_prompt_tokens - r.num_computed_tokens for r in self.running
+                      if r.num_computed_tokens < r.num_prompt_tokens)
+        return running + sum(r.num_pending_tokens for r in self.waiting if self._key(r) < key)
+
+    def observe_step(self, out: SchedulerOutput, step_s: float) -> None:
+        """A step's measured time: feeds the prefill rate that admission predicts with."""
+        self.prefill_rate.observe(
+            sum(s.num_new_tokens for s in out.seqs if s.num_new_tokens > 1), step_s)
 
     def abort_request(self, request_id: str) -> Request | None:
         req = self.requests.get(request_id)
@@ -101,6 +130,8 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.kv.free(req)
+        if self._usage is not None:
+            self._usage.on_finish(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.stop_reason = stop
@@ -124,6 +155,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         seqs: list[ScheduledSeq] = []
         preempted: list[str] = []
+        self._resort()
         order = sorted(self.running, key=lambda r: (r.num_pending_tokens > 1, self._key(r)))
         pending = list(order)
         while pending and budget > 0:
@@ -132,15 +164,42 @@ class Scheduler:
             if self._allocate_or_preempt(req, num_new, pending, preempted):
                 seqs.append(self._scheduled(req, num_new))
                 budget -= num_new
+        self._charge(seqs)
         if not preempted:
             budget = self._admit(budget, seqs)
         return SchedulerOutput(tuple(seqs), tuple(preempted), tuple(self.kv.take_loads()))
+
+    def _charge(self, seqs: list[ScheduledSeq]) -> None:
+        """Tell a usage-aware policy what this step runs, and re-sort the queue by it."""
+        if self._usage is not None:
+            for seq in seqs:
+                self._usage.on_scheduled(self.requests[seq.request_id], seq.num_new_tokens)
+            self._resort()
+
+    def _resort(self) -> None:
+        """A usage-aware policy's keys move as work is done: restore the queue's order."""
+        if self._usage is not None:
+            self.waiting.sort(key=self._key)
+
+    def restore_cost_tokens(self, req: Request) -> float:
+        """What preempting `req` would cost to undo, in prefill tokens: its partial last
+        block is recomputed; its full blocks stay cached and, with a host tier, are
+        offloaded on eviction and loaded back (`LOAD_COST_RATIO` of a recompute)."""
+        computed = req.num_computed_tokens
+        if not self.kv.enable_prefix_caching:
+            return float(computed)
+        partial = computed % self.kv.block_size
+        ratio = LOAD_COST_RATIO if self.kv.external is not None else 1.0
+        return partial + (computed - partial) * ratio
+
+    def _victim_key(self, req: Request) -> tuple[object, ...]:
+        return (self.policy.preempt_class(req), -self.restore_cost_tokens(req), self._key(req))
 
     def _allocate_or_preempt(
         self, req: Request, num_new: int, pending: list[Request], preempted: list[str]
     ) -> bool:
         while not self.kv.allocate(req, num_new):
-            victim = max([*pending, req], key=self._key)
+            victim = max([*pending, req], key=self._victim_key)
             self._preempt(victim)
             preempted.append(victim.request_id)
             if victim is req:
@@ -166,6 +225,9 @@ class Scheduler:
             self._start(req, plan)
             seqs.append(self._scheduled(req, num_new))
             budget -= num_new
+            if self._usage is not None:  # the admitted tenant's counter moves now
+                self._usage.on_scheduled(req, num_new)
+                self.waiting[i:] = sorted(self.waiting[i:], key=self._key)
         return budget
 
     def _start(self, req: Request, plan: PrefixPlan) -> None:
@@ -284,6 +346,8 @@ class Scheduler:
             self.advance_decode(req, run, seq.num_computed_tokens,
                                 seq.num_computed_tokens + 1, num_steps)
             updated.append(req)
+            if self._usage is not None:
+                self._usage.on_scheduled(req, num_steps)
             self._check_stop(req, run[-1])
         return updated
 
@@ -310,7 +374,8 @@ class Scheduler:
         assert len(ids) == len(set(ids)), "a request is both running and waiting"
         assert set(ids) == set(self.requests), "request map disagrees with queues"
         keys = [self._key(r) for r in self.waiting]
-        assert keys == sorted(keys), "waiting queue is out of policy order"
+        assert self._usage is not None or keys == sorted(keys), (
+            "waiting queue is out of policy order")
         for req in self.running:
             assert req.status is RequestStatus.RUNNING
             assert req.num_computed_tokens <= req.num_tokens

@@ -1,27 +1,74 @@
 """Routing policies, in a registry. Pure: no sockets, no asyncio, no clock.
 
-A policy sees one request (its session and prompt) and each instance's load, and names the
-instance. The simulator runs these; the proxy will run the same objects.
+A policy sees one request and the load of each candidate instance (the healthy ones), and
+returns the position of its choice in that list. The simulator runs these; the proxy runs
+the same objects.
+
+The cache-aware policies (`prefix`, `kv`, and `session` when it falls back) minimise one
+cost, in prefill-token equivalents:
+
+    cost_i = (prompt_tokens - hit_tokens_i) + load_cost_tokens * load_i
+
+- `hit_tokens_i`: the prompt tokens instance i already holds (exactly, from its KV events,
+  for `kv`; estimated from the router's own record of routed prompts for `prefix`);
+- `load_i = in_flight_i + others_i`: the router's own count of requests in flight there,
+  plus what the instance last reported beyond those (other clients' requests);
+- `load_cost_tokens` (`RouteWeights`): what one more request ahead costs, in prefill
+  tokens. Large values approach `least_load`; 0 always follows the cache.
+
+Ties go to the lower load, then the lower position.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+
+from kvmesh.router.index import CHUNK_CHARS, KVIndex, PrefixIndex
 
 
 @dataclass(frozen=True, slots=True)
 class InstanceLoad:
+    """An instance's load as a policy sees it. `num_running` and `num_waiting` are what the
+    instance reported beyond `num_in_flight` (the router's own, always current count):
+    a proxy subtracts its own in-flight requests from each report, so a stale report
+    never counts a finished request."""
+
     num_running: int
     num_waiting: int
     kv_usage: float  # fraction of device KV blocks in use
+    instance: int = 0  # the instance's stable number (what the indexes are keyed by)
+    num_in_flight: int = 0  # requests the router has sent there and not seen finish
+
+    @property
+    def load(self) -> int:
+        return self.num_in_flight + self.num_running + self.num_waiting
 
 
 @dataclass(frozen=True, slots=True)
 class RouteRequest:
     session_id: str | None
-    prompt_ids: Sequence[int]
+    prompt_ids: Sequence[int] = ()
+    num_prompt_tokens: int = 0  # known or estimated
+    block_keys: Sequence[bytes] = ()  # the prompt's block keys (the `kv` policy)
+    text_hashes: Sequence[int] = ()  # chunk hashes of its text (the `prefix` policy)
+    block_size: int = 16
+
+
+@dataclass(frozen=True)
+class RouteWeights:
+    """The named settings of the cache-aware cost (see the module docstring)."""
+
+    load_cost_tokens: float = 512.0
+    chars_per_token: float = 4.0  # `prefix`: matched characters -> tokens
+    session_max_imbalance: int = 4  # `session`: move when home load exceeds the least by this
+
+    def __post_init__(self) -> None:
+        if self.load_cost_tokens < 0 or self.chars_per_token <= 0:
+            raise ValueError("load_cost_tokens must be >= 0 and chars_per_token > 0")
+        if self.session_max_imbalance < 0:
+            raise ValueError("session_max_imbalance must be >= 0")
 
 
 class RoutePolicy(Protocol):
@@ -39,44 +86,104 @@ class RoundRobin:
 
 
 class LeastLoad:
-    """The instance with the fewest queued and running requests; KV usage breaks ties,
-    then the lowest index."""
+    """The instance with the fewest queued, running and in-flight requests; KV usage
+    breaks ties, then the lowest position."""
 
     def choose(self, request: RouteRequest, loads: Sequence[InstanceLoad]) -> int:
-        return min(range(len(loads)),
-                   key=lambda i: (loads[i].num_waiting + loads[i].num_running,
-                                  loads[i].kv_usage, i))
+        return min(range(len(loads)), key=lambda i: (loads[i].load, loads[i].kv_usage, i))
+
+
+def cheapest(prompt_tokens: float, hits: Sequence[float], loads: Sequence[InstanceLoad],
+             weights: RouteWeights) -> int:
+    """The position minimising the documented cost."""
+    def cost(i: int) -> tuple[float, int, int]:
+        miss = max(0.0, prompt_tokens - hits[i])
+        return (miss + weights.load_cost_tokens * loads[i].load, loads[i].load, i)
+
+    return min(range(len(loads)), key=cost)
+
+
+class KVAware:
+    """Exact: hit tokens from the instances' KV events."""
+
+    def __init__(self, index: KVIndex, weights: RouteWeights):
+        self.index = index
+        self.weights = weights
+
+    def hit_tokens(self, request: RouteRequest, load: InstanceLoad) -> int:
+        return self.index.match(load.instance, request.block_keys) * request.block_size
+
+    def choose(self, request: RouteRequest, loads: Sequence[InstanceLoad]) -> int:
+        hits = [self.hit_tokens(request, load) for load in loads]
+        return cheapest(request.num_prompt_tokens, hits, loads, self.weights)
+
+
+class PrefixAware:
+    """Approximate: the router's own record of which prompts it sent where. Records the
+    chosen instance (the routed prompt is there now, or will be)."""
+
+    def __init__(self, index: PrefixIndex, weights: RouteWeights):
+        self.index = index
+        self.weights = weights
+
+    def choose(self, request: RouteRequest, loads: Sequence[InstanceLoad]) -> int:
+        w = self.weights
+        hits = [self.index.match(load.instance, request.text_hashes) * CHUNK_CHARS
+                / w.chars_per_token for load in loads]
+        best = cheapest(request.num_prompt_tokens, hits, loads, w)
+        self.index.insert(loads[best].instance, request.text_hashes)
+        return best
 
 
 class Sticky:
-    """Every request of a session goes to one instance (picked by least load on its first
-    request); requests without a session are routed by least load."""
+    """Every request of a session goes to one home instance. A request without a session,
+    a first request, and a request whose home is gone or carries more than
+    `session_max_imbalance` requests above the least-loaded instance are placed by the
+    fallback (`kv` when KV events are on, else least load), which becomes the new home."""
 
-    def __init__(self) -> None:
-        self._home: dict[str, int] = {}
-        self._fallback = LeastLoad()
+    def __init__(self, fallback: RoutePolicy | None = None,
+                 weights: RouteWeights | None = None):
+        self._home: dict[str, int] = {}  # session -> instance number
+        self._fallback = fallback or LeastLoad()
+        self.max_imbalance = (weights or RouteWeights()).session_max_imbalance
 
     def choose(self, request: RouteRequest, loads: Sequence[InstanceLoad]) -> int:
         sid = request.session_id
         home = self._home.get(sid) if sid is not None else None
-        if home is None or home >= len(loads):
-            home = self._fallback.choose(request, loads)
+        pos = next((j for j, load in enumerate(loads) if load.instance == home), None)
+        least = min(load.load for load in loads)
+        if pos is None or loads[pos].load > least + self.max_imbalance:
+            pos = self._fallback.choose(request, loads)
             if sid is not None:
-                self._home[sid] = home
-        return home
+                self._home[sid] = loads[pos].instance
+        return pos
 
 
-ROUTE_POLICIES: dict[str, Callable[[], RoutePolicy]] = {
-    "round_robin": RoundRobin,
-    "least_load": LeastLoad,
-    "session": Sticky,
+@dataclass
+class RouterState:
+    """The indexes the cache-aware policies read (the proxy feeds `kv`)."""
+
+    weights: RouteWeights = field(default_factory=RouteWeights)
+    kv: KVIndex = field(default_factory=KVIndex)
+    prefix: PrefixIndex = field(default_factory=PrefixIndex)
+    has_kv_events: bool = False
+
+
+ROUTE_POLICIES: dict[str, Callable[[RouterState], RoutePolicy]] = {
+    "round_robin": lambda s: RoundRobin(),
+    "least_load": lambda s: LeastLoad(),
+    "prefix": lambda s: PrefixAware(s.prefix, s.weights),
+    "kv": lambda s: KVAware(s.kv, s.weights),
+    "session": lambda s: Sticky(KVAware(s.kv, s.weights) if s.has_kv_events else LeastLoad(),
+                                s.weights),
 }
 
 
-def make_route_policy(name: str) -> RoutePolicy:
+def make_route_policy(name: str, state: RouterState | None = None) -> RoutePolicy:
     try:
-        return ROUTE_POLICIES[name]()
+        factory = ROUTE_POLICIES[name]
     except KeyError:
         raise ValueError(
             f"unknown routing policy {name!r}; choose from {', '.join(ROUTE_POLICIES)}"
         ) from None
+    return factory(state or RouterState())

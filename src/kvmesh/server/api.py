@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Annotated, Any
 
+import msgspec
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -27,8 +28,10 @@ from kvmesh.server.auth import KeyAuth
 from kvmesh.server.errors import APIError, api_error_handler, error_body, validation_error_handler
 from kvmesh.server.handlers import Job, respond
 from kvmesh.server.jobs import chat_job, completion_job
+from kvmesh.server.kv_publisher import KVEventPublisher
 from kvmesh.server.metrics import ServerMetrics
 from kvmesh.server.protocol import ChatCompletionRequest, CompletionRequest
+from kvmesh.tenants import TenantTable
 
 log = logging.getLogger("kvmesh.server")
 
@@ -59,6 +62,7 @@ class AppState:
     engine: AsyncEngine | None = None
     load_error: str | None = None
     model_name: str = ""
+    publisher: KVEventPublisher | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     def require_engine(self) -> AsyncEngine:
@@ -79,17 +83,37 @@ def _load(state: AppState, metrics: ServerMetrics) -> None:
         log.exception("model failed to load")
         state.load_error = f"{type(exc).__name__}: {exc}"
         return
+    port = state.server_config.kv_events_port
+    if port is not None:
+        try:
+            publisher = KVEventPublisher(state.server_config.host, port)
+        except ValueError as exc:
+            log.error("%s", exc)
+            state.load_error = str(exc)
+            async_engine.shutdown()
+            return
+        outbox = async_engine.engine.core.outbox
+        async_engine.run_on_engine(lambda: outbox.subscribe(publisher.on_events)).result()
+        state.publisher = publisher
+        log.info("publishing KV events on port %d", port)
     state.model_name = state.server_config.served_model_name or async_engine.model_name
     metrics.model_name = state.model_name
     state.engine = async_engine
     log.info("model %s ready (%d KV blocks)", state.model_name, async_engine.num_blocks)
 
 
+def load_tenants(config: ServerConfig) -> TenantTable:
+    """The tenants file (`--tenants`) and `--api-keys`, as one table."""
+    if config.tenants:
+        return TenantTable.load(config.tenants, config.api_keys)
+    return TenantTable.from_keys(config.api_keys)
+
+
 def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> FastAPI:
     state = AppState(engine_config, server_config)
     metrics = ServerMetrics(server_config.served_model_name or engine_config.model.model)
     metrics.bind(lambda: state.engine.stats() if state.engine else None)
-    auth = KeyAuth(server_config.api_keys)
+    auth = KeyAuth(load_tenants(server_config))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -98,6 +122,8 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> Fast
         await loader
         if state.engine is not None:
             state.engine.shutdown()
+        if state.publisher is not None:
+            state.publisher.close()
 
     app = FastAPI(title="kvmesh", version=__version__, lifespan=lifespan)
     app.state.kvmesh = state
@@ -154,6 +180,29 @@ def _add_routes(app: FastAPI, state: AppState, metrics: ServerMetrics, auth: Key
     async def prom() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/load", include_in_schema=False)
+    async def load() -> dict[str, Any]:
+        """What a router needs to place requests: queue, running, KV usage, events port."""
+        engine = state.require_engine()
+        stats = engine.stats()
+        pub = state.publisher
+        return {"num_running": stats.num_running, "num_waiting": stats.num_waiting,
+                "kv_usage": stats.kv_cache_usage, "model": state.model_name,
+                "block_size": engine.block_size,
+                "key_scheme": list(engine.engine.core.key_scheme()),
+                "kv_events_port": pub.port if pub else None,
+                "instance_id": pub.instance_id if pub else None}
+
+    @app.get("/kv/snapshot", include_in_schema=False, responses={404: {}, 503: ERRORS[503]})
+    async def kv_snapshot() -> Response:
+        engine = state.require_engine()
+        pub = state.publisher
+        if pub is None:
+            raise APIError(HTTPStatus.NOT_FOUND, "KV events are off (no --kv-events-port)")
+        core = engine.engine.core
+        snap = await asyncio.wrap_future(engine.run_on_engine(lambda: pub.snapshot(core)))
+        return Response(msgspec.msgpack.encode(snap), media_type="application/x-msgpack")
+
     @app.get("/version")
     async def version() -> dict[str, str]:
         return {"version": __version__}
@@ -181,6 +230,7 @@ def _add_routes(app: FastAPI, state: AppState, metrics: ServerMetrics, auth: Key
         engine = state.require_engine()
         _check_model(state, body.model)
         job = await asyncio.to_thread(make_job, engine.inputs, state.model_name, body, tenant)
+        auth.charge(tenant, job.num_charged_tokens)
         return await respond(request, engine, job, metrics, engine.tokenizer,
                              state.server_config.retry_after_s)
 

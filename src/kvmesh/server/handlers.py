@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,7 +29,7 @@ from kvmesh.server.responses import (
     finish_reason,
     sse,
 )
-from kvmesh.types import RequestDelta, SamplingParams
+from kvmesh.types import RequestDelta, SamplingParams, TenantClass
 
 
 @dataclass
@@ -44,6 +45,13 @@ class Job:
     stream: bool
     include_usage: bool
     top_logprobs: int = 0
+    tenant: TenantClass | None = None
+
+    @property
+    def num_charged_tokens(self) -> int:
+        """What a tenant's tokens_per_min is charged: prompts plus the most output."""
+        n = self.params.n * (self.params.max_tokens or 0)
+        return sum(len(p) + n for p in self.prompts)
 
     @property
     def rid(self) -> str:
@@ -59,17 +67,19 @@ async def submit_all(engine: AsyncEngine, job: Job, retry_after: int) -> list[Re
     try:
         for i, ids in enumerate(job.prompts):
             streams.append(
-                await engine.submit(ids, job.params, f"{job.rid}-{i}", job.priority, job.cache_salt)
+                await engine.submit(ids, job.params, f"{job.rid}-{i}", job.priority,
+                                    job.cache_salt, job.tenant)
             )
     except ValueError as exc:
         _close(streams)
         raise APIError(HTTPStatus.BAD_REQUEST, str(exc)) from exc
     except QueueFullError as exc:
         _close(streams)
+        wait_s = exc.retry_after_s if exc.retry_after_s is not None else retry_after
         raise APIError(
             HTTPStatus.TOO_MANY_REQUESTS,
             f"server is overloaded: {exc}",
-            headers={"Retry-After": str(retry_after)},
+            headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
         ) from exc
     except BaseException:
         _close(streams)

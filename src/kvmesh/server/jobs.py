@@ -12,20 +12,29 @@ from kvmesh.engine.input_processor import InputProcessor
 from kvmesh.server.errors import APIError
 from kvmesh.server.handlers import Job
 from kvmesh.server.protocol import ChatCompletionRequest, CompletionRequest
+from kvmesh.tenants import Tenant, cache_salt
+from kvmesh.types import TenantClass
 
 
 def _bad(exc: Exception) -> APIError:
     return APIError(HTTPStatus.BAD_REQUEST, str(exc))
 
 
-def _salt(body_salt: str | None, tenant: str | None) -> str | None:
-    if tenant is None:
-        return body_salt
-    return f"{tenant}:{body_salt or ''}"
+def _salt(body_salt: str | None, tenant: Tenant | None) -> str | None:
+    return cache_salt(tenant.salt if tenant is not None else None, body_salt)
+
+
+def _priority(body_priority: int, tenant: Tenant | None) -> int:
+    """A client may make its request less urgent than its tenant's class, never more."""
+    return body_priority if tenant is None else max(tenant.priority, body_priority)
+
+
+def _class(tenant: Tenant | None) -> TenantClass | None:
+    return tenant.request_class if tenant is not None else None
 
 
 def completion_job(inputs: InputProcessor, model: str, body: CompletionRequest,
-                   tenant: str | None) -> Job:
+                   tenant: Tenant | None) -> Job:
     if body.echo or body.suffix:
         raise APIError(HTTPStatus.BAD_REQUEST, "echo and suffix are not supported",
                        param="echo" if body.echo else "suffix")
@@ -34,12 +43,13 @@ def completion_job(inputs: InputProcessor, model: str, body: CompletionRequest,
         prompts = [inputs.process(p, params.max_tokens) for p in body.prompts()]
     except ValueError as exc:
         raise _bad(exc) from exc
-    return Job("completion", model, prompts, params, body.priority,
-               _salt(body.cache_salt, tenant), body.stream, body.include_usage)
+    return Job("completion", model, prompts, params, _priority(body.priority, tenant),
+               _salt(body.cache_salt, tenant), body.stream, body.include_usage,
+               tenant=_class(tenant))
 
 
 def chat_job(inputs: InputProcessor, model: str, body: ChatCompletionRequest,
-             tenant: str | None) -> Job:
+             tenant: Tenant | None) -> Job:
     try:
         ids = inputs.chat_ids(body.template_messages(),
                               add_generation_prompt=body.add_generation_prompt,
@@ -51,5 +61,6 @@ def chat_job(inputs: InputProcessor, model: str, body: ChatCompletionRequest,
         inputs.validate(ids, params.max_tokens)
     except ValueError as exc:
         raise _bad(exc) from exc
-    return Job("chat", model, [ids], params, body.priority, _salt(body.cache_salt, tenant),
-               body.stream, body.include_usage, top)
+    return Job("chat", model, [ids], params, _priority(body.priority, tenant),
+               _salt(body.cache_salt, tenant), body.stream, body.include_usage, top,
+               tenant=_class(tenant))

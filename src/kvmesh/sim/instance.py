@@ -163,4 +163,5 @@ class SimInstance:
         return TieredStore(tiers, host, sources, self.block_size, self.clock.now)
 
     def load(self) -> InstanceLoad:
-        return InstanceLoad(self.core.num_running, self.core.num_waiting, self.core.pool.usage)
+        return InstanceLoad(self.core.num_running, self.core.num_waiting, self.core.pool.usage,
+                            self.index)

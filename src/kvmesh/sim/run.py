@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 from kvmesh.bench.arrivals import arrival_times
 from kvmesh.bench.datasets import Session
 from kvmesh.bench.metrics import SLO, summarize
-from kvmesh.router.policies import ROUTE_POLICIES, make_route_policy
+from kvmesh.router.policies import ROUTE_POLICIES
 from kvmesh.sim.cost_model import CostModel
 from kvmesh.sim.instance import FILLER_TOKENS, InstanceSpec, SimInstance
 from kvmesh.sim.simulator import SimRun, Simulator
@@ -79,7 +79,7 @@ def simulate(spec: InstanceSpec, cost: CostModel, config: SimConfig,
              concurrency: int | None = None, max_duration_s: float | None = None,
              on_progress: Callable[[int], None] | None = None,
              filler: tuple[int, ...] = FILLER_TOKENS) -> dict[str, Any]:
-    sim = Simulator(spec, cost, config.num_instances, make_route_policy(config.route),
+    sim = Simulator(spec, cost, config.num_instances, config.route,
                     max_duration_s, on_progress, filler)
     run = sim.run(sessions, starts, concurrency)
     return summarize_run(run, SLO.parse(config.slo))

@@ -21,9 +21,10 @@ from kvmesh.bench.records import RequestRecord
 from kvmesh.engine.core import IDLE_WAIT_S, SeqUpdate
 from kvmesh.engine.input_processor import check_lengths
 from kvmesh.engine.scheduler import QueueFullError
-from kvmesh.router.policies import RoutePolicy, RouteRequest
+from kvmesh.router.policies import InstanceLoad, RoutePolicy, RouteRequest
 from kvmesh.sim.cost_model import CostModel
 from kvmesh.sim.instance import FILLER_TOKENS, InstanceSpec, SimInstance
+from kvmesh.sim.routing import SimRouter
 from kvmesh.sim.workload import SimSession
 from kvmesh.types import SamplingParams
 
@@ -52,16 +53,27 @@ class SimRun:
     num_events: int
 
 
+class _PlainRouter:
+    """A policy object given as is: it sees sessions and prompts, no cache index."""
+
+    def __init__(self, policy: RoutePolicy):
+        self.policy = policy
+
+    def choose(self, session: str, prompt: Sequence[int], loads: Sequence[InstanceLoad]) -> int:
+        return self.policy.choose(RouteRequest(session, prompt, len(prompt)), loads)
+
+
 class Simulator:
     def __init__(self, spec: InstanceSpec, cost: CostModel, num_instances: int,
-                 router: RoutePolicy, max_duration_s: float | None = None,
+                 router: RoutePolicy | str, max_duration_s: float | None = None,
                  on_progress: Callable[[int], None] | None = None,
                  filler: tuple[int, ...] = FILLER_TOKENS, decode_runs: bool = True):
         if num_instances < 1:
             raise ValueError(f"num_instances must be >= 1, got {num_instances}")
         self.cost = cost
         self.instances = [SimInstance(i, spec, cost, filler) for i in range(num_instances)]
-        self.router = router
+        self.router = (SimRouter(router, self.instances) if isinstance(router, str)
+                       else _PlainRouter(router))
         self.max_duration_s = max_duration_s
         self.on_progress = on_progress
         self._events: list[tuple[float, int, int, Any]] = []
@@ -114,7 +126,7 @@ class Simulator:
         s = self._sessions[session]
         prompt = s.prompt(turn, self._replies.get(session, []))
         loads = [inst.load() for inst in self.instances]
-        target = self.router.choose(RouteRequest(str(session), prompt), loads)
+        target = self.router.choose(str(session), prompt, loads)
         record = RequestRecord(session, turn, t)
         self.records.append(record)
         rid = f"s{session}t{turn}"

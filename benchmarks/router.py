@@ -1,0 +1,235 @@
+"""The router: routing gain, added latency, and proxy throughput.
+
+    python benchmarks/router.py [--repeats 2] [--sessions 18] [--turns 4]
+
+1. Routing gain. Three `kvmesh serve` instances (default model, one thread each, KV
+   events on) and `kvmesh router` on loopback, under `kvmesh bench`'s runner: multi-turn
+   chat sessions whose system prompts come from a few shared groups. Each policy
+   (round_robin, prefix, kv) gets fresh instances (cold caches) and the same sessions,
+   in the same run; the order of policies rotates per repeat. Hit tokens are the
+   instances' own `cached_tokens`.
+2. Added latency. One instance; streamed requests alternate between a direct
+   connection and the router (policy kv, so tokenizing and key hashing are included),
+   each prompt new to the cache. TTFT and inter-token latency, p50 and p99, both sides.
+3. Proxy throughput. A stub upstream that answers at once (benchmarks/stub_openai.py):
+   requests/s at 64 concurrent clients, direct and through the router (policy prefix).
+   Client, router and stub share this machine's cores.
+
+Writes benchmarks/results/router.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+from common import save  # noqa: E402
+from tests.server_process import free_port, serve  # noqa: E402
+
+from kvmesh.bench.client import Endpoint  # noqa: E402
+from kvmesh.bench.datasets import Session, Turn, words  # noqa: E402
+from kvmesh.bench.metrics import percentile  # noqa: E402
+from kvmesh.bench.runner import LoadProfile, run_load  # noqa: E402
+
+POLICIES = ("round_robin", "prefix", "kv")
+INSTANCE_ARGS = ["--num-threads", "1"]
+
+
+def sessions(n: int, turns: int, groups: int, seed: int) -> list[Session]:
+    rng = random.Random(seed)
+    systems = [words(rng, 250) for _ in range(groups)]
+    return [Session([Turn(words(rng, 40), 32) for _ in range(turns)],
+                    system=systems[i % groups], think_s=0.5) for i in range(n)]
+
+
+@contextlib.contextmanager
+def mesh(tmp: Path, policy: str, num_instances: int = 3):
+    with contextlib.ExitStack() as stack:
+        insts = [stack.enter_context(serve(
+            [*INSTANCE_ARGS, "--kv-events-port", str(free_port())], tmp, wait=None))
+            for _ in range(num_instances)]
+        for inst in insts:
+            inst.wait()
+        router = stack.enter_context(serve(
+            ["--instances", ",".join(i.url for i in insts), "--policy", policy,
+             "--poll-interval-s", "0.2"], tmp, wait="/health", command="router"))
+        time.sleep(1.0)  # KV feeds subscribed and synced
+        yield router, insts
+
+
+def routing_run(tmp: Path, policy: str, work: list[Session], rate: float) -> dict:
+    with mesh(tmp, policy) as (router, insts):
+        profile = LoadProfile(rate=rate, ignore_eos=True, seed=3, max_duration_s=900)
+        records, duration = asyncio.run(run_load(Endpoint(router.url, None, "chat"), work,
+                                                 profile, show_progress=False))
+        served = [i.metric("request_success_total") for i in insts]
+    ok = [r for r in records if r.ok]
+    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+    return {"policy": policy, "completed": len(ok), "failed": len(records) - len(ok),
+            "hit_tokens": sum(r.cached_tokens or 0 for r in ok),
+            "prompt_tokens": sum(r.prompt_tokens or 0 for r in ok),
+            "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+            "ttft_mean_s": statistics.fmean(ttft) if ttft else None,
+            "duration_s": duration, "requests_per_instance": served}
+
+
+def routing_gain(tmp: Path, args) -> dict:
+    work = sessions(args.sessions, args.turns, args.groups, seed=1)
+    runs: dict[str, list[dict]] = {p: [] for p in POLICIES}
+    for rep in range(args.repeats):
+        order = POLICIES[rep % 3:] + POLICIES[: rep % 3]
+        for policy in order:
+            runs[policy].append(routing_run(tmp, policy, work, args.rate))
+            print(policy, {k: runs[policy][-1][k] for k in ("hit_tokens", "ttft_p50_s",
+                                                            "ttft_p99_s", "failed")})
+    return runs
+
+
+def _median(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if r[key] is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _stream_once(client: httpx.Client, url: str, prompt: str) -> tuple[float, list[float]]:
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 32,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    start = time.perf_counter()
+    times = []
+    with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                times.append(time.perf_counter())
+    return times[0] - start, [b - a for a, b in zip(times, times[1:], strict=False)]
+
+
+def overhead(tmp: Path, n: int) -> dict:
+    rng = random.Random(7)
+    with mesh(tmp, "kv", num_instances=1) as (router, insts), httpx.Client(timeout=120) as c:
+        direct_url = insts[0].url
+        sides: dict[str, dict[str, list[float]]] = {
+            s: {"ttft": [], "itl": []} for s in ("direct", "router")}
+        for i in range(n + 2):
+            for side, url in (("direct", direct_url), ("router", router.url))[:: 1 - 2 * (i % 2)]:
+                ttft, itl = _stream_once(c, url, words(rng, 60))
+                if i >= 2:  # the first two pairs warm up
+                    sides[side]["ttft"].append(ttft)
+                    sides[side]["itl"].extend(itl)
+    out: dict = {"num_requests_per_side": n}
+    for side, d in sides.items():
+        for kind, vals in d.items():
+            for p in (50, 99):
+                out[f"{side}_{kind}_p{p}_ms"] = percentile(vals, p) * 1000
+    for kind in ("ttft", "itl"):
+        for p in (50, 99):
+            out[f"added_{kind}_p{p}_ms"] = (out[f"router_{kind}_p{p}_ms"]
+                                            - out[f"direct_{kind}_p{p}_ms"])
+    return out
+
+
+async def _hammer(url: str, n: int, concurrency: int) -> float:
+    body = {"messages": [{"role": "user", "content": "hello " * 50}], "stream": True}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        async def one() -> None:
+            async with sem, client.stream("POST", url + "/v1/chat/completions",
+                                          json=body) as resp:
+                assert resp.status_code == 200
+                async for _ in resp.aiter_raw():
+                    pass
+
+        await asyncio.gather(*(one() for _ in range(50)))  # warm up
+        start = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(n)))
+        return n / (time.perf_counter() - start)
+
+
+def proxy_throughput(tmp: Path, n: int, repeats: int) -> dict:
+    port = free_port()
+    stub = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "stub_openai.py"),
+                             str(port)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            time.sleep(0.1)
+        with serve(["--instances", url, "--policy", "prefix"], tmp, wait="/health",
+                   command="router") as router:
+            direct, routed = [], []
+            for _ in range(repeats):
+                direct.append(asyncio.run(_hammer(url, n, 64)))
+                routed.append(asyncio.run(_hammer(router.url, n, 64)))
+    finally:
+        stub.terminate()
+        stub.wait()
+    return {"direct_rps": direct, "router_rps": routed,
+            "router_rps_median": statistics.median(routed),
+            "direct_rps_median": statistics.median(direct),
+            "requests_per_run": n, "concurrency": 64}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--sessions", type=int, default=18)
+    ap.add_argument("--groups", type=int, default=6)
+    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--rate", type=float, default=0.6, help="sessions started per second")
+    ap.add_argument("--overhead-requests", type=int, default=60)
+    ap.add_argument("--proxy-requests", type=int, default=2000)
+    ap.add_argument("--skip", default="", help="comma-separated: gain,overhead,proxy")
+    args = ap.parse_args()
+    skip = set(args.skip.split(","))
+    tmp = Path("/tmp/kvmesh-router-bench")
+    tmp.mkdir(exist_ok=True)
+    figures: dict = {}
+    notes: dict = {"cpu_sharing": "instances, router and client share this machine's cores"}
+    if "gain" not in skip:
+        runs = routing_gain(tmp, args)
+        for policy, rows in runs.items():
+            figures[policy] = {k: _median(rows, k) for k in
+                               ("hit_tokens", "prompt_tokens", "ttft_p50_s", "ttft_p99_s",
+                                "ttft_mean_s", "completed", "failed")}
+            figures[policy]["runs"] = rows
+        rr = figures["round_robin"]
+        for p in ("kv", "prefix"):
+            ratios_hit = [k["hit_tokens"] / r["hit_tokens"] for k, r in
+                          zip(runs[p], runs["round_robin"], strict=True) if r["hit_tokens"]]
+            ratios_p99 = [k["ttft_p99_s"] / r["ttft_p99_s"] for k, r in
+                          zip(runs[p], runs["round_robin"], strict=True)]
+            figures[f"hit_tokens_ratio_{p}_vs_round_robin"] = statistics.median(ratios_hit)
+            figures[f"ttft_p99_ratio_{p}_vs_round_robin"] = statistics.median(ratios_p99)
+            figures[f"hit_tokens_ratio_{p}_vs_round_robin_runs"] = ratios_hit
+            figures[f"ttft_p99_ratio_{p}_vs_round_robin_runs"] = ratios_p99
+        notes["gain"] = (f"{args.sessions} sessions x {args.turns} turns, {args.groups} shared "
+                         f"system prompts, {args.rate} sessions/s; medians over "
+                         f"{args.repeats} repeats; round_robin hit tokens {rr['hit_tokens']}")
+    if "overhead" not in skip:
+        figures["overhead"] = overhead(tmp, args.overhead_requests)
+        figures["router_added_p99_ms"] = figures["overhead"]["added_ttft_p99_ms"]
+        figures["router_added_itl_p99_ms"] = figures["overhead"]["added_itl_p99_ms"]
+    if "proxy" not in skip:
+        figures["proxy"] = proxy_throughput(tmp, args.proxy_requests, max(2, args.repeats))
+        figures["router_rps"] = figures["proxy"]["router_rps_median"]
+    path = save("router", {"model": "smollm2-135m-instruct", "instances": 3,
+                           "instance_args": INSTANCE_ARGS, **vars(args)}, figures, notes)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

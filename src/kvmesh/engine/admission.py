@@ -1,0 +1,65 @@
+"""Admission control: refuse early what cannot make its TTFT SLO. Pure Python.
+
+The prediction is deliberately simple and measured, not modelled:
+
+    predicted_ttft_s = (prefill tokens ahead + this request's uncached prompt tokens)
+                       / measured prefill rate
+
+"Ahead" is what the policy would run first: the waiting requests it orders before this
+one, plus the unfinished prefills of running requests. The prefill rate is prefill tokens
+per second of step time, over recent steps that ran prefill (an exponentially weighted
+ratio of sums, so a step under heavy decode load counts at the rate it really ran). Until
+a first prefill step is measured there is no prediction and nothing is refused.
+
+A request is refused only when waiting is what would break its SLO: with nothing ahead,
+it is admitted even if its own prefill alone is too long (retrying would not help).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+class QueueFullError(RuntimeError):
+    """The engine refuses the request now (HTTP 429); retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class PrefillRate:
+    """Prefill tokens per second of step time, over recent prefill steps."""
+
+    decay: float = 0.9  # weight of the past per observed step (a ~10-step memory)
+    _tokens: float = 0.0
+    _seconds: float = 0.0
+
+    def observe(self, num_prefill_tokens: int, step_s: float) -> None:
+        if num_prefill_tokens <= 0 or step_s <= 0:
+            return
+        self._tokens = self._tokens * self.decay + num_prefill_tokens
+        self._seconds = self._seconds * self.decay + step_s
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self._tokens / self._seconds if self._seconds > 0 else None
+
+
+def check_slo(num_tokens_ahead: int, num_own_tokens: int, ttft_slo_s: float | None,
+              rate: PrefillRate) -> None:
+    """Raise QueueFullError (with Retry-After) if the queue ahead would make this request
+    miss its TTFT SLO."""
+    tokens_per_s = rate.tokens_per_s
+    if ttft_slo_s is None or tokens_per_s is None or num_tokens_ahead <= 0:
+        return
+    predicted_s = (num_tokens_ahead + num_own_tokens) / tokens_per_s
+    if predicted_s <= ttft_slo_s:
+        return
+    wait_s = max(1.0, math.ceil(predicted_s - ttft_slo_s))
+    raise QueueFullError(
+        f"predicted time to first token {predicted_s:.2f}s ({num_tokens_ahead} prefill "
+        f"tokens queued ahead at {tokens_per_s:.0f} tok/s) exceeds the tenant's TTFT SLO "
+        f"of {ttft_slo_s:g}s", retry_after_s=wait_s)

@@ -1,0 +1,164 @@
+"""The instances behind the router: health and load probes, and their KV-event feeds.
+
+Runs on the router's event loop. Each instance is probed every `poll_interval_s` (`GET
+/load` on kvmesh, `GET /health` on any other server): a failed probe or a failed request
+takes it out of rotation, the next good probe brings it back. A restarted instance (a
+new `instance_id`) loses whatever the router believed it held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+import msgspec
+import zmq
+import zmq.asyncio
+
+from kvmesh.engine.kv_events import KVEventBatch, KVSnapshot
+from kvmesh.router.policies import InstanceLoad, RouterState
+
+log = logging.getLogger(__name__)
+SUBSCRIBE_SETTLE_S = 0.2  # let a new SUB connection subscribe before the snapshot
+
+
+@dataclass
+class Instance:
+    number: int
+    url: str
+    is_healthy: bool = False
+    is_kvmesh: bool = False
+    num_running: int = 0  # reported, beyond the router's own in-flight requests
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    num_in_flight: int = 0
+    instance_id: str | None = None
+    kv_events_port: int | None = None
+    key_scheme: tuple[str, str, str, int] | None = None
+    last_change_s: float = 0.0
+
+    def load(self) -> InstanceLoad:
+        return InstanceLoad(self.num_running, self.num_waiting, self.kv_usage, self.number,
+                            self.num_in_flight)
+
+    def set_healthy(self, healthy: bool, reason: str = "") -> None:
+        if healthy != self.is_healthy:
+            log.warning("instance %s %s%s", self.url, "is back" if healthy else "is out",
+                        f": {reason}" if reason else "")
+            self.is_healthy = healthy
+            self.last_change_s = time.monotonic()
+
+
+class Upstreams:
+    def __init__(self, urls: tuple[str, ...], state: RouterState, client: httpx.AsyncClient,
+                 poll_interval_s: float):
+        self.instances = [Instance(i, u.rstrip("/")) for i, u in enumerate(urls)]
+        self.state = state
+        self.client = client
+        self.poll_interval_s = poll_interval_s
+        self._tasks: list[asyncio.Task] = []
+        self._feeds: dict[int, asyncio.Task] = {}
+        self._ctx = zmq.asyncio.Context()
+        self._decoder = msgspec.msgpack.Decoder(KVEventBatch)
+
+    def healthy(self) -> list[Instance]:
+        return [i for i in self.instances if i.is_healthy]
+
+    def key_scheme(self) -> tuple[str, str, str, int] | None:
+        return next((i.key_scheme for i in self.instances if i.key_scheme), None)
+
+    async def start(self) -> None:
+        await asyncio.gather(*(self.probe(i) for i in self.instances))
+        self._tasks = [asyncio.create_task(self._poll(i)) for i in self.instances]
+
+    async def close(self) -> None:
+        for task in [*self._tasks, *self._feeds.values()]:
+            task.cancel()
+        for task in [*self._tasks, *self._feeds.values()]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._ctx.destroy(linger=0)
+
+    async def _poll(self, inst: Instance) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            await self.probe(inst)
+
+    async def probe(self, inst: Instance) -> None:
+        try:
+            resp = await self.client.get(inst.url + "/load", timeout=2.0)
+            if resp.status_code == 404:  # not kvmesh: any server with /health
+                resp = await self.client.get(inst.url + "/health", timeout=2.0)
+                inst.is_kvmesh = False
+                inst.set_healthy(resp.status_code == 200, f"HTTP {resp.status_code}")
+                return
+            if resp.status_code != 200:
+                inst.set_healthy(False, f"HTTP {resp.status_code}")
+                return
+            self._update(inst, resp.json())
+        except (httpx.HTTPError, ValueError) as exc:
+            inst.set_healthy(False, f"{type(exc).__name__}: {exc}")
+
+    def _update(self, inst: Instance, load: dict) -> None:
+        inst.is_kvmesh = True
+        running, waiting = int(load.get("num_running", 0)), int(load.get("num_waiting", 0))
+        others = max(0, running + waiting - inst.num_in_flight)  # not sent by this router
+        inst.num_waiting = min(waiting, others)
+        inst.num_running = others - inst.num_waiting
+        inst.kv_usage = float(load.get("kv_usage", 0.0))
+        scheme = load.get("key_scheme")
+        if isinstance(scheme, list) and len(scheme) == 3:
+            model_id, kv_dtype, layout = (str(x) for x in scheme)
+            inst.key_scheme = (model_id, kv_dtype, layout, int(load.get("block_size", 16)))
+        if load.get("instance_id") != inst.instance_id:
+            if inst.instance_id is not None:  # restarted: what we knew of it is gone
+                self.state.prefix.forget(inst.number)
+            inst.instance_id = load.get("instance_id")
+        port = load.get("kv_events_port")
+        if port and inst.number not in self._feeds:
+            inst.kv_events_port = int(port)
+            self.state.has_kv_events = True
+            self._feeds[inst.number] = asyncio.create_task(self._feed(inst))
+        inst.set_healthy(True)
+
+    # KV events -------------------------------------------------------------------------
+
+    async def _feed(self, inst: Instance) -> None:
+        """Subscribe to the instance's KV events; resync from a snapshot on any gap."""
+        sock = self._ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.connect(f"tcp://{urlsplit(inst.url).hostname}:{inst.kv_events_port}")
+        kv = self.state.kv
+        try:
+            await asyncio.sleep(SUBSCRIBE_SETTLE_S)
+            await self._resync(inst)
+            while True:
+                data = await sock.recv()
+                try:
+                    batch = self._decoder.decode(data)
+                except msgspec.DecodeError:
+                    log.warning("bad KV event batch from %s: ignored", inst.url)
+                    continue
+                if kv.apply(inst.number, batch) or kv.needs_snapshot(inst.number):
+                    await self._resync(inst)
+        finally:
+            sock.close(linger=0)
+
+    async def _resync(self, inst: Instance) -> None:
+        """Fetch snapshots until one lands cleanly (retrying while the instance is away)."""
+        while True:
+            try:
+                resp = await self.client.get(inst.url + "/kv/snapshot", timeout=10.0)
+                resp.raise_for_status()
+                snap = msgspec.msgpack.decode(resp.content, type=KVSnapshot)
+                if not self.state.kv.reset(inst.number, snap):
+                    return
+            except (httpx.HTTPError, msgspec.DecodeError) as exc:
+                log.debug("KV snapshot from %s failed: %s", inst.url, exc)
+                await asyncio.sleep(self.poll_interval_s)

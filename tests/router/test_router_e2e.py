@@ -1,0 +1,177 @@
+"""The real router in front of real instances, in separate processes on loopback, driven by
+the real `openai` client: KV-aware routing, prefix routing without KV events, failover,
+a broken stream, tenants and bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.server_process import Server, free_port, serve
+
+DOC = " ".join(f"item{i} is filed under shelf {i % 7}." for i in range(180))
+SHORT = DOC[:300]  # the tiny model's context is 512 tokens
+
+
+def _router(tmp: Path, instances: list[Server], *args: str):
+    urls = ",".join(s.url for s in instances)
+    return serve(["--instances", urls, "--poll-interval-s", "0.2", *args], tmp,
+                 wait="/health", command="router")
+
+
+def _client(url: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def _ask(client: openai.OpenAI, question: str, **kw):
+    return client.chat.completions.create(
+        model=kw.pop("model", ""), temperature=0, max_tokens=kw.pop("max_tokens", 12),
+        messages=[{"role": "system", "content": kw.pop("doc", SHORT)},
+                  {"role": "user", "content": question}],
+        **kw)
+
+
+def _served_by(instances: list[Server]) -> list[float]:
+    return [s.metric("request_success_total") for s in instances]
+
+
+def _wait(cond, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_kv_policy_with_the_default_model(tmp_path):
+    """Three default-model instances: a repeated long prefix goes where its KV is, is
+    counted as cached there, and the output equals a cold run on another instance."""
+    with contextlib.ExitStack() as stack:
+        insts = [stack.enter_context(serve(["--kv-events-port", str(free_port()),
+                                            "--num-threads", "1"], tmp_path))
+                 for _ in range(3)]
+        router = stack.enter_context(_router(tmp_path, insts, "--policy", "kv"))
+        client = _client(router.url)
+        name = client.models.list().data[0].id
+        first = _ask(client, "Which shelf holds item5?", model=name, doc=DOC)
+        home = _served_by(insts).index(1.0)
+        _wait(lambda: "kvmesh_router_kv_resyncs" in httpx.get(router.url + "/metrics").text)
+        time.sleep(0.5)  # the block events of the first request reach the router
+        again = [_ask(client, f"Which shelf holds item{i}?", model=name, doc=DOC) for i in (6, 7)]
+        counts = _served_by(insts)
+        assert counts[home] == 3 and sum(counts) == 3
+        for r in again:
+            assert r.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens - 32
+        cold = insts[(home + 1) % 3]
+        direct = _ask(_client(cold.url), "Which shelf holds item6?", model=name, doc=DOC)
+        assert direct.usage.prompt_tokens_details.cached_tokens == 0
+        assert direct.choices[0].message.content == again[0].choices[0].message.content
+        assert first.choices[0].message.content
+        # streaming passes through chunk by chunk, with usage
+        chunks = list(_ask(client, "Which shelf holds item5?", model=name, doc=DOC, stream=True,
+                           stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == first.choices[0].message.content
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
+        metrics = httpx.get(router.url + "/metrics").text
+        assert "kvmesh_router_predicted_hit_tokens_total" in metrics
+
+
+@pytest.fixture
+def tiny_pair(tmp_path, tiny_llama):
+    args = ["--model", str(tiny_llama), "--num-blocks", "256"]
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(serve(args, tmp_path)) for _ in range(2)], args
+
+
+@pytest.mark.timeout(240)
+def test_prefix_policy_needs_no_kv_events(tmp_path, tiny_pair):
+    insts, _ = tiny_pair  # no --kv-events-port: the stand-in for a non-kvmesh engine
+    with _router(tmp_path, insts, "--policy", "prefix") as router:
+        client = _client(router.url)
+        for q in range(4):
+            r = _ask(client, f"question {q}")
+            if q:
+                assert r.usage.prompt_tokens_details.cached_tokens > 0
+        assert sorted(_served_by(insts)) == [0.0, 4.0]
+
+
+@pytest.mark.timeout(240)
+def test_failover_before_the_first_byte_and_readmission(tmp_path, tiny_pair):
+    insts, args = tiny_pair
+    with _router(tmp_path, insts, "--policy", "round_robin") as router:
+        client = _client(router.url)
+        insts[0].stop(signal.SIGKILL)
+        # the router has not noticed yet: every request still succeeds, on the survivor
+        for q in range(4):
+            assert _ask(client, f"q{q}").choices[0].finish_reason in ("stop", "length")
+        health = httpx.get(router.url + "/health").json()
+        assert health["healthy"] == [insts[1].url]
+        with serve(args, tmp_path, port=insts[0].port) as back:
+            _wait(lambda: back.url in httpx.get(router.url + "/health").json()["healthy"])
+            for q in range(4):
+                _ask(client, f"again {q}")
+            assert back.metric("request_success_total") >= 1
+        insts[1].stop(signal.SIGKILL)
+        _wait(lambda: httpx.get(router.url + "/health").status_code == 503)
+        err = httpx.post(router.url + "/v1/completions", json={"prompt": "x"}, timeout=30)
+        assert err.status_code == 503 and err.headers["retry-after"] == "1"
+
+
+@pytest.mark.timeout(240)
+def test_instance_dying_mid_stream_ends_with_an_error_event(tmp_path, tiny_llama):
+    args = ["--model", str(tiny_llama), "--max-num-seqs", "1"]
+    with serve(args, tmp_path) as inst, _router(tmp_path, [inst], "--policy", "least_load") \
+            as router:
+        stream = _client(router.url).completions.create(
+            model="", prompt="count", max_tokens=500, stream=True, temperature=0,
+            extra_body={"ignore_eos": True})
+        received = 0
+        with pytest.raises(openai.APIError, match="instance failed after the first token"):
+            for _ in stream:
+                received += 1
+                if received == 3:
+                    inst.stop(signal.SIGKILL)
+        assert received >= 3
+
+
+TENANTS = """
+tenants:
+  capped:
+    api_keys: [k-capped]
+    requests_per_min: 2
+  other:
+    api_keys: [k-other]
+"""
+
+
+@pytest.mark.timeout(240)
+def test_router_tenants_and_bad_input(tmp_path, tiny_pair):
+    insts, _ = tiny_pair
+    path = tmp_path / "tenants.yaml"
+    path.write_text(TENANTS)
+    with _router(tmp_path, insts, "--policy", "least_load", "--tenants", str(path)) as router:
+        url = router.url + "/v1/completions"
+        body = {"prompt": "hello", "max_tokens": 2}
+        assert httpx.post(url, json=body).status_code == 401
+        bad = httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"})
+        assert bad.status_code == 401 and bad.json()["error"]["type"] == "authentication_error"
+        key = {"Authorization": "Bearer k-capped"}
+        bad_json = httpx.post(url, content=b"{nope", headers=key)
+        assert bad_json.status_code == 400 and "not valid JSON" in bad_json.text
+        # instances read no tenants file here: the router's limits are what is tested
+        assert [httpx.post(url, json=body, headers=key).status_code for _ in range(2)] == [
+            200, 200]
+        limited = httpx.post(url, json=body, headers=key)
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+        other = httpx.post(url, json=body, headers={"Authorization": "Bearer k-other"})
+        assert other.status_code == 200
+        models = httpx.get(router.url + "/v1/models", headers=key)
+        assert models.status_code == 200 and models.json()["data"]

@@ -1,0 +1,129 @@
+"""Tenants on an instance (real server processes): keys, rate limits, cache salts, KV events
+and snapshots, and admission control's 429 with Retry-After."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import httpx
+import msgspec
+import pytest
+import zmq
+
+from kvmesh.engine.kv_events import BlocksStored, KVEventBatch, KVSnapshot
+from tests.server_process import free_port, serve
+
+TENANTS = """
+tenants:
+  a:
+    api_keys: [key-a]
+    requests_per_min: 1000
+  b:
+    api_keys: [key-b]
+    requests_per_min: 3
+  shared-1:
+    api_keys: [key-s1]
+    cache_salt: team
+  shared-2:
+    api_keys: [key-s2]
+    cache_salt: team
+"""
+PROMPT = "The quick brown fox jumps over the lazy dog, again and again. " * 3
+
+
+def _post(url: str, key: str | None, **body) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {"prompt": PROMPT, "max_tokens": 2, "temperature": 0, **body}
+    return httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=60)
+
+
+def _cached(resp: httpx.Response) -> int:
+    assert resp.status_code == 200, resp.text
+    return resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+@pytest.mark.timeout(240)
+def test_tenant_keys_limits_salts_and_kv_events(tmp_path, tiny_llama):
+    path = tmp_path / "tenants.yaml"
+    path.write_text(TENANTS)
+    port = free_port()
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"tcp://127.0.0.1:{port}")
+    args = ["--model", str(tiny_llama), "--tenants", str(path), "--kv-events-port", str(port),
+            "--block-size", "4", "--num-blocks", "256"]
+    try:
+        with serve(args, tmp_path) as s:
+            assert _post(s.url, None).status_code == 401
+            assert _post(s.url, "nope").status_code == 401
+            assert _cached(_post(s.url, "key-a")) == 0
+            assert _cached(_post(s.url, "key-a")) > 0  # a's own cache
+            assert _cached(_post(s.url, "key-b")) == 0  # b cannot reach a's blocks
+            assert _cached(_post(s.url, "key-s1")) == 0
+            assert _cached(_post(s.url, "key-s2")) > 0  # same cache_salt: shared on purpose
+            codes = [_post(s.url, "key-b").status_code for _ in range(3)]
+            assert codes[:2] == [200, 200] and codes[2] == 429  # 3 per minute
+            limited = _post(s.url, "key-b")
+            assert int(limited.headers["retry-after"]) >= 1
+            assert limited.json()["error"]["type"] == "rate_limit_exceeded"
+            load = httpx.get(s.url + "/load").json()
+            assert load["kv_events_port"] == port and load["block_size"] == 4
+            snap = msgspec.msgpack.decode(httpx.get(s.url + "/kv/snapshot").content,
+                                          type=KVSnapshot)
+            assert snap.instance_id == load["instance_id"] and snap.seq >= 1
+            assert len(snap.media["device"]) > 0
+            batches = _received(sub)
+            assert [b.seq for b in batches] == sorted(b.seq for b in batches)
+            stored = {k for b in batches for e in b.events if isinstance(e, BlocksStored)
+                      for k in e.keys}
+            assert set(snap.media["device"]) <= stored  # every held block was announced
+    finally:
+        sub.close(linger=0)
+        ctx.term()
+
+
+def _received(sub: zmq.Socket) -> list[KVEventBatch]:
+    out = []
+    while sub.poll(timeout=500):
+        out.append(msgspec.msgpack.decode(sub.recv(), type=KVEventBatch))
+    return out
+
+
+ADMISSION = """
+tenants:
+  chat:
+    api_keys: [k-chat]
+    ttft_slo_s: 0.05
+  batch:
+    api_keys: [k-batch]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_admission_refuses_what_the_queue_would_make_late(tmp_path):
+    """Default model, fcfs: with long batch prompts queued, a request whose tenant's TTFT
+    SLO the queue would break is refused at once with 429 and Retry-After; the batch
+    requests all complete."""
+    path = tmp_path / "tenants.yaml"
+    path.write_text(ADMISSION)
+    long = "Summarize the following notes carefully. " + "note alpha beta gamma. " * 300
+    args = ["--tenants", str(path), "--max-num-seqs", "1", "--num-threads", "1"]
+    with serve(args, tmp_path) as s:
+        assert _post(s.url, "k-batch", prompt=long).status_code == 200  # measures prefill
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            batch = [pool.submit(_post, s.url, "k-batch", prompt=long + str(i),
+                                 max_tokens=4) for i in range(4)]
+            time.sleep(0.3)
+            start = time.monotonic()
+            refused = _post(s.url, "k-chat", prompt="hi")
+            took = time.monotonic() - start
+            codes = [f.result().status_code for f in batch]
+        assert refused.status_code == 429, refused.text
+        assert "TTFT SLO" in refused.json()["error"]["message"]
+        assert int(refused.headers["retry-after"]) >= 1
+        assert took < 1.0  # refused at once, not after waiting in the queue
+        assert codes == [200] * 4
+        assert _post(s.url, "k-chat", prompt="hi").status_code == 200  # idle again: admitted

@@ -1,0 +1,72 @@
+"""The tenants file and rate limits: pure, with an explicit clock."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from kvmesh.tenants import RateLimiter, Tenant, TenantTable, cache_salt
+
+GOOD = """
+tenants:
+  chat:
+    api_keys: [k-chat]
+    priority: 0
+    ttft_slo_s: 0.5
+    weight: 2
+    requests_per_min: 60
+  batch:
+    api_keys: [k-batch, k-batch-2]
+    priority: 5
+    tokens_per_min: 6000
+    cache_salt: shared
+"""
+
+
+def test_load_and_lookup(tmp_path):
+    path = tmp_path / "tenants.yaml"
+    path.write_text(GOOD)
+    table = TenantTable.load(path, extra_keys=("k-ops:ops",))
+    assert table.is_enabled
+    chat, batch = table.lookup("k-chat"), table.lookup(" k-batch-2 ")
+    assert chat is not None and chat.ttft_slo_s == 0.5 and chat.request_class.weight == 2.0
+    assert batch is not None and batch.priority == 5 and batch.salt == "shared"
+    assert chat.salt == "chat" and table.lookup("k-ops").name == "ops"
+    assert table.lookup("nope") is None
+    assert cache_salt("chat", None) == "chat:" and cache_salt("chat", "x") == "chat:x"
+    assert cache_salt(None, "x") == "x"
+    assert not TenantTable.from_keys(()).is_enabled
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tenants: [a]", "expected a mapping"),
+    ("tenants:\n  a:\n    ttft_slo: 1\n", "unknown keys"),
+    ("tenants:\n  a:\n    ttft_slo_s: -1\n", "ttft_slo_s must be > 0"),
+    ("tenants:\n  a:\n    api_keys: k\n", "api_keys must be a list"),
+    ("tenants:\n  a:\n    weight: 0\n", "weight must be > 0"),
+    ("tenants:\n  a: {api_keys: [k]}\n  b: {api_keys: [k]}\n", "also another tenant"),
+    ("tenants: {a: [", "cannot read tenants file"),
+])
+def test_bad_files_say_what_is_wrong(tmp_path, text, message):
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        TenantTable.load(path)
+
+
+def test_rate_limits_refill_and_report_the_wait():
+    t = Tenant("t", requests_per_min=2, tokens_per_min=600)
+    rl = RateLimiter()
+    assert rl.admit(t, 100, now_s=0.0) is None
+    assert rl.admit(t, 100, now_s=0.0) is None
+    wait = rl.admit(t, 100, now_s=0.0)  # the third request in the same minute
+    assert wait == pytest.approx(30.0)  # one request refills every 30 s
+    assert rl.admit(t, 100, now_s=29.0) is not None
+    assert rl.admit(t, 100, now_s=30.0) is None
+    # tokens refill 10/s up to 600: 600 at t=60, 100 after this, 400 at t=90
+    assert rl.admit(t, 500, now_s=60.0) is None
+    assert rl.admit(t, 500, now_s=90.0) == pytest.approx(10.0)
+    assert math.isinf(rl.admit(t, 601, now_s=1000.0))  # bigger than a minute's budget
+    free = Tenant("free")
+    assert all(rl.admit(free, 10**9, now_s=0.0) is None for _ in range(100))
