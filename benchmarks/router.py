@@ -47,10 +47,12 @@ POLICIES = ("round_robin", "prefix", "kv")
 INSTANCE_ARGS = ["--num-threads", "1"]
 
 
-def sessions(n: int, turns: int, groups: int, seed: int) -> list[Session]:
+def sessions(n: int, turns: int, groups: int, output_len: int, seed: int) -> list[Session]:
+    """Chat sessions: a system prompt shared by each group, then `turns` user turns; each
+    turn's prompt is the whole conversation so far."""
     rng = random.Random(seed)
-    systems = [words(rng, 250) for _ in range(groups)]
-    return [Session([Turn(words(rng, 40), 32) for _ in range(turns)],
+    systems = [words(rng, 150) for _ in range(groups)]
+    return [Session([Turn(words(rng, 60), output_len) for _ in range(turns)],
                     system=systems[i % groups], think_s=0.5) for i in range(n)]
 
 
@@ -86,7 +88,7 @@ def routing_run(tmp: Path, policy: str, work: list[Session], rate: float) -> dic
 
 
 def routing_gain(tmp: Path, args) -> dict:
-    work = sessions(args.sessions, args.turns, args.groups, seed=1)
+    work = sessions(args.sessions, args.turns, args.groups, args.output_len, seed=1)
     runs: dict[str, list[dict]] = {p: [] for p in POLICIES}
     for rep in range(args.repeats):
         order = POLICIES[rep % 3:] + POLICIES[: rep % 3]
@@ -127,7 +129,12 @@ def overhead(tmp: Path, n: int) -> dict:
                 if i >= 2:  # the first two pairs warm up
                     sides[side]["ttft"].append(ttft)
                     sides[side]["itl"].extend(itl)
-    out: dict = {"num_requests_per_side": n}
+    out: dict = {"num_requests_per_side": n, "upstream": "kvmesh serve, default model"}
+    _percentiles(out, sides)
+    return out
+
+
+def _percentiles(out: dict, sides: dict[str, dict[str, list[float]]]) -> None:
     for side, d in sides.items():
         for kind, vals in d.items():
             for p in (50, 99):
@@ -136,6 +143,25 @@ def overhead(tmp: Path, n: int) -> dict:
         for p in (50, 99):
             out[f"added_{kind}_p{p}_ms"] = (out[f"router_{kind}_p{p}_ms"]
                                             - out[f"direct_{kind}_p{p}_ms"])
+    pairs = [r - d for d, r in zip(sides["direct"]["ttft"], sides["router"]["ttft"],
+                                   strict=True)]
+    out["added_ttft_paired_median_ms"] = statistics.median(pairs) * 1000
+
+
+def stub_latency(url: str, router_url: str, n: int) -> dict:
+    """Sequential streamed requests to an upstream that answers at once, alternating
+    direct and through the router: what the router itself adds."""
+    sides: dict[str, dict[str, list[float]]] = {
+        s: {"ttft": [], "itl": []} for s in ("direct", "router")}
+    with httpx.Client(timeout=30) as c:
+        for i in range(n + 20):
+            for side, u in (("direct", url), ("router", router_url))[:: 1 - 2 * (i % 2)]:
+                ttft, itl = _stream_once(c, u, "hello")
+                if i >= 20:
+                    sides[side]["ttft"].append(ttft)
+                    sides[side]["itl"].extend(itl)
+    out: dict = {"num_requests_per_side": n, "upstream": "benchmarks/stub_openai.py"}
+    _percentiles(out, sides)
     return out
 
 
@@ -170,6 +196,7 @@ def proxy_throughput(tmp: Path, n: int, repeats: int) -> dict:
             time.sleep(0.1)
         with serve(["--instances", url, "--policy", "prefix"], tmp, wait="/health",
                    command="router") as router:
+            latency = stub_latency(url, router.url, 400)
             direct, routed = [], []
             for _ in range(repeats):
                 direct.append(asyncio.run(_hammer(url, n, 64)))
@@ -180,7 +207,7 @@ def proxy_throughput(tmp: Path, n: int, repeats: int) -> dict:
     return {"direct_rps": direct, "router_rps": routed,
             "router_rps_median": statistics.median(routed),
             "direct_rps_median": statistics.median(direct),
-            "requests_per_run": n, "concurrency": 64}
+            "requests_per_run": n, "concurrency": 64, "latency": latency}
 
 
 def main() -> None:
@@ -188,7 +215,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--sessions", type=int, default=18)
     ap.add_argument("--groups", type=int, default=6)
-    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--rate", type=float, default=0.6, help="sessions started per second")
     ap.add_argument("--overhead-requests", type=int, default=60)
     ap.add_argument("--proxy-requests", type=int, default=2000)
@@ -226,6 +254,9 @@ def main() -> None:
     if "proxy" not in skip:
         figures["proxy"] = proxy_throughput(tmp, args.proxy_requests, max(2, args.repeats))
         figures["router_rps"] = figures["proxy"]["router_rps_median"]
+        figures["router_added_p99_ms_stub"] = figures["proxy"]["latency"]["added_ttft_p99_ms"]
+        figures["router_added_itl_p99_ms_stub"] = figures["proxy"]["latency"][
+            "added_itl_p99_ms"]
     path = save("router", {"model": "smollm2-135m-instruct", "instances": 3,
                            "instance_args": INSTANCE_ARGS, **vars(args)}, figures, notes)
     print(path)

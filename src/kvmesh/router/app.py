@@ -37,6 +37,7 @@ from kvmesh.tenants import TenantTable, cache_salt
 log = logging.getLogger("kvmesh.router")
 RETRYABLE = {HTTPStatus.TOO_MANY_REQUESTS, 500, 502, 503, 504}
 HOP_HEADERS = ("content-type", "retry-after", "cache-control")
+INLINE_TOKENIZE_BYTES = 8192  # bodies up to this are tokenized on the event loop
 
 
 @dataclass
@@ -84,8 +85,11 @@ class Router:
         tenant = self.auth.tenant(request.headers.get("authorization"))
         v = view(body, request.headers)
         salt = cache_salt(tenant.salt if tenant is not None else None, v.body_salt)
-        route = await asyncio.to_thread(self.keys.route_request, v, salt,
-                                        self.upstreams.key_scheme())
+        scheme = self.upstreams.key_scheme()
+        if self.keys.tokenizer is not None and len(raw) > INLINE_TOKENIZE_BYTES:
+            route = await asyncio.to_thread(self.keys.route_request, v, salt, scheme)
+        else:  # short, or nothing to tokenize: a thread hop would cost more than it saves
+            route = self.keys.route_request(v, salt, scheme)
         self.auth.charge(tenant, route.num_prompt_tokens + v.max_tokens)
         return await self._dispatch(request, path, raw, route)
 
@@ -255,7 +259,7 @@ def run_router(config: RouterConfig) -> None:
     tokenizer = load_tokenizer(config.model) if config.policy in ("kv", "session") else None
     app = create_router_app(config, tokenizer)
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
-                access_log=False, loop="asyncio")
+                access_log=False)
 
 
 __all__ = ["Router", "create_router_app", "run_router"]
