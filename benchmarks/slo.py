@@ -101,7 +101,7 @@ def run_policy(tmp: Path, tenants: Path, policy: str, admission: bool, rate: flo
     inter = work(n, args.interactive_words, 32, seed=20)
     batch = work(n, args.batch_words, 64, seed=21)
     flags = ["--tenants", str(tenants), "--policy", policy,
-             "--admission-control", str(admission).lower()]
+             "--admission-control" if admission else "--no-admission-control"]
     with serve(flags, tmp) as server:
         ri, rb, _ = asyncio.run(_both(server.url, inter, batch, rate, None,
                                       args.duration_s))

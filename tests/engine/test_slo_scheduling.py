@@ -146,3 +146,22 @@ def test_restore_cost_counts_partial_blocks_and_host_loads():
     assert s.restore_cost_tokens(r) == 22.0  # no host tier: everything is recomputed
     s.kv.external = object()  # type: ignore[assignment]  # a host tier exists
     assert s.restore_cost_tokens(r) == pytest.approx(2 + 20 * 0.1)
+
+
+@pytest.mark.parametrize("policy", ["edf", "priority", "fcfs"])
+def test_an_urgent_arrival_goes_before_a_running_partial_prefill(policy):
+    s = _sched(policy, budget=32, max_seqs=4)
+    long = _req("long", 200, BATCH, arrival=0.0)
+    long.priority = 5
+    s.add_request(long)
+    out = s.schedule()  # the first 32-token chunk
+    s.update_from_output(out, {})
+    urgent = _req("urgent", 24, CHAT, arrival=1.0)
+    s.add_request(urgent)
+    out = s.schedule()
+    first = [(q.request_id, q.num_new_tokens) for q in out.seqs]
+    if policy == "fcfs":  # arrival order: the running prefill keeps its chunk
+        assert first == [("long", 32)]
+    else:  # the urgent request's whole prompt, then what budget is left
+        assert first == [("urgent", 24), ("long", 8)]
+    s.check_integrity()

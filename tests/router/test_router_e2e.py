@@ -103,6 +103,10 @@ def test_prefix_policy_needs_no_kv_events(tmp_path, tiny_pair):
             if q:
                 assert r.usage.prompt_tokens_details.cached_tokens > 0
         assert sorted(_served_by(insts)) == [0.0, 4.0]
+        # an instance's own 400 passes through unchanged, and costs it nothing
+        with pytest.raises(openai.BadRequestError, match="max_model_len"):
+            client.completions.create(model="", prompt="x " * 600, max_tokens=4)
+        assert len(httpx.get(router.url + "/health").json()["healthy"]) == 2
 
 
 @pytest.mark.timeout(240)

@@ -13,6 +13,10 @@ Each step shares a token budget between decodes and prefill chunks:
    so resuming it is a load rather than a recompute.
 3. If nothing was preempted, waiting requests are admitted in policy order while the
    budget, `max_num_seqs` and free blocks allow, each starting after its cached prefix.
+   A waiting request the policy ranks before a running partial prefill (an urgent
+   request under priority, edf or fair) is admitted before that prefill's next chunk, so
+   a long low-priority prompt never holds the budget against it. Under fcfs running
+   requests always rank first, so nothing changes there.
 
 A request is refused on arrival (QueueFullError, HTTP 429) when the queue is full, or
 when admission control predicts it would miss its tenant's TTFT SLO (`admission.py`).
@@ -99,11 +103,11 @@ class Scheduler:
         self._enqueue(req)
 
     def num_prefill_tokens_ahead(self, req: Request) -> int:
-        """Prefill tokens that run before `req` would start: running prefills, and waiting
-        requests the policy orders first."""
+        """Prefill tokens that run before `req` would start: the running prefills and the
+        waiting requests the policy orders first."""
         key = self._key(req)
         running = sum(r.num_prompt_tokens - r.num_computed_tokens for r in self.running
-                      if r.num_computed_tokens < r.num_prompt_tokens)
+                      if r.num_computed_tokens < r.num_prompt_tokens and self._key(r) < key)
         return running + sum(r.num_pending_tokens for r in self.waiting if self._key(r) < key)
 
     def observe_step(self, out: SchedulerOutput, step_s: float) -> None:
@@ -156,15 +160,21 @@ class Scheduler:
         seqs: list[ScheduledSeq] = []
         preempted: list[str] = []
         self._resort()
-        order = sorted(self.running, key=lambda r: (r.num_pending_tokens > 1, self._key(r)))
-        pending = list(order)
+        pending = sorted(self.running, key=lambda r: (r.num_pending_tokens > 1, self._key(r)))
+        ran: list[ScheduledSeq] = []
         while pending and budget > 0:
             req = pending.pop(0)
+            if req.num_pending_tokens > 1 and not preempted:
+                # a partial prefill: waiting requests the policy ranks first go before it
+                budget = self._admit(budget, seqs, before=self._key(req))
+                if budget <= 0:
+                    break
             num_new = min(req.num_pending_tokens, budget)
             if self._allocate_or_preempt(req, num_new, pending, preempted):
-                seqs.append(self._scheduled(req, num_new))
+                ran.append(self._scheduled(req, num_new))
                 budget -= num_new
-        self._charge(seqs)
+        seqs.extend(ran)
+        self._charge(ran)
         if not preempted:
             budget = self._admit(budget, seqs)
         return SchedulerOutput(tuple(seqs), tuple(preempted), tuple(self.kv.take_loads()))
@@ -207,12 +217,15 @@ class Scheduler:
             pending.remove(victim)
         return True
 
-    def _admit(self, budget: int, seqs: list[ScheduledSeq]) -> int:
-        """Admit waiting requests in policy order; one still fetching its prefix is passed
-        over."""
+    def _admit(self, budget: int, seqs: list[ScheduledSeq],
+               before: tuple[float, ...] | None = None) -> int:
+        """Admit waiting requests in policy order (only those ranked before `before`, when
+        given); one still fetching its prefix is passed over."""
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[i]
+            if before is not None and not self._key(req) < before:
+                break
             plan = self.kv.lookup(req)
             if plan is None:
                 i += 1

@@ -124,11 +124,8 @@ class Router:
         resp: httpx.Response | None = None
         try:
             resp = await self.client.send(req, stream=True)
-            if resp.status_code in RETRYABLE:
-                body = await resp.aread()
-                if resp.status_code != HTTPStatus.TOO_MANY_REQUESTS:
-                    inst.set_healthy(False, f"HTTP {resp.status_code}")
-                return _Refused(resp.status_code, body, _pass_headers(resp))
+            if resp.status_code != HTTPStatus.OK:  # an error body: short, read it whole
+                return await self._answer(inst, resp)
             chunks = resp.aiter_raw()
             first = await anext(chunks)
         except (httpx.HTTPError, StopAsyncIteration) as exc:
@@ -140,12 +137,23 @@ class Router:
             await _close(resp)
             inst.num_in_flight -= 1
             raise
-        if resp.status_code in RETRYABLE:
-            inst.num_in_flight -= 1
-            return _Refused(resp.status_code, b"", {})
         is_sse = "text/event-stream" in resp.headers.get("content-type", "")
         return StreamingResponse(self._relay(inst, resp, first, chunks, is_sse),
                                  status_code=resp.status_code, headers=_pass_headers(resp))
+
+    async def _answer(self, inst: Instance, resp: httpx.Response) -> Response | _Refused:
+        """A non-200 answer: passed to the client (400, 401, 404...), or a refusal to
+        try elsewhere (429, 5xx; a 5xx also takes the instance out until its next probe)."""
+        try:
+            body = await resp.aread()
+        finally:
+            inst.num_in_flight -= 1
+            await _close(resp)
+        if resp.status_code in RETRYABLE:
+            if resp.status_code != HTTPStatus.TOO_MANY_REQUESTS:
+                inst.set_healthy(False, f"HTTP {resp.status_code}")
+            return _Refused(resp.status_code, body, _pass_headers(resp))
+        return Response(body, resp.status_code, headers=_pass_headers(resp))
 
     async def _relay(self, inst: Instance, resp: httpx.Response, first: bytes,
                      chunks: AsyncIterator[bytes], is_sse: bool) -> AsyncIterator[bytes]:

@@ -21,6 +21,7 @@ Ties go to the lower load, then the lower position.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -141,9 +142,11 @@ class Sticky:
     `session_max_imbalance` requests above the least-loaded instance are placed by the
     fallback (`kv` when KV events are on, else least load), which becomes the new home."""
 
+    MAX_SESSIONS = 1_000_000  # homes remembered, least recently used forgotten first
+
     def __init__(self, fallback: RoutePolicy | None = None,
                  weights: RouteWeights | None = None):
-        self._home: dict[str, int] = {}  # session -> instance number
+        self._home: OrderedDict[str, int] = OrderedDict()  # session -> instance number
         self._fallback = fallback or LeastLoad()
         self.max_imbalance = (weights or RouteWeights()).session_max_imbalance
 
@@ -154,8 +157,11 @@ class Sticky:
         least = min(load.load for load in loads)
         if pos is None or loads[pos].load > least + self.max_imbalance:
             pos = self._fallback.choose(request, loads)
-            if sid is not None:
-                self._home[sid] = loads[pos].instance
+        if sid is not None:
+            self._home[sid] = loads[pos].instance
+            self._home.move_to_end(sid)
+            if len(self._home) > self.MAX_SESSIONS:
+                self._home.popitem(last=False)
         return pos
 
 
