@@ -15,7 +15,7 @@
    requests/s at 64 concurrent clients, direct and through the router (policy prefix).
    Client, router and stub share this machine's cores.
 
-Writes benchmarks/results/router.json.
+Writes benchmarks/results/router.json (`--name` for another workload's file).
 """
 
 from __future__ import annotations
@@ -250,6 +250,7 @@ def main() -> None:
     ap.add_argument("--overhead-requests", type=int, default=60)
     ap.add_argument("--proxy-requests", type=int, default=2000)
     ap.add_argument("--skip", default="", help="comma-separated: gain,overhead,proxy")
+    ap.add_argument("--name", default="router", help="results file name (a second workload)")
     args = ap.parse_args()
     skip = set(args.skip.split(","))
     tmp = Path("/tmp/kvmesh-router-bench")
@@ -289,7 +290,7 @@ def main() -> None:
         figures["router_added_p99_ms_stub"] = figures["proxy"]["latency"]["added_ttft_p99_ms"]
         figures["router_added_itl_p99_ms_stub"] = figures["proxy"]["latency"][
             "added_itl_p99_ms"]
-    path = save("router", {"model": "smollm2-135m-instruct", "instances": 3,
+    path = save(args.name, {"model": "smollm2-135m-instruct", "instances": 3,
                            "instance_args": INSTANCE_ARGS, **vars(args)}, figures, notes)
     print(path)
 
