@@ -82,6 +82,9 @@ def _summary(inter: list[RequestRecord], batch: list[RequestRecord], slo_s: floa
     ttft = [r.ttft_s for r in inter if r.ok and r.ttft_s is not None]
     return {
         "slo_attainment_interactive": len(met) / len(inter) if inter else None,
+        "attainment_interactive_at_ttft_s": {  # the same run, read at other thresholds
+            str(t): sum(r.ok and r.ttft_s is not None and r.ttft_s <= t for r in inter)
+            / max(1, len(inter)) for t in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)},
         "slo_attainment_interactive_admitted": len(met) / len(admitted) if admitted else None,
         "interactive_sent": len(inter), "interactive_refused": len(inter) - len(admitted),
         "interactive_ttft_p50_s": percentile(ttft, 50),
