@@ -194,22 +194,32 @@ def stub_latency(url: str, router_url: str, n: int) -> dict:
     return out
 
 
-async def _hammer(url: str, n: int, concurrency: int) -> float:
+async def _hammer(url: str, n: int, concurrency: int) -> tuple[float, dict[str, int]]:
+    """Completed requests per second, and what failed (by error kind)."""
     body = {"messages": [{"role": "user", "content": "hello " * 50}], "stream": True}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     sem = asyncio.Semaphore(concurrency)
+    errors: dict[str, int] = {}
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        async def one() -> None:
-            async with sem, client.stream("POST", url + "/v1/chat/completions",
-                                          json=body) as resp:
-                assert resp.status_code == 200
-                async for _ in resp.aiter_raw():
-                    pass
+        async def one() -> bool:
+            try:
+                async with sem, client.stream("POST", url + "/v1/chat/completions",
+                                              json=body) as resp:
+                    async for _ in resp.aiter_raw():
+                        pass
+                    if resp.status_code == 200:
+                        return True
+                    kind = f"HTTP {resp.status_code}"
+            except httpx.HTTPError as exc:
+                kind = type(exc).__name__
+            errors[kind] = errors.get(kind, 0) + 1
+            return False
 
         await asyncio.gather(*(one() for _ in range(50)))  # warm up
+        errors.clear()
         start = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(n)))
-        return n / (time.perf_counter() - start)
+        ok = sum(await asyncio.gather(*(one() for _ in range(n))))
+        return ok / (time.perf_counter() - start), errors
 
 
 def proxy_throughput(tmp: Path, n: int, repeats: int) -> dict:
@@ -226,17 +236,20 @@ def proxy_throughput(tmp: Path, n: int, repeats: int) -> dict:
         with serve(["--instances", url, "--policy", "prefix"], tmp, wait="/health",
                    command="router") as router:
             latency = stub_latency(url, router.url, 400)
-            direct, routed = [], []
+            direct, routed, errors = [], [], []
             for _ in range(repeats):
-                direct.append(asyncio.run(_hammer(url, n, 64)))
-                routed.append(asyncio.run(_hammer(router.url, n, 64)))
+                for side, target in ((direct, url), (routed, router.url)):
+                    rps, errs = asyncio.run(_hammer(target, n, 64))
+                    side.append(rps)
+                    errors.append({"side": "direct" if side is direct else "router", **errs})
     finally:
         stub.terminate()
         stub.wait()
     return {"direct_rps": direct, "router_rps": routed,
             "router_rps_median": statistics.median(routed),
             "direct_rps_median": statistics.median(direct),
-            "requests_per_run": n, "concurrency": 64, "latency": latency}
+            "requests_per_run": n, "concurrency": 64, "latency": latency,
+            "errors_per_run": errors}
 
 
 def main() -> None:

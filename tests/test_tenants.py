@@ -34,17 +34,21 @@ def test_load_and_lookup(tmp_path):
     assert batch is not None and batch.priority == 5 and batch.salt == "shared"
     assert chat.salt == "chat" and table.lookup("k-ops").name == "ops"
     assert table.lookup("nope") is None
-    assert cache_salt("chat", None) == "chat:" and cache_salt("chat", "x") == "chat:x"
     assert cache_salt(None, "x") == "x"
+    # no two (tenant, request) salts collide: "a" + "b:" is not "a:b" + ""
+    assert cache_salt("a", "b:") != cache_salt("a:b", None)
+    assert cache_salt("chat", None) != cache_salt("chat", "x")
     assert not TenantTable.from_keys(()).is_enabled
 
 
 @pytest.mark.parametrize("text, message", [
     ("tenants: [a]", "expected a mapping"),
     ("tenants:\n  a:\n    ttft_slo: 1\n", "unknown keys"),
-    ("tenants:\n  a:\n    ttft_slo_s: -1\n", "ttft_slo_s must be > 0"),
+    ("tenants:\n  a:\n    priority: 1\n", "has no api_keys"),
+    ("tenants:\n  a:\n    api_keys: [k]\n    requests_per_min: 0.5\n", ">= 1"),
+    ("tenants:\n  a:\n    api_keys: [k]\n    ttft_slo_s: -1\n", "ttft_slo_s must be > 0"),
     ("tenants:\n  a:\n    api_keys: k\n", "api_keys must be a list"),
-    ("tenants:\n  a:\n    weight: 0\n", "weight must be > 0"),
+    ("tenants:\n  a:\n    api_keys: [k]\n    weight: 0\n", "weight must be > 0"),
     ("tenants:\n  a: {api_keys: [k]}\n  b: {api_keys: [k]}\n", "also another tenant"),
     ("tenants: {a: [", "cannot read tenants file"),
 ])

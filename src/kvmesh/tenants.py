@@ -12,7 +12,9 @@
         cache_salt: chat         # KV namespace (default: the tenant's name)
 
 A tenant's cache salt is folded into its block keys, so tenants never share KV unless they
-name the same salt.
+name the same salt. Block keys are public hashes: whoever can read an instance's KV events
+or /kv/snapshot and guess a tenant's salt can test whether a prompt is cached, so keep
+those endpoints on the router's network, or make the salt a secret.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class Tenant:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int | float) and value > 0):
                 raise ValueError(f"tenant {self.name!r}: {name} must be > 0, got {value!r}")
+        if self.requests_per_min is not None and self.requests_per_min < 1:
+            raise ValueError(f"tenant {self.name!r}: requests_per_min must be >= 1")
         if not (isinstance(self.weight, int | float) and self.weight > 0):
             raise ValueError(f"tenant {self.name!r}: weight must be > 0, got {self.weight!r}")
         if not isinstance(self.priority, int):
@@ -61,7 +65,7 @@ class Tenant:
 
     @property
     def request_class(self) -> TenantClass:
-        return TenantClass(self.name, self.ttft_slo_s, float(self.weight))
+        return TenantClass(self.name, self.ttft_slo_s, float(self.weight), self.tpot_slo_s)
 
 
 def cache_salt(tenant_salt: str | None, body_salt: str | None) -> str | None:
@@ -69,7 +73,7 @@ def cache_salt(tenant_salt: str | None, body_salt: str | None) -> str | None:
     client can split its KV further but never reach another tenant's)."""
     if tenant_salt is None:
         return body_salt
-    return f"{tenant_salt}:{body_salt or ''}"
+    return f"{len(tenant_salt)}:{tenant_salt}:{body_salt or ''}"  # unambiguous: no collisions
 
 
 class TenantTable:
@@ -132,6 +136,8 @@ def _parse(name: Any, spec: Any, path: str | Path) -> Tenant:
     keys = spec.get("api_keys", ())
     if isinstance(keys, str) or not all(isinstance(k, str) and k for k in keys):
         raise ValueError(f"{path}: tenant {name!r}: api_keys must be a list of strings")
+    if not keys:
+        raise ValueError(f"{path}: tenant {name!r} has no api_keys (nobody could use it)")
     try:
         return Tenant(str(name), **{**spec, "api_keys": tuple(keys)})
     except (TypeError, ValueError) as exc:

@@ -101,6 +101,7 @@ class TenantClass:
     name: str
     ttft_slo_s: float | None = None
     weight: float = 1.0
+    tpot_slo_s: float | None = None  # reported (SLO metrics), not scheduled on
 
 
 TokenLogprobs = dict[int, float]

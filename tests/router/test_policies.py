@@ -71,6 +71,7 @@ def test_kv_index_sequences_gaps_and_incarnations():
     assert idx.match(0, [a, c]) == 2  # snapshot 5, then the held batch 6
     assert idx.apply(0, _batch("y", 1, BlocksStored("device", [b])))  # restarted instance
     assert idx.match(0, [a]) == 0
+    idx.check_integrity()
 
 
 def test_kv_policy_follows_exact_keys():
@@ -124,3 +125,15 @@ def test_session_sticks_then_moves_off_an_overloaded_home():
     rest = [InstanceLoad(0, 0, 0.0, 1), InstanceLoad(0, 0, 0.0, 2)]
     assert sticky.choose(req, rest) == 0 and rest[0].instance == 1
     assert sticky.choose(RouteRequest(None), _loads(2, 0, 1)) == 1
+
+
+def test_session_falls_back_to_kv_once_events_arrive():
+    state = RouterState(weights=RouteWeights(load_cost_tokens=10))
+    sticky = make_route_policy("session", state)  # built before any instance is probed
+    keys = [bytes([i]) * 16 for i in range(4)]
+    req = RouteRequest("s", num_prompt_tokens=64, block_keys=keys, block_size=16)
+    assert sticky.choose(RouteRequest("first"), _loads(0, 0, 0)) == 0  # least load
+    state.has_kv_events = True  # a probe found a KV-event port
+    state.kv.reset(2, KVSnapshot("i2", 0, {"device": keys}))
+    assert sticky.choose(req, _loads(0, 0, 0)) == 2  # new session: placed by kv
+    assert sticky.choose(req, _loads(0, 0, 3)) == 2  # then sticks

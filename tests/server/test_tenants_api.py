@@ -68,6 +68,9 @@ def test_tenant_keys_limits_salts_and_kv_events(tmp_path, tiny_llama):
             limited = _post(s.url, "key-b")
             assert int(limited.headers["retry-after"]) >= 1
             assert limited.json()["error"]["type"] == "rate_limit_exceeded"
+            assert _metric(s, "tenant_rejected_total", 'tenant="b"', 'reason="rate_limit"') == 2
+            assert _metric(s, "tenant_requests_total", 'tenant="a"') == 2
+            assert _metric(s, "tenant_slo_met_total", 'tenant="a"', 'slo="all"') == 2  # no SLO
             load = httpx.get(s.url + "/load").json()
             assert load["kv_events_port"] == port and load["block_size"] == 4
             snap = msgspec.msgpack.decode(httpx.get(s.url + "/kv/snapshot").content,
@@ -82,6 +85,15 @@ def test_tenant_keys_limits_salts_and_kv_events(tmp_path, tiny_llama):
     finally:
         sub.close(linger=0)
         ctx.term()
+
+
+def _metric(server, name: str, *labels: str) -> float:
+    """Sum of `kvmesh:<name>` samples whose labels include every one given."""
+    total = 0.0
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(f"kvmesh:{name}") and all(lab in line for lab in labels):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def _received(sub: zmq.Socket) -> list[KVEventBatch]:
@@ -127,3 +139,5 @@ def test_admission_refuses_what_the_queue_would_make_late(tmp_path):
         assert took < 1.0  # refused at once, not after waiting in the queue
         assert codes == [200] * 4
         assert _post(s.url, "k-chat", prompt="hi").status_code == 200  # idle again: admitted
+        assert _metric(s, "tenant_rejected_total", 'tenant="chat"', 'reason="slo"') == 1
+        assert _metric(s, "tenant_requests_total", 'tenant="batch"') == 5

@@ -162,3 +162,7 @@ class FairPolicy:
     def on_finish(self, req: Request) -> None:
         name = tenant_name(req)
         self._live[name] = self._live.get(name, 0) - 1
+
+    def check_integrity(self) -> None:
+        assert all(n >= 0 for n in self._live.values()), "a tenant finished more than it sent"
+        assert all(n >= 0 for n in self._served.values())

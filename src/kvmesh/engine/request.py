@@ -43,6 +43,7 @@ class Request:
     block_keys: list[BlockKey] = field(default_factory=list)
     seed: int | None = None  # of this sequence's sampling generator
     tenant: TenantClass | None = None
+    num_cached_hint: int = 0  # prompt tokens cached when queued (admission's estimate)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -14,9 +14,9 @@ Each step shares a token budget between decodes and prefill chunks:
 3. If nothing was preempted, waiting requests are admitted in policy order while the
    budget, `max_num_seqs` and free blocks allow, each starting after its cached prefix.
    A waiting request the policy ranks before a running partial prefill (an urgent
-   request under priority, edf or fair) is admitted before that prefill's next chunk, so
-   a long low-priority prompt never holds the budget against it. Under fcfs running
-   requests always rank first, so nothing changes there.
+   request under priority, edf or fair; under fcfs, only a preempted request, which
+   arrived earlier) is admitted before that prefill's next chunk, so a long
+   low-priority prompt never holds the budget against it.
 
 A request is refused on arrival (QueueFullError, HTTP 429) when the queue is full, or
 when admission control predicts it would miss its tenant's TTFT SLO (`admission.py`).
@@ -32,12 +32,12 @@ from kvmesh.config import SchedulerConfig
 from kvmesh.engine.admission import PrefillRate, QueueFullError, check_slo
 from kvmesh.engine.kv_cache_manager import KVCacheManager, PrefixPlan
 from kvmesh.engine.policies import UsageAware, make_policy
+from kvmesh.engine.preemption import restore_cost_tokens
 from kvmesh.engine.request import Request, RequestStatus
 from kvmesh.hashing import BlockKey
 from kvmesh.types import FinishReason
 
 ALLOCATE, FILL = 0, 1  # a decode run's block events, in this order within a step
-LOAD_COST_RATIO = 0.1  # loading a block from the host tier, against recomputing it
 
 __all__ = ["QueueFullError", "Scheduler", "SchedulerOutput", "ScheduledSeq"]
 
@@ -93,13 +93,19 @@ class Scheduler:
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)",
                                  retry_after_s=None)
         req.arrival_seq = next(self._seq)
-        if check_capacity and self.config.admission_control and req.tenant is not None:
-            check_slo(self.num_prefill_tokens_ahead(req),
-                      req.num_prompt_tokens - num_cached_tokens, req.tenant.ttft_slo_s,
-                      self.prefill_rate)
-        self.requests[req.request_id] = req
-        if self._usage is not None:
+        req.num_cached_hint = num_cached_tokens
+        if self._usage is not None:  # first: an idle tenant's counter is lifted on arrival
             self._usage.on_arrival(req)
+        if check_capacity and self.config.admission_control and req.tenant is not None:
+            try:
+                check_slo(self.num_prefill_tokens_ahead(req),
+                          req.num_prompt_tokens - num_cached_tokens, req.tenant.ttft_slo_s,
+                          self.prefill_rate)
+            except QueueFullError:
+                if self._usage is not None:
+                    self._usage.on_finish(req)
+                raise
+        self.requests[req.request_id] = req
         self._enqueue(req)
 
     def num_prefill_tokens_ahead(self, req: Request) -> int:
@@ -108,7 +114,8 @@ class Scheduler:
         key = self._key(req)
         running = sum(r.num_prompt_tokens - r.num_computed_tokens for r in self.running
                       if r.num_computed_tokens < r.num_prompt_tokens and self._key(r) < key)
-        return running + sum(r.num_pending_tokens for r in self.waiting if self._key(r) < key)
+        return running + sum(max(0, r.num_pending_tokens - r.num_cached_hint)
+                             for r in self.waiting if self._key(r) < key)
 
     def observe_step(self, out: SchedulerOutput, step_s: float) -> None:
         """A step's measured time: feeds the prefill rate that admission predicts with."""
@@ -192,15 +199,7 @@ class Scheduler:
             self.waiting.sort(key=self._key)
 
     def restore_cost_tokens(self, req: Request) -> float:
-        """What preempting `req` would cost to undo, in prefill tokens: its partial last
-        block is recomputed; its full blocks stay cached and, with a host tier, are
-        offloaded on eviction and loaded back (`LOAD_COST_RATIO` of a recompute)."""
-        computed = req.num_computed_tokens
-        if not self.kv.enable_prefix_caching:
-            return float(computed)
-        partial = computed % self.kv.block_size
-        ratio = LOAD_COST_RATIO if self.kv.external is not None else 1.0
-        return partial + (computed - partial) * ratio
+        return restore_cost_tokens(req, self.kv)
 
     def _victim_key(self, req: Request) -> tuple[object, ...]:
         return (self.policy.preempt_class(req), -self.restore_cost_tokens(req), self._key(req))
@@ -260,6 +259,8 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.kv.free(req)
+        bs = self.kv.block_size  # its full blocks stay cached: admission counts them so
+        req.num_cached_hint = req.num_computed_tokens // bs * bs
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
@@ -396,3 +397,6 @@ class Scheduler:
                 req.num_computed_tokens
             )
         assert len(self.running) <= self.config.max_num_seqs
+        check = getattr(self.policy, "check_integrity", None)
+        if check is not None:
+            check()

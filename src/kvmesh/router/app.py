@@ -14,20 +14,22 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import TypeVar
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.background import BackgroundTask
 
 from kvmesh.config import RouterConfig
 from kvmesh.model.tokenizer import Tokenizer
 from kvmesh.router.metrics import RouterMetrics
-from kvmesh.router.policies import RouterState, RouteWeights, make_route_policy
+from kvmesh.router.policies import RouteRequest, RouterState, RouteWeights, make_route_policy
 from kvmesh.router.prompt import KeyMaker, view
 from kvmesh.router.upstreams import Instance, Upstreams
 from kvmesh.server.auth import KeyAuth
@@ -36,6 +38,9 @@ from kvmesh.tenants import TenantTable, cache_salt
 
 log = logging.getLogger("kvmesh.router")
 RETRYABLE = {HTTPStatus.TOO_MANY_REQUESTS, 500, 502, 503, 504}
+UNAVAILABLE = {502, 503, 504}
+DISCONNECT_POLL_S = 0.5  # how often a wait for an instance checks that the client is there
+T = TypeVar("T")
 HOP_HEADERS = ("content-type", "retry-after", "cache-control")
 INLINE_TOKENIZE_BYTES = 8192  # bodies up to this are tokenized on the event loop
 
@@ -74,6 +79,7 @@ class Router:
         self.metrics = RouterMetrics()
 
     async def handle(self, request: Request, path: str) -> Response:
+        tenant = self.auth.tenant(request.headers.get("authorization"))
         raw = await request.body()
         try:
             body = json.loads(raw)
@@ -82,7 +88,6 @@ class Router:
                            f"request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise APIError(HTTPStatus.BAD_REQUEST, "request body must be a JSON object")
-        tenant = self.auth.tenant(request.headers.get("authorization"))
         v = view(body, request.headers)
         salt = cache_salt(tenant.salt if tenant is not None else None, v.body_salt)
         scheme = self.upstreams.key_scheme()
@@ -93,7 +98,8 @@ class Router:
         self.auth.charge(tenant, route.num_prompt_tokens + v.max_tokens)
         return await self._dispatch(request, path, raw, route)
 
-    async def _dispatch(self, request: Request, path: str, raw: bytes, route) -> Response:
+    async def _dispatch(self, request: Request, path: str, raw: bytes,
+                        route: RouteRequest) -> Response:
         tried: set[int] = set()
         refused: list[_Refused] = []
         headers = {k: v for k, v in request.headers.items()
@@ -107,7 +113,10 @@ class Router:
             if route.block_keys:
                 hit = self.state.kv.match(inst.number, route.block_keys) * route.block_size
                 self.metrics.predicted_hit_tokens.inc(hit)
-            result = await self._open(inst, path, raw, headers)
+            try:
+                result = await self._open(request, inst, path, raw, headers)
+            except _ClientGone:  # nobody to answer; the instance saw its request close
+                return Response(status_code=499)
             if isinstance(result, Response):
                 self.metrics.requests.labels(inst.url, str(result.status_code)).inc()
                 return result
@@ -115,62 +124,49 @@ class Router:
             self.metrics.retries.inc()
         return self._no_instance(refused)
 
-    async def _open(self, inst: Instance, path: str, raw: bytes,
+    async def _open(self, request: Request, inst: Instance, path: str, raw: bytes,
                     headers: dict[str, str]) -> Response | _Refused:
         """Send to `inst` and wait for its first byte; a refusal or failure before it is a
-        `_Refused` (the caller tries elsewhere)."""
-        inst.num_in_flight += 1
-        req = self.client.build_request("POST", inst.url + path, content=raw, headers=headers)
-        resp: httpx.Response | None = None
+        `_Refused` (the caller tries elsewhere). The lease on `inst` is released exactly
+        once: here on any early exit, else when the relay ends (or never starts)."""
+        lease = _Lease(inst)
         try:
-            resp = await self.client.send(req, stream=True)
+            req = self.client.build_request("POST", inst.url + path, content=raw,
+                                            headers=headers)
+            resp = lease.resp = await _unless_gone(request, self.client.send(req, stream=True))
             if resp.status_code != HTTPStatus.OK:  # an error body: short, read it whole
-                return await self._answer(inst, resp)
+                body = await resp.aread()
+                await lease.release()
+                return _answer(inst, resp, body)
             chunks = resp.aiter_raw()
-            first = await anext(chunks)
+            first = await _unless_gone(request, anext(chunks))
         except (httpx.HTTPError, StopAsyncIteration) as exc:
+            await lease.release()
             inst.set_healthy(False, f"{type(exc).__name__}: {exc}")
-            await _close(resp)
-            inst.num_in_flight -= 1
             return _Refused(HTTPStatus.BAD_GATEWAY, b"", {})
         except BaseException:
-            await _close(resp)
-            inst.num_in_flight -= 1
+            await lease.release()
             raise
         is_sse = "text/event-stream" in resp.headers.get("content-type", "")
-        return StreamingResponse(self._relay(inst, resp, first, chunks, is_sse),
-                                 status_code=resp.status_code, headers=_pass_headers(resp))
+        return StreamingResponse(self._relay(lease, first, chunks, is_sse),
+                                 status_code=resp.status_code, headers=_pass_headers(resp),
+                                 background=BackgroundTask(lease.release))
 
-    async def _answer(self, inst: Instance, resp: httpx.Response) -> Response | _Refused:
-        """A non-200 answer: passed to the client (400, 401, 404...), or a refusal to
-        try elsewhere (429, 5xx; a 5xx also takes the instance out until its next probe)."""
-        try:
-            body = await resp.aread()
-        finally:
-            inst.num_in_flight -= 1
-            await _close(resp)
-        if resp.status_code in RETRYABLE:
-            if resp.status_code != HTTPStatus.TOO_MANY_REQUESTS:
-                inst.set_healthy(False, f"HTTP {resp.status_code}")
-            return _Refused(resp.status_code, body, _pass_headers(resp))
-        return Response(body, resp.status_code, headers=_pass_headers(resp))
-
-    async def _relay(self, inst: Instance, resp: httpx.Response, first: bytes,
-                     chunks: AsyncIterator[bytes], is_sse: bool) -> AsyncIterator[bytes]:
+    async def _relay(self, lease: _Lease, first: bytes, chunks: AsyncIterator[bytes],
+                     is_sse: bool) -> AsyncIterator[bytes]:
         try:
             yield first
             async for chunk in chunks:
                 yield chunk
         except httpx.HTTPError as exc:
-            inst.set_healthy(False, f"failed mid-stream: {type(exc).__name__}")
+            lease.inst.set_healthy(False, f"failed mid-stream: {type(exc).__name__}")
             self.metrics.broken_streams.inc()
             if is_sse:
                 err = error_body(HTTPStatus.BAD_GATEWAY,
                                  f"instance failed after the first token: {type(exc).__name__}")
                 yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
         finally:
-            inst.num_in_flight -= 1
-            await _close(resp)
+            await lease.release()
 
     def _no_instance(self, refused: list[_Refused]) -> Response:
         overloaded = [r for r in refused if r.status == HTTPStatus.TOO_MANY_REQUESTS]
@@ -184,6 +180,51 @@ class Router:
         why = "every instance tried failed" if refused else "no healthy instance"
         return JSONResponse(error_body(503, f"{why}; retry shortly"), 503,
                             headers={"Retry-After": "1"})
+
+
+class _ClientGone(Exception):
+    """The client disconnected while the router waited for an instance."""
+
+
+class _Lease:
+    """One request's claim on an instance (its in-flight count), released exactly once."""
+
+    def __init__(self, inst: Instance):
+        self.inst = inst
+        self.resp: httpx.Response | None = None
+        self._is_released = False
+        inst.num_in_flight += 1
+
+    async def release(self) -> None:
+        if not self._is_released:
+            self._is_released = True
+            self.inst.num_in_flight -= 1
+            await _close(self.resp)
+
+
+async def _unless_gone(request: Request, aw: Awaitable[T]) -> T:
+    """Await `aw`, but give up (and cancel it) if the client disconnects meanwhile."""
+    task = asyncio.ensure_future(aw)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            raise _ClientGone
+
+
+def _answer(inst: Instance, resp: httpx.Response, body: bytes) -> Response | _Refused:
+    """A non-200 answer: passed to the client (400, 401, 404...), or a refusal to try
+    elsewhere (429, 5xx). A 502/503/504 also takes the instance out until its next probe;
+    a 500 is one request's failure, not the instance's."""
+    if resp.status_code in RETRYABLE:
+        if resp.status_code in UNAVAILABLE:
+            inst.set_healthy(False, f"HTTP {resp.status_code}")
+        return _Refused(resp.status_code, body, _pass_headers(resp))
+    return Response(body, resp.status_code, headers=_pass_headers(resp))
 
 
 def _retry_after(r: _Refused) -> int:

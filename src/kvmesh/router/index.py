@@ -148,3 +148,10 @@ class KVIndex:
     def num_blocks(self, instance: int) -> int:
         feed = self._feeds.get(instance)
         return feed.keys.num_blocks() if feed is not None else 0
+
+    def check_integrity(self) -> None:
+        for feed in self._feeds.values():
+            assert feed.seq >= 0
+            assert feed.is_synced or not feed.keys.media, "unsynced feed holds keys"
+            assert not (feed.is_synced and feed.pending), "synced feed holds batches"
+            assert len(feed.pending) <= self.MAX_PENDING

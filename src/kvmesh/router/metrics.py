@@ -24,6 +24,8 @@ class RouterMetrics:
                              registry=r)
         self.in_flight = Gauge("kvmesh_router_in_flight", "Requests in flight, by instance",
                                ["instance"], registry=r)
+        self.kv_index_blocks = Gauge("kvmesh_router_kv_index_blocks", "Blocks the KV index "
+                                     "holds for each instance", ["instance"], registry=r)
         self.resyncs = Gauge("kvmesh_router_kv_resyncs", "KV index resyncs (gaps or restarts)",
                              registry=r)
 
@@ -33,7 +35,13 @@ class RouterMetrics:
         self.resyncs.set_function(lambda: router.state.kv.num_resyncs)
         for inst in ups.instances:
             self.in_flight.labels(inst.url).set_function(_counter(inst))
+            self.kv_index_blocks.labels(inst.url).set_function(
+                _index_size(router.state.kv, inst.number))
 
 
 def _counter(inst: Any) -> Any:
     return lambda: inst.num_in_flight
+
+
+def _index_size(kv: Any, number: int) -> Any:
+    return lambda: kv.num_blocks(number)

@@ -140,15 +140,17 @@ class Sticky:
     """Every request of a session goes to one home instance. A request without a session,
     a first request, and a request whose home is gone or carries more than
     `session_max_imbalance` requests above the least-loaded instance are placed by the
-    fallback (`kv` when KV events are on, else least load), which becomes the new home."""
+    fallback, which becomes the new home: `kv` once any instance publishes KV events
+    (decided per request: instances may start publishing later), else least load."""
 
     MAX_SESSIONS = 1_000_000  # homes remembered, least recently used forgotten first
 
-    def __init__(self, fallback: RoutePolicy | None = None,
-                 weights: RouteWeights | None = None):
+    def __init__(self, state: RouterState | None = None):
+        self._state = state or RouterState()
         self._home: OrderedDict[str, int] = OrderedDict()  # session -> instance number
-        self._fallback = fallback or LeastLoad()
-        self.max_imbalance = (weights or RouteWeights()).session_max_imbalance
+        self._kv = KVAware(self._state.kv, self._state.weights)
+        self._least = LeastLoad()
+        self.max_imbalance = self._state.weights.session_max_imbalance
 
     def choose(self, request: RouteRequest, loads: Sequence[InstanceLoad]) -> int:
         sid = request.session_id
@@ -156,7 +158,8 @@ class Sticky:
         pos = next((j for j, load in enumerate(loads) if load.instance == home), None)
         least = min(load.load for load in loads)
         if pos is None or loads[pos].load > least + self.max_imbalance:
-            pos = self._fallback.choose(request, loads)
+            fallback = self._kv if self._state.has_kv_events else self._least
+            pos = fallback.choose(request, loads)
         if sid is not None:
             self._home[sid] = loads[pos].instance
             self._home.move_to_end(sid)
@@ -180,8 +183,7 @@ ROUTE_POLICIES: dict[str, Callable[[RouterState], RoutePolicy]] = {
     "least_load": lambda s: LeastLoad(),
     "prefix": lambda s: PrefixAware(s.prefix, s.weights),
     "kv": lambda s: KVAware(s.kv, s.weights),
-    "session": lambda s: Sticky(KVAware(s.kv, s.weights) if s.has_kv_events else LeastLoad(),
-                                s.weights),
+    "session": Sticky,
 }
 
 

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -100,17 +101,20 @@ class Upstreams:
             if resp.status_code != 200:
                 inst.set_healthy(False, f"HTTP {resp.status_code}")
                 return
-            self._update(inst, resp.json())
-        except (httpx.HTTPError, ValueError) as exc:
+            load = resp.json()
+            if not isinstance(load, dict):
+                raise ValueError("/load did not answer a JSON object")
+            self._update(inst, load)
+        except Exception as exc:  # noqa: BLE001 - any failed probe: out, and keep probing
             inst.set_healthy(False, f"{type(exc).__name__}: {exc}")
 
-    def _update(self, inst: Instance, load: dict) -> None:
+    def _update(self, inst: Instance, load: dict[str, Any]) -> None:
         inst.is_kvmesh = True
-        running, waiting = int(load.get("num_running", 0)), int(load.get("num_waiting", 0))
+        running, waiting = int(load.get("num_running") or 0), int(load.get("num_waiting") or 0)
         others = max(0, running + waiting - inst.num_in_flight)  # not sent by this router
         inst.num_waiting = min(waiting, others)
         inst.num_running = others - inst.num_waiting
-        inst.kv_usage = float(load.get("kv_usage", 0.0))
+        inst.kv_usage = float(load.get("kv_usage") or 0.0)
         scheme = load.get("key_scheme")
         if isinstance(scheme, list) and len(scheme) == 3:
             model_id, kv_dtype, layout = (str(x) for x in scheme)
@@ -118,9 +122,13 @@ class Upstreams:
         if load.get("instance_id") != inst.instance_id:
             if inst.instance_id is not None:  # restarted: what we knew of it is gone
                 self.state.prefix.forget(inst.number)
+                self.state.kv.forget(inst.number)
             inst.instance_id = load.get("instance_id")
         port = load.get("kv_events_port")
-        if port and inst.number not in self._feeds:
+        feed = self._feeds.get(inst.number)
+        if port and (feed is None or feed.done() or int(port) != inst.kv_events_port):
+            if feed is not None:
+                feed.cancel()  # a feed that died, or an instance back on another port
             inst.kv_events_port = int(port)
             self.state.has_kv_events = True
             self._feeds[inst.number] = asyncio.create_task(self._feed(inst))

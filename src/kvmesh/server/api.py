@@ -230,7 +230,11 @@ def _add_routes(app: FastAPI, state: AppState, metrics: ServerMetrics, auth: Key
         engine = state.require_engine()
         _check_model(state, body.model)
         job = await asyncio.to_thread(make_job, engine.inputs, state.model_name, body, tenant)
-        auth.charge(tenant, job.num_charged_tokens)
+        try:
+            auth.charge(tenant, job.num_charged_tokens)
+        except APIError as exc:
+            metrics.on_refused(tenant.name if tenant else None, exc)
+            raise
         return await respond(request, engine, job, metrics, engine.tokenizer,
                              state.server_config.retry_after_s)
 

@@ -44,8 +44,8 @@ class KeyAuth:
         if math.isinf(wait_s):
             raise APIError(HTTPStatus.BAD_REQUEST,
                            f"request needs {num_tokens} tokens, more than tenant "
-                           f"{tenant.name!r}'s tokens_per_min ({tenant.tokens_per_min:g})")
+                           f"{tenant.name!r}'s tokens_per_min ({tenant.tokens_per_min})")
         raise APIError(HTTPStatus.TOO_MANY_REQUESTS,
                        f"tenant {tenant.name!r} is over its rate limit",
-                       err_type="rate_limit_exceeded",
+                       err_type="rate_limit_exceeded", reason="rate_limit",
                        headers={"Retry-After": str(max(1, math.ceil(wait_s)))})

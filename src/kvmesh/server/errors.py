@@ -17,6 +17,7 @@ class APIError(Exception):
         err_type: str | None = None,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        reason: str | None = None,
     ):
         super().__init__(message)
         self.status = status
@@ -24,6 +25,7 @@ class APIError(Exception):
         self.err_type = err_type or _default_type(status)
         self.param = param
         self.headers = headers or {}
+        self.reason = reason  # why a request was refused, for metrics (never sent)
 
 
 def _default_type(status: int) -> str:

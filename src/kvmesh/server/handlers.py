@@ -75,11 +75,13 @@ async def submit_all(engine: AsyncEngine, job: Job, retry_after: int) -> list[Re
         raise APIError(HTTPStatus.BAD_REQUEST, str(exc)) from exc
     except QueueFullError as exc:
         _close(streams)
+        is_slo = exc.retry_after_s is not None  # admission control predicted a miss
         wait_s = exc.retry_after_s if exc.retry_after_s is not None else retry_after
         raise APIError(
             HTTPStatus.TOO_MANY_REQUESTS,
             f"server is overloaded: {exc}",
             headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+            reason="slo" if is_slo else "queue_full",
         ) from exc
     except BaseException:
         _close(streams)
@@ -124,7 +126,7 @@ class Collector:
     def __init__(self, job: Job, metrics: ServerMetrics, start: float):
         self.job = job
         self.usage = Usage()
-        self.timer = RequestTimer(metrics, start)
+        self.timer = RequestTimer(metrics, start, job.tenant, len(job.prompts) * job.params.n)
         n = job.params.n
         self.choices = [Choice(i) for i in range(len(job.prompts) * n)]
 
@@ -167,8 +169,7 @@ async def respond(
     try:
         streams = await submit_all(engine, job, retry_after)
     except APIError as exc:
-        if exc.status == HTTPStatus.TOO_MANY_REQUESTS:
-            metrics.rejected.labels(metrics.model_name).inc()
+        metrics.on_refused(job.tenant.name if job.tenant else None, exc)
         raise
     collector = Collector(job, metrics, start)
     fmt = LogprobFormatter(tokenizer) if job.params.logprobs is not None else None

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from kvmesh.engine.async_engine import EngineStats
 from kvmesh.kvstore.tier import LOAD_BUCKETS_S, TierStats
+from kvmesh.types import TenantClass
 
 TIER_COUNTERS = ("hit_blocks", "miss_blocks", "hit_tokens", "miss_tokens", "bytes_in",
                  "bytes_out", "evictions", "checksum_failures", "write_errors", "dropped_writes")
@@ -101,6 +104,17 @@ class ServerMetrics:
             registry=r,
         )
         self.rejected = count("request_rejected", "Requests refused with 429.")
+        tenant = ["model_name", "tenant"]
+        self.tenant_requests = Counter(
+            "kvmesh:tenant_requests", "Finished requests, per tenant.", tenant, registry=r)
+        self.tenant_slo_met = Counter(
+            "kvmesh:tenant_slo_met", "Finished requests that met their tenant's SLO: slo=ttft, "
+            "tpot, or all (goodput). Attainment: divide by kvmesh:tenant_requests.",
+            [*tenant, "slo"], registry=r)
+        self.tenant_rejected = Counter(
+            "kvmesh:tenant_rejected", "Requests refused with 429, per tenant, by reason: "
+            "queue_full, slo (admission control) or rate_limit.", [*tenant, "reason"],
+            registry=r)
         self.running = Gauge("kvmesh:num_requests_running", "Requests running.", labels, registry=r)
         self.waiting = Gauge("kvmesh:num_requests_waiting", "Requests waiting.", labels, registry=r)
         self.kv_usage = Gauge(
@@ -110,6 +124,14 @@ class ServerMetrics:
             "kvmesh:num_preemptions", "Preemptions so far.", labels, registry=r
         )
         self.model_name = model_name
+
+    def on_refused(self, tenant: str | None, exc: Any) -> None:
+        """A request refused before it ran (an APIError): 429s are counted."""
+        if exc.status != 429:
+            return
+        self.rejected.labels(self.model_name).inc()
+        if tenant is not None:
+            self.tenant_rejected.labels(self.model_name, tenant, exc.reason or "queue_full").inc()
 
     def bind(self, stats: Callable[[], EngineStats | None]) -> None:
         """Read gauges from the engine at scrape time."""
@@ -126,18 +148,26 @@ class ServerMetrics:
 
 
 class RequestTimer:
-    """Per-request latency bookkeeping; feeds the histograms as deltas arrive."""
+    """Per-request latency bookkeeping; feeds the histograms as deltas arrive, and on
+    finish, the tenant's SLO counters."""
 
-    def __init__(self, metrics: ServerMetrics, start: float):
+    def __init__(self, metrics: ServerMetrics, start: float, tenant: TenantClass | None = None,
+                 num_choices: int = 1):
         self.m = metrics
         self.start = start
         self.last: float | None = None
+        self.first: float | None = None
+        self.num_tokens = 0
         self.name = metrics.model_name
+        self.tenant = tenant
+        self.num_choices = num_choices
 
     def on_tokens(self, now: float, num_tokens: int, first_of_request: bool) -> None:
         if num_tokens == 0:
             return
+        self.num_tokens += num_tokens
         if self.last is None:
+            self.first = now
             self.m.ttft.labels(self.name).observe(now - self.start)
         elif not first_of_request:
             self.m.itl.labels(self.name).observe(now - self.last)
@@ -155,3 +185,17 @@ class RequestTimer:
     def on_finish(self, now: float, reason: str) -> None:
         self.m.e2e.labels(self.name).observe(now - self.start)
         self.m.requests.labels(self.name, reason).inc()
+        if self.tenant is not None and self.first is not None:
+            self._count_slos(now, self.tenant)
+
+    def _count_slos(self, now: float, t: TenantClass) -> None:
+        ttft = self.first - self.start if self.first is not None else math.inf
+        per_choice = self.num_tokens / self.num_choices
+        tpot = (now - (self.first or now)) / (per_choice - 1) if per_choice > 1 else 0.0
+        met = {"ttft": t.ttft_slo_s is None or ttft <= t.ttft_slo_s,
+               "tpot": t.tpot_slo_s is None or tpot <= t.tpot_slo_s}
+        met["all"] = all(met.values())
+        self.m.tenant_requests.labels(self.name, t.name).inc()
+        for slo, ok in met.items():
+            if ok:
+                self.m.tenant_slo_met.labels(self.name, t.name, slo).inc()
