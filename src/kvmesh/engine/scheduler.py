@@ -202,7 +202,7 @@ class Scheduler:
         return restore_cost_tokens(req, self.kv)
 
     def _victim_key(self, req: Request) -> tuple[object, ...]:
-        return (self.policy.preempt_class(req), -self.restore_cost_tokens(req), self._key(req))
+        return (self.policy.preempt_class(req), -restore_cost_tokens(req, self.kv), self._key(req))
 
     def _allocate_or_preempt(
         self, req: Request, num_new: int, pending: list[Request], preempted: list[str]
@@ -397,6 +397,4 @@ class Scheduler:
                 req.num_computed_tokens
             )
         assert len(self.running) <= self.config.max_num_seqs
-        check = getattr(self.policy, "check_integrity", None)
-        if check is not None:
-            check()
+        getattr(self.policy, "check_integrity", lambda: None)()
