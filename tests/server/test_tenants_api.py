@@ -126,17 +126,21 @@ def test_admission_refuses_what_the_queue_would_make_late(tmp_path):
     with serve(args, tmp_path) as s:
         assert _post(s.url, "k-batch", prompt=long).status_code == 200  # measures prefill
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            batch = [pool.submit(_post, s.url, "k-batch", prompt=long + str(i),
+            # Distinct from the first token on: no cached prefix shortens what is ahead.
+            batch = [pool.submit(_post, s.url, "k-batch", prompt=f"Batch {i}. {long}",
                                  max_tokens=4) for i in range(4)]
             time.sleep(0.3)
             start = time.monotonic()
             refused = _post(s.url, "k-chat", prompt="hi")
-            took = time.monotonic() - start
+            num_done = sum(f.done() for f in batch)
             codes = [f.result().status_code for f in batch]
+            batch_s = time.monotonic() - start
         assert refused.status_code == 429, refused.text
         assert "TTFT SLO" in refused.json()["error"]["message"]
         assert int(refused.headers["retry-after"]) >= 1
-        assert took < 1.0  # refused at once, not after waiting in the queue
+        # Refused at the next step boundary, not after waiting its turn in the queue (a
+        # step can take seconds on a slow CPU, so no fixed time bound).
+        assert num_done <= 1, (num_done, batch_s)
         assert codes == [200] * 4
         assert _post(s.url, "k-chat", prompt="hi").status_code == 200  # idle again: admitted
         assert _metric(s, "tenant_rejected_total", 'tenant="chat"', 'reason="slo"') == 1
