@@ -201,6 +201,16 @@ class ServerConfig:
     kv_events_port: int | None = _help(
         "Publish KV block events (stored/removed, per tier) on this ZeroMQ PUB port, for "
         "the router's `kv` policy (unset: off).", default=None)
+    p2p_port: int | None = _help(
+        "Join the KV mesh: listen for peers on this TCP port and fetch KV blocks from them "
+        "(unset: off). Needs --cluster-secret-file; docs/mesh.md.", default=None)
+    peers: tuple[str, ...] = _help(
+        "Mesh seed peers, HOST:P2P_PORT, comma-separated (any subset of the mesh).",
+        default=())
+    cluster_secret_file: str | None = _help(
+        "File holding the mesh's shared secret (at least 16 bytes).", default=None)
+    p2p_advertise_host: str | None = _help(
+        "Address peers dial to reach this instance (default: --host).", default=None)
     served_model_name: str | None = _help(
         "Model name clients use (default: the model's name).", default=None
     )
@@ -215,6 +225,13 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if isinstance(self.api_keys, str):
             object.__setattr__(self, "api_keys", tuple(k for k in self.api_keys.split(",") if k))
+        if isinstance(self.peers, str):
+            object.__setattr__(self, "peers", tuple(p for p in self.peers.split(",") if p))
+        if self.p2p_port is not None:
+            if not 0 < self.p2p_port <= 65535:
+                raise ValueError(f"p2p_port must be in [1, 65535], got {self.p2p_port}")
+            if not self.cluster_secret_file:
+                raise ValueError("the mesh (--p2p-port) needs --cluster-secret-file")
 
 
 @dataclass(frozen=True)

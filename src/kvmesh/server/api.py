@@ -24,6 +24,8 @@ from kvmesh import __version__
 from kvmesh.config import EngineConfig, ServerConfig
 from kvmesh.engine.async_engine import AsyncEngine
 from kvmesh.engine.engine import LLMEngine
+from kvmesh.mesh.node import MeshNode
+from kvmesh.mesh.setup import engine_config_for_mesh, mesh_config, start_mesh
 from kvmesh.server.auth import KeyAuth
 from kvmesh.server.errors import APIError, api_error_handler, error_body, validation_error_handler
 from kvmesh.server.handlers import Job, respond
@@ -63,6 +65,7 @@ class AppState:
     load_error: str | None = None
     model_name: str = ""
     publisher: KVEventPublisher | None = None
+    mesh: MeshNode | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     def require_engine(self) -> AsyncEngine:
@@ -96,6 +99,14 @@ def _load(state: AppState, metrics: ServerMetrics) -> None:
         async_engine.run_on_engine(lambda: outbox.subscribe(publisher.on_events)).result()
         state.publisher = publisher
         log.info("publishing KV events on port %d", port)
+    if state.server_config.p2p_port is not None:
+        try:
+            state.mesh = start_mesh(async_engine, mesh_config(state.server_config))
+        except ValueError as exc:
+            log.error("%s", exc)
+            state.load_error = str(exc)
+            async_engine.shutdown()
+            return
     state.model_name = state.server_config.served_model_name or async_engine.model_name
     metrics.model_name = state.model_name
     state.engine = async_engine
@@ -110,6 +121,7 @@ def load_tenants(config: ServerConfig) -> TenantTable:
 
 
 def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> FastAPI:
+    engine_config = engine_config_for_mesh(engine_config, server_config)
     state = AppState(engine_config, server_config)
     metrics = ServerMetrics(server_config.served_model_name or engine_config.model.model)
     metrics.bind(lambda: state.engine.stats() if state.engine else None)
@@ -120,6 +132,8 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> Fast
         loader = asyncio.create_task(asyncio.to_thread(_load, state, metrics))
         yield
         await loader
+        if state.mesh is not None:
+            state.mesh.stop()
         if state.engine is not None:
             state.engine.shutdown()
         if state.publisher is not None:
@@ -202,6 +216,13 @@ def _add_routes(app: FastAPI, state: AppState, metrics: ServerMetrics, auth: Key
         core = engine.engine.core
         snap = await asyncio.wrap_future(engine.run_on_engine(lambda: pub.snapshot(core)))
         return Response(msgspec.msgpack.encode(snap), media_type="application/x-msgpack")
+
+    @app.get("/mesh", include_in_schema=False, responses={404: {}})
+    async def mesh() -> dict[str, Any]:
+        """The mesh as this instance sees it: members, their state, what each holds."""
+        if state.mesh is None:
+            raise APIError(HTTPStatus.NOT_FOUND, "the mesh is off (no --p2p-port)")
+        return state.mesh.view()
 
     @app.get("/version")
     async def version() -> dict[str, str]:

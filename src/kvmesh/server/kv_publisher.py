@@ -55,13 +55,7 @@ class KVEventPublisher:
 
     def snapshot(self, core: EngineCore) -> KVSnapshot:
         """What every medium holds now, as of `seq` (engine thread)."""
-        media = {"device": [bytes(k) for _, k in core.pool.cached_blocks()]}
-        if core.store is not None:
-            for tier in (core.store.host, *core.store.sources):
-                index = getattr(tier, "index", None)
-                if isinstance(index, TierIndex):
-                    media[index.name] = [bytes(k) for k, _ in index.items()]
-        return KVSnapshot(self.instance_id, self.seq, media)
+        return KVSnapshot(self.instance_id, self.seq, snapshot_media(core))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -87,3 +81,14 @@ class KVEventPublisher:
             log.exception("KV event publisher stopped")
         finally:
             sock.close()
+
+
+def snapshot_media(core: EngineCore) -> dict[str, list[bytes]]:
+    """Every block key each medium holds now (engine thread)."""
+    media = {"device": [bytes(k) for _, k in core.pool.cached_blocks()]}
+    if core.store is not None:
+        for tier in (core.store.host, *core.store.sources):
+            index = getattr(tier, "index", None)
+            if isinstance(index, TierIndex):
+                media[index.name] = [bytes(k) for k, _ in index.items()]
+    return media

@@ -1,0 +1,520 @@
+"""A mesh node: the P2P listener, a link to every member, gossip, directory and fetches.
+
+The node runs its own asyncio loop on its own thread, so P2P traffic never waits on the
+HTTP server's loop, and the engine thread only ever hands it work (`request`) or events
+(`publish`). Each node dials every member it knows; on its outbound link it sends probes,
+its own directory (a snapshot, then batches) and fetch requests, and reads the answers.
+On inbound links it answers probes, applies the dialer's directory and serves fetches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import random
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import msgspec
+import xxhash
+
+from kvmesh.engine.kv_events import KVEventBatch, KVSnapshot
+from kvmesh.mesh import handshake, wire
+from kvmesh.mesh.directory import Directory
+from kvmesh.mesh.link import Link
+from kvmesh.mesh.membership import Membership
+from kvmesh.mesh.stats import MeshStats
+
+log = logging.getLogger(__name__)
+HANDSHAKE_TIMEOUT_S = 5.0
+MAX_INBOUND = 256
+MAX_FETCHES_PER_LINK = 4
+EXPORT_CHUNK_BYTES = 32 << 20
+Export = bytes | concurrent.futures.Future | None
+
+
+class LocalBlocks(Protocol):
+    """What the node needs of its own engine (every call runs on the engine thread)."""
+
+    block_bytes: int
+
+    def snapshot(self) -> concurrent.futures.Future:  # of KVSnapshot
+        ...
+
+    def export(self, keys: Sequence[bytes]) -> concurrent.futures.Future:
+        """Copies of the leading held blocks (bytes, or a disk read's Future)."""
+        ...
+
+
+@dataclass
+class MeshConfig:
+    host: str
+    port: int
+    secret: bytes
+    seeds: tuple[str, ...] = ()
+    http_url: str = ""
+    probe_interval_s: float = 0.5
+    suspect_after_s: float = 1.5
+    dead_after_s: float = 4.0
+    fetch_timeout_s: float = 5.0
+
+
+@dataclass
+class _Pending:
+    keys: list[bytes]
+    futures: list[concurrent.futures.Future]
+    next: int = 0
+
+
+@dataclass
+class _OutLink:
+    member: wire.Member
+    link: Link
+    fetches: dict[int, _Pending] = field(default_factory=dict)
+    ready: bool = False  # its directory snapshot is sent: batches flow
+    backlog: list[KVEventBatch] = field(default_factory=list)
+
+
+class MeshNode:
+    def __init__(self, config: MeshConfig, local: LocalBlocks):
+        self.config = config
+        self.local = local
+        self.stats = MeshStats()
+        self.me = wire.Member(uuid.uuid4().hex, f"{config.host}:{config.port}", config.http_url)
+        self.membership = Membership(self.me, suspect_after_s=config.suspect_after_s,
+                                     dead_after_s=config.dead_after_s)
+        self.directory = Directory()
+        self.lock = threading.Lock()  # the directory and membership, read by the engine
+        self._out: dict[str, _OutLink] = {}
+        self._inbound: set[Link] = set()
+        self._dialing: set[str] = set()
+        self._next_req = 0
+        self._queued: dict[str, list[tuple[bytes, concurrent.futures.Future]]] = {}
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="kvmesh-mesh", daemon=True)
+
+    # any thread ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise ValueError(f"cannot listen for peers on {self.me.addr}: {self._error}")
+        log.info("mesh node %s listening on %s (seeds: %s)", self.me.node_id[:8],
+                 self.me.addr, ", ".join(self.config.seeds) or "none")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._thread.is_alive() and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(timeout)
+
+    def holders(self, key: bytes) -> list[str]:
+        """Live members whose directory lists `key` (engine thread; no round trip)."""
+        with self.lock:
+            return [n for n in self.directory.holders(key) if n in self._out]
+
+    def request(self, node_id: str, key: bytes) -> concurrent.futures.Future:
+        """Fetch one block from `node_id`; reads queued in one burst go as one request."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._loop.call_soon_threadsafe(self._queue_fetch, node_id, key, fut)
+        return fut
+
+    def publish(self, batch: KVEventBatch) -> None:
+        """The local engine's KV-event batch, for every member's directory."""
+        self._loop.call_soon_threadsafe(self._forward, batch)
+
+    def view(self) -> dict:
+        """The mesh as this node sees it (for `/mesh` and `kvmesh peers`)."""
+        with self.lock:
+            members = [{"node_id": e.member.node_id, "addr": e.member.addr,
+                        "http_url": e.member.http_url, "state": e.state.value,
+                        "linked": e.member.node_id in self._out,
+                        "blocks": self.directory.num_blocks(e.member.node_id)}
+                       for e in self.membership.entries.values()]
+        me = {"node_id": self.me.node_id, "addr": self.me.addr, "http_url": self.me.http_url}
+        return {"me": me, "members": members,
+                "stats": msgspec.to_builtins(self.stats)}
+
+    # the node's loop -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._main())
+        finally:
+            self._started.set()
+            self._loop.close()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        try:
+            server = await asyncio.start_server(self._serve, self.config.host, self.config.port)
+        except OSError as exc:
+            self._error = exc
+            return
+        self._started.set()
+        probes = asyncio.create_task(self._probe_loop())
+        try:
+            await self._stop.wait()
+        finally:
+            probes.cancel()
+            await self._leave()
+            server.close()
+            for link in list(self._inbound):
+                link.close()
+
+    async def _leave(self) -> None:
+        for out in list(self._out.values()):
+            with contextlib.suppress(TimeoutError, OSError):
+                await asyncio.wait_for(out.link.send(wire.Leave(self.me.node_id)), 1.0)
+            self._drop(out.member.node_id)
+
+    # membership ------------------------------------------------------------------------
+
+    async def _probe_loop(self) -> None:
+        seq = 0
+        while True:
+            seq += 1
+            with self.lock:
+                died = self.membership.tick()
+                members = self.membership.members()
+            for node_id in died:
+                log.warning("peer %s is dead", node_id[:8])
+                self.stats.deaths += 1
+                self._drop(node_id)
+            for out in list(self._out.values()):
+                asyncio.create_task(self._send(out, wire.Ping(seq, members)))
+            self._dial_missing()
+            await asyncio.sleep(self.config.probe_interval_s * random.uniform(0.8, 1.2))
+
+    def _dial_missing(self) -> None:
+        with self.lock:
+            targets = [m.addr for m in self.membership.live() if m.node_id not in self._out]
+            if not self.membership.entries:
+                targets += list(self.config.seeds)  # alone: keep trying the seeds
+        for addr in set(targets) - self._dialing - {self.me.addr}:
+            self._dialing.add(addr)
+            asyncio.create_task(self._dial(addr))
+
+    def _learn(self, members: Sequence[wire.Member]) -> None:
+        with self.lock:
+            _, replaced = self.membership.learn(members)
+        for node_id in replaced:
+            self._drop(node_id)
+
+    def _drop(self, node_id: str) -> None:
+        """Forget a dead, restarted or departed member: links, directory, pending fetches."""
+        with self.lock:
+            self.membership.leave(node_id)
+            self.directory.forget(node_id)
+            out = self._out.pop(node_id, None)
+        if out is not None:
+            out.link.close()
+            for pending in out.fetches.values():
+                _fail(pending)
+
+    # dialing ---------------------------------------------------------------------------
+
+    async def _dial(self, addr: str) -> None:
+        try:
+            host, port = addr.rsplit(":", 1)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, int(port)), HANDSHAKE_TIMEOUT_S)
+        except (TimeoutError, OSError, ValueError):
+            self._dialing.discard(addr)
+            return
+        link = Link(reader, writer)
+        try:
+            welcome = await asyncio.wait_for(self._greet(link), HANDSHAKE_TIMEOUT_S)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, wire.FrameError) as exc:
+            log.warning("handshake with %s failed: %s", addr, exc or type(exc).__name__)
+            self.stats.handshakes_refused += isinstance(exc, PermissionError)
+            link.close()
+            self._dialing.discard(addr)
+            return
+        self._dialing.discard(addr)
+        peer = welcome.member
+        self._learn([peer, *welcome.members])
+        with self.lock:
+            if peer.node_id in self._out or peer.node_id not in self.membership.entries:
+                link.close()  # already linked, or a dead life of that address
+                return
+            self.membership.heard(peer.node_id)
+            out = _OutLink(peer, link)
+            self._out[peer.node_id] = out
+        log.info("linked to peer %s at %s", peer.node_id[:8], addr)
+        asyncio.create_task(self._read_out(out))
+        await self._send_snapshot(out)
+
+    async def _greet(self, link: Link) -> wire.Welcome:
+        mine = handshake.nonce()
+        await link.send(wire.Hello(wire.PROTOCOL_VERSION, mine))
+        msg, _ = await link.recv()
+        if not isinstance(msg, wire.Challenge):
+            raise wire.FrameError(f"expected a challenge, got {type(msg).__name__}")
+        if not handshake.verify(self.config.secret, b"L", mine, msg.nonce, msg.mac):
+            raise PermissionError("the peer does not know the cluster secret")
+        proof = handshake.mac(self.config.secret, b"D", mine, msg.nonce)
+        await link.send(wire.Proof(proof, self.me))
+        link.authenticated = True
+        msg, _ = await link.recv()
+        if not isinstance(msg, wire.Welcome):
+            raise wire.FrameError(f"expected a welcome, got {type(msg).__name__}")
+        return msg
+
+    async def _read_out(self, out: _OutLink) -> None:
+        """Answers on an outbound link: acks, resync requests, fetched blocks."""
+        node_id = out.member.node_id
+        try:
+            while True:
+                msg, payload = await out.link.recv()
+                if isinstance(msg, wire.Ack):
+                    self._on_ack(node_id, msg)
+                elif isinstance(msg, wire.Resync):
+                    await self._send_snapshot(out)
+                elif isinstance(msg, wire.Block):
+                    self._on_block(out, msg, payload)
+                elif isinstance(msg, wire.Done):
+                    pending = out.fetches.pop(msg.req, None)
+                    if pending is not None:
+                        _fail(pending)
+                else:
+                    raise wire.FrameError(f"unexpected {type(msg).__name__}")
+        except (OSError, asyncio.IncompleteReadError, wire.FrameError) as exc:
+            log.info("link to %s closed: %s", node_id[:8], exc or type(exc).__name__)
+        finally:
+            if self._out.get(node_id) is out:
+                self._out.pop(node_id, None)
+            out.link.close()
+            for pending in out.fetches.values():
+                _fail(pending)
+
+    def _on_ack(self, node_id: str, ack: wire.Ack) -> None:
+        with self.lock:
+            self.membership.heard(node_id)
+        self._learn(ack.members)
+        for dead in ack.dead:
+            with self.lock:
+                believed = self.membership.rumor_dead(dead)
+            if believed:
+                self._drop(dead)
+
+    async def _send(self, out: _OutLink, msg: wire.Message) -> None:
+        try:
+            await out.link.send(msg)
+        except (OSError, ConnectionError):
+            out.link.close()
+
+    # directory -------------------------------------------------------------------------
+
+    async def _send_snapshot(self, out: _OutLink) -> None:
+        out.ready = False
+        try:
+            snap: KVSnapshot = await asyncio.wrap_future(self.local.snapshot())
+        except Exception:  # noqa: BLE001 - the engine is gone: nothing to announce
+            log.exception("directory snapshot failed")
+            return
+        await self._send(out, wire.Directory(True, msgspec.msgpack.encode(snap)))
+        backlog, out.backlog, out.ready = out.backlog, [], True
+        for batch in backlog:
+            if batch.seq > snap.seq:
+                await self._send(out, wire.Directory(False, msgspec.msgpack.encode(batch)))
+
+    def _forward(self, batch: KVEventBatch) -> None:
+        data = msgspec.msgpack.encode(batch)
+        for out in self._out.values():
+            if out.ready:
+                asyncio.create_task(self._send(out, wire.Directory(False, data)))
+            else:
+                out.backlog.append(batch)
+
+    # fetching (client) -----------------------------------------------------------------
+
+    def _queue_fetch(self, node_id: str, key: bytes, fut: concurrent.futures.Future) -> None:
+        burst = self._queued.setdefault(node_id, [])
+        if not burst:
+            self._loop.call_soon(self._flush, node_id)
+        burst.append((key, fut))
+
+    def _flush(self, node_id: str) -> None:
+        burst = self._queued.pop(node_id, [])
+        out = self._out.get(node_id)
+        for i in range(0, len(burst), wire.MAX_KEYS_PER_FETCH):
+            part = burst[i:i + wire.MAX_KEYS_PER_FETCH]
+            pending = _Pending([k for k, _ in part], [f for _, f in part])
+            if out is None:
+                _fail(pending)
+                continue
+            self._next_req += 1
+            out.fetches[self._next_req] = pending
+            self.stats.fetches += 1
+            asyncio.create_task(self._send(out, wire.Fetch(self._next_req, pending.keys)))
+            self._loop.call_later(self.config.fetch_timeout_s, self._expire, out,
+                                  self._next_req)
+
+    def _expire(self, out: _OutLink, req: int) -> None:
+        pending = out.fetches.pop(req, None)
+        if pending is not None:
+            self.stats.fetch_timeouts += 1
+            _fail(pending)
+
+    def _on_block(self, out: _OutLink, msg: wire.Block, payload: bytes) -> None:
+        pending = out.fetches.get(msg.req)
+        if pending is None:
+            return  # timed out already
+        i = pending.next
+        ok = (msg.index == i and i < len(pending.keys) and msg.key == pending.keys[i]
+              and len(payload) == self.local.block_bytes
+              and xxhash.xxh3_64_intdigest(payload) == msg.digest)
+        if not ok:  # never used: the rest of the run is recomputed
+            self.stats.checksum_failures += 1
+            out.fetches.pop(msg.req, None)
+            _fail(pending)
+            return
+        pending.futures[i].set_result(payload)
+        pending.next += 1
+        self.stats.blocks_in += 1
+        self.stats.bytes_in += len(payload)
+        if pending.next == len(pending.keys):
+            out.fetches.pop(msg.req, None)
+
+    # serving (inbound links) -----------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link = Link(reader, writer)
+        if len(self._inbound) >= MAX_INBOUND:
+            link.close()
+            return
+        self._inbound.add(link)
+        try:
+            peer = await asyncio.wait_for(self._admit(link), HANDSHAKE_TIMEOUT_S)
+            await self._serve_member(link, peer)
+        except PermissionError as exc:
+            self.stats.handshakes_refused += 1
+            log.warning("refused peer %s: %s", link.peer_addr, exc)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, wire.FrameError) as exc:
+            self.stats.bad_frames += isinstance(exc, wire.FrameError)
+            log.info("inbound link %s closed: %s", link.peer_addr, exc or type(exc).__name__)
+        finally:
+            self._inbound.discard(link)
+            link.close()
+
+    async def _admit(self, link: Link) -> wire.Member:
+        msg, _ = await link.recv()
+        if not isinstance(msg, wire.Hello) or msg.version != wire.PROTOCOL_VERSION:
+            raise wire.FrameError("expected a hello of this protocol version")
+        mine = handshake.nonce()
+        await link.send(wire.Challenge(mine, handshake.mac(self.config.secret, b"L",
+                                                           msg.nonce, mine)))
+        proof, _ = await link.recv()
+        if not isinstance(proof, wire.Proof):
+            raise wire.FrameError("expected a proof")
+        if not handshake.verify(self.config.secret, b"D", msg.nonce, mine, proof.mac):
+            raise PermissionError("wrong cluster secret")
+        link.authenticated = True
+        with self.lock:
+            members = self.membership.members()
+        await link.send(wire.Welcome(self.me, members))
+        return proof.member
+
+    async def _serve_member(self, link: Link, peer: wire.Member) -> None:
+        self._learn([peer])
+        slots = asyncio.Semaphore(MAX_FETCHES_PER_LINK)
+        tasks: set[asyncio.Task] = set()
+        try:
+            while True:
+                msg, _ = await link.recv()
+                with self.lock:
+                    self.membership.heard(peer.node_id)
+                if isinstance(msg, wire.Ping):
+                    self._learn(msg.members)
+                    with self.lock:
+                        members = self.membership.members()
+                        dead = self.membership.recent_dead()
+                    await link.send(wire.Ack(msg.seq, members, dead))
+                elif isinstance(msg, wire.Directory):
+                    await self._on_directory(link, peer.node_id, msg)
+                elif isinstance(msg, wire.Fetch):
+                    await slots.acquire()
+                    task = asyncio.create_task(self._serve_fetch(link, msg, slots))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                elif isinstance(msg, wire.Leave):
+                    log.info("peer %s left the mesh", peer.node_id[:8])
+                    self._drop(peer.node_id)
+                    return
+                else:
+                    raise wire.FrameError(f"unexpected {type(msg).__name__}")
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _on_directory(self, link: Link, node_id: str, msg: wire.Directory) -> None:
+        try:
+            if msg.is_snapshot:
+                snap = msgspec.msgpack.decode(msg.data, type=KVSnapshot)
+                with self.lock:
+                    self.directory.reset(node_id, snap)
+                return
+            batch = msgspec.msgpack.decode(msg.data, type=KVEventBatch)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise wire.FrameError(f"bad directory data: {exc}") from None
+        with self.lock:
+            in_order = self.directory.apply(node_id, batch)
+        if not in_order:
+            await link.send(wire.Resync(batch.seq))
+
+    async def _serve_fetch(self, link: Link, msg: wire.Fetch, slots: asyncio.Semaphore) -> None:
+        sent = 0
+        try:
+            chunk = max(1, EXPORT_CHUNK_BYTES // self.local.block_bytes)
+            for start in range(0, len(msg.keys), chunk):
+                keys = msg.keys[start:start + chunk]
+                items: list[Export] = await asyncio.wrap_future(self.local.export(keys))
+                for key, item in zip(keys, items, strict=False):
+                    data = await _resolve(item)
+                    if data is None:
+                        return
+                    await self._send_block(link, wire.Block(
+                        msg.req, sent, key, xxhash.xxh3_64_intdigest(data)), data)
+                    sent += 1
+                    self.stats.blocks_out += 1
+                    self.stats.bytes_out += len(data)
+                if len(items) < len(keys):
+                    return
+        except (OSError, ConnectionError):
+            link.close()
+        finally:
+            slots.release()
+            if not link.closed:
+                try:
+                    await link.send(wire.Done(msg.req, sent))
+                except (OSError, ConnectionError):
+                    link.close()
+
+
+    async def _send_block(self, link: Link, header: wire.Block, data: bytes) -> None:
+        await link.send(header, data)
+
+
+async def _resolve(item: Export) -> bytes | None:
+    if isinstance(item, concurrent.futures.Future):
+        try:
+            return await asyncio.wrap_future(item)
+        except Exception:  # noqa: BLE001 - a failed disk read ends the run
+            return None
+    return item
+
+
+def _fail(pending: _Pending) -> None:
+    for fut in pending.futures:
+        if not fut.done():
+            fut.set_result(None)

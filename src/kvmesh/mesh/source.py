@@ -1,0 +1,128 @@
+"""The mesh as the tiered store sees it: one more `Source` below host memory, and the
+engine-side half that snapshots and exports this instance's own blocks for its peers.
+
+`PeerSource` answers `key in source` from the local directory (no round trip) and turns
+`read(key)` into a fetch from a live holder, preferring the peer that served the previous
+block so a prefix streams as one run. A fetched block lands in host memory through the
+store, like a disk read; a failed, stalled or corrupt fetch resolves to None and the rest
+of that prefix is recomputed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from kvmesh.engine.kv_events import KVEventBatch, KVSnapshot, to_wire
+from kvmesh.hashing import BlockKey
+from kvmesh.kvstore.tier import TierStats
+
+if TYPE_CHECKING:
+    from kvmesh.engine.async_engine import AsyncEngine
+    from kvmesh.engine.events import BlockEvent
+    from kvmesh.mesh.node import MeshNode
+
+PEER = "peer"
+
+
+class PeerSource:
+    name = PEER
+    writable = False
+
+    def __init__(self, node: MeshNode):
+        self.node = node
+        self.stats = TierStats(PEER)
+        self._last: str | None = None
+        self._reads: list[concurrent.futures.Future] = []
+
+    @property
+    def is_enabled(self) -> bool:
+        return True
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, bytes) and bool(self.node.holders(key))
+
+    def read(self, key: BlockKey) -> concurrent.futures.Future:
+        holders = self.node.holders(key)
+        if not holders:
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            fut.set_result(None)
+            return fut
+        node_id = self._last if self._last in holders else holders[0]
+        self._last = node_id
+        fut = self.node.request(node_id, key)
+        self._reads.append(fut)
+        return fut
+
+    def write(self, key: BlockKey, payload: bytes) -> None:
+        raise NotImplementedError("peers are read-only")
+
+    def poll(self) -> None:
+        pending = []
+        for fut in self._reads:
+            if not fut.done():
+                pending.append(fut)
+            elif (data := fut.result()) is not None:
+                self.stats.bytes_in += len(data)
+        self._reads = pending
+        self.stats.checksum_failures = self.node.stats.checksum_failures
+
+    def drain(self, timeout: float = 30.0) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def check_integrity(self) -> None:
+        with self.node.lock:
+            self.node.directory.check_integrity()
+            self.node.membership.check_integrity()
+
+
+class EngineBlocks:
+    """This instance's blocks for its peers: its KV events numbered into batches, snapshots,
+    and copies of held blocks (device, host or disk), each taken on the engine thread."""
+
+    def __init__(self, engine: AsyncEngine, instance_id: str):
+        self.engine = engine
+        self.instance_id = instance_id
+        self.block_bytes = engine.engine.runner.block_bytes
+        self.seq = 0  # engine thread only
+        self.node: MeshNode | None = None
+
+    def on_events(self, events: Sequence[BlockEvent]) -> None:
+        wire = to_wire(events)
+        if wire and self.node is not None:
+            self.seq += 1
+            self.node.publish(KVEventBatch(self.instance_id, self.seq, time.time(), wire))
+
+    def snapshot(self) -> concurrent.futures.Future:
+        from kvmesh.server.kv_publisher import snapshot_media
+
+        core = self.engine.engine.core
+        return self.engine.run_on_engine(
+            lambda: KVSnapshot(self.instance_id, self.seq, snapshot_media(core)))
+
+    def export(self, keys: Sequence[bytes]) -> concurrent.futures.Future:
+        return self.engine.run_on_engine(lambda: self._export(keys))
+
+    def _export(self, keys: Sequence[bytes]) -> list[Any]:
+        engine = self.engine.engine
+        store, pool = engine.store, engine.core.pool
+        out: list[Any] = []
+        for key in keys:
+            block_id = pool.lookup(BlockKey(key))
+            if block_id is not None:  # immutable once cached: a copy between steps is exact
+                out.append(engine.runner.block(block_id).cpu().numpy().tobytes())
+                continue
+            data = store.host.payload(BlockKey(key)) if store is not None else None
+            if data is None and store is not None and store.disk is not None \
+                    and key in store.disk:
+                out.append(store.disk.read(BlockKey(key)))
+                continue
+            if data is None:
+                break
+            out.append(data)
+        return out

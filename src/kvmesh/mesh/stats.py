@@ -1,0 +1,19 @@
+"""Counters of one mesh node (mutated on the node's loop; read for metrics)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class MeshStats:
+    fetches: int = 0
+    fetch_timeouts: int = 0
+    blocks_in: int = 0
+    bytes_in: int = 0
+    blocks_out: int = 0
+    bytes_out: int = 0
+    checksum_failures: int = 0
+    handshakes_refused: int = 0
+    bad_frames: int = 0
+    deaths: int = 0

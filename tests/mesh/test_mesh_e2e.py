@@ -1,0 +1,146 @@
+"""The mesh between real `kvmesh serve` processes on loopback: gossip discovery, peer
+fetches with identical greedy output, a dead or stalled holder, and a wrong secret."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server_process import free_port, serve
+
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
+
+
+def long_prompt(n_words: int, seed: int = 0) -> str:
+    return "Read these notes. " + " ".join(WORDS[(i * 7 + seed) % len(WORDS)]
+                                            for i in range(n_words))
+
+
+def _secret(tmp: Path, name: str = "secret", value: str = "s3cret-for-the-test-mesh") -> str:
+    path = tmp / name
+    path.write_text(value)
+    return str(path)
+
+
+def _mesh_args(port: int, secret: str, seeds: list[int], extra: list[str]) -> list[str]:
+    args = ["--p2p-port", str(port), "--cluster-secret-file", secret, *extra]
+    if seeds:
+        args += ["--peers", ",".join(f"127.0.0.1:{p}" for p in seeds)]
+    return args
+
+
+def _complete(url: str, prompt: str, max_tokens: int = 12) -> tuple[str, int]:
+    r = httpx.post(url + "/v1/completions", timeout=120, json={
+        "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return body["choices"][0]["text"], body["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def _wait_for(pred, what: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _peer_metric(url: str, name: str) -> float:
+    """`kvmesh:<name>` summed over the series labelled tier="peer"."""
+    lines = httpx.get(url + "/metrics", timeout=10).text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+               if line.startswith(f"kvmesh:{name}{{") and 'tier="peer"' in line)
+
+
+def _view(url: str) -> dict:
+    return httpx.get(url + "/mesh", timeout=10).json()
+
+
+def _holder(url: str, node_id: str) -> bool:
+    """`url`'s directory lists blocks of `node_id`, over a live link."""
+    return any(m["node_id"] == node_id and m["linked"] and m["blocks"] > 0
+               for m in _view(url)["members"])
+
+
+@contextlib.contextmanager
+def _mesh(tmp: Path, model_args: list[str], n: int = 3, chain: bool = True):
+    """n instances; each seeds only the previous one (the rest comes from gossip)."""
+    secret = _secret(tmp)
+    ports = [free_port() for _ in range(n)]
+    with contextlib.ExitStack() as stack:
+        servers = []
+        for i, port in enumerate(ports):
+            seeds = ports[i - 1:i] if chain and i else []
+            servers.append(stack.enter_context(
+                serve(_mesh_args(port, secret, seeds, model_args), tmp)))
+        ids = [_view(s.url)["me"]["node_id"] for s in servers]
+        for s in servers:  # gossip: everyone learns of everyone, though seeded with one
+            _wait_for(lambda s=s: sum(m["linked"] for m in _view(s.url)["members"]) == n - 1,
+                      f"{s.url} linked to every member")
+        yield servers, ids, ports, secret
+
+
+@pytest.mark.timeout(300)
+def test_peer_fetch_gives_identical_output_and_gossip_discovery(tmp_path, tiny_llama):
+    args = ["--model", str(tiny_llama), "--block-size", "4"]
+    prompt = long_prompt(80)
+    with _mesh(tmp_path, args) as (servers, ids, _, _):
+        a, b, c = servers
+        cold_text, cached = _complete(a.url, prompt)
+        assert cached == 0
+        _wait_for(lambda: _holder(b.url, ids[0]), "B's directory to list A's blocks")
+        text, cached = _complete(b.url, prompt)
+        assert text == cold_text
+        assert cached > 0  # served from A's blocks
+        assert _peer_metric(b.url, "kv_tier_hit_tokens_total") >= cached - 4
+        assert _view(b.url)["stats"]["blocks_in"] > 0
+        assert _view(a.url)["stats"]["blocks_out"] > 0
+        # C (seeded with B only) found A through gossip, and A's blocks through B's too.
+        text_c, cached_c = _complete(c.url, prompt)
+        assert text_c == cold_text and cached_c > 0
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
+def test_dead_or_stalled_holder_turns_into_a_recompute(tmp_path, tiny_llama, sig):
+    args = ["--model", str(tiny_llama), "--block-size", "4"]
+    prompt = long_prompt(80, seed=3)
+    with _mesh(tmp_path, args, n=2) as (servers, ids, _, _):
+        a, b = servers
+        cold_text, _ = _complete(a.url, prompt)
+        _wait_for(lambda: _holder(b.url, ids[0]), "B's directory to list A's blocks")
+        a.proc.send_signal(sig)
+        try:
+            start = time.monotonic()
+            text, _ = _complete(b.url, prompt)
+            took = time.monotonic() - start
+        finally:
+            if sig == signal.SIGSTOP:
+                a.proc.send_signal(signal.SIGCONT)
+        assert text == cold_text
+        assert took < 30  # within the fetch timeout and a recompute, never a hang
+        if sig == signal.SIGKILL:
+            _wait_for(lambda: not _view(b.url)["members"], "B to bury A")
+
+
+@pytest.mark.timeout(240)
+def test_a_wrong_secret_is_refused_and_learns_nothing(tmp_path, tiny_llama):
+    args = ["--model", str(tiny_llama), "--block-size", "4"]
+    with _mesh(tmp_path, args, n=2) as (servers, _, ports, _):
+        a, _ = servers
+        _complete(a.url, long_prompt(60))
+        bad = _secret(tmp_path, "other", "another-secret-entirely-123")
+        with serve(_mesh_args(free_port(), bad, [ports[0]], args), tmp_path) as intruder:
+            _wait_for(lambda: _view(intruder.url)["stats"]["handshakes_refused"] >= 1,
+                      "the intruder to fail the handshake")
+            view = _view(intruder.url)
+            assert view["members"] == []  # no membership list
+            assert view["stats"]["blocks_in"] == 0
+            assert len(_view(a.url)["members"]) == 1  # the intruder never joined

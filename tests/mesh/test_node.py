@@ -1,0 +1,282 @@
+"""Mesh nodes in one process over real loopback sockets: fetches, checksums, stale entries,
+membership, the handshake, and a bounded protocol fuzz. The engine side is a dict of blocks."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import random
+import resource
+import socket
+import struct
+import time
+
+import msgspec
+import pytest
+
+from kvmesh.engine.kv_events import BlocksRemoved, BlocksStored, KVEventBatch, KVSnapshot
+from kvmesh.mesh import handshake, wire
+from kvmesh.mesh.membership import Membership, State
+from kvmesh.mesh.node import MeshConfig, MeshNode
+from tests.server_process import free_port
+
+BLOCK = 4096
+SECRET = b"0123456789abcdef-test"
+
+
+class DictBlocks:
+    """LocalBlocks over a dict: what an engine would export, numbered like KV events."""
+
+    def __init__(self):
+        self.block_bytes = BLOCK
+        self.blocks: dict[bytes, bytes] = {}
+        self.seq = 0
+        self.node: MeshNode | None = None
+
+    def put(self, keys: list[bytes]) -> None:
+        for k in keys:
+            self.blocks[k] = (k * (BLOCK // len(k) + 1))[:BLOCK]
+        self._publish(BlocksStored("host", keys))
+
+    def drop(self, keys: list[bytes]) -> None:
+        for k in keys:
+            self.blocks.pop(k, None)
+        self._publish(BlocksRemoved("host", keys))
+
+    def _publish(self, event) -> None:
+        self.seq += 1
+        assert self.node is not None
+        self.node.publish(KVEventBatch(self.node.me.node_id, self.seq, time.time(), [event]))
+
+    def snapshot(self) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        fut.set_result(KVSnapshot("x", self.seq, {"host": list(self.blocks)}))
+        return fut
+
+    def export(self, keys) -> concurrent.futures.Future:
+        out = []
+        for k in keys:
+            if k not in self.blocks:
+                break
+            data = self.blocks[k]
+            out.append(data)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        fut.set_result(out)
+        return fut
+
+
+def _node(seeds=(), secret=SECRET, **kw) -> tuple[MeshNode, DictBlocks]:
+    local = DictBlocks()
+    port = free_port()
+    cfg = MeshConfig("127.0.0.1", port, secret, tuple(f"127.0.0.1:{p}" for p in seeds),
+                     probe_interval_s=0.1, suspect_after_s=0.5, dead_after_s=1.5,
+                     fetch_timeout_s=2.0, **kw)
+    node = MeshNode(cfg, local)
+    local.node = node
+    node.start()
+    return node, local
+
+
+def _wait(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def _port(node: MeshNode) -> int:
+    return node.config.port
+
+
+KEYS = [os.urandom(16) for _ in range(64)]
+
+
+@pytest.fixture
+def pair():
+    a, la = _node()
+    b, lb = _node(seeds=[_port(a)])
+    yield a, la, b, lb
+    b.stop()
+    a.stop()
+
+
+def _fetch(node: MeshNode, holder: str, keys) -> list[bytes | None]:
+    futs = [node.request(holder, k) for k in keys]
+    return [f.result(timeout=10) for f in futs]
+
+
+def test_fetch_streams_verified_blocks_and_stops_at_the_first_missing(pair):
+    a, la, b, _ = pair
+    la.put(KEYS[:40])
+    _wait(lambda: b.holders(KEYS[39]) == [a.me.node_id])
+    got = _fetch(b, a.me.node_id, KEYS[:40])
+    assert got == [la.blocks[k] for k in KEYS[:40]]
+    # A stale entry: A dropped block 10 after B's directory listed it. The run stops there.
+    la.blocks.pop(KEYS[10])
+    got = _fetch(b, a.me.node_id, KEYS[:20])
+    assert got[:10] == [la.blocks[k] for k in KEYS[:10]] and got[10:] == [None] * 10
+    assert b.stats.blocks_in == 50 and a.stats.blocks_out == 50
+    # Removals reach the directory; a resync follows a gap.
+    la.drop(KEYS[:5])
+    _wait(lambda: not b.holders(KEYS[0]))
+    assert b.holders(KEYS[5]) == [a.me.node_id]
+
+
+class CorruptingNode(MeshNode):
+    """Flips a byte of every block after its digest was taken: damage in transit."""
+
+    async def _send_block(self, link, header, data):
+        await link.send(header, bytes([data[0] ^ 1]) + data[1:])
+
+
+def test_blocks_that_fail_their_checksum_are_never_used():
+    local = DictBlocks()
+    a = CorruptingNode(MeshConfig("127.0.0.1", free_port(), SECRET, probe_interval_s=0.1),
+                       local)
+    local.node = a
+    a.start()
+    b, _ = _node(seeds=[_port(a)])
+    try:
+        local.put(KEYS[:4])
+        _wait(lambda: b.holders(KEYS[3]))
+        assert _fetch(b, a.me.node_id, KEYS[:4]) == [None] * 4
+        assert b.stats.checksum_failures >= 1 and b.stats.blocks_in == 0  # one per burst
+    finally:
+        b.stop()
+        a.stop()
+
+
+def test_gossip_spreads_membership_and_a_death_is_noticed():
+    a, _ = _node()
+    b, _ = _node(seeds=[_port(a)])
+    c, _ = _node(seeds=[_port(b)])
+    nodes = [a, b, c]
+    try:
+        _wait(lambda: all(len(n.membership.live()) == 2 and len(n._out) == 2 for n in nodes))
+        c.stop()
+        start = time.monotonic()
+        _wait(lambda: c.me.node_id not in a.membership.entries, timeout=10)
+        assert time.monotonic() - start < 5  # dead_after_s 1.5 s plus a probe
+        for n in (a, b):
+            n.membership.check_integrity()
+            n.directory.check_integrity()
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_wrong_secret_gets_nothing():
+    a, la = _node()
+    la.put(KEYS[:4])
+    intruder, _ = _node(seeds=[_port(a)], secret=b"not-the-secret-at-all")
+    try:
+        _wait(lambda: intruder.stats.handshakes_refused >= 1)
+        time.sleep(0.5)
+        assert not intruder.membership.entries and not intruder.directory.nodes()
+        assert not a.membership.entries  # never admitted
+        # A raw client that skips the proof is cut off after the challenge.
+        with socket.create_connection(("127.0.0.1", _port(a)), timeout=5) as s:
+            s.sendall(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, handshake.nonce())))
+            _read_frame(s)  # the challenge
+            s.sendall(wire.encode(wire.Proof(b"\0" * 32, wire.Member("evil", "1.2.3.4:1"))))
+            assert s.recv(1 << 16) == b""  # closed: no welcome, no member list
+        _wait(lambda: a.stats.handshakes_refused >= 1)
+    finally:
+        intruder.stop()
+        a.stop()
+
+
+def _read_frame(s: socket.socket) -> wire.Message:
+    prefix = _recv_exactly(s, wire.PREFIX.size)
+    n, payload = wire.PREFIX.unpack(prefix)
+    return wire.decode(_recv_exactly(s, n), payload)
+
+
+def _recv_exactly(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+    return buf
+
+
+def _fuzz_frames(rng: random.Random, replay: list[bytes]) -> bytes:
+    kind = rng.randrange(6)
+    if kind == 0:
+        return rng.randbytes(rng.randrange(1, 200))
+    if kind == 1:  # an oversized header or payload announced
+        return struct.pack("<II", rng.choice([1 << 31, wire.MAX_HANDSHAKE_BYTES + 1]),
+                           rng.randrange(1 << 32))
+    if kind == 2:  # truncated valid frame
+        frame = wire.encode(wire.Hello(wire.PROTOCOL_VERSION, handshake.nonce()))
+        return frame[:rng.randrange(1, len(frame))]
+    if kind == 3:  # a replayed recorded frame
+        return rng.choice(replay)
+    if kind == 4:  # a frame that is valid msgpack but the wrong message
+        return wire.encode(wire.Fetch(1, [b"k" * 16]))
+    return wire.encode(wire.Hello(99, b"x"))  # another protocol version
+
+
+def test_protocol_fuzz_closes_only_the_offending_connection(pair):
+    a, la, b, _ = pair
+    la.put(KEYS[:8])
+    _wait(lambda: b.holders(KEYS[7]))
+    rng = random.Random(7)
+    replay = [wire.encode(wire.Hello(wire.PROTOCOL_VERSION, handshake.nonce())),
+              wire.encode(wire.Proof(os.urandom(32), wire.Member("r", "127.0.0.1:1")))]
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    deadline = time.monotonic() + 20
+    for _ in range(300):
+        if time.monotonic() > deadline:
+            break
+        with socket.create_connection(("127.0.0.1", _port(a)), timeout=5) as s:
+            s.settimeout(5)
+            try:
+                s.sendall(_fuzz_frames(rng, replay))
+                s.shutdown(socket.SHUT_WR)
+                while s.recv(1 << 16):  # the node answers or closes; it never hangs
+                    pass
+            except (ConnectionResetError, BrokenPipeError):
+                pass
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+    assert grown_kb < 64 * 1024  # nothing announced-but-unsent was allocated
+    assert a.stats.bad_frames > 0
+    # The legitimate link is untouched.
+    assert _fetch(b, a.me.node_id, KEYS[:8]) == [la.blocks[k] for k in KEYS[:8]]
+    assert not a._inbound - {link for link in a._inbound if link.authenticated}
+
+
+def test_membership_suspects_before_it_buries_and_restarts_replace():
+    now = [0.0]
+    me = wire.Member("me", "h:1")
+    m = Membership(me, clock=lambda: now[0], suspect_after_s=1.0, dead_after_s=3.0)
+    new, replaced = m.learn([wire.Member("p1", "h:2"), wire.Member("p2", "h:3"), me])
+    assert [x.node_id for x in new] == ["p1", "p2"] and replaced == []
+    now[0] = 1.5
+    m.heard("p2")
+    assert m.tick() == [] and m.state("p1") is State.SUSPECT and m.state("p2") is State.ALIVE
+    assert not m.rumor_dead("p2")  # heard lately: a rumor does not kill it
+    now[0] = 3.2
+    assert m.tick() == ["p1"] and m.state("p1") is State.DEAD
+    assert m.learn([wire.Member("p1", "h:2")]) == ([], [])  # no resurrection
+    _, replaced = m.learn([wire.Member("p2-new", "h:3")])  # p2 restarted
+    assert replaced == ["p2"] and m.state("p2-new") is State.ALIVE
+    m.check_integrity()
+
+
+def test_wire_bounds():
+    with pytest.raises(wire.FrameError):
+        wire.check_sizes(wire.MAX_HANDSHAKE_BYTES + 1, 0, authenticated=False)
+    with pytest.raises(wire.FrameError):
+        wire.check_sizes(10, 1, authenticated=False)
+    with pytest.raises(wire.FrameError):
+        wire.check_sizes(10, wire.MAX_PAYLOAD_BYTES + 1, authenticated=True)
+    frame = wire.encode(wire.Fetch(1, [b"k" * 16] * (wire.MAX_KEYS_PER_FETCH + 1)))
+    with pytest.raises(wire.FrameError):
+        wire.decode(frame[wire.PREFIX.size:], 0)
+    with pytest.raises(wire.FrameError):
+        wire.decode(msgspec.msgpack.encode({"x": 1}), 0)
