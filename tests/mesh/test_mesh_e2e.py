@@ -13,7 +13,8 @@ import pytest
 
 from tests.server_process import free_port, serve
 
-WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota",
+         "kappa", "lambda", "mu"]
 
 
 def long_prompt(n_words: int, seed: int = 0) -> str:
