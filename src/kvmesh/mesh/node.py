@@ -35,6 +35,7 @@ HANDSHAKE_TIMEOUT_S = 5.0
 MAX_INBOUND = 256
 MAX_FETCHES_PER_LINK = 4
 EXPORT_CHUNK_BYTES = 32 << 20
+MAX_BACKLOG = 1024  # event batches held for a link whose snapshot is not sent yet
 Export = bytes | concurrent.futures.Future | None
 
 
@@ -115,6 +116,9 @@ class MeshNode:
         if self._thread.is_alive() and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(timeout)
+        for burst in self._queued.values():  # queued but never sent: misses
+            _fail(_Pending([k for k, _ in burst], [f for _, f in burst]))
+        self._queued.clear()
 
     def holders(self, key: bytes) -> list[str]:
         """Live members whose directory lists `key` (engine thread; no round trip)."""
@@ -124,12 +128,16 @@ class MeshNode:
     def request(self, node_id: str, key: bytes) -> concurrent.futures.Future:
         """Fetch one block from `node_id`; reads queued in one burst go as one request."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._loop.call_soon_threadsafe(self._queue_fetch, node_id, key, fut)
+        try:
+            self._loop.call_soon_threadsafe(self._queue_fetch, node_id, key, fut)
+        except RuntimeError:  # the node has stopped: a miss, recomputed
+            fut.set_result(None)
         return fut
 
     def publish(self, batch: KVEventBatch) -> None:
         """The local engine's KV-event batch, for every member's directory."""
-        self._loop.call_soon_threadsafe(self._forward, batch)
+        with contextlib.suppress(RuntimeError):  # stopped: nobody to tell
+            self._loop.call_soon_threadsafe(self._forward, batch)
 
     def view(self) -> dict:
         """The mesh as this node sees it (for `/mesh` and `kvmesh peers`)."""
@@ -333,8 +341,11 @@ class MeshNode:
         for out in self._out.values():
             if out.ready:
                 asyncio.create_task(self._send(out, wire.Directory(False, data)))
-            else:
+            elif len(out.backlog) < MAX_BACKLOG:
                 out.backlog.append(batch)
+            else:  # the snapshot is late: a fresh one will cover these
+                out.backlog.clear()
+                asyncio.create_task(self._send_snapshot(out))
 
     # fetching (client) -----------------------------------------------------------------
 
@@ -379,7 +390,8 @@ class MeshNode:
             out.fetches.pop(msg.req, None)
             _fail(pending)
             return
-        pending.futures[i].set_result(payload)
+        if not pending.futures[i].done():
+            pending.futures[i].set_result(payload)
         pending.next += 1
         self.stats.blocks_in += 1
         self.stats.bytes_in += len(payload)
@@ -409,7 +421,8 @@ class MeshNode:
 
     async def _admit(self, link: Link) -> wire.Member:
         msg, _ = await link.recv()
-        if not isinstance(msg, wire.Hello) or msg.version != wire.PROTOCOL_VERSION:
+        if not isinstance(msg, wire.Hello) or msg.version != wire.PROTOCOL_VERSION \
+                or len(msg.nonce) != handshake.NONCE_BYTES:
             raise wire.FrameError("expected a hello of this protocol version")
         mine = handshake.nonce()
         await link.send(wire.Challenge(mine, handshake.mac(self.config.secret, b"L",
@@ -443,6 +456,9 @@ class MeshNode:
                 elif isinstance(msg, wire.Directory):
                     await self._on_directory(link, peer.node_id, msg)
                 elif isinstance(msg, wire.Fetch):
+                    if slots.locked():  # busy: a miss now, never a stalled reader
+                        await link.send(wire.Done(msg.req, 0))
+                        continue
                     await slots.acquire()
                     task = asyncio.create_task(self._serve_fetch(link, msg, slots))
                     tasks.add(task)
