@@ -85,6 +85,33 @@ def version() -> None:
     typer.echo(__version__)
 
 
+@app.command()
+def peers(url: str = typer.Option("http://127.0.0.1:8000", help="An instance's HTTP URL."),
+          api_key: str | None = typer.Option(None, help="Its API key, if it has one.")) -> None:
+    """Print the KV mesh as one instance sees it: members, state, blocks each holds."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(url.rstrip("/") + "/mesh", headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        console.print(f"[red]error:[/red] cannot reach {url}: {exc}")
+        raise typer.Exit(1) from exc
+    if r.status_code != 200:
+        console.print(f"[red]error:[/red] {url}/mesh: HTTP {r.status_code} {r.text[:200]}")
+        raise typer.Exit(1)
+    view = r.json()
+    me = view["me"]
+    table = Table(title=f"mesh seen by {me['node_id'][:8]} at {me['addr']} ({me['http_url']})")
+    for col in ("node", "p2p address", "http", "state", "linked", "blocks"):
+        table.add_column(col)
+    for m in view["members"]:
+        table.add_row(m["node_id"][:8], m["addr"], m["http_url"], m["state"],
+                      "yes" if m["linked"] else "no", str(m["blocks"]))
+    Console().print(table)
+    Console().print(" ".join(f"{k}={v}" for k, v in view["stats"].items()))
+
+
 @model_app.command("list")
 def model_list() -> None:
     """List named models and whether they are installed and converted."""

@@ -4,7 +4,10 @@ fetches with identical greedy output, a dead or stalled holder, and a wrong secr
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -106,6 +109,14 @@ def test_peer_fetch_gives_identical_output_and_gossip_discovery(tmp_path, tiny_l
         # C (seeded with B only) found A through gossip, and A's blocks through B's too.
         text_c, cached_c = _complete(c.url, prompt)
         assert text_c == cold_text and cached_c > 0
+        # `kvmesh peers` prints C's view: A and B, alive, A holding blocks.
+        out = subprocess.run([sys.executable, "-m", "kvmesh.cli", "peers", "--url", c.url],
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "COLUMNS": "200"})
+        assert out.returncode == 0, out.stderr
+        rows = [line for line in out.stdout.splitlines() if ids[0][:8] in line
+                or ids[1][:8] in line]
+        assert len(rows) == 2 and all("alive" in row for row in rows), out.stdout
 
 
 @pytest.mark.timeout(300)
