@@ -106,6 +106,8 @@ def test_peer_fetch_gives_identical_output_and_gossip_discovery(tmp_path, tiny_l
         assert _peer_metric(b.url, "kv_tier_hit_tokens_total") >= cached - 4
         assert _view(b.url)["stats"]["blocks_in"] > 0
         assert _view(a.url)["stats"]["blocks_out"] > 0
+        assert b.metric("mesh_blocks_in_total") == _view(b.url)["stats"]["blocks_in"] > 0
+        assert b.metric("mesh_members") == 2
         # C (seeded with B only) found A through gossip, and A's blocks through B's too.
         text_c, cached_c = _complete(c.url, prompt)
         assert text_c == cold_text and cached_c > 0
@@ -155,4 +157,6 @@ def test_a_wrong_secret_is_refused_and_learns_nothing(tmp_path, tiny_llama):
             view = _view(intruder.url)
             assert view["members"] == []  # no membership list
             assert view["stats"]["blocks_in"] == 0
+            assert intruder.metric("mesh_handshakes_refused_total") >= 1
+            assert intruder.metric("mesh_members") == 0
             assert len(_view(a.url)["members"]) == 1  # the intruder never joined

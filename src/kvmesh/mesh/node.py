@@ -292,7 +292,8 @@ class MeshNode:
                     self._on_block(out, msg, payload)
                 elif isinstance(msg, wire.Done):
                     pending = out.fetches.pop(msg.req, None)
-                    if pending is not None:
+                    if pending is not None:  # short of the run: a stale directory entry
+                        self.stats.false_positives += len(pending.keys) - pending.next
                         _fail(pending)
                 else:
                     raise wire.FrameError(f"unexpected {type(msg).__name__}")

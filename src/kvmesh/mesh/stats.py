@@ -9,6 +9,7 @@ from dataclasses import dataclass
 class MeshStats:
     fetches: int = 0
     fetch_timeouts: int = 0
+    false_positives: int = 0  # blocks the directory listed that the holder lacked
     blocks_in: int = 0
     bytes_in: int = 0
     blocks_out: int = 0

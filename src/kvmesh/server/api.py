@@ -31,7 +31,7 @@ from kvmesh.server.errors import APIError, api_error_handler, error_body, valida
 from kvmesh.server.handlers import Job, respond
 from kvmesh.server.jobs import chat_job, completion_job
 from kvmesh.server.kv_publisher import KVEventPublisher
-from kvmesh.server.metrics import ServerMetrics
+from kvmesh.server.metrics import MeshCollector, ServerMetrics
 from kvmesh.server.protocol import ChatCompletionRequest, CompletionRequest
 from kvmesh.tenants import TenantTable
 
@@ -125,6 +125,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> Fast
     state = AppState(engine_config, server_config)
     metrics = ServerMetrics(server_config.served_model_name or engine_config.model.model)
     metrics.bind(lambda: state.engine.stats() if state.engine else None)
+    metrics.registry.register(MeshCollector(lambda: state.mesh.view() if state.mesh else None))
     auth = KeyAuth(load_tenants(server_config))
 
     @asynccontextmanager

@@ -51,6 +51,25 @@ class TierCollector:
             hist.add_metric([self._model(), t.name], buckets, t.load_sum_s)
         yield hist
 
+class MeshCollector:
+    """The mesh node's counters as kvmesh:mesh_*_total and members by state, at scrape."""
+
+    def __init__(self, view: Callable[[], dict | None]):
+        self._view = view
+
+    def collect(self):
+        view = self._view()
+        if view is None:
+            return
+        members = GaugeMetricFamily("kvmesh:mesh_members", "Mesh members by state.",
+                                    labels=["state"])
+        for state in ("alive", "suspect"):
+            members.add_metric([state], sum(m["state"] == state for m in view["members"]))
+        yield members
+        for name, value in view["stats"].items():
+            yield CounterMetricFamily(f"kvmesh:mesh_{name}", f"Mesh {name}.", value=value)
+
+
 LATENCY_BUCKETS = (
     0.001,
     0.005,
