@@ -160,3 +160,25 @@ def test_a_wrong_secret_is_refused_and_learns_nothing(tmp_path, tiny_llama):
             assert intruder.metric("mesh_handshakes_refused_total") >= 1
             assert intruder.metric("mesh_members") == 0
             assert len(_view(a.url)["members"]) == 1  # the intruder never joined
+
+
+@pytest.mark.timeout(600)
+def test_default_model_2k_prompt_is_a_peer_hit_with_identical_output(tmp_path):
+    """Three instances of the default model: a 2,000+ token prompt computed on A is served
+    on B and C from A's blocks, token for token as A's cold run."""
+    prompt = long_prompt(1900, seed=5)
+    with _mesh(tmp_path, []) as (servers, ids, _, _):
+        a, b, c = servers
+        r = httpx.post(a.url + "/v1/completions", timeout=300, json={
+            "prompt": prompt, "max_tokens": 16, "temperature": 0})
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens"] >= 2000
+        assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+        cold_text = r.json()["choices"][0]["text"]
+        _wait_for(lambda: _holder(b.url, ids[0]), "B's directory to list A's blocks")
+        for s in (b, c):
+            text, cached = _complete(s.url, prompt, max_tokens=16)
+            assert text == cold_text
+            assert cached >= usage["prompt_tokens"] - 64  # all but the last partial blocks
+            assert _peer_metric(s.url, "kv_tier_hit_tokens_total") >= cached - 64
