@@ -18,38 +18,23 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import msgspec
 import xxhash
 
 from kvmesh.engine.kv_events import KVEventBatch, KVSnapshot
-from kvmesh.mesh import handshake, wire
+from kvmesh.mesh import greet, wire
 from kvmesh.mesh.directory import Directory
 from kvmesh.mesh.link import Link
 from kvmesh.mesh.membership import Membership
+from kvmesh.mesh.serving import LocalBlocks, serve_fetch
 from kvmesh.mesh.stats import MeshStats
 
 log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT_S = 5.0
 MAX_INBOUND = 256
 MAX_FETCHES_PER_LINK = 4
-EXPORT_CHUNK_BYTES = 32 << 20
 MAX_BACKLOG = 1024  # event batches held for a link whose snapshot is not sent yet
-Export = bytes | concurrent.futures.Future | None
-
-
-class LocalBlocks(Protocol):
-    """What the node needs of its own engine (every call runs on the engine thread)."""
-
-    block_bytes: int
-
-    def snapshot(self) -> concurrent.futures.Future:  # of KVSnapshot
-        ...
-
-    def export(self, keys: Sequence[bytes]) -> concurrent.futures.Future:
-        """Copies of the leading held blocks (bytes, or a disk read's Future)."""
-        ...
 
 
 @dataclass
@@ -241,7 +226,8 @@ class MeshNode:
             return
         link = Link(reader, writer)
         try:
-            welcome = await asyncio.wait_for(self._greet(link), HANDSHAKE_TIMEOUT_S)
+            welcome = await asyncio.wait_for(
+                greet.dial_side(link, self.config.secret, self.me), HANDSHAKE_TIMEOUT_S)
         except (TimeoutError, OSError, asyncio.IncompleteReadError, wire.FrameError) as exc:
             log.warning("handshake with %s failed: %s", addr, exc or type(exc).__name__)
             self.stats.handshakes_refused += isinstance(exc, PermissionError)
@@ -261,22 +247,6 @@ class MeshNode:
         log.info("linked to peer %s at %s", peer.node_id[:8], addr)
         asyncio.create_task(self._read_out(out))
         await self._send_snapshot(out)
-
-    async def _greet(self, link: Link) -> wire.Welcome:
-        mine = handshake.nonce()
-        await link.send(wire.Hello(wire.PROTOCOL_VERSION, mine))
-        msg, _ = await link.recv()
-        if not isinstance(msg, wire.Challenge):
-            raise wire.FrameError(f"expected a challenge, got {type(msg).__name__}")
-        if not handshake.verify(self.config.secret, b"L", mine, msg.nonce, msg.mac):
-            raise PermissionError("the peer does not know the cluster secret")
-        proof = handshake.mac(self.config.secret, b"D", mine, msg.nonce)
-        await link.send(wire.Proof(proof, self.me))
-        link.authenticated = True
-        msg, _ = await link.recv()
-        if not isinstance(msg, wire.Welcome):
-            raise wire.FrameError(f"expected a welcome, got {type(msg).__name__}")
-        return msg
 
     async def _read_out(self, out: _OutLink) -> None:
         """Answers on an outbound link: acks, resync requests, fetched blocks."""
@@ -421,23 +391,11 @@ class MeshNode:
             link.close()
 
     async def _admit(self, link: Link) -> wire.Member:
-        msg, _ = await link.recv()
-        if not isinstance(msg, wire.Hello) or msg.version != wire.PROTOCOL_VERSION \
-                or len(msg.nonce) != handshake.NONCE_BYTES:
-            raise wire.FrameError("expected a hello of this protocol version")
-        mine = handshake.nonce()
-        await link.send(wire.Challenge(mine, handshake.mac(self.config.secret, b"L",
-                                                           msg.nonce, mine)))
-        proof, _ = await link.recv()
-        if not isinstance(proof, wire.Proof):
-            raise wire.FrameError("expected a proof")
-        if not handshake.verify(self.config.secret, b"D", msg.nonce, mine, proof.mac):
-            raise PermissionError("wrong cluster secret")
-        link.authenticated = True
+        member = await greet.listen_side(link, self.config.secret)
         with self.lock:
             members = self.membership.members()
         await link.send(wire.Welcome(self.me, members))
-        return proof.member
+        return member
 
     async def _serve_member(self, link: Link, peer: wire.Member) -> None:
         self._learn([peer])
@@ -490,45 +448,13 @@ class MeshNode:
             await link.send(wire.Resync(batch.seq))
 
     async def _serve_fetch(self, link: Link, msg: wire.Fetch, slots: asyncio.Semaphore) -> None:
-        sent = 0
         try:
-            chunk = max(1, EXPORT_CHUNK_BYTES // self.local.block_bytes)
-            for start in range(0, len(msg.keys), chunk):
-                keys = msg.keys[start:start + chunk]
-                items: list[Export] = await asyncio.wrap_future(self.local.export(keys))
-                for key, item in zip(keys, items, strict=False):
-                    data = await _resolve(item)
-                    if data is None:
-                        return
-                    await self._send_block(link, wire.Block(
-                        msg.req, sent, key, xxhash.xxh3_64_intdigest(data)), data)
-                    sent += 1
-                    self.stats.blocks_out += 1
-                    self.stats.bytes_out += len(data)
-                if len(items) < len(keys):
-                    return
-        except (OSError, ConnectionError):
-            link.close()
+            await serve_fetch(link, msg, self.local, self.stats, self._send_block)
         finally:
             slots.release()
-            if not link.closed:
-                try:
-                    await link.send(wire.Done(msg.req, sent))
-                except (OSError, ConnectionError):
-                    link.close()
-
 
     async def _send_block(self, link: Link, header: wire.Block, data: bytes) -> None:
         await link.send(header, data)
-
-
-async def _resolve(item: Export) -> bytes | None:
-    if isinstance(item, concurrent.futures.Future):
-        try:
-            return await asyncio.wrap_future(item)
-        except Exception:  # noqa: BLE001 - a failed disk read ends the run
-            return None
-    return item
 
 
 def _fail(pending: _Pending) -> None:

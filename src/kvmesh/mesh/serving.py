@@ -1,0 +1,70 @@
+"""Serving one fetch: copies of the leading held blocks, streamed in order, then Done."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+import xxhash
+
+from kvmesh.mesh import wire
+from kvmesh.mesh.link import Link
+from kvmesh.mesh.stats import MeshStats
+
+EXPORT_CHUNK_BYTES = 32 << 20
+Export = bytes | concurrent.futures.Future | None
+SendBlock = Callable[[Link, wire.Block, bytes], Awaitable[None]]
+
+
+class LocalBlocks(Protocol):
+    """What the node needs of its own engine (every call runs on the engine thread)."""
+
+    block_bytes: int
+
+    def snapshot(self) -> concurrent.futures.Future:  # of KVSnapshot
+        ...
+
+    def export(self, keys: Sequence[bytes]) -> concurrent.futures.Future:
+        """Copies of the leading held blocks (bytes, or a disk read's Future)."""
+        ...
+
+
+async def serve_fetch(link: Link, msg: wire.Fetch, local: LocalBlocks, stats: MeshStats,
+                      send_block: SendBlock) -> None:
+    """Stream what is held of `msg.keys`, stopping at the first block no longer held."""
+    sent = 0
+    try:
+        chunk = max(1, EXPORT_CHUNK_BYTES // local.block_bytes)
+        for start in range(0, len(msg.keys), chunk):
+            keys = msg.keys[start:start + chunk]
+            items: list[Export] = await asyncio.wrap_future(local.export(keys))
+            for key, item in zip(keys, items, strict=False):
+                data = await _resolve(item)
+                if data is None:
+                    return
+                await send_block(link, wire.Block(
+                    msg.req, sent, key, xxhash.xxh3_64_intdigest(data)), data)
+                sent += 1
+                stats.blocks_out += 1
+                stats.bytes_out += len(data)
+            if len(items) < len(keys):
+                return
+    except (OSError, ConnectionError):
+        link.close()
+    finally:
+        if not link.closed:
+            try:
+                await link.send(wire.Done(msg.req, sent))
+            except (OSError, ConnectionError):
+                link.close()
+
+
+async def _resolve(item: Export) -> bytes | None:
+    if isinstance(item, concurrent.futures.Future):
+        try:
+            return await asyncio.wrap_future(item)
+        except Exception:  # noqa: BLE001 - a failed disk read ends the run
+            return None
+    return item
