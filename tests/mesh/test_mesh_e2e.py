@@ -67,9 +67,9 @@ def _view(url: str) -> dict:
     return httpx.get(url + "/mesh", timeout=10).json()
 
 
-def _holder(url: str, node_id: str) -> bool:
-    """`url`'s directory lists blocks of `node_id`, over a live link."""
-    return any(m["node_id"] == node_id and m["linked"] and m["blocks"] > 0
+def _holder(url: str, node_id: str, at_least: int = 1) -> bool:
+    """`url`'s directory lists `at_least` blocks of `node_id`, over a live link."""
+    return any(m["node_id"] == node_id and m["linked"] and m["blocks"] >= at_least
                for m in _view(url)["members"])
 
 
@@ -167,7 +167,7 @@ def test_default_model_2k_prompt_is_a_peer_hit_with_identical_output(tmp_path):
     """Three instances of the default model: a 2,000+ token prompt computed on A is served
     on B and C from A's blocks, token for token as A's cold run."""
     prompt = long_prompt(1900, seed=5)
-    with _mesh(tmp_path, []) as (servers, ids, _, _):
+    with _mesh(tmp_path, ["--block-size", "16"]) as (servers, ids, _, _):
         a, b, c = servers
         r = httpx.post(a.url + "/v1/completions", timeout=300, json={
             "prompt": prompt, "max_tokens": 16, "temperature": 0})
@@ -176,7 +176,10 @@ def test_default_model_2k_prompt_is_a_peer_hit_with_identical_output(tmp_path):
         assert usage["prompt_tokens"] >= 2000
         assert usage["prompt_tokens_details"]["cached_tokens"] == 0
         cold_text = r.json()["choices"][0]["text"]
-        _wait_for(lambda: _holder(b.url, ids[0]), "B's directory to list A's blocks")
+        full_blocks = usage["prompt_tokens"] // 16
+        for s in (b, c):  # the batches reach every member asynchronously
+            _wait_for(lambda s=s: _holder(s.url, ids[0], full_blocks),
+                      f"{s.url}'s directory to list all of A's blocks")
         for s in (b, c):
             text, cached = _complete(s.url, prompt, max_tokens=16)
             assert text == cold_text

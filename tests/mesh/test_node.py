@@ -3,6 +3,7 @@ membership, the handshake, and a bounded protocol fuzz. The engine side is a dic
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import random
@@ -70,7 +71,7 @@ def _node(seeds=(), secret=SECRET, **kw) -> tuple[MeshNode, DictBlocks]:
     port = free_port()
     cfg = MeshConfig("127.0.0.1", port, secret, tuple(f"127.0.0.1:{p}" for p in seeds),
                      probe_interval_s=0.1, suspect_after_s=0.5, dead_after_s=1.5,
-                     fetch_timeout_s=2.0, **kw)
+                     fetch_stall_timeout_s=2.0, **kw)
     node = MeshNode(cfg, local)
     local.node = node
     node.start()
@@ -103,7 +104,7 @@ def pair():
 
 
 def _fetch(node: MeshNode, holder: str, keys) -> list[bytes | None]:
-    futs = [node.request(holder, k) for k in keys]
+    futs = node.request(holder, keys)
     return [f.result(timeout=10) for f in futs]
 
 
@@ -143,6 +144,44 @@ def test_blocks_that_fail_their_checksum_are_never_used():
         _wait(lambda: b.holders(KEYS[3]))
         assert _fetch(b, a.me.node_id, KEYS[:4]) == [None] * 4
         assert b.stats.checksum_failures >= 1 and b.stats.blocks_in == 0  # one per burst
+    finally:
+        b.stop()
+        a.stop()
+
+
+class SlowNode(MeshNode):
+    """Sends each block `delay` seconds after the last; goes silent from block `stall_at`."""
+
+    delay = 0.25
+    stall_at = 10**9
+
+    async def _send_block(self, link, header, data):
+        await asyncio.sleep(self.delay if header.index < self.stall_at else 3600)
+        await link.send(header, data)
+
+
+@pytest.mark.parametrize("stall_at", [None, 6])
+def test_a_fetch_times_out_on_a_stall_not_on_its_length(stall_at):
+    """Stall timeout 1 s: twelve blocks 0.25 s apart (3 s in all) arrive in full; a holder
+    that goes silent after six gives six blocks and six misses, about 1 s after the last."""
+    local = DictBlocks()
+    a = SlowNode(MeshConfig("127.0.0.1", free_port(), SECRET, probe_interval_s=0.1), local)
+    a.stall_at = stall_at or 10**9
+    local.node = a
+    a.start()
+    b, _ = _node(seeds=[_port(a)])
+    b._fetcher._stall_s = 1.0
+    try:
+        local.put(KEYS[:12])
+        _wait(lambda: b.holders(KEYS[11]))
+        start = time.monotonic()
+        got = _fetch(b, a.me.node_id, KEYS[:12])
+        took = time.monotonic() - start
+        n = stall_at or 12
+        assert got[:n] == [local.blocks[k] for k in KEYS[:n]]
+        assert got[n:] == [None] * (12 - n)
+        assert b.stats.fetch_timeouts == (1 if stall_at else 0)
+        assert took > 2.5 if not stall_at else 1.0 < took - 0.25 * n < 3.0
     finally:
         b.stop()
         a.stop()

@@ -118,6 +118,9 @@ class DiskTier:
         self.index.touch(key)
         return self._pool.submit(self._read_file, key)
 
+    def submit(self) -> None:
+        pass  # each read is queued on the workers as it starts
+
     def poll(self) -> None:
         """Apply finished writes and read failures to the index (engine thread)."""
         while True:

@@ -151,6 +151,9 @@ class TieredStore:
                 room -= 1
             origins.append(source.name)
             eta = max(eta, _mean_load_s(source.stats))
+        if started:
+            for source in self.sources:
+                source.submit()
         return PrefixMatch(tuple(origins), num_ready, next_in_flight, started, eta)
 
     def _source_of(self, key: BlockKey) -> Source | None:

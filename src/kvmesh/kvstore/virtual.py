@@ -154,6 +154,9 @@ class VirtualSource:
             self.index.insert(key)
             self.stats.bytes_in += self.block_bytes
 
+    def submit(self) -> None:
+        pass
+
     def poll(self) -> None:
         pass
 

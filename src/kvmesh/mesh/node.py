@@ -1,10 +1,10 @@
 """A mesh node: the P2P listener, a link to every member, gossip, directory and fetches.
 
 The node runs its own asyncio loop on its own thread, so P2P traffic never waits on the
-HTTP server's loop, and the engine thread only ever hands it work (`request`) or events
-(`publish`). Each node dials every member it knows; on its outbound link it sends probes,
-its own directory (a snapshot, then batches) and fetch requests, and reads the answers.
-On inbound links it answers probes, applies the dialer's directory and serves fetches.
+HTTP server's loop; the engine thread only hands it work (`request`) or events (`publish`).
+A node dials every member it knows; on that outbound link it sends probes, its directory
+(a snapshot, then batches) and fetches (kvmesh.mesh.fetcher), and reads the answers. On
+inbound links it answers probes, applies the dialer's directory and serves fetches.
 """
 
 from __future__ import annotations
@@ -20,20 +20,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import msgspec
-import xxhash
 
 from kvmesh.engine.kv_events import KVEventBatch, KVSnapshot
 from kvmesh.mesh import greet, wire
 from kvmesh.mesh.directory import Directory
+from kvmesh.mesh.fetcher import Fetcher, Fetches
 from kvmesh.mesh.link import Link
 from kvmesh.mesh.membership import Membership
-from kvmesh.mesh.serving import LocalBlocks, serve_fetch
+from kvmesh.mesh.serving import MAX_FETCHES_PER_LINK, MAX_QUEUED_FETCHES, LocalBlocks, serve_fetches
 from kvmesh.mesh.stats import MeshStats
 
 log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT_S = 5.0
 MAX_INBOUND = 256
-MAX_FETCHES_PER_LINK = 4
 MAX_BACKLOG = 1024  # event batches held for a link whose snapshot is not sent yet
 
 
@@ -47,21 +46,14 @@ class MeshConfig:
     probe_interval_s: float = 0.5
     suspect_after_s: float = 1.5
     dead_after_s: float = 4.0
-    fetch_timeout_s: float = 5.0
-
-
-@dataclass
-class _Pending:
-    keys: list[bytes]
-    futures: list[concurrent.futures.Future]
-    next: int = 0
+    fetch_stall_timeout_s: float = 5.0  # a fetch with no block for this long is a miss
 
 
 @dataclass
 class _OutLink:
     member: wire.Member
     link: Link
-    fetches: dict[int, _Pending] = field(default_factory=dict)
+    fetches: Fetches = field(default_factory=Fetches)
     ready: bool = False  # its directory snapshot is sent: batches flow
     backlog: list[KVEventBatch] = field(default_factory=list)
 
@@ -79,9 +71,9 @@ class MeshNode:
         self._out: dict[str, _OutLink] = {}
         self._inbound: set[Link] = set()
         self._dialing: set[str] = set()
-        self._next_req = 0
-        self._queued: dict[str, list[tuple[bytes, concurrent.futures.Future]]] = {}
         self._loop = asyncio.new_event_loop()
+        self._fetcher = Fetcher(self._loop, self.stats, local.block_bytes,
+                                config.fetch_stall_timeout_s, self._fetches_of, self._send_to)
         self._started = threading.Event()
         self._error: BaseException | None = None
         self._stop: asyncio.Event | None = None
@@ -101,23 +93,27 @@ class MeshNode:
         if self._thread.is_alive() and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(timeout)
-        for burst in self._queued.values():  # queued but never sent: misses
-            _fail(_Pending([k for k, _ in burst], [f for _, f in burst]))
-        self._queued.clear()
+        self._fetcher.fail_queued()
 
     def holders(self, key: bytes) -> list[str]:
         """Live members whose directory lists `key` (engine thread; no round trip)."""
         with self.lock:
             return [n for n in self.directory.holders(key) if n in self._out]
 
-    def request(self, node_id: str, key: bytes) -> concurrent.futures.Future:
-        """Fetch one block from `node_id`; reads queued in one burst go as one request."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
+    def request(self, node_id: str, keys: Sequence[bytes],
+                futs: list[concurrent.futures.Future] | None = None,
+                ) -> list[concurrent.futures.Future]:
+        """Fetch a run of blocks from `node_id`, in order; each future (made here unless
+        given) resolves to the bytes, or None on a miss. Runs asked for before the node's
+        loop next wakes go as one request."""
+        if futs is None:
+            futs = [concurrent.futures.Future() for _ in keys]
         try:
-            self._loop.call_soon_threadsafe(self._queue_fetch, node_id, key, fut)
-        except RuntimeError:  # the node has stopped: a miss, recomputed
-            fut.set_result(None)
-        return fut
+            self._loop.call_soon_threadsafe(self._fetcher.queue, node_id, list(keys), futs)
+        except RuntimeError:  # the node has stopped: misses, recomputed
+            for fut in futs:
+                fut.set_result(None)
+        return futs
 
     def publish(self, batch: KVEventBatch) -> None:
         """The local engine's KV-event batch, for every member's directory."""
@@ -139,12 +135,11 @@ class MeshNode:
     # the node's loop -------------------------------------------------------------------
 
     def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._main())
+        try:  # the runner cancels what is still pending (links, fetches) and closes the loop
+            with asyncio.Runner(loop_factory=lambda: self._loop) as runner:
+                runner.run(self._main())
         finally:
             self._started.set()
-            self._loop.close()
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
@@ -211,8 +206,7 @@ class MeshNode:
             out = self._out.pop(node_id, None)
         if out is not None:
             out.link.close()
-            for pending in out.fetches.values():
-                _fail(pending)
+            out.fetches.fail_all()
 
     # dialing ---------------------------------------------------------------------------
 
@@ -259,12 +253,9 @@ class MeshNode:
                 elif isinstance(msg, wire.Resync):
                     await self._send_snapshot(out)
                 elif isinstance(msg, wire.Block):
-                    self._on_block(out, msg, payload)
+                    self._fetcher.on_block(out.fetches, msg, payload)
                 elif isinstance(msg, wire.Done):
-                    pending = out.fetches.pop(msg.req, None)
-                    if pending is not None:  # short of the run: a stale directory entry
-                        self.stats.false_positives += len(pending.keys) - pending.next
-                        _fail(pending)
+                    self._fetcher.on_done(out.fetches, msg)
                 else:
                     raise wire.FrameError(f"unexpected {type(msg).__name__}")
         except (OSError, asyncio.IncompleteReadError, wire.FrameError) as exc:
@@ -273,8 +264,7 @@ class MeshNode:
             if self._out.get(node_id) is out:
                 self._out.pop(node_id, None)
             out.link.close()
-            for pending in out.fetches.values():
-                _fail(pending)
+            out.fetches.fail_all()
 
     def _on_ack(self, node_id: str, ack: wire.Ack) -> None:
         with self.lock:
@@ -318,56 +308,18 @@ class MeshNode:
                 out.backlog.clear()
                 asyncio.create_task(self._send_snapshot(out))
 
-    # fetching (client) -----------------------------------------------------------------
+    # fetching (the client half is kvmesh.mesh.fetcher) -------------------------------
 
-    def _queue_fetch(self, node_id: str, key: bytes, fut: concurrent.futures.Future) -> None:
-        burst = self._queued.setdefault(node_id, [])
-        if not burst:
-            self._loop.call_soon(self._flush, node_id)
-        burst.append((key, fut))
-
-    def _flush(self, node_id: str) -> None:
-        burst = self._queued.pop(node_id, [])
+    def _fetches_of(self, node_id: str) -> Fetches | None:
         out = self._out.get(node_id)
-        for i in range(0, len(burst), wire.MAX_KEYS_PER_FETCH):
-            part = burst[i:i + wire.MAX_KEYS_PER_FETCH]
-            pending = _Pending([k for k, _ in part], [f for _, f in part])
-            if out is None:
-                _fail(pending)
-                continue
-            self._next_req += 1
-            out.fetches[self._next_req] = pending
-            self.stats.fetches += 1
-            asyncio.create_task(self._send(out, wire.Fetch(self._next_req, pending.keys)))
-            self._loop.call_later(self.config.fetch_timeout_s, self._expire, out,
-                                  self._next_req)
+        return out.fetches if out is not None else None
 
-    def _expire(self, out: _OutLink, req: int) -> None:
-        pending = out.fetches.pop(req, None)
-        if pending is not None:
-            self.stats.fetch_timeouts += 1
-            _fail(pending)
-
-    def _on_block(self, out: _OutLink, msg: wire.Block, payload: bytes) -> None:
-        pending = out.fetches.get(msg.req)
-        if pending is None:
-            return  # timed out already
-        i = pending.next
-        ok = (msg.index == i and i < len(pending.keys) and msg.key == pending.keys[i]
-              and len(payload) == self.local.block_bytes
-              and xxhash.xxh3_64_intdigest(payload) == msg.digest)
-        if not ok:  # never used: the rest of the run is recomputed
-            self.stats.checksum_failures += 1
-            out.fetches.pop(msg.req, None)
-            _fail(pending)
-            return
-        if not pending.futures[i].done():
-            pending.futures[i].set_result(payload)
-        pending.next += 1
-        self.stats.blocks_in += 1
-        self.stats.bytes_in += len(payload)
-        if pending.next == len(pending.keys):
-            out.fetches.pop(msg.req, None)
+    def _send_to(self, node_id: str, msg: wire.Message) -> bool:
+        out = self._out.get(node_id)
+        if out is None:
+            return False
+        asyncio.create_task(self._send(out, msg))
+        return True
 
     # serving (inbound links) -----------------------------------------------------------
 
@@ -399,8 +351,10 @@ class MeshNode:
 
     async def _serve_member(self, link: Link, peer: wire.Member) -> None:
         self._learn([peer])
-        slots = asyncio.Semaphore(MAX_FETCHES_PER_LINK)
-        tasks: set[asyncio.Task] = set()
+        fetches: asyncio.Queue[wire.Fetch] = asyncio.Queue(MAX_QUEUED_FETCHES)
+        tasks = [asyncio.create_task(serve_fetches(link, fetches, self.local, self.stats,
+                                                   self._send_block))
+                 for _ in range(MAX_FETCHES_PER_LINK)]
         try:
             while True:
                 msg, _ = await link.recv()
@@ -415,13 +369,10 @@ class MeshNode:
                 elif isinstance(msg, wire.Directory):
                     await self._on_directory(link, peer.node_id, msg)
                 elif isinstance(msg, wire.Fetch):
-                    if slots.locked():  # busy: a miss now, never a stalled reader
-                        await link.send(wire.Done(msg.req, 0))
-                        continue
-                    await slots.acquire()
-                    task = asyncio.create_task(self._serve_fetch(link, msg, slots))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                    try:
+                        fetches.put_nowait(msg)
+                    except asyncio.QueueFull:  # busy: a miss now, never a stalled reader
+                        await link.send(wire.Done(msg.req, 0, busy=True))
                 elif isinstance(msg, wire.Leave):
                     log.info("peer %s left the mesh", peer.node_id[:8])
                     self._drop(peer.node_id)
@@ -433,31 +384,15 @@ class MeshNode:
                 task.cancel()
 
     async def _on_directory(self, link: Link, node_id: str, msg: wire.Directory) -> None:
-        try:
-            if msg.is_snapshot:
-                snap = msgspec.msgpack.decode(msg.data, type=KVSnapshot)
-                with self.lock:
-                    self.directory.reset(node_id, snap)
-                return
-            batch = msgspec.msgpack.decode(msg.data, type=KVEventBatch)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise wire.FrameError(f"bad directory data: {exc}") from None
+        data = wire.decode_directory(msg)
         with self.lock:
-            in_order = self.directory.apply(node_id, batch)
+            if isinstance(data, KVSnapshot):
+                self.directory.reset(node_id, data)
+                return
+            in_order = self.directory.apply(node_id, data)
         if not in_order:
-            await link.send(wire.Resync(batch.seq))
-
-    async def _serve_fetch(self, link: Link, msg: wire.Fetch, slots: asyncio.Semaphore) -> None:
-        try:
-            await serve_fetch(link, msg, self.local, self.stats, self._send_block)
-        finally:
-            slots.release()
+            await link.send(wire.Resync(data.seq))
 
     async def _send_block(self, link: Link, header: wire.Block, data: bytes) -> None:
         await link.send(header, data)
 
-
-def _fail(pending: _Pending) -> None:
-    for fut in pending.futures:
-        if not fut.done():
-            fut.set_result(None)

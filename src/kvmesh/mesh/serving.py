@@ -14,6 +14,8 @@ from kvmesh.mesh.link import Link
 from kvmesh.mesh.stats import MeshStats
 
 EXPORT_CHUNK_BYTES = 32 << 20
+MAX_FETCHES_PER_LINK = 4  # served at once; more wait in a queue of MAX_QUEUED_FETCHES
+MAX_QUEUED_FETCHES = 64  # beyond it a fetch is refused at once (Done busy): a miss
 Export = bytes | concurrent.futures.Future | None
 SendBlock = Callable[[Link, wire.Block, bytes], Awaitable[None]]
 
@@ -29,6 +31,14 @@ class LocalBlocks(Protocol):
     def export(self, keys: Sequence[bytes]) -> concurrent.futures.Future:
         """Copies of the leading held blocks (bytes, or a disk read's Future)."""
         ...
+
+
+async def serve_fetches(link: Link, fetches: asyncio.Queue[wire.Fetch], local: LocalBlocks,
+                        stats: MeshStats, send_block: SendBlock) -> None:
+    """One of a link's fetch workers: serve queued fetches, one at a time, until it closes."""
+    while not link.closed:
+        msg = await fetches.get()
+        await serve_fetch(link, msg, local, stats, send_block)
 
 
 async def serve_fetch(link: Link, msg: wire.Fetch, local: LocalBlocks, stats: MeshStats,

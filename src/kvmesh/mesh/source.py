@@ -36,6 +36,7 @@ class PeerSource:
         self.stats = TierStats(PEER)
         self._last: str | None = None
         self._reads: list[concurrent.futures.Future] = []
+        self._unsent: dict[str, tuple[list[bytes], list[concurrent.futures.Future]]] = {}
 
     @property
     def is_enabled(self) -> bool:
@@ -52,14 +53,24 @@ class PeerSource:
             return fut
         node_id = self._last if self._last in holders else holders[0]
         self._last = node_id
-        fut = self.node.request(node_id, key)
+        fut = concurrent.futures.Future()
+        keys, futs = self._unsent.setdefault(node_id, ([], []))
+        keys.append(key)
+        futs.append(fut)
         self._reads.append(fut)
         return fut
+
+    def submit(self) -> None:
+        """One request per holder for the reads of this lookup: a prefix streams as a run."""
+        unsent, self._unsent = self._unsent, {}
+        for node_id, (keys, futs) in unsent.items():
+            self.node.request(node_id, keys, futs)
 
     def write(self, key: BlockKey, payload: bytes) -> None:
         raise NotImplementedError("peers are read-only")
 
     def poll(self) -> None:
+        self.submit()  # none should be left; never strand a read
         pending = []
         for fut in self._reads:
             if not fut.done():

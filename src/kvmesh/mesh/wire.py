@@ -12,6 +12,8 @@ import struct
 
 import msgspec
 
+from kvmesh.engine.kv_events import KVEventBatch, KVSnapshot
+
 PROTOCOL_VERSION = 1
 PREFIX = struct.Struct("<II")
 MAX_HEADER_BYTES = 16 << 20  # a directory snapshot of ~900k keys
@@ -89,6 +91,7 @@ class Block(msgspec.Struct, tag="block", array_like=True):
 class Done(msgspec.Struct, tag="done", array_like=True):
     req: int
     num_sent: int  # the run stopped here (the sender no longer holds the next block)
+    busy: bool = False  # refused unserved: the holder had too many fetches in flight
 
 
 class Leave(msgspec.Struct, tag="leave", array_like=True):
@@ -126,3 +129,12 @@ def decode(header: bytes, payload_len: int) -> Message:
     if isinstance(msg, Fetch) and len(msg.keys) > MAX_KEYS_PER_FETCH:
         raise FrameError(f"fetch of {len(msg.keys)} keys")
     return msg
+
+
+def decode_directory(msg: Directory) -> KVSnapshot | KVEventBatch:
+    """The snapshot or event batch a `Directory` frame carries."""
+    try:
+        return msgspec.msgpack.decode(msg.data, type=KVSnapshot if msg.is_snapshot
+                                      else KVEventBatch)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise FrameError(f"bad directory data: {exc}") from None

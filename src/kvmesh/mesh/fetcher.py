@@ -1,0 +1,144 @@
+"""The fetching half of a node: reads queued in one burst become one Fetch per holder, the
+answering Block frames are checked and resolve the reads in order, and anything that fails,
+stalls or comes back short resolves to None (a miss: the engine recomputes those tokens).
+
+A fetch times out on a stall, not on its length: the clock restarts with every block that
+arrives on its link, so a long prefix over a slow or busy link (or a fetch queued behind
+others at the holder) still streams in full, while a holder that stops sending is given up
+on after `stall_timeout_s` of silence. Runs on the node's
+loop only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import xxhash
+
+from kvmesh.mesh import wire
+from kvmesh.mesh.stats import MeshStats
+
+
+@dataclass
+class Pending:
+    """One Fetch in flight: its keys, the reads they resolve, and the next index due."""
+
+    keys: list[bytes]
+    futures: list[concurrent.futures.Future]
+    next: int = 0
+    last_progress: float = 0.0
+
+    def fail(self) -> None:
+        for fut in self.futures:
+            if not fut.done():
+                fut.set_result(None)
+
+
+@dataclass
+class Fetches:
+    """The fetches in flight on one outbound link, by request id."""
+
+    by_req: dict[int, Pending] = field(default_factory=dict)
+    last_progress: float = 0.0  # any block on the link: queued fetches are not stalled
+
+    def fail_all(self) -> None:
+        for pending in self.by_req.values():
+            pending.fail()
+        self.by_req.clear()
+
+
+Send = Callable[[str, wire.Message], bool]  # (node_id, msg) -> False when not linked
+
+
+class Fetcher:
+    def __init__(self, loop: asyncio.AbstractEventLoop, stats: MeshStats, block_bytes: int,
+                 stall_timeout_s: float, links: Callable[[str], Fetches | None], send: Send):
+        self._loop = loop
+        self._stats = stats
+        self._block_bytes = block_bytes
+        self._stall_s = stall_timeout_s
+        self._links = links
+        self._send = send
+        self._next_req = 0
+        self._queued: dict[str, list[tuple[bytes, concurrent.futures.Future]]] = {}
+
+    def queue(self, node_id: str, keys: list[bytes],
+              futs: list[concurrent.futures.Future]) -> None:
+        """A run of reads; the runs queued before the loop next runs go out as one request."""
+        burst = self._queued.setdefault(node_id, [])
+        if not burst:
+            self._loop.call_soon(self._flush, node_id)
+        burst.extend(zip(keys, futs, strict=True))
+
+    def fail_queued(self) -> None:
+        """Queued but never sent (the node stops): misses."""
+        for burst in self._queued.values():
+            Pending([k for k, _ in burst], [f for _, f in burst]).fail()
+        self._queued.clear()
+
+    def _flush(self, node_id: str) -> None:
+        burst = self._queued.pop(node_id, [])
+        for i in range(0, len(burst), wire.MAX_KEYS_PER_FETCH):
+            part = burst[i:i + wire.MAX_KEYS_PER_FETCH]
+            pending = Pending([k for k, _ in part], [f for _, f in part],
+                              last_progress=self._loop.time())
+            fetches = self._links(node_id)
+            if fetches is None:
+                pending.fail()
+                continue
+            self._next_req += 1
+            req = self._next_req
+            fetches.by_req[req] = pending
+            self._stats.fetches += 1
+            if not self._send(node_id, wire.Fetch(req, pending.keys)):
+                fetches.by_req.pop(req, None)
+                pending.fail()
+                continue
+            self._loop.call_later(self._stall_s, self._check_stall, fetches, req)
+
+    def _check_stall(self, fetches: Fetches, req: int) -> None:
+        pending = fetches.by_req.get(req)
+        if pending is None:
+            return  # done, failed or dropped with its link
+        idle = self._loop.time() - max(pending.last_progress, fetches.last_progress)
+        if idle < self._stall_s:  # blocks still arrive: look again when this one would stall
+            self._loop.call_later(self._stall_s - idle, self._check_stall, fetches, req)
+            return
+        del fetches.by_req[req]
+        self._stats.fetch_timeouts += 1
+        pending.fail()
+
+    def on_block(self, fetches: Fetches, msg: wire.Block, payload: bytes) -> None:
+        pending = fetches.by_req.get(msg.req)
+        if pending is None:
+            return  # timed out or failed already
+        i = pending.next
+        ok = (msg.index == i and i < len(pending.keys) and msg.key == pending.keys[i]
+              and len(payload) == self._block_bytes
+              and xxhash.xxh3_64_intdigest(payload) == msg.digest)
+        if not ok:  # never used: the rest of the run is recomputed
+            self._stats.checksum_failures += 1
+            del fetches.by_req[msg.req]
+            pending.fail()
+            return
+        if not pending.futures[i].done():
+            pending.futures[i].set_result(payload)
+        pending.next += 1
+        pending.last_progress = fetches.last_progress = self._loop.time()
+        self._stats.blocks_in += 1
+        self._stats.bytes_in += len(payload)
+        if pending.next == len(pending.keys):
+            del fetches.by_req[msg.req]
+
+    def on_done(self, fetches: Fetches, msg: wire.Done) -> None:
+        pending = fetches.by_req.pop(msg.req, None)
+        if pending is None:
+            return
+        if msg.busy:
+            self._stats.fetches_refused_busy += 1
+        else:  # short of the run: the directory listed blocks the holder no longer has
+            self._stats.false_positives += len(pending.keys) - pending.next
+        pending.fail()
