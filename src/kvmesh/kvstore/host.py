@@ -48,8 +48,11 @@ class HostTier(VirtualHostTier):
 
     def _write(self, slot: int, data: object) -> None:
         dst = self.slab[slot]
-        if isinstance(data, bytes | bytearray | memoryview):
-            dst.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        if isinstance(data, bytes | bytearray | memoryview):  # frombuffer wants it writable
+            writable = isinstance(data, bytearray) or (isinstance(data, memoryview)
+                                                       and not data.readonly)
+            buf = data if writable else bytearray(data)
+            dst.copy_(torch.frombuffer(buf, dtype=torch.uint8))
         elif isinstance(data, torch.Tensor):
             # Synchronous: the slot may be read by the CPU (disk writes) right after.
             dst.copy_(data.reshape(-1).view(torch.uint8))

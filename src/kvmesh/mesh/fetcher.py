@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from kvmesh.mesh import wire
+from kvmesh.mesh.link import Payload
 from kvmesh.mesh.stats import MeshStats
 
 
@@ -111,7 +112,7 @@ class Fetcher:
         self._stats.fetch_timeouts += 1
         pending.fail()
 
-    def on_block(self, fetches: Fetches, msg: wire.Block, payload: bytes) -> None:
+    def on_block(self, fetches: Fetches, msg: wire.Block, payload: Payload) -> None:
         pending = fetches.by_req.get(msg.req)
         if pending is None:
             return  # timed out or failed already

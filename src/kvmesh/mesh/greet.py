@@ -15,8 +15,8 @@ async def dial_side(link: Link, secret: bytes, me: wire.Member) -> wire.Welcome:
         raise wire.FrameError(f"expected a challenge, got {type(msg).__name__}")
     if not handshake.verify(secret, b"L", mine, msg.nonce, msg.mac):
         raise PermissionError("the peer does not know the cluster secret")
+    link.authenticated = True  # the listener proved the secret; its Welcome may be large
     await link.send(wire.Proof(handshake.mac(secret, b"D", mine, msg.nonce), me))
-    link.authenticated = True
     msg, _ = await link.recv()
     if not isinstance(msg, wire.Welcome):
         raise wire.FrameError(f"expected a welcome, got {type(msg).__name__}")

@@ -1,43 +1,229 @@
-"""One framed, bounded TCP connection between two peers (asyncio streams)."""
+"""One framed, bounded TCP connection between two peers: an asyncio BufferedProtocol.
+
+Small frames are parsed out of a staging buffer; a block payload (or a header too big for
+the stage, like a directory snapshot) is received straight into its own buffer with
+`recv_into`, so a block's bytes are copied once, by the kernel. Sizes are checked from the
+8-byte prefix before anything is allocated. Sending writes the header and then the block's
+own buffer (no re-packing), with the transport's flow control. Reading pauses while
+MAX_QUEUED_FRAMES decoded frames wait for `recv`, so a slow consumer bounds memory.
+
+`TcpTransport` is the one transport built; the node only uses `listen` and `dial`, so
+another (RDMA through NIXL or UCX) can stand beside it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
 
 from kvmesh.mesh import wire
 
+STAGE_BYTES = 256 << 10
+MAX_QUEUED_FRAMES = 64
+SOCKET_BUFFER_BYTES = 4 << 20
+Payload = bytes | bytearray | memoryview
 
-class Link:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader = reader
-        self.writer = writer
+
+class Link(asyncio.BufferedProtocol):
+    def __init__(self, on_connect: Callable[[Link], None] | None = None):
         self.authenticated = False
         self.closed = False
+        self._on_connect = on_connect
+        self._transport: asyncio.Transport | None = None
+        self._frames: deque[tuple[wire.Message, Payload]] = deque()
+        self._waiter: asyncio.Future | None = None
+        self._error: BaseException | None = None
+        self._reading_paused = False
+        self._writing_paused = False
+        self._drained: list[asyncio.Future] = []
+        self._stage = bytearray(STAGE_BYTES)
+        self._start = self._end = 0  # unparsed bytes in the stage
+        self._sizes: tuple[int, int] | None = None  # the current frame's prefix
+        self._msg: wire.Message | None = None  # its header, while its payload arrives
+        self._target: memoryview | None = None  # a part received straight into its buffer
+        self._got = 0
 
-    async def recv(self) -> tuple[wire.Message, bytes]:
-        """One frame. Raises FrameError (bad frame) or ConnectionError/IncompleteReadError."""
-        prefix = await self.reader.readexactly(wire.PREFIX.size)
-        header_len, payload_len = wire.PREFIX.unpack(prefix)
-        wire.check_sizes(header_len, payload_len, self.authenticated)
-        header = await self.reader.readexactly(header_len)
-        msg = wire.decode(header, payload_len)
-        payload = await self.reader.readexactly(payload_len) if payload_len else b""
-        return msg, payload
+    # receiving -------------------------------------------------------------------------
 
-    async def send(self, msg: wire.Message, payload: bytes | memoryview = b"") -> None:
-        if self.closed:
+    async def recv(self) -> tuple[wire.Message, Payload]:
+        """One frame. Raises FrameError (bad frame) or ConnectionError (closed)."""
+        while not self._frames:
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        frame = self._frames.popleft()
+        if self._reading_paused and len(self._frames) <= MAX_QUEUED_FRAMES // 2:
+            self._reading_paused = False
+            if self._transport is not None and not self.closed:
+                self._transport.resume_reading()
+        return frame
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._target is not None:
+            return self._target[self._got:]
+        if len(self._stage) - self._end < STAGE_BYTES // 4:
+            self._compact()
+        return memoryview(self._stage)[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            if self._target is not None:
+                self._got += nbytes
+                if self._got == len(self._target):
+                    part, self._target = self._target, None
+                    self._part_done(part)
+            else:
+                self._end += nbytes
+            self._parse()
+        except wire.FrameError as exc:
+            self._fail(exc)
+            self.close()
+
+    def _parse(self) -> None:
+        while self._target is None and not self.closed:
+            have = self._end - self._start
+            if self._sizes is None:
+                if have < wire.PREFIX.size:
+                    return
+                self._sizes = wire.PREFIX.unpack_from(self._stage, self._start)
+                wire.check_sizes(*self._sizes, self.authenticated)
+                self._start += wire.PREFIX.size
+                continue
+            need = self._sizes[1] if self._msg is not None else self._sizes[0]
+            if have >= need:
+                part = self._stage[self._start:self._start + need]
+                self._start += need
+                self._part_done(part)
+            elif need > len(self._stage) // 2:  # big: straight into its own buffer
+                # np.empty: no zero-fill pass (a bytearray's memset costs as much as the
+                # kernel's copy); its pages are first touched by recv_into itself.
+                self._target = np.empty(need, np.uint8).data
+                self._target[:have] = memoryview(self._stage)[self._start:self._end]
+                self._got, self._start, self._end = have, 0, 0
+            else:
+                return
+
+    def _part_done(self, part: bytearray | memoryview) -> None:
+        assert self._sizes is not None
+        if self._msg is None:
+            msg = wire.decode(bytes(part), self._sizes[1])
+            if self._sizes[1]:
+                self._msg = msg
+                return
+            self._deliver(msg, b"")
+        else:
+            self._deliver(self._msg, part)
+            self._msg = None
+        self._sizes = None
+
+    def _deliver(self, msg: wire.Message, payload: Payload) -> None:
+        self._frames.append((msg, payload))
+        self._wake()
+        if len(self._frames) >= MAX_QUEUED_FRAMES and not self._reading_paused:
+            self._reading_paused = True
+            assert self._transport is not None
+            self._transport.pause_reading()
+
+    def _compact(self) -> None:
+        have = self._end - self._start
+        self._stage[:have] = self._stage[self._start:self._end]
+        self._start, self._end = 0, have
+
+    # sending ---------------------------------------------------------------------------
+
+    async def send(self, msg: wire.Message, payload: bytes | bytearray | memoryview = b""
+                   ) -> None:
+        if self.closed or self._transport is None:
             raise ConnectionError("link closed")
-        self.writer.write(wire.encode(msg, len(payload)))
+        # One frame is written whole before any await, so frames from concurrent senders
+        # never interleave; the payload is the block's own buffer (no re-packing copy).
+        self._transport.write(wire.encode(msg, len(payload)))
         if payload:
-            self.writer.write(payload)  # the block's own buffer: no re-packing copy
-        await self.writer.drain()
+            self._transport.write(payload)
+        await self._drain()
+
+    async def _drain(self) -> None:
+        if self._writing_paused:
+            fut = asyncio.get_running_loop().create_future()
+            self._drained.append(fut)
+            await fut
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._release_writers(None)
+
+    def _release_writers(self, exc: BaseException | None) -> None:
+        drained, self._drained = self._drained, []
+        for fut in drained:
+            if not fut.done():
+                if exc is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(exc)
+
+    # the connection --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # a block fits the kernel's buffer: sent without a user copy
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+        if self._on_connect is not None:
+            self._on_connect(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(ConnectionResetError(f"link closed: {exc}" if exc else "link closed"))
+        self._release_writers(ConnectionResetError("link closed"))
+
+    def eof_received(self) -> bool:
+        return False  # close: a half-open link is of no use
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.writer.close()
+            self._fail(ConnectionResetError("link closed"))
+            self._release_writers(ConnectionResetError("link closed"))
+            if self._transport is not None:
+                self._transport.close()
 
     @property
     def peer_addr(self) -> str:
-        peer = self.writer.get_extra_info("peername")
+        peer = self._transport.get_extra_info("peername") if self._transport else None
         return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+
+class TcpTransport:
+    """Links over TCP: a listener that hands each accepted link to `on_link`, and dialing."""
+
+    @staticmethod
+    async def listen(host: str, port: int, on_link: Callable[[Link], None]) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(lambda: Link(on_link), host, port)
+
+    @staticmethod
+    async def dial(host: str, port: int) -> Link:
+        loop = asyncio.get_running_loop()
+        _, link = await loop.create_connection(Link, host, port)
+        return link

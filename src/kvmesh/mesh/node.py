@@ -25,7 +25,7 @@ from kvmesh.engine.kv_events import KVEventBatch, KVSnapshot
 from kvmesh.mesh import greet, wire
 from kvmesh.mesh.directory import Directory
 from kvmesh.mesh.fetcher import Fetcher, Fetches
-from kvmesh.mesh.link import Link
+from kvmesh.mesh.link import Link, TcpTransport
 from kvmesh.mesh.membership import Membership
 from kvmesh.mesh.serving import MAX_FETCHES_PER_LINK, MAX_QUEUED_FETCHES, LocalBlocks, serve_fetches
 from kvmesh.mesh.stats import MeshStats
@@ -144,7 +144,7 @@ class MeshNode:
     async def _main(self) -> None:
         self._stop = asyncio.Event()
         try:
-            server = await asyncio.start_server(self._serve, self.config.host, self.config.port)
+            server = await TcpTransport.listen(self.config.host, self.config.port, self._accept)
         except OSError as exc:
             self._error = exc
             return
@@ -213,16 +213,15 @@ class MeshNode:
     async def _dial(self, addr: str) -> None:
         try:
             host, port = addr.rsplit(":", 1)
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, int(port)), HANDSHAKE_TIMEOUT_S)
+            link = await asyncio.wait_for(TcpTransport.dial(host, int(port)),
+                                          HANDSHAKE_TIMEOUT_S)
         except (TimeoutError, OSError, ValueError):
             self._dialing.discard(addr)
             return
-        link = Link(reader, writer)
         try:
             welcome = await asyncio.wait_for(
                 greet.dial_side(link, self.config.secret, self.me), HANDSHAKE_TIMEOUT_S)
-        except (TimeoutError, OSError, asyncio.IncompleteReadError, wire.FrameError) as exc:
+        except (TimeoutError, OSError, wire.FrameError) as exc:
             log.warning("handshake with %s failed: %s", addr, exc or type(exc).__name__)
             self.stats.handshakes_refused += isinstance(exc, PermissionError)
             link.close()
@@ -258,7 +257,7 @@ class MeshNode:
                     self._fetcher.on_done(out.fetches, msg)
                 else:
                     raise wire.FrameError(f"unexpected {type(msg).__name__}")
-        except (OSError, asyncio.IncompleteReadError, wire.FrameError) as exc:
+        except (OSError, wire.FrameError) as exc:
             log.info("link to %s closed: %s", node_id[:8], exc or type(exc).__name__)
         finally:
             if self._out.get(node_id) is out:
@@ -323,19 +322,21 @@ class MeshNode:
 
     # serving (inbound links) -----------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        link = Link(reader, writer)
+    def _accept(self, link: Link) -> None:
         if len(self._inbound) >= MAX_INBOUND:
             link.close()
             return
         self._inbound.add(link)
+        asyncio.create_task(self._serve(link))
+
+    async def _serve(self, link: Link) -> None:
         try:
             peer = await asyncio.wait_for(self._admit(link), HANDSHAKE_TIMEOUT_S)
             await self._serve_member(link, peer)
         except PermissionError as exc:
             self.stats.handshakes_refused += 1
             log.warning("refused peer %s: %s", link.peer_addr, exc)
-        except (TimeoutError, OSError, asyncio.IncompleteReadError, wire.FrameError) as exc:
+        except (TimeoutError, OSError, wire.FrameError) as exc:
             self.stats.bad_frames += isinstance(exc, wire.FrameError)
             log.info("inbound link %s closed: %s", link.peer_addr, exc or type(exc).__name__)
         finally:
