@@ -186,6 +186,14 @@ class _Blocks:
         fut.set_result([self.blocks[k] for k in keys if k in self.blocks])
         return fut
 
+    def hottest(self, limit: int) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        fut.set_result([])  # no hand-off from a benchmark process
+        return fut
+
+    def adopt(self, key: bytes, payload) -> concurrent.futures.Future:
+        raise NotImplementedError
+
 
 def _node(port: int, blocks: _Blocks, seeds: tuple[str, ...] = ()):
     from kvmesh.mesh.node import MeshConfig, MeshNode

@@ -144,6 +144,34 @@ def test_dead_or_stalled_holder_turns_into_a_recompute(tmp_path, tiny_llama, sig
             _wait_for(lambda: not _view(b.url)["members"], "B to bury A")
 
 
+@pytest.mark.timeout(300)
+def test_graceful_leave_keeps_a_prefix_a_peer_hit(tmp_path, tiny_llama):
+    """A prefix computed on A, then A stopped with SIGTERM: A hands its blocks to B and C
+    as it leaves, and C still serves the prompt from cache (its own share and B's, the
+    latter fetched as a peer hit), token for token as A's cold run."""
+    args = ["--model", str(tiny_llama), "--block-size", "4"]
+    prompt = long_prompt(80, seed=11)
+    with _mesh(tmp_path, args) as (servers, ids, _, _):
+        a, b, c = servers
+        r = httpx.post(a.url + "/v1/completions", timeout=120, json={
+            "prompt": prompt, "max_tokens": 12, "temperature": 0})
+        assert r.status_code == 200, r.text
+        cold_text = r.json()["choices"][0]["text"]
+        prompt_tokens = r.json()["usage"]["prompt_tokens"]
+        full_blocks = prompt_tokens // 4
+        _wait_for(lambda: _holder(c.url, ids[0], full_blocks), "C to list A's blocks")
+        assert a.stop(signal.SIGTERM) == 0
+        _wait_for(lambda: all(m["node_id"] != ids[0] for m in _view(c.url)["members"]),
+                  "C to see A leave")
+        adopted = [_view(s.url)["stats"]["blocks_adopted"] for s in (b, c)]
+        assert sum(adopted) >= full_blocks and min(adopted) > 0  # spread over both
+        _wait_for(lambda: _holder(c.url, ids[1], adopted[0]), "C to list B's new blocks")
+        text, cached = _complete(c.url, prompt)
+        assert text == cold_text
+        assert cached >= prompt_tokens - 4  # every full block, from C's host or from B
+        assert _peer_metric(c.url, "kv_tier_hit_tokens_total") > 0
+
+
 @pytest.mark.timeout(240)
 def test_a_wrong_secret_is_refused_and_learns_nothing(tmp_path, tiny_llama):
     args = ["--model", str(tiny_llama), "--block-size", "4"]

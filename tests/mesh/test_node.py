@@ -54,6 +54,14 @@ class DictBlocks:
         fut.set_result(KVSnapshot("x", self.seq, {"host": list(self.blocks)}))
         return fut
 
+    def hottest(self, limit: int) -> concurrent.futures.Future:
+        return _done(list(reversed(self.blocks))[:limit])
+
+    def adopt(self, key: bytes, payload) -> concurrent.futures.Future:
+        self.blocks[key] = bytes(payload)
+        self._publish(BlocksStored("host", [key]))
+        return _done(True)
+
     def export(self, keys) -> concurrent.futures.Future:
         out = []
         for k in keys:
@@ -64,6 +72,12 @@ class DictBlocks:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         fut.set_result(out)
         return fut
+
+
+def _done(value) -> concurrent.futures.Future:
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    fut.set_result(value)
+    return fut
 
 
 def _node(seeds=(), secret=SECRET, **kw) -> tuple[MeshNode, DictBlocks]:
@@ -99,8 +113,8 @@ def pair():
     a, la = _node()
     b, lb = _node(seeds=[_port(a)])
     yield a, la, b, lb
-    b.stop()
-    a.stop()
+    b.stop(handoff=False)
+    a.stop(handoff=False)
 
 
 def _fetch(node: MeshNode, holder: str, keys) -> list[bytes | None]:
@@ -145,8 +159,8 @@ def test_blocks_that_fail_their_checksum_are_never_used():
         assert _fetch(b, a.me.node_id, KEYS[:4]) == [None] * 4
         assert b.stats.checksum_failures >= 1 and b.stats.blocks_in == 0  # one per burst
     finally:
-        b.stop()
-        a.stop()
+        b.stop(handoff=False)
+        a.stop(handoff=False)
 
 
 class SlowNode(MeshNode):
@@ -183,8 +197,32 @@ def test_a_fetch_times_out_on_a_stall_not_on_its_length(stall_at):
         assert b.stats.fetch_timeouts == (1 if stall_at else 0)
         assert took > 2.5 if not stall_at else 1.0 < took - 0.25 * n < 3.0
     finally:
-        b.stop()
-        a.stop()
+        b.stop(handoff=False)
+        a.stop(handoff=False)
+
+
+def test_graceful_leave_hands_blocks_to_the_members_that_stay():
+    a, la = _node()
+    b, lb = _node(seeds=[_port(a)])
+    c, lc = _node(seeds=[_port(b)])
+    try:
+        _wait(lambda: all(len(n._out) == 2 for n in (a, b, c)))
+        la.put(KEYS[:24])
+        _wait(lambda: c.holders(KEYS[23]) == [a.me.node_id])
+        a.stop()  # hands its 24 blocks over, then leaves
+        assert a.stats.blocks_given == 24
+        _wait(lambda: b.stats.blocks_adopted + c.stats.blocks_adopted == 24)
+        assert lb.blocks.keys().isdisjoint(lc.blocks)  # each block to one member
+        assert len(lb.blocks) > 0 and len(lc.blocks) > 0  # spread by rendezvous hashing
+        for k in KEYS[:24]:
+            assert (lb.blocks.get(k) or lc.blocks.get(k)) == la.blocks[k]
+        # What B adopted is in C's directory now: still a peer hit, from B.
+        given_b = [k for k in KEYS[:24] if k in lb.blocks]
+        _wait(lambda: all(c.holders(k) == [b.me.node_id] for k in given_b))
+        assert _fetch(c, b.me.node_id, given_b) == [la.blocks[k] for k in given_b]
+    finally:
+        for n in (a, b, c):
+            n.stop(handoff=False)
 
 
 def test_gossip_spreads_membership_and_a_death_is_noticed():
@@ -203,7 +241,7 @@ def test_gossip_spreads_membership_and_a_death_is_noticed():
             n.directory.check_integrity()
     finally:
         for n in nodes:
-            n.stop()
+            n.stop(handoff=False)
 
 
 def test_wrong_secret_gets_nothing():
@@ -223,8 +261,8 @@ def test_wrong_secret_gets_nothing():
             assert s.recv(1 << 16) == b""  # closed: no welcome, no member list
         _wait(lambda: a.stats.handshakes_refused >= 1)
     finally:
-        intruder.stop()
-        a.stop()
+        intruder.stop(handoff=False)
+        a.stop(handoff=False)
 
 
 def _read_frame(s: socket.socket) -> wire.Message:

@@ -4,7 +4,8 @@ The node runs its own asyncio loop on its own thread, so P2P traffic never waits
 HTTP server's loop; the engine thread only hands it work (`request`) or events (`publish`).
 A node dials every member it knows; on that outbound link it sends probes, its directory
 (a snapshot, then batches) and fetches (kvmesh.mesh.fetcher), and reads the answers. On
-inbound links it answers probes, applies the dialer's directory and serves fetches.
+inbound links (kvmesh.mesh.inbound) it answers probes, applies the dialer's directory and
+serves fetches. Stopping hands the hottest blocks to the others first (kvmesh.mesh.handoff).
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ from kvmesh.engine.kv_events import KVEventBatch, KVSnapshot
 from kvmesh.mesh import greet, wire
 from kvmesh.mesh.directory import Directory
 from kvmesh.mesh.fetcher import Fetcher, Fetches
+from kvmesh.mesh.handoff import hand_off
+from kvmesh.mesh.inbound import HANDSHAKE_TIMEOUT_S, InboundLinks
 from kvmesh.mesh.link import Link, TcpTransport
 from kvmesh.mesh.membership import Membership
-from kvmesh.mesh.serving import MAX_FETCHES_PER_LINK, MAX_QUEUED_FETCHES, LocalBlocks, serve_fetches
+from kvmesh.mesh.serving import LocalBlocks
 from kvmesh.mesh.stats import MeshStats
 
 log = logging.getLogger(__name__)
-HANDSHAKE_TIMEOUT_S = 5.0
-MAX_INBOUND = 256
 MAX_BACKLOG = 1024  # event batches held for a link whose snapshot is not sent yet
 
 
@@ -47,6 +48,8 @@ class MeshConfig:
     suspect_after_s: float = 1.5
     dead_after_s: float = 4.0
     fetch_stall_timeout_s: float = 5.0  # a fetch with no block for this long is a miss
+    handoff_bytes: int = 1 << 30  # on leave, the hottest blocks up to this go to the others
+    handoff_timeout_s: float = 10.0
 
 
 @dataclass
@@ -58,7 +61,7 @@ class _OutLink:
     backlog: list[KVEventBatch] = field(default_factory=list)
 
 
-class MeshNode:
+class MeshNode(InboundLinks):
     def __init__(self, config: MeshConfig, local: LocalBlocks):
         self.config = config
         self.local = local
@@ -77,6 +80,7 @@ class MeshNode:
         self._started = threading.Event()
         self._error: BaseException | None = None
         self._stop: asyncio.Event | None = None
+        self._handoff = True
         self._thread = threading.Thread(target=self._run, name="kvmesh-mesh", daemon=True)
 
     # any thread ------------------------------------------------------------------------
@@ -89,10 +93,12 @@ class MeshNode:
         log.info("mesh node %s listening on %s (seeds: %s)", self.me.node_id[:8],
                  self.me.addr, ", ".join(self.config.seeds) or "none")
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, handoff: bool = True) -> None:
+        """Leave the mesh: hand the hottest blocks over (within the budget), then go."""
         if self._thread.is_alive() and self._stop is not None:
+            self._handoff = handoff
             self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(timeout)
+            self._thread.join(self.config.handoff_timeout_s * handoff + 5.0)
         self._fetcher.fail_queued()
 
     def holders(self, key: bytes) -> list[str]:
@@ -160,6 +166,10 @@ class MeshNode:
                 link.close()
 
     async def _leave(self) -> None:
+        if self._handoff:
+            links = {n: out.link for n, out in self._out.items()}
+            await hand_off(self.local, links, self.config.handoff_bytes,
+                           self.config.handoff_timeout_s, self.stats, self._send_block)
         for out in list(self._out.values()):
             with contextlib.suppress(TimeoutError, OSError):
                 await asyncio.wait_for(out.link.send(wire.Leave(self.me.node_id)), 1.0)
@@ -319,81 +329,3 @@ class MeshNode:
             return False
         asyncio.create_task(self._send(out, msg))
         return True
-
-    # serving (inbound links) -----------------------------------------------------------
-
-    def _accept(self, link: Link) -> None:
-        if len(self._inbound) >= MAX_INBOUND:
-            link.close()
-            return
-        self._inbound.add(link)
-        asyncio.create_task(self._serve(link))
-
-    async def _serve(self, link: Link) -> None:
-        try:
-            peer = await asyncio.wait_for(self._admit(link), HANDSHAKE_TIMEOUT_S)
-            await self._serve_member(link, peer)
-        except PermissionError as exc:
-            self.stats.handshakes_refused += 1
-            log.warning("refused peer %s: %s", link.peer_addr, exc)
-        except (TimeoutError, OSError, wire.FrameError) as exc:
-            self.stats.bad_frames += isinstance(exc, wire.FrameError)
-            log.info("inbound link %s closed: %s", link.peer_addr, exc or type(exc).__name__)
-        finally:
-            self._inbound.discard(link)
-            link.close()
-
-    async def _admit(self, link: Link) -> wire.Member:
-        member = await greet.listen_side(link, self.config.secret)
-        with self.lock:
-            members = self.membership.members()
-        await link.send(wire.Welcome(self.me, members))
-        return member
-
-    async def _serve_member(self, link: Link, peer: wire.Member) -> None:
-        self._learn([peer])
-        fetches: asyncio.Queue[wire.Fetch] = asyncio.Queue(MAX_QUEUED_FETCHES)
-        tasks = [asyncio.create_task(serve_fetches(link, fetches, self.local, self.stats,
-                                                   self._send_block))
-                 for _ in range(MAX_FETCHES_PER_LINK)]
-        try:
-            while True:
-                msg, _ = await link.recv()
-                with self.lock:
-                    self.membership.heard(peer.node_id)
-                if isinstance(msg, wire.Ping):
-                    self._learn(msg.members)
-                    with self.lock:
-                        members = self.membership.members()
-                        dead = self.membership.recent_dead()
-                    await link.send(wire.Ack(msg.seq, members, dead))
-                elif isinstance(msg, wire.Directory):
-                    await self._on_directory(link, peer.node_id, msg)
-                elif isinstance(msg, wire.Fetch):
-                    try:
-                        fetches.put_nowait(msg)
-                    except asyncio.QueueFull:  # busy: a miss now, never a stalled reader
-                        await link.send(wire.Done(msg.req, 0, busy=True))
-                elif isinstance(msg, wire.Leave):
-                    log.info("peer %s left the mesh", peer.node_id[:8])
-                    self._drop(peer.node_id)
-                    return
-                else:
-                    raise wire.FrameError(f"unexpected {type(msg).__name__}")
-        finally:
-            for task in tasks:
-                task.cancel()
-
-    async def _on_directory(self, link: Link, node_id: str, msg: wire.Directory) -> None:
-        data = wire.decode_directory(msg)
-        with self.lock:
-            if isinstance(data, KVSnapshot):
-                self.directory.reset(node_id, data)
-                return
-            in_order = self.directory.apply(node_id, data)
-        if not in_order:
-            await link.send(wire.Resync(data.seq))
-
-    async def _send_block(self, link: Link, header: wire.Block, data: bytes) -> None:
-        await link.send(header, data)
-

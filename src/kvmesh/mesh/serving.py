@@ -1,4 +1,5 @@
-"""Serving one fetch: copies of the leading held blocks, streamed in order, then Done."""
+"""Serving blocks to a peer: copies of the leading held blocks, streamed in order, for a
+fetch (then Done) or for a hand-off on leave (`Give` frames)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ EXPORT_CHUNK_BYTES = 32 << 20
 MAX_FETCHES_PER_LINK = 4  # served at once; more wait in a queue of MAX_QUEUED_FETCHES
 MAX_QUEUED_FETCHES = 64  # beyond it a fetch is refused at once (Done busy): a miss
 Export = bytes | concurrent.futures.Future | None
-SendBlock = Callable[[Link, wire.Block, bytes], Awaitable[None]]
+SendBlock = Callable[[Link, wire.Block | wire.Give, bytes], Awaitable[None]]
 
 
 class LocalBlocks(Protocol):
@@ -30,6 +31,15 @@ class LocalBlocks(Protocol):
 
     def export(self, keys: Sequence[bytes]) -> concurrent.futures.Future:
         """Copies of the leading held blocks (bytes, or a disk read's Future)."""
+        ...
+
+    def hottest(self, limit: int) -> concurrent.futures.Future:
+        """Up to `limit` keys of held device and host blocks, most useful first (a list)."""
+        ...
+
+    def adopt(self, key: bytes, payload: bytes | bytearray | memoryview
+              ) -> concurrent.futures.Future:
+        """Keep a block a leaving peer handed over, in host memory (True if stored)."""
         ...
 
 
@@ -46,21 +56,8 @@ async def serve_fetch(link: Link, msg: wire.Fetch, local: LocalBlocks, stats: Me
     """Stream what is held of `msg.keys`, stopping at the first block no longer held."""
     sent = 0
     try:
-        chunk = max(1, EXPORT_CHUNK_BYTES // local.block_bytes)
-        for start in range(0, len(msg.keys), chunk):
-            keys = msg.keys[start:start + chunk]
-            items: list[Export] = await asyncio.wrap_future(local.export(keys))
-            for key, item in zip(keys, items, strict=False):
-                data = await _resolve(item)
-                if data is None:
-                    return
-                await send_block(link, wire.Block(
-                    msg.req, sent, key, xxhash.xxh3_64_intdigest(data)), data)
-                sent += 1
-                stats.blocks_out += 1
-                stats.bytes_out += len(data)
-            if len(items) < len(keys):
-                return
+        sent = await stream_held(link, msg.keys, local, stats, send_block,
+                                 lambda i, key, digest: wire.Block(msg.req, i, key, digest))
     except (OSError, ConnectionError):
         link.close()
     finally:
@@ -69,6 +66,29 @@ async def serve_fetch(link: Link, msg: wire.Fetch, local: LocalBlocks, stats: Me
                 await link.send(wire.Done(msg.req, sent))
             except (OSError, ConnectionError):
                 link.close()
+
+
+async def stream_held(link: Link, keys: Sequence[bytes], local: LocalBlocks, stats: MeshStats,
+                      send_block: SendBlock,
+                      header: Callable[[int, bytes, int], wire.Block | wire.Give]) -> int:
+    """Send the leading held blocks of `keys` (exported a chunk at a time on the engine
+    thread), each under `header(index, key, xxh3 digest)`; the number sent."""
+    sent = 0
+    chunk = max(1, EXPORT_CHUNK_BYTES // local.block_bytes)
+    for start in range(0, len(keys), chunk):
+        part = keys[start:start + chunk]
+        items: list[Export] = await asyncio.wrap_future(local.export(part))
+        for key, item in zip(part, items, strict=False):
+            data = await _resolve(item)
+            if data is None:
+                return sent
+            await send_block(link, header(sent, key, xxhash.xxh3_64_intdigest(data)), data)
+            sent += 1
+            stats.blocks_out += 1
+            stats.bytes_out += len(data)
+        if len(items) < len(part):
+            return sent
+    return sent
 
 
 async def _resolve(item: Export) -> bytes | None:

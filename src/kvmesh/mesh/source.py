@@ -119,6 +119,29 @@ class EngineBlocks:
     def export(self, keys: Sequence[bytes]) -> concurrent.futures.Future:
         return self.engine.run_on_engine(lambda: self._export(keys))
 
+    def hottest(self, limit: int) -> concurrent.futures.Future:
+        return self.engine.run_on_engine(lambda: self._hottest(limit))
+
+    def _hottest(self, limit: int) -> list[bytes]:
+        """Device blocks newest first, then host blocks newest first (their LRU order)."""
+        core = self.engine.engine.core
+        keys = [bytes(k) for _, k in reversed(core.pool.cached_blocks())]
+        if core.store is not None:
+            keys += [bytes(k) for k in reversed(core.store.host.list_keys())]
+        return list(dict.fromkeys(keys))[:limit]
+
+    def adopt(self, key: bytes, payload: bytes | bytearray | memoryview
+              ) -> concurrent.futures.Future:
+        return self.engine.run_on_engine(lambda: self._adopt(key, payload))
+
+    def _adopt(self, key: bytes, payload: bytes | bytearray | memoryview) -> bool:
+        core = self.engine.engine.core
+        if core.store is None or core.pool.lookup(BlockKey(key)) is not None:
+            return False
+        stored = core.store.host.put(BlockKey(key), payload)
+        core.outbox.drain()  # tell the mesh now, not at the engine's next step
+        return stored
+
     def _export(self, keys: Sequence[bytes]) -> list[Any]:
         engine = self.engine.engine
         store, pool = engine.store, engine.core.pool

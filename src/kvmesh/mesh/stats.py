@@ -19,3 +19,5 @@ class MeshStats:
     handshakes_refused: int = 0
     bad_frames: int = 0
     deaths: int = 0
+    blocks_given: int = 0  # handed to the members that stay, on leaving
+    blocks_adopted: int = 0  # handed to this node by a member that left

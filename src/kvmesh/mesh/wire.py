@@ -94,12 +94,19 @@ class Done(msgspec.Struct, tag="done", array_like=True):
     busy: bool = False  # refused unserved: the holder had too many fetches in flight
 
 
+class Give(msgspec.Struct, tag="give", array_like=True):
+    """A block handed over by a member that is leaving (graceful leave); payload follows."""
+
+    key: bytes
+    digest: int
+
+
 class Leave(msgspec.Struct, tag="leave", array_like=True):
     node_id: str
 
 
 Message = (Hello | Challenge | Proof | Welcome | Ping | Ack | Directory | Resync | Fetch | Block
-           | Done | Leave)
+           | Done | Give | Leave)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -124,7 +131,7 @@ def decode(header: bytes, payload_len: int) -> Message:
         msg = _decoder.decode(header)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise FrameError(f"undecodable header: {exc}") from None
-    if payload_len and not isinstance(msg, Block):
+    if payload_len and not isinstance(msg, Block | Give):
         raise FrameError(f"{type(msg).__name__} carries no payload")
     if isinstance(msg, Fetch) and len(msg.keys) > MAX_KEYS_PER_FETCH:
         raise FrameError(f"fetch of {len(msg.keys)} keys")

@@ -1,0 +1,74 @@
+"""Graceful leave: before a node goes, it hands its hottest blocks to the members that stay.
+
+Each block goes to one member, chosen by rendezvous hashing of its key over the members
+linked now (so the blocks spread evenly, and two leaving nodes agree on where a block
+goes). The receiver verifies each block's digest and keeps it in its host tier; its KV
+events then tell every directory that it holds it, so a prefix computed on the node that
+left is still a peer hit. Bounded by a byte budget and a deadline; what does not fit is
+simply not handed over (the mesh loses it, as it would without a hand-off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+
+import xxhash
+
+from kvmesh.mesh import wire
+from kvmesh.mesh.link import Link, Payload
+from kvmesh.mesh.serving import LocalBlocks, SendBlock, stream_held
+from kvmesh.mesh.stats import MeshStats
+
+log = logging.getLogger(__name__)
+
+
+def assign(keys: Sequence[bytes], node_ids: Sequence[str]) -> dict[str, list[bytes]]:
+    """Rendezvous hashing: each key to the member with the highest hash of (key, member)."""
+    plan: dict[str, list[bytes]] = {n: [] for n in node_ids}
+    if not node_ids:
+        return plan
+    salts = [n.encode() for n in node_ids]
+    for key in keys:
+        best = max(range(len(node_ids)), key=lambda i: xxhash.xxh3_64_intdigest(key + salts[i]))
+        plan[node_ids[best]].append(key)
+    return plan
+
+
+async def hand_off(local: LocalBlocks, links: Mapping[str, Link], max_bytes: int,
+                   timeout_s: float, stats: MeshStats, send_block: SendBlock) -> int:
+    """Give the hottest held blocks, up to `max_bytes`, to the members of `links`; the
+    number given. Stops at `timeout_s`."""
+    if not links or max_bytes < local.block_bytes:
+        return 0
+    before = stats.blocks_out
+    try:
+        async with asyncio.timeout(timeout_s):
+            keys = await asyncio.wrap_future(local.hottest(max_bytes // local.block_bytes))
+            plan = assign(keys, sorted(links))
+            await asyncio.gather(*(
+                _give(links[n], ks, local, stats, send_block) for n, ks in plan.items() if ks))
+    except TimeoutError:
+        log.warning("hand-off cut short by its %.0f s budget", timeout_s)
+    given = stats.blocks_out - before
+    stats.blocks_given += given
+    log.info("handed %d blocks to %d members before leaving", given, len(links))
+    return given
+
+
+async def _give(link: Link, keys: list[bytes], local: LocalBlocks, stats: MeshStats,
+                send_block: SendBlock) -> None:
+    with contextlib.suppress(OSError, ConnectionError):
+        await stream_held(link, keys, local, stats, send_block,
+                          lambda _, key, digest: wire.Give(key, digest))
+
+
+def accept_gift(local: LocalBlocks, msg: wire.Give, payload: Payload, stats: MeshStats) -> None:
+    """A block a leaving member gave: kept only if its length and digest check out."""
+    if len(payload) != local.block_bytes or xxhash.xxh3_64_intdigest(payload) != msg.digest:
+        stats.checksum_failures += 1
+        return
+    stats.blocks_adopted += 1
+    local.adopt(msg.key, payload)
