@@ -39,7 +39,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import save  # noqa: E402
-from tests.server_process import free_port, serve  # noqa: E402
+from tests.server_process import free_ports, serve  # noqa: E402
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / \
     "mooncake_conversation_trace.jsonl"
@@ -67,7 +67,8 @@ def _metrics(url: str) -> dict[str, float]:
 def instances(tmp: Path, n: int, meshed: bool, extra: list[str]):
     secret = tmp / "secret"
     secret.write_text(SECRET)
-    ports = [free_port() for _ in range(n)]
+    all_ports = free_ports(2 * n)
+    ports, http_ports = all_ports[:n], all_ports[n:]
     with contextlib.ExitStack() as stack:
         servers = []
         for i, port in enumerate(ports):
@@ -76,7 +77,8 @@ def instances(tmp: Path, n: int, meshed: bool, extra: list[str]):
                 args += ["--p2p-port", str(port), "--cluster-secret-file", str(secret)]
                 if i:
                     args += ["--peers", f"127.0.0.1:{ports[0]}"]
-            servers.append(stack.enter_context(serve(args, tmp, pin_float32=False)))
+            servers.append(stack.enter_context(serve(args, tmp, pin_float32=False,
+                                                     port=http_ports[i])))
         if meshed:
             for s in servers:
                 _until(lambda s=s: sum(m["linked"] for m in _mesh(s.url)["members"]) == n - 1,
@@ -242,7 +244,7 @@ def _raw_fetch(port: int, total: int) -> float:
 
 
 def bandwidth(n: int, block_bytes: int, rounds: int) -> dict:
-    port, raw_port = free_port(), free_port()
+    port, raw_port, my_port = free_ports(3)
     proc = subprocess.Popen([sys.executable, __file__, "--holder", str(port), str(raw_port),
                              str(n), str(block_bytes)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
@@ -252,7 +254,7 @@ def bandwidth(n: int, block_bytes: int, rounds: int) -> dict:
         line = proc.stdout.readline().split()
         assert line and line[0] == "READY", line
         holder = line[1]
-        node = _node(free_port(), _Blocks({}, block_bytes), (f"127.0.0.1:{port}",))
+        node = _node(my_port, _Blocks({}, block_bytes), (f"127.0.0.1:{port}",))
         keys = _keys(n)
         _until(lambda: node.holders(keys[-1]) == [holder], "the holder's directory")
         total = n * block_bytes

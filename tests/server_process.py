@@ -15,17 +15,28 @@ import httpx
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports (all held open until all are chosen: the kernel
+    may hand a just-closed port out again)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen, port: int, log: Path):
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path, host: str = "127.0.0.1"):
         self.proc = proc
         self.port = port
         self.log = log
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{host}:{port}"
 
     def wait(self, path: str = "/ready", timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
@@ -63,19 +74,22 @@ class Server:
 
 @contextmanager
 def serve(args: list[str], tmp: Path, wait: str | None = "/ready", pin_float32: bool = True,
-          command: str = "serve", port: int | None = None):
-    """A `kvmesh serve` (or `command`) subprocess on a free loopback port. With
-    `pin_float32` (tests) serve's dtype is float32 unless `args` name one: the exact path on
-    every CPU."""
+          command: str = "serve", port: int | None = None, host: str | None = None,
+          prefix: tuple[str, ...] = ()):
+    """A `kvmesh serve` (or `command`) subprocess on a free loopback port (or `host`, run
+    under `prefix`, such as `ip netns exec NS`). With `pin_float32` (tests) serve's dtype is
+    float32 unless `args` name one: the exact path on every CPU."""
     port = port or free_port()
     log = tmp / f"{command}-{port}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if command == "serve" and pin_float32 and "--dtype" not in args:  # auto: bf16 on some CPUs
         args = [*args, "--dtype", "float32"]
-    cmd = [sys.executable, "-m", "kvmesh.cli", command, "--port", str(port), *args]
+    cmd = [*prefix, sys.executable, "-m", "kvmesh.cli", command, "--port", str(port), *args]
+    if host is not None:
+        cmd += ["--host", host]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    server = Server(proc, port, log)
+    server = Server(proc, port, log, host or "127.0.0.1")
     try:
         if wait:
             server.wait(wait)

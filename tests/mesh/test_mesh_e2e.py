@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server_process import free_port, serve
+from tests.server_process import free_port, free_ports, serve
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota",
          "kappa", "lambda", "mu"]
@@ -77,13 +77,14 @@ def _holder(url: str, node_id: str, at_least: int = 1) -> bool:
 def _mesh(tmp: Path, model_args: list[str], n: int = 3, chain: bool = True):
     """n instances; each seeds only the previous one (the rest comes from gossip)."""
     secret = _secret(tmp)
-    ports = [free_port() for _ in range(n)]
+    all_ports = free_ports(2 * n)  # P2P and HTTP, all distinct
+    ports, http_ports = all_ports[:n], all_ports[n:]
     with contextlib.ExitStack() as stack:
         servers = []
         for i, port in enumerate(ports):
             seeds = ports[i - 1:i] if chain and i else []
             servers.append(stack.enter_context(
-                serve(_mesh_args(port, secret, seeds, model_args), tmp)))
+                serve(_mesh_args(port, secret, seeds, model_args), tmp, port=http_ports[i])))
         ids = [_view(s.url)["me"]["node_id"] for s in servers]
         for s in servers:  # gossip: everyone learns of everyone, though seeded with one
             _wait_for(lambda s=s: sum(m["linked"] for m in _view(s.url)["members"]) == n - 1,

@@ -345,6 +345,59 @@ def test_membership_suspects_before_it_buries_and_restarts_replace():
     m.check_integrity()
 
 
+def test_silent_sockets_are_capped_and_members_keep_their_links(pair):
+    """Sockets that never finish a handshake: beyond MAX_UNAUTHENTICATED they are closed at
+    once, the rest after the handshake timeout; the member already linked is untouched."""
+    from kvmesh.mesh.inbound import MAX_UNAUTHENTICATED
+
+    a, la, b, _ = pair
+    la.put(KEYS[:4])
+    _wait(lambda: b.holders(KEYS[3]))
+    socks = [socket.create_connection(("127.0.0.1", _port(a)), timeout=5)
+             for _ in range(MAX_UNAUTHENTICATED + 8)]
+    try:
+        closed = 0
+        for s in socks[-8:]:  # the last ones found no slot
+            s.settimeout(5)
+            closed += s.recv(1) == b""
+        assert closed == 8
+        assert sum(not link.authenticated for link in a._inbound) == MAX_UNAUTHENTICATED
+        assert _fetch(b, a.me.node_id, KEYS[:4]) == [la.blocks[k] for k in KEYS[:4]]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_membership_vouching_tombstone_expiry_and_revival():
+    """SWIM's indirect evidence: a member another member heard lately stays suspect, not
+    dead; tombstones expire; its own link revives a member buried by mistake."""
+    now = [0.0]
+    me = wire.Member("me", "h:1")
+    m = Membership(me, clock=lambda: now[0], suspect_after_s=1.0, dead_after_s=3.0,
+                   tombstone_ttl_s=10.0)
+    m.learn([wire.Member("p1", "h:2"), wire.Member("p2", "h:3")])
+    now[0] = 2.5
+    m.heard("p2")
+    m.vouch(["p1", "unknown"])  # p2's answer: it heard p1 lately (our link to p1 is bad)
+    now[0] = 3.2
+    assert m.tick() == [] and m.state("p1") is State.SUSPECT  # vouched: not dead yet
+    assert m.fresh() == ["p2"]
+    now[0] = 3.6  # the vouch is older than suspect_after_s now
+    assert m.tick() == ["p1"] and "p1" in m.tombstones
+    assert m.learn([wire.Member("p1", "h:2")]) == ([], [])  # gossip does not resurrect
+    assert m.revive(wire.Member("p1", "h:2")) == []  # its own link does
+    assert m.state("p1") is State.ALIVE and "p1" not in m.tombstones
+    now[0] = 10.0
+    assert sorted(m.tick()) == ["p1", "p2"]  # both silent since 3.6 and 2.5
+    now[0] = 19.9
+    m.tick()
+    assert set(m.tombstones) == {"p1", "p2"}  # buried at 10.0, kept for 10 s
+    now[0] = 20.1
+    m.tick()
+    assert not m.tombstones  # expired: gossip may introduce them again
+    m.check_integrity()
+
+
 def test_wire_bounds():
     with pytest.raises(wire.FrameError):
         wire.check_sizes(wire.MAX_HANDSHAKE_BYTES + 1, 0, authenticated=False)

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvmesh.mesh.node")
 HANDSHAKE_TIMEOUT_S = 5.0
-MAX_INBOUND = 256
+MAX_INBOUND = 256  # authenticated links
+MAX_UNAUTHENTICATED = 32  # in their handshake: silent sockets cannot crowd members out
 
 
 class InboundLinks:
@@ -43,8 +44,12 @@ class InboundLinks:
     def _drop(self, node_id: str) -> None:
         raise NotImplementedError
 
+    def _revive(self, member: wire.Member) -> None:
+        raise NotImplementedError
+
     def _accept(self, link: Link) -> None:
-        if len(self._inbound) >= MAX_INBOUND:
+        pending = sum(not other.authenticated for other in self._inbound)
+        if pending >= MAX_UNAUTHENTICATED or len(self._inbound) - pending >= MAX_INBOUND:
             link.close()
             return
         self._inbound.add(link)
@@ -72,7 +77,7 @@ class InboundLinks:
         return member
 
     async def _serve_member(self, link: Link, peer: wire.Member) -> None:
-        self._learn([peer])
+        self._revive(peer)  # it proved the secret on its own link: alive, even if buried
         fetches: asyncio.Queue[wire.Fetch] = asyncio.Queue(MAX_QUEUED_FETCHES)
         tasks = [asyncio.create_task(serve_fetches(link, fetches, self.local, self.stats,
                                                    self._send_block))
@@ -87,7 +92,8 @@ class InboundLinks:
                     with self.lock:
                         members = self.membership.members()
                         dead = self.membership.recent_dead()
-                    await link.send(wire.Ack(msg.seq, members, dead))
+                        alive = self.membership.fresh()
+                    await link.send(wire.Ack(msg.seq, members, dead, alive))
                 elif isinstance(msg, wire.Directory):
                     await self._on_directory(link, peer.node_id, msg)
                 elif isinstance(msg, wire.Fetch):

@@ -170,10 +170,14 @@ class MeshNode(InboundLinks):
             links = {n: out.link for n, out in self._out.items()}
             await hand_off(self.local, links, self.config.handoff_bytes,
                            self.config.handoff_timeout_s, self.stats, self._send_block)
-        for out in list(self._out.values()):
-            with contextlib.suppress(TimeoutError, OSError):
-                await asyncio.wait_for(out.link.send(wire.Leave(self.me.node_id)), 1.0)
+        outs = list(self._out.values())
+        await asyncio.gather(*(self._say_leave(out) for out in outs))
+        for out in outs:
             self._drop(out.member.node_id)
+
+    async def _say_leave(self, out: _OutLink) -> None:
+        with contextlib.suppress(TimeoutError, OSError):
+            await asyncio.wait_for(out.link.send(wire.Leave(self.me.node_id)), 1.0)
 
     # membership ------------------------------------------------------------------------
 
@@ -195,7 +199,8 @@ class MeshNode(InboundLinks):
 
     def _dial_missing(self) -> None:
         with self.lock:
-            targets = [m.addr for m in self.membership.live() if m.node_id not in self._out]
+            targets = [e.member.addr for e in self.membership.entries.values()
+                       if e.member.node_id not in self._out]  # suspects too: a new link
             if not self.membership.entries:
                 targets += list(self.config.seeds)  # alone: keep trying the seeds
         for addr in set(targets) - self._dialing - {self.me.addr}:
@@ -205,6 +210,12 @@ class MeshNode(InboundLinks):
     def _learn(self, members: Sequence[wire.Member]) -> None:
         with self.lock:
             _, replaced = self.membership.learn(members)
+        for node_id in replaced:
+            self._drop(node_id)
+
+    def _revive(self, member: wire.Member) -> None:
+        with self.lock:
+            replaced = self.membership.revive(member)
         for node_id in replaced:
             self._drop(node_id)
 
@@ -239,7 +250,8 @@ class MeshNode(InboundLinks):
             return
         self._dialing.discard(addr)
         peer = welcome.member
-        self._learn([peer, *welcome.members])
+        self._revive(peer)
+        self._learn(welcome.members)
         with self.lock:
             if peer.node_id in self._out or peer.node_id not in self.membership.entries:
                 link.close()  # already linked, or a dead life of that address
@@ -278,6 +290,7 @@ class MeshNode(InboundLinks):
     def _on_ack(self, node_id: str, ack: wire.Ack) -> None:
         with self.lock:
             self.membership.heard(node_id)
+            self.membership.vouch(ack.alive)
         self._learn(ack.members)
         for dead in ack.dead:
             with self.lock:

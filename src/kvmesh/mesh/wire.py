@@ -61,6 +61,7 @@ class Ack(msgspec.Struct, tag="ack", array_like=True):
     seq: int
     members: list[Member]
     dead: list[str]  # node ids this side declared dead
+    alive: list[str] = []  # node ids this side heard from lately: they are not dead
 
 
 class Directory(msgspec.Struct, tag="dir", array_like=True):
