@@ -65,6 +65,7 @@ def _metrics(url: str) -> dict[str, float]:
 
 @contextlib.contextmanager
 def instances(tmp: Path, n: int, meshed: bool, extra: list[str]):
+    tmp.mkdir(parents=True, exist_ok=True)
     secret = tmp / "secret"
     secret.write_text(SECRET)
     all_ports = free_ports(2 * n)

@@ -98,3 +98,17 @@ def test_core_without_tiers_and_a_failing_executor():
         tokens += [u.token_id for u in core.step(executor)]
         core.check_integrity()
     assert len(tokens) == 3 and executor.stores == executor.loads == 0
+
+
+def test_a_finished_request_s_blocks_are_announced_without_another_step():
+    """The blocks a step fills reach the outbox's subscribers (the mesh directory, the
+    router's KV events) in that step, not at the next one: an idle engine has no next."""
+    from kvmesh.types import SamplingParams
+
+    core, executor, _, mirror = core_driver.build()
+    prompt = list(range(3, 3 + 37))  # 9 full blocks of 4, and a partial one
+    core.add("r", prompt, SamplingParams(temperature=0, max_tokens=1))
+    while core.has_unfinished():
+        core.step(executor)
+    assert len(mirror.held.get("device", set())) >= len(prompt) // 4
+    assert not mirror.errors

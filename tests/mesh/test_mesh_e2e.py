@@ -149,8 +149,9 @@ def test_dead_or_stalled_holder_turns_into_a_recompute(tmp_path, tiny_llama, sig
 def test_graceful_leave_keeps_a_prefix_a_peer_hit(tmp_path, tiny_llama):
     """A prefix computed on A, then A stopped with SIGTERM: A hands its blocks to B and C
     as it leaves, and C still serves the prompt from cache (its own share and B's, the
-    latter fetched as a peer hit), token for token as A's cold run."""
-    args = ["--model", str(tiny_llama), "--block-size", "4"]
+    latter fetched as a peer hit), token for token as A's cold run. In bfloat16: blocks
+    of any dtype go over the wire as bytes."""
+    args = ["--model", str(tiny_llama), "--block-size", "4", "--dtype", "bfloat16"]
     prompt = long_prompt(80, seed=11)
     with _mesh(tmp_path, args) as (servers, ids, _, _):
         a, b, c = servers

@@ -205,6 +205,7 @@ class EngineCore:
         self.scheduler.observe_step(out, self.clock.now() - start)
         updated = self.scheduler.update_from_output(out, result.sampled)
         self._release_held(updated)
+        self._drain()  # the blocks this step filled: announced now, not at the next step
         return [self._update(req, result.logprobs.get(req.request_id)) for req in updated]
 
     def step_decode_run(self, executor: RunExecutor, max_steps: int,

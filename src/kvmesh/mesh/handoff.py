@@ -11,7 +11,6 @@ simply not handed over (the mesh loses it, as it would without a hand-off).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -60,9 +59,13 @@ async def hand_off(local: LocalBlocks, links: Mapping[str, Link], max_bytes: int
 
 async def _give(link: Link, keys: list[bytes], local: LocalBlocks, stats: MeshStats,
                 send_block: SendBlock) -> None:
-    with contextlib.suppress(OSError, ConnectionError):
+    try:
         await stream_held(link, keys, local, stats, send_block,
                           lambda _, key, digest: wire.Give(key, digest))
+    except (OSError, ConnectionError):
+        pass  # that member went away: its share is lost
+    except Exception:  # noqa: BLE001 - a failed export ends this share, not the leave
+        log.exception("hand-off export failed")
 
 
 def accept_gift(local: LocalBlocks, msg: wire.Give, payload: Payload, stats: MeshStats) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -14,6 +15,7 @@ from kvmesh.mesh import wire
 from kvmesh.mesh.link import Link
 from kvmesh.mesh.stats import MeshStats
 
+log = logging.getLogger(__name__)
 EXPORT_CHUNK_BYTES = 32 << 20
 MAX_FETCHES_PER_LINK = 4  # served at once; more wait in a queue of MAX_QUEUED_FETCHES
 MAX_QUEUED_FETCHES = 64  # beyond it a fetch is refused at once (Done busy): a miss
@@ -60,6 +62,8 @@ async def serve_fetch(link: Link, msg: wire.Fetch, local: LocalBlocks, stats: Me
                                  lambda i, key, digest: wire.Block(msg.req, i, key, digest))
     except (OSError, ConnectionError):
         link.close()
+    except Exception:  # noqa: BLE001 - the engine failed the export: a miss, not a dead worker
+        log.exception("serving a fetch failed")
     finally:
         if not link.closed:
             try:

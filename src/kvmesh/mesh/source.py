@@ -15,6 +15,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from kvmesh.engine.kv_events import KVEventBatch, KVSnapshot, to_wire
 from kvmesh.hashing import BlockKey
 from kvmesh.kvstore.tier import TierStats
@@ -149,7 +151,8 @@ class EngineBlocks:
         for key in keys:
             block_id = pool.lookup(BlockKey(key))
             if block_id is not None:  # immutable once cached: a copy between steps is exact
-                out.append(engine.runner.block(block_id).cpu().numpy().tobytes())
+                block = engine.runner.block(block_id).reshape(-1).view(torch.uint8)
+                out.append(block.cpu().numpy().tobytes())  # bytes: any dtype (bf16 too)
                 continue
             data = store.host.payload(BlockKey(key)) if store is not None else None
             if data is None and store is not None and store.disk is not None \
