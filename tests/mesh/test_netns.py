@@ -1,12 +1,14 @@
 """Two instances on two "hosts": network namespaces joined by a veth link (made here; the
-tests run as root, like CI). The mesh link is slowed with tc so a fetch takes seconds, then
-cut mid-transfer: B's request falls back to a local recompute, with identical output and
-no hang. The test process reaches each instance's HTTP port over a second veth pair."""
+tests run as root, like CI). The mesh link is slowed with tc so a fetch takes seconds; then
+the link is cut, or the holder killed or stopped, mid-transfer: B's request falls back to a
+local recompute, with identical output and no hang. The test process reaches each
+instance's HTTP port over a second veth pair."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -73,7 +75,10 @@ def _mesh_view(url: str) -> dict:
 
 
 @pytest.mark.timeout(300)
-def test_cutting_the_link_mid_transfer_falls_back_to_a_recompute(tmp_path, tiny_llama):
+@pytest.mark.parametrize("fault", ["cut", "kill", "stop"])
+def test_a_fault_mid_transfer_falls_back_to_a_recompute(tmp_path, tiny_llama, fault):
+    """The mesh link is pulled, or the holder is killed (SIGKILL) or stalled (SIGSTOP),
+    while B's fetch is under way: B's answer is still A's cold output, in bounded time."""
     reason = _can_make_namespaces()
     if reason:
         pytest.skip(reason)
@@ -120,8 +125,15 @@ def test_cutting_the_link_mid_transfer_falls_back_to_a_recompute(tmp_path, tiny_
         while _mesh_view(b.url)["stats"]["blocks_in"] == 0:
             assert time.monotonic() < deadline and asker.is_alive(), "no transfer started"
             time.sleep(0.05)
-        _ip("link", "set", f"mA{TAG}", "down", ns=NS_A)  # the cable is pulled
-        asker.join(90)
+        if fault == "cut":
+            _ip("link", "set", f"mA{TAG}", "down", ns=NS_A)  # the cable is pulled
+        else:
+            a.proc.send_signal(signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+        try:
+            asker.join(90)
+        finally:
+            if fault == "stop":
+                a.proc.send_signal(signal.SIGCONT)
         assert not asker.is_alive(), "B's request hung"
         r = result["r"]
         assert r.status_code == 200, r.text

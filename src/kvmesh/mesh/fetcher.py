@@ -1,6 +1,7 @@
-"""The fetching half of a node: reads queued in one burst become one Fetch per holder, the
-answering Block frames are checked and resolve the reads in order, and anything that fails,
-stalls or comes back short resolves to None (a miss: the engine recomputes those tokens).
+"""The fetching half of a node: each run of reads (one lookup's blocks from one holder)
+becomes one Fetch, the answering Block frames are checked and resolve the reads in order,
+and anything that fails, stalls or comes back short resolves to None (a miss: the engine
+recomputes those tokens).
 
 A fetch times out on a stall, not on its length: the clock restarts with every block that
 arrives on its link, so a long prefix over a slow or busy link (or a fetch queued behind
@@ -64,28 +65,29 @@ class Fetcher:
         self._links = links
         self._send = send
         self._next_req = 0
-        self._queued: dict[str, list[tuple[bytes, concurrent.futures.Future]]] = {}
+        self._queued: dict[str, list[Pending]] = {}
 
     def queue(self, node_id: str, keys: list[bytes],
               futs: list[concurrent.futures.Future]) -> None:
-        """A run of reads; the runs queued before the loop next runs go out as one request."""
-        burst = self._queued.setdefault(node_id, [])
-        if not burst:
+        """A run of reads (one prefix): its own request, so a block the holder lacks ends
+        this run only, never another's."""
+        runs = self._queued.setdefault(node_id, [])
+        if not runs:
             self._loop.call_soon(self._flush, node_id)
-        burst.extend(zip(keys, futs, strict=True))
+        for i in range(0, len(keys), wire.MAX_KEYS_PER_FETCH):
+            j = i + wire.MAX_KEYS_PER_FETCH
+            runs.append(Pending(keys[i:j], futs[i:j]))
 
     def fail_queued(self) -> None:
         """Queued but never sent (the node stops): misses."""
-        for burst in self._queued.values():
-            Pending([k for k, _ in burst], [f for _, f in burst]).fail()
+        for runs in self._queued.values():
+            for pending in runs:
+                pending.fail()
         self._queued.clear()
 
     def _flush(self, node_id: str) -> None:
-        burst = self._queued.pop(node_id, [])
-        for i in range(0, len(burst), wire.MAX_KEYS_PER_FETCH):
-            part = burst[i:i + wire.MAX_KEYS_PER_FETCH]
-            pending = Pending([k for k, _ in part], [f for _, f in part],
-                              last_progress=self._loop.time())
+        for pending in self._queued.pop(node_id, []):
+            pending.last_progress = self._loop.time()
             fetches = self._links(node_id)
             if fetches is None:
                 pending.fail()

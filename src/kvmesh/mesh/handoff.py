@@ -1,11 +1,11 @@
 """Graceful leave: before a node goes, it hands its hottest blocks to the members that stay.
 
 Each block goes to one member, chosen by rendezvous hashing of its key over the members
-linked now (so the blocks spread evenly, and two leaving nodes agree on where a block
-goes). The receiver verifies each block's digest and keeps it in its host tier; its KV
-events then tell every directory that it holds it, so a prefix computed on the node that
-left is still a peer hit. Bounded by a byte budget and a deadline; what does not fit is
-simply not handed over (the mesh loses it, as it would without a hand-off).
+linked now (so the blocks spread evenly, and a member's share does not depend on the
+order in which the others are listed). The receiver verifies each block's digest and
+keeps it in its host tier; its KV events then tell every directory that it holds it, so
+a prefix computed on the node that left is still a peer hit. Bounded by a byte budget and
+a deadline; what does not fit is simply not handed over (lost, as without a hand-off).
 """
 
 from __future__ import annotations
@@ -42,30 +42,37 @@ async def hand_off(local: LocalBlocks, links: Mapping[str, Link], max_bytes: int
     number given. Stops at `timeout_s`."""
     if not links or max_bytes < local.block_bytes:
         return 0
-    before = stats.blocks_out
+    counts: list[int] = []
     try:
         async with asyncio.timeout(timeout_s):
             keys = await asyncio.wrap_future(local.hottest(max_bytes // local.block_bytes))
             plan = assign(keys, sorted(links))
-            await asyncio.gather(*(
-                _give(links[n], ks, local, stats, send_block) for n, ks in plan.items() if ks))
+            await asyncio.gather(*(_give(links[n], ks, local, stats, send_block, counts)
+                                   for n, ks in plan.items() if ks))
     except TimeoutError:
         log.warning("hand-off cut short by its %.0f s budget", timeout_s)
-    given = stats.blocks_out - before
+    given = sum(counts)
     stats.blocks_given += given
     log.info("handed %d blocks to %d members before leaving", given, len(links))
     return given
 
 
 async def _give(link: Link, keys: list[bytes], local: LocalBlocks, stats: MeshStats,
-                send_block: SendBlock) -> None:
+                send_block: SendBlock, counts: list[int]) -> None:
+    sent = [0]
+
+    def header(i: int, key: bytes, digest: int) -> wire.Give:
+        sent[0] = i + 1  # counted as each is sent: a cut-short share still counts
+        return wire.Give(key, digest)
+
     try:
-        await stream_held(link, keys, local, stats, send_block,
-                          lambda _, key, digest: wire.Give(key, digest))
+        await stream_held(link, keys, local, stats, send_block, header)
     except (OSError, ConnectionError):
         pass  # that member went away: its share is lost
     except Exception:  # noqa: BLE001 - a failed export ends this share, not the leave
         log.exception("hand-off export failed")
+    finally:
+        counts.append(sent[0])
 
 
 def accept_gift(local: LocalBlocks, msg: wire.Give, payload: Payload, stats: MeshStats) -> None:

@@ -86,21 +86,23 @@ class InboundLinks:
             while True:
                 msg, payload = await link.recv()
                 with self.lock:
-                    self.membership.heard(peer.node_id)
+                    known = self.membership.heard(peer.node_id)
+                if not known:  # buried by mistake, yet it talks to us on its own link
+                    self._revive(peer)
                 if isinstance(msg, wire.Ping):
                     self._learn(msg.members)
                     with self.lock:
                         members = self.membership.members()
                         dead = self.membership.recent_dead()
                         alive = self.membership.fresh()
-                    await link.send(wire.Ack(msg.seq, members, dead, alive))
+                    link.post(wire.Ack(msg.seq, members, dead, alive))
                 elif isinstance(msg, wire.Directory):
                     await self._on_directory(link, peer.node_id, msg)
                 elif isinstance(msg, wire.Fetch):
                     try:
                         fetches.put_nowait(msg)
                     except asyncio.QueueFull:  # busy: a miss now, never a stalled reader
-                        await link.send(wire.Done(msg.req, 0, busy=True))
+                        link.post(wire.Done(msg.req, 0, busy=True))
                 elif isinstance(msg, wire.Give):
                     accept_gift(self.local, msg, payload, self.stats)
                 elif isinstance(msg, wire.Leave):
@@ -121,7 +123,7 @@ class InboundLinks:
                 return
             in_order = self.directory.apply(node_id, data)
         if not in_order:
-            await link.send(wire.Resync(data.seq))
+            link.post(wire.Resync(data.seq))
 
     async def _send_block(self, link: Link, header: wire.Block | wire.Give, data: bytes) -> None:
         await link.send(header, data)

@@ -26,6 +26,7 @@ from kvmesh.mesh import wire
 STAGE_BYTES = 256 << 10
 MAX_QUEUED_FRAMES = 64
 SOCKET_BUFFER_BYTES = 4 << 20
+MAX_UNSENT_BYTES = 256 << 20  # a peer this far behind is not reading
 Payload = bytes | bytearray | memoryview
 
 
@@ -150,6 +151,17 @@ class Link(asyncio.BufferedProtocol):
         if payload:
             self._transport.write(payload)
         await self._drain()
+
+    def post(self, msg: wire.Message) -> None:
+        """A small control frame, written without waiting for the peer to read: a reader
+        loop answers with it and goes on reading, so two links that are full both ways
+        cannot deadlock. A peer that stops reading altogether is cut off."""
+        if self.closed or self._transport is None:
+            return
+        self._transport.write(wire.encode(msg))
+        self.frames_sent += 1
+        if self._transport.get_write_buffer_size() > MAX_UNSENT_BYTES:
+            self.close()
 
     async def _drain(self) -> None:
         if self._writing_paused:

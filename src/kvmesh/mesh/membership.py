@@ -57,7 +57,8 @@ class Membership:
         """Merge a gossiped list: (members new to us, node ids they replace: restarts)."""
         new, replaced = [], []
         for m in members:
-            if m.node_id == self.me.node_id or m.node_id in self.tombstones:
+            if m.node_id == self.me.node_id or m.node_id in self.tombstones \
+                    or m.addr == self.me.addr:  # our own earlier life: it is gone
                 continue
             if m.node_id in self.entries:
                 continue
@@ -91,11 +92,18 @@ class Membership:
         now = self.clock()
         return [n for n, e in self.entries.items() if now - e.last_heard < self.suspect_after_s]
 
-    def heard(self, node_id: str) -> None:
+    def heard(self, node_id: str) -> bool:
+        """A frame from `node_id`; False if it is not a member (dead to us, or unknown)."""
         entry = self.entries.get(node_id)
-        if entry is not None:
-            entry.last_heard = self.clock()
-            entry.state = State.ALIVE
+        if entry is None:
+            return False
+        entry.last_heard = self.clock()
+        entry.state = State.ALIVE
+        return True
+
+    def silent_for(self, node_id: str) -> float:
+        entry = self.entries.get(node_id)
+        return self.clock() - entry.last_heard if entry is not None else float("inf")
 
     def rumor_dead(self, node_id: str) -> bool:
         """Another member declared `node_id` dead; believed unless we heard it lately."""

@@ -29,7 +29,7 @@ from kvmesh.mesh.fetcher import Fetcher, Fetches
 from kvmesh.mesh.handoff import hand_off
 from kvmesh.mesh.inbound import HANDSHAKE_TIMEOUT_S, InboundLinks
 from kvmesh.mesh.link import Link, TcpTransport
-from kvmesh.mesh.membership import Membership
+from kvmesh.mesh.membership import Membership, State
 from kvmesh.mesh.serving import LocalBlocks
 from kvmesh.mesh.stats import MeshStats
 
@@ -58,6 +58,7 @@ class _OutLink:
     link: Link
     fetches: Fetches = field(default_factory=Fetches)
     ready: bool = False  # its directory snapshot is sent: batches flow
+    snapshotting: bool = False
     backlog: list[KVEventBatch] = field(default_factory=list)
 
 
@@ -99,12 +100,15 @@ class MeshNode(InboundLinks):
             self._handoff = handoff
             self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(self.config.handoff_timeout_s * handoff + 5.0)
-        self._fetcher.fail_queued()
+        if not self._thread.is_alive():  # else the loop still owns the queue
+            self._fetcher.fail_queued()
 
     def holders(self, key: bytes) -> list[str]:
-        """Live members whose directory lists `key` (engine thread; no round trip)."""
+        """Alive, linked members whose directory lists `key` (engine thread; no round trip).
+        A suspect is not asked: its link may be the broken part."""
         with self.lock:
-            return [n for n in self.directory.holders(key) if n in self._out]
+            return [n for n in self.directory.holders(key)
+                    if n in self._out and self.membership.state(n) is State.ALIVE]
 
     def request(self, node_id: str, keys: Sequence[bytes],
                 futs: list[concurrent.futures.Future] | None = None,
@@ -188,10 +192,15 @@ class MeshNode(InboundLinks):
             with self.lock:
                 died = self.membership.tick()
                 members = self.membership.members()
+                stale = [n for n in self._out
+                         if self.membership.silent_for(n) >= self.config.dead_after_s]
             for node_id in died:
                 log.warning("peer %s is dead", node_id[:8])
                 self.stats.deaths += 1
                 self._drop(node_id)
+            for node_id in stale:  # alive by others' word, silent on our link: redial it
+                if node_id in self._out:
+                    self._out[node_id].link.close()
             for out in list(self._out.values()):
                 asyncio.create_task(self._send(out, wire.Ping(seq, members)))
             self._dial_missing()
@@ -271,8 +280,8 @@ class MeshNode(InboundLinks):
                 msg, payload = await out.link.recv()
                 if isinstance(msg, wire.Ack):
                     self._on_ack(node_id, msg)
-                elif isinstance(msg, wire.Resync):
-                    await self._send_snapshot(out)
+                elif isinstance(msg, wire.Resync):  # not awaited: the reader keeps reading
+                    asyncio.create_task(self._send_snapshot(out))
                 elif isinstance(msg, wire.Block):
                     self._fetcher.on_block(out.fetches, msg, payload)
                 elif isinstance(msg, wire.Done):
@@ -307,17 +316,22 @@ class MeshNode(InboundLinks):
     # directory -------------------------------------------------------------------------
 
     async def _send_snapshot(self, out: _OutLink) -> None:
-        out.ready = False
+        if out.snapshotting:
+            return  # the one on its way covers what this one would
+        out.snapshotting, out.ready = True, False
         try:
-            snap: KVSnapshot = await asyncio.wrap_future(self.local.snapshot())
-        except Exception:  # noqa: BLE001 - the engine is gone: nothing to announce
-            log.exception("directory snapshot failed")
-            return
-        await self._send(out, wire.Directory(True, msgspec.msgpack.encode(snap)))
-        backlog, out.backlog, out.ready = out.backlog, [], True
-        for batch in backlog:
-            if batch.seq > snap.seq:
-                await self._send(out, wire.Directory(False, msgspec.msgpack.encode(batch)))
+            try:
+                snap: KVSnapshot = await asyncio.wrap_future(self.local.snapshot())
+            except Exception:  # noqa: BLE001 - the engine is gone: nothing to announce
+                log.exception("directory snapshot failed")
+                return
+            await self._send(out, wire.Directory(True, msgspec.msgpack.encode(snap)))
+            backlog, out.backlog, out.ready = out.backlog, [], True
+            for batch in backlog:
+                if batch.seq > snap.seq:
+                    await self._send(out, wire.Directory(False, msgspec.msgpack.encode(batch)))
+        finally:
+            out.snapshotting = False
 
     def _forward(self, batch: KVEventBatch) -> None:
         data = msgspec.msgpack.encode(batch)

@@ -16,7 +16,7 @@ from kvmesh.mesh.link import Link
 from kvmesh.mesh.stats import MeshStats
 
 log = logging.getLogger(__name__)
-EXPORT_CHUNK_BYTES = 32 << 20
+EXPORT_CHUNK_BYTES = 8 << 20
 MAX_FETCHES_PER_LINK = 4  # served at once; more wait in a queue of MAX_QUEUED_FETCHES
 MAX_QUEUED_FETCHES = 64  # beyond it a fetch is refused at once (Done busy): a miss
 Export = bytes | concurrent.futures.Future | None
@@ -79,9 +79,14 @@ async def stream_held(link: Link, keys: Sequence[bytes], local: LocalBlocks, sta
     thread), each under `header(index, key, xxh3 digest)`; the number sent."""
     sent = 0
     chunk = max(1, EXPORT_CHUNK_BYTES // local.block_bytes)
-    for start in range(0, len(keys), chunk):
-        part = keys[start:start + chunk]
-        items: list[Export] = await asyncio.wrap_future(local.export(part))
+    parts = [keys[i:i + chunk] for i in range(0, len(keys), chunk)]
+    pending = local.export(parts[0]) if parts else None
+    for n, part in enumerate(parts):
+        assert pending is not None
+        items: list[Export] = await asyncio.wrap_future(pending)
+        whole = len(items) == len(part)
+        # The next chunk is copied on the engine thread while this one is on the wire.
+        pending = local.export(parts[n + 1]) if whole and n + 1 < len(parts) else None
         for key, item in zip(part, items, strict=False):
             data = await _resolve(item)
             if data is None:
@@ -90,7 +95,7 @@ async def stream_held(link: Link, keys: Sequence[bytes], local: LocalBlocks, sta
             sent += 1
             stats.blocks_out += 1
             stats.bytes_out += len(data)
-        if len(items) < len(part):
+        if not whole:
             return sent
     return sent
 
