@@ -334,16 +334,24 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="kvmesh-p2p-"))
     figures: dict = {}
-    if "ttft" not in skip:
+    skipped: dict[str, str] = {}
+    if "ttft" in skip:
+        skipped["ttft_s"] = "skipped (--skip ttft)"
+    else:
         figures.update(ttft_by_source(tmp, lengths, args.repeats, args.dtype))
         t = figures["ttft_s"]
         k = f"{max(lengths) // 1024}k"
         figures[f"ttft_ratio_peer_vs_cold_{k}"] = t["peer"][k] / t["cold"][k]
         figures[f"ttft_ratio_peer_vs_local_host_{k}"] = t["peer"][k] / t["local_host"][k]
-    if "bw" not in skip:
+    if "bw" in skip:
+        skipped["p2p_gbps"] = "skipped (--skip bw)"
+    else:
         figures.update(bandwidth(args.bw_blocks, BLOCK_BYTES, args.bw_rounds))
     trace = Path(args.trace)
-    if "trace" not in skip and trace.is_file():
+    if "trace" in skip or not trace.is_file():
+        skipped["mooncake"] = "skipped (--skip trace)" if "trace" in skip \
+            else f"trace file {trace} not found"
+    else:
         with trace.open() as f:
             rows = [json.loads(line) for _, line in zip(range(args.trace_requests), f,
                                                         strict=False)]
@@ -363,7 +371,10 @@ def main() -> None:
                  "(one 512-token hash block = one 16-token block); device pool 512 blocks and "
                  "host tier 768 MiB per instance",
         "cpu_count": os.cpu_count(),
+        **{f"not_measured_{k}": why for k, why in skipped.items()},
     }
+    for key in skipped:
+        figures.setdefault(key, None)
     cfg = {"model": "smollm2-135m-instruct", "lengths": lengths, "repeats": args.repeats,
            "dtype": args.dtype, "block_size": BLOCK}
     print(json.dumps({k: v for k, v in figures.items() if "ratio" in k or "gbps" in k},

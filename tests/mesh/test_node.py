@@ -327,6 +327,66 @@ def test_protocol_fuzz_closes_only_the_offending_connection(pair):
     assert not a._inbound - {link for link in a._inbound if link.authenticated}
 
 
+def _authenticated_socket(port: int, name: str) -> socket.socket:
+    """A raw client that knows the secret and completes the handshake by hand."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    mine = handshake.nonce()
+    s.sendall(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, mine)))
+    challenge = _read_frame(s)
+    assert isinstance(challenge, wire.Challenge)
+    s.sendall(wire.encode(wire.Proof(handshake.mac(SECRET, b"D", mine, challenge.nonce),
+                                     wire.Member(name, f"127.0.0.1:{free_port()}"))))
+    assert isinstance(_read_frame(s), wire.Welcome)
+    return s
+
+
+def _authenticated_garbage(rng: random.Random) -> bytes:
+    kind = rng.randrange(7)
+    if kind == 0:
+        return rng.randbytes(rng.randrange(1, 400))
+    if kind == 1:  # sizes past the authenticated bounds
+        return struct.pack("<II", wire.MAX_HEADER_BYTES + 1, 0) if rng.random() < 0.5 \
+            else struct.pack("<II", 8, wire.MAX_PAYLOAD_BYTES + 1)
+    if kind == 2:  # a payload on a message that carries none
+        return wire.encode(wire.Ping(1, []), 16) + b"x" * 16
+    if kind == 3:  # directory data that is not a batch
+        return wire.encode(wire.Directory(rng.random() < 0.5, rng.randbytes(40)))
+    if kind == 4:  # too many keys in one fetch
+        return wire.encode(wire.Fetch(1, [b"k" * 16] * (wire.MAX_KEYS_PER_FETCH + 1)))
+    if kind == 5:  # a gift whose digest is wrong: dropped, counted
+        return wire.encode(wire.Give(b"g" * 16, 12345), BLOCK) + b"\0" * BLOCK
+    frame = wire.encode(wire.Fetch(2, [os.urandom(16) for _ in range(8)]))  # unknown keys
+    return frame[:rng.randrange(1, len(frame))]  # ... cut short
+
+
+def test_fuzz_after_the_handshake_closes_only_that_connection(pair):
+    """A member that turns hostile (it has the secret) sends garbage after the handshake:
+    its connection closes, nothing it sent is kept, and the real member is unaffected."""
+    a, la, b, _ = pair
+    la.put(KEYS[:8])
+    _wait(lambda: b.holders(KEYS[7]))
+    rng = random.Random(11)
+    deadline = time.monotonic() + 20
+    for i in range(60):
+        if time.monotonic() > deadline:
+            break
+        s = _authenticated_socket(_port(a), f"fuzz{i}")
+        with s:
+            try:
+                s.sendall(_authenticated_garbage(rng))
+                s.shutdown(socket.SHUT_WR)
+                while s.recv(1 << 16):  # answered or closed; never a hang
+                    pass
+            except (ConnectionResetError, BrokenPipeError):
+                pass
+    assert a.stats.bad_frames > 0 and a.stats.blocks_adopted == 0
+    assert b"g" * 16 not in la.blocks
+    assert _fetch(b, a.me.node_id, KEYS[:8]) == [la.blocks[k] for k in KEYS[:8]]
+    with a.lock:
+        a.membership.check_integrity()
+        a.directory.check_integrity()
+
+
 def test_membership_suspects_before_it_buries_and_restarts_replace():
     now = [0.0]
     me = wire.Member("me", "h:1")
