@@ -113,11 +113,3 @@ def test_a_finished_request_s_blocks_are_announced_without_another_step():
     assert len(mirror.held.get("device", set())) >= len(prompt) // 4
     assert not mirror.errors
 
-
-def test_idle_wait_grows_with_the_reads_in_flight_within_bounds():
-    from kvmesh.engine.core import IDLE_WAIT_MAX_S, IDLE_WAIT_S, idle_wait_s
-
-    waits = [idle_wait_s(n) for n in (0, 1, 32, 64, 128, 256, 10**6)]
-    assert waits[0] == waits[1] == waits[2] == IDLE_WAIT_S
-    assert waits == sorted(waits) and waits[3] > IDLE_WAIT_S
-    assert waits[-1] == IDLE_WAIT_MAX_S

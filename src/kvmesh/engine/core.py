@@ -29,16 +29,7 @@ from kvmesh.hashing import Namespace, make_namespace
 from kvmesh.kvstore.store import TieredStore
 from kvmesh.types import FinishReason, SamplingParams, TenantClass
 
-IDLE_WAIT_S = 0.0005  # nothing to run but fetches in flight: wait at least this long,
-IDLE_WAIT_MAX_S = 0.004  # at most this (each wake rescans every read in flight)
-READS_PER_IDLE_WAIT = 32  # IDLE_WAIT_S more for each this many reads still in flight
-
-
-def idle_wait_s(num_reads: int) -> float:
-    """How long an engine with nothing to run waits for its reads: longer while many are
-    in flight (a wake costs a pass over them all, and takes the GIL from the thread that
-    receives them), down to IDLE_WAIT_S for the last few."""
-    return min(IDLE_WAIT_MAX_S, IDLE_WAIT_S * max(1.0, num_reads / READS_PER_IDLE_WAIT))
+IDLE_WAIT_S = 0.0005  # nothing to run but fetches in flight: wait this long for them
 
 
 class Clock(Protocol):
@@ -199,7 +190,7 @@ class EngineCore:
         self._drain()
         if out.is_empty:
             if self.store is not None and self.store.has_reads_in_flight():
-                self.clock.sleep(idle_wait_s(self.store.num_reads_in_flight()))
+                self.clock.sleep(IDLE_WAIT_S)
             return []
         self.num_steps += 1
         self._mark_started(out.seqs)

@@ -221,9 +221,6 @@ class TieredStore:
     def has_reads_in_flight(self) -> bool:
         return bool(self._reads)
 
-    def num_reads_in_flight(self) -> int:
-        return len(self._reads)
-
     def load(self, key: BlockKey, dst: Any) -> bool:
         """Copy a pinned host block into a device block, unpin it, and time the copy."""
         start = self.clock()

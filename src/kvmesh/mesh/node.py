@@ -326,10 +326,13 @@ class MeshNode(InboundLinks):
                 log.exception("directory snapshot failed")
                 return
             await self._send(out, wire.Directory(True, msgspec.msgpack.encode(snap)))
-            backlog, out.backlog, out.ready = out.backlog, [], True
-            for batch in backlog:
-                if batch.seq > snap.seq:
-                    await self._send(out, wire.Directory(False, msgspec.msgpack.encode(batch)))
+            while out.backlog:  # batches that come meanwhile join the backlog, in order
+                backlog, out.backlog = out.backlog, []
+                for batch in backlog:
+                    if batch.seq > snap.seq:
+                        await self._send(out, wire.Directory(False,
+                                                             msgspec.msgpack.encode(batch)))
+            out.ready = True  # no await since the backlog emptied: live batches follow it
         finally:
             out.snapshotting = False
 

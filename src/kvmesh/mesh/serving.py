@@ -18,7 +18,7 @@ from kvmesh.mesh.stats import MeshStats
 log = logging.getLogger(__name__)
 EXPORT_CHUNK_BYTES = 8 << 20
 MAX_FETCHES_PER_LINK = 4  # served at once; more wait in a queue of MAX_QUEUED_FETCHES
-MAX_QUEUED_FETCHES = 64  # beyond it a fetch is refused at once (Done busy): a miss
+MAX_QUEUED_FETCHES = 512  # beyond it a fetch is refused at once (Done busy): a miss
 Export = bytes | concurrent.futures.Future | None
 SendBlock = Callable[[Link, wire.Block | wire.Give, bytes], Awaitable[None]]
 
