@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 from common import save  # noqa: E402
-from tests.server_process import free_port, serve  # noqa: E402
+from tests.server_process import free_port, free_ports, serve  # noqa: E402
 
 from kvmesh.bench.client import Endpoint  # noqa: E402
 from kvmesh.bench.datasets import Session, Turn, words  # noqa: E402
@@ -58,10 +58,12 @@ def sessions(n: int, turns: int, groups: int, output_len: int, seed: int) -> lis
 
 @contextlib.contextmanager
 def mesh(tmp: Path, policy: str, num_instances: int = 3):
+    ports = free_ports(2 * num_instances)  # HTTP and KV events, all distinct
     with contextlib.ExitStack() as stack:
         insts = [stack.enter_context(serve(
-            [*INSTANCE_ARGS, "--kv-events-port", str(free_port())], tmp, wait=None))
-            for _ in range(num_instances)]
+            [*INSTANCE_ARGS, "--kv-events-port", str(ports[num_instances + i])], tmp,
+            wait=None, port=ports[i]))
+            for i in range(num_instances)]
         for inst in insts:
             inst.wait()
         router = stack.enter_context(serve(

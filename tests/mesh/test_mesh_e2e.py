@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server_process import free_port, free_ports, serve
+from tests.server_process import free_ports, serve
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota",
          "kappa", "lambda", "mu"]
@@ -181,7 +181,9 @@ def test_a_wrong_secret_is_refused_and_learns_nothing(tmp_path, tiny_llama):
         a, _ = servers
         _complete(a.url, long_prompt(60))
         bad = _secret(tmp_path, "other", "another-secret-entirely-123")
-        with serve(_mesh_args(free_port(), bad, [ports[0]], args), tmp_path) as intruder:
+        p2p_port, http_port = free_ports(2)
+        with serve(_mesh_args(p2p_port, bad, [ports[0]], args), tmp_path,
+                   port=http_port) as intruder:
             _wait_for(lambda: _view(intruder.url)["stats"]["handshakes_refused"] >= 1,
                       "the intruder to fail the handshake")
             view = _view(intruder.url)

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server_process import Server, free_port, serve
+from tests.server_process import Server, free_ports, serve
 
 DOC = " ".join(f"item{i} is filed under shelf {i % 7}." for i in range(180))
 SHORT = DOC[:300]  # the tiny model's context is 512 tokens
@@ -64,10 +64,11 @@ def test_kv_policy_with_the_default_model(tmp_path):
     router never saw that request) reaches the router through KV events; requests with
     that prefix then go there, not to the first instance that ties would pick, are
     counted as cached there, and give the output of a cold run elsewhere."""
+    ports = free_ports(6)  # HTTP and KV events for three instances, all distinct
     with contextlib.ExitStack() as stack:
-        insts = [stack.enter_context(serve(["--kv-events-port", str(free_port()),
-                                            "--num-threads", "1"], tmp_path))
-                 for _ in range(3)]
+        insts = [stack.enter_context(serve(["--kv-events-port", str(ports[3 + i]),
+                                            "--num-threads", "1"], tmp_path, port=ports[i]))
+                 for i in range(3)]
         router = stack.enter_context(_router(tmp_path, insts, "--policy", "kv"))
         client = _client(router.url)
         name = client.models.list().data[0].id
