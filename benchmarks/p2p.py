@@ -194,7 +194,7 @@ class _Blocks:
         fut.set_result([])  # no hand-off from a benchmark process
         return fut
 
-    def adopt(self, key: bytes, payload) -> concurrent.futures.Future:
+    def adopt(self, blocks) -> concurrent.futures.Future:
         raise NotImplementedError
 
 

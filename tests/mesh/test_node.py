@@ -57,10 +57,11 @@ class DictBlocks:
     def hottest(self, limit: int) -> concurrent.futures.Future:
         return _done(list(reversed(self.blocks))[:limit])
 
-    def adopt(self, key: bytes, payload) -> concurrent.futures.Future:
-        self.blocks[key] = bytes(payload)
-        self._publish(BlocksStored("host", [key]))
-        return _done(True)
+    def adopt(self, blocks) -> concurrent.futures.Future:
+        for key, payload in blocks:
+            self.blocks[key] = bytes(payload)
+        self._publish(BlocksStored("host", [key for key, _ in blocks]))
+        return _done(len(blocks))
 
     def export(self, keys) -> concurrent.futures.Future:
         out = []

@@ -9,8 +9,6 @@ checked against their key's checksum. Entries from a dead or restarted peer are 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from kvmesh.engine.kv_events import KeySets, KVEventBatch, KVSnapshot, MediumCleared
 
 # What a peer can hand out: its device cache (copied out between steps), host and disk.
@@ -65,15 +63,6 @@ class Directory:
 
     def holders(self, key: bytes) -> list[str]:
         return _ids(self._holders.get(key))
-
-    def holds(self, node_id: str, key: bytes) -> bool:
-        return node_id in _ids(self._holders.get(key))
-
-    def run_length(self, node_id: str, keys: Sequence[bytes]) -> int:
-        n = 0
-        while n < len(keys) and self.holds(node_id, keys[n]):
-            n += 1
-        return n
 
     def nodes(self) -> list[str]:
         return list(self._sets)

@@ -22,6 +22,7 @@ from kvmesh.mesh.serving import LocalBlocks, SendBlock, stream_held
 from kvmesh.mesh.stats import MeshStats
 
 log = logging.getLogger(__name__)
+ADOPT_BATCH = 64
 
 
 def assign(keys: Sequence[bytes], node_ids: Sequence[str]) -> dict[str, list[bytes]]:
@@ -75,10 +76,26 @@ async def _give(link: Link, keys: list[bytes], local: LocalBlocks, stats: MeshSt
         counts.append(sent[0])
 
 
-def accept_gift(local: LocalBlocks, msg: wire.Give, payload: Payload, stats: MeshStats) -> None:
-    """A block a leaving member gave: kept only if its length and digest check out."""
-    if len(payload) != local.block_bytes or xxhash.xxh3_64_intdigest(payload) != msg.digest:
-        stats.checksum_failures += 1
-        return
-    stats.blocks_adopted += 1
-    local.adopt(msg.key, payload)
+class Gifts:
+    """The blocks a leaving member gives over one link: verified as they come, kept in
+    batches (one hop to the engine thread per ADOPT_BATCH blocks, and at the end)."""
+
+    def __init__(self, local: LocalBlocks, stats: MeshStats):
+        self._local, self._stats = local, stats
+        self._batch: list[tuple[bytes, Payload]] = []
+
+    def accept(self, msg: wire.Give, payload: Payload) -> None:
+        """Kept only if its length and digest check out."""
+        if len(payload) != self._local.block_bytes \
+                or xxhash.xxh3_64_intdigest(payload) != msg.digest:
+            self._stats.checksum_failures += 1
+            return
+        self._stats.blocks_adopted += 1
+        self._batch.append((msg.key, payload))
+        if len(self._batch) >= ADOPT_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._batch:
+            self._local.adopt(self._batch)
+            self._batch = []

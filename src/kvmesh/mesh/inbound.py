@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from kvmesh.engine.kv_events import KVSnapshot
 from kvmesh.mesh import greet, wire
 from kvmesh.mesh.directory import Directory
-from kvmesh.mesh.handoff import accept_gift
+from kvmesh.mesh.handoff import Gifts
 from kvmesh.mesh.link import Link
 from kvmesh.mesh.membership import Membership
 from kvmesh.mesh.serving import MAX_FETCHES_PER_LINK, MAX_QUEUED_FETCHES, LocalBlocks, serve_fetches
@@ -79,6 +79,7 @@ class InboundLinks:
     async def _serve_member(self, link: Link, peer: wire.Member) -> None:
         self._revive(peer)  # it proved the secret on its own link: alive, even if buried
         fetches: asyncio.Queue[wire.Fetch] = asyncio.Queue(MAX_QUEUED_FETCHES)
+        gifts = Gifts(self.local, self.stats)
         tasks = [asyncio.create_task(serve_fetches(link, fetches, self.local, self.stats,
                                                    self._send_block))
                  for _ in range(MAX_FETCHES_PER_LINK)]
@@ -104,7 +105,7 @@ class InboundLinks:
                     except asyncio.QueueFull:  # busy: a miss now, never a stalled reader
                         link.post(wire.Done(msg.req, 0, busy=True))
                 elif isinstance(msg, wire.Give):
-                    accept_gift(self.local, msg, payload, self.stats)
+                    gifts.accept(msg, payload)
                 elif isinstance(msg, wire.Leave):
                     log.info("peer %s left the mesh", peer.node_id[:8])
                     self._drop(peer.node_id)
@@ -112,6 +113,7 @@ class InboundLinks:
                 else:
                     raise wire.FrameError(f"unexpected {type(msg).__name__}")
         finally:
+            gifts.flush()  # what it gave before its Leave (or before the link broke)
             for task in tasks:
                 task.cancel()
 

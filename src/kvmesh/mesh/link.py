@@ -34,7 +34,7 @@ class Link(asyncio.BufferedProtocol):
     def __init__(self, on_connect: Callable[[Link], None] | None = None):
         self.authenticated = False
         self.closed = False
-        self.frames_sent = self.frames_received = 0
+        self.frames_sent = 0
         self._on_connect = on_connect
         self._transport: asyncio.Transport | None = None
         self._frames: deque[tuple[wire.Message, Payload]] = deque()
@@ -125,7 +125,6 @@ class Link(asyncio.BufferedProtocol):
         self._sizes = None
 
     def _deliver(self, msg: wire.Message, payload: Payload) -> None:
-        self.frames_received += 1
         self._frames.append((msg, payload))
         self._wake()
         if len(self._frames) >= MAX_QUEUED_FRAMES and not self._reading_paused:

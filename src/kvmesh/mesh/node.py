@@ -114,8 +114,7 @@ class MeshNode(InboundLinks):
                 futs: list[concurrent.futures.Future] | None = None,
                 ) -> list[concurrent.futures.Future]:
         """Fetch a run of blocks from `node_id`, in order; each future (made here unless
-        given) resolves to the bytes, or None on a miss. Runs asked for before the node's
-        loop next wakes go as one request."""
+        given) resolves to the bytes, or None on a miss. One run is one Fetch."""
         if futs is None:
             futs = [concurrent.futures.Future() for _ in keys]
         try:

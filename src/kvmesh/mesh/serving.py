@@ -39,9 +39,9 @@ class LocalBlocks(Protocol):
         """Up to `limit` keys of held device and host blocks, most useful first (a list)."""
         ...
 
-    def adopt(self, key: bytes, payload: bytes | bytearray | memoryview
+    def adopt(self, blocks: Sequence[tuple[bytes, bytes | bytearray | memoryview]]
               ) -> concurrent.futures.Future:
-        """Keep a block a leaving peer handed over, in host memory (True if stored)."""
+        """Keep blocks a leaving peer handed over, in host memory (how many were stored)."""
         ...
 
 

@@ -132,15 +132,16 @@ class EngineBlocks:
             keys += [bytes(k) for k in reversed(core.store.host.list_keys())]
         return list(dict.fromkeys(keys))[:limit]
 
-    def adopt(self, key: bytes, payload: bytes | bytearray | memoryview
+    def adopt(self, blocks: Sequence[tuple[bytes, bytes | bytearray | memoryview]]
               ) -> concurrent.futures.Future:
-        return self.engine.run_on_engine(lambda: self._adopt(key, payload))
+        return self.engine.run_on_engine(lambda: self._adopt(blocks))
 
-    def _adopt(self, key: bytes, payload: bytes | bytearray | memoryview) -> bool:
+    def _adopt(self, blocks: Sequence[tuple[bytes, bytes | bytearray | memoryview]]) -> int:
         core = self.engine.engine.core
-        if core.store is None or core.pool.lookup(BlockKey(key)) is not None:
-            return False
-        stored = core.store.host.put(BlockKey(key), payload)
+        if core.store is None:
+            return 0
+        stored = sum(core.store.host.put(BlockKey(key), payload) for key, payload in blocks
+                     if core.pool.lookup(BlockKey(key)) is None)
         core.outbox.drain()  # tell the mesh now, not at the engine's next step
         return stored
 
