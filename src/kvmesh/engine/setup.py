@@ -18,6 +18,7 @@ from kvmesh.kvstore.store import TieredStore
 from kvmesh.model import cpu_isa
 from kvmesh.model.llama import LlamaForCausalLM
 from kvmesh.model.loader import TORCH_DTYPES, load_model, read_config
+from kvmesh.model.quant import int8_activations_available
 from kvmesh.model.registry import resolve_model
 from kvmesh.model.tokenizer import Tokenizer
 
@@ -68,6 +69,17 @@ def pick_dtype(name: str, device: torch.device) -> tuple[str, torch.dtype]:
     return name, TORCH_DTYPES[name]
 
 
+def int8_activations(name: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """What `quant_activations` means here. Only float32 compute on the CPU has int4
+    linears to round the inputs of; elsewhere the setting changes nothing."""
+    if name == "float32" or device.type != "cpu" or dtype != torch.float32:
+        return False
+    if not int8_activations_available():
+        raise ValueError("quant_activations=int8 needs the native CPU kernels with AVX2 "
+                         f"(CPU ISA level {cpu_isa.level()}, or no C compiler)")
+    return True
+
+
 def _model_id(name: str, path: Path, quantization: str = "none") -> str:
     """Identity for block keys: the weights, and how they are quantized (quantized KV is not
     interchangeable with float KV, and the disk tier outlives the process)."""
@@ -106,9 +118,11 @@ def load_engine_model(config: EngineConfig, progress: bool = True) -> LoadedMode
         log.warning(
             "max_model_len %d exceeds the model's %d; quality may degrade", max_len, arch_max
         )
-    model, quantization = load_model(resolved.path, dtype, device, max_len, mc.quantization)
+    model, quantization = load_model(resolved.path, dtype, device, max_len, mc.quantization,
+                                     int8_activations(mc.quant_activations, dtype, device))
     if mc.quantization != "none":
-        log.info("quantization %s -> %s", mc.quantization, quantization)
+        log.info("quantization %s -> %s%s", mc.quantization, quantization,
+                 " (int4 layers take int8 inputs)" if "a8" in quantization else "")
     block_bytes = kv_block_bytes(model.arch, cc.block_size, kv_dtype)
     num_blocks = cc.num_blocks or max(1, cc.kv_cache_memory_bytes // block_bytes)
     if num_blocks * cc.block_size < max_len:

@@ -38,7 +38,7 @@ from kvmesh.model.registry import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCES = ("vec_math.h", "paged_decode.c", "paged_prefill.c", "small_linear.c",
-           "quant_linear.c", "quant_bf16.c", "decode_layer.c")
+           "quant_linear.c", "quant_a8.c", "quant_bf16.c", "decode_layer.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-Wno-psabi"]
 _SYMBOLS = {
     torch.bfloat16: "paged_decode_bf16",
@@ -165,6 +165,11 @@ def _quant_signatures(lib: ctypes.CDLL) -> None:
     lib.quant_linear_i4bf16.restype = ctypes.c_int
     lib.quant_i4bf16_available.restype = ctypes.c_int
     lib.quant_i4bf16_max_rows.restype = ctypes.c_int
+    lib.quant_linear_i4a8.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR,
+                                      _I64, _I64, _I64, _PTR, _I64]
+    lib.quant_linear_i4a8.restype = ctypes.c_int
+    lib.quant_a8_available.restype = ctypes.c_int
+    lib.quant_a8_max_rows.restype = ctypes.c_int
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, dtype: torch.dtype) -> None:

@@ -9,7 +9,8 @@ float32 models match the torch path to float rounding. bf16 models (a CPU with n
 bf16) keep the residual stream in float32 across the layers, round K, V and q to bf16 for
 the bf16 cache and attention, and int4 linears round their inputs to bf16 (bf16 dot
 products, float32 accumulation): no less exact than bf16's own path, which rounds after
-every op. `KVMESH_FUSED_DECODE=0` turns it off (for A/B runs).
+every op. int4 layers with int8 inputs (model/quant.py) call the same int8-input kernel as
+their torch path. `KVMESH_FUSED_DECODE=0` turns it off (for A/B runs).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ BF16_FUSED_ROWS = 16  # bf16 models: measured on AVX-512 BF16, dense bf16 wins a
 class _QLinear(ctypes.Structure):
     _fields_ = [("q", _P), ("scale", _P), ("min", _P), ("bias", _P),
                 ("n", _I64), ("k", _I64), ("group", _I64), ("bits", _I64),
-                ("pairs", _P), ("min128", _P)]
+                ("pairs", _P), ("min128", _P), ("scale16", _P), ("min16", _P)]
 
 
 class _Layer(ctypes.Structure):
@@ -56,7 +57,8 @@ def _qlinear(layer: QuantLinear) -> _QLinear:
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     pairs = layer.bf16_pairs
     return _QLinear(qw.q.data_ptr(), qw.scale.data_ptr(), ptr(qw.min), ptr(layer.bias),
-                    qw.n, qw.k, qw.group, qw.bits, *(ptr(t) for t in pairs or (None, None)))
+                    qw.n, qw.k, qw.group, qw.bits, *(ptr(t) for t in pairs or (None, None)),
+                    *(ptr(t) for t in layer.fp16_scales or (None, None)))
 
 
 def _layer(layer: DecoderLayer, keep: list[torch.Tensor]) -> _Layer | None:

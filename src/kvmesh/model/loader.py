@@ -94,11 +94,12 @@ def build_model(arch: ModelArch, dtype: torch.dtype, device: torch.device, max_l
 
 def load_model(
     model_dir: Path, dtype: torch.dtype, device: torch.device, max_len: int,
-    quantization: str = "none",
+    quantization: str = "none", int8_activations: bool = False,
 ) -> tuple[LlamaForCausalLM, str]:
     """The model, and the quantization in force (a summary such as "int4x210+int8x1", or
     "none"). `quantization` applies on the CPU to float32 compute, and to bfloat16 where the
-    CPU has native bf16 (model/quant.py); `auto` elsewhere means none."""
+    CPU has native bf16 (model/quant.py); `auto` elsewhere means none. `int8_activations`
+    rounds the inputs of float32 models' int4 layers to int8 (summary "int4a8x...")."""
     arch = load_arch(model_dir)
     files = safetensors_files(model_dir)
     # bf16: `auto` looks for grids only in float32 checkpoints (such as a converted GGUF);
@@ -118,7 +119,8 @@ def load_model(
     with torch.no_grad():
         model.load_hf_state(iter_tensors(files, load_dtype))
         if quantize:
-            applied = quantize_model(model, quantization)
+            applied = quantize_model(model, quantization,
+                                     int8_activations and dtype == torch.float32)
         if load_dtype != dtype:
             for param in model.parameters():  # the rest (norms, embeddings) in bf16
                 param.data = param.data.to(dtype)

@@ -10,11 +10,16 @@ Profiles (`--quantization`):
 - `auto`: the int4 profile where it reproduces a layer's weights to float rounding
   (re-quantizing a model converted from a Q4_1/Q8_0 GGUF recovers the file's own grid
   exactly), float elsewhere. So the default model reads about 0.6 bytes per weight with the
-  float32 model's outputs, and a model with float weights keeps the exact path.
+  float32 model's outputs (with float32 inputs, below), and a model with float weights
+  keeps the exact path.
 
 Activations and accumulation stay float32: the kernel (kernels/quant_linear.c) converts
 weights on load and serves decode-sized batches; larger batches (prefill) dequantize the
-layer to float32 and use torch's matmul.
+layer to float32 and use torch's matmul. Or, with int8 inputs (`--quant-activations int8`,
+float32 compute, AVX2 and up), int4 layers round their inputs to int8 per group of
+32 and multiply as integers (kernels/quant_a8.c, llama.cpp's Q4 x Q8 arithmetic: see
+`round_activations`), with float16 scales; that kernel serves every batch size, so a
+token's result never depends on its batch.
 
 A bf16 model on a CPU with native bf16 keeps both: the packed ints for decode batches of
 up to BF16_KERNEL_ROWS rows (float32 accumulation, so no less exact than bf16's own
@@ -27,6 +32,7 @@ kernels/quant_bf16.c (`bf16_pairs`). That is about 3.4 bytes per weight instead 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -142,6 +148,33 @@ class QuantLinear(nn.Module):
         self.kernel_rows = self.max_rows
         # bf16 models with native bf16: int4 as bf16 pairs (kernels/quant_bf16.c)
         self.bf16_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+        # int4 with inputs rounded to int8 (kernels/quant_a8.c): float16 scales and
+        # minimums, see `round_inputs_to_int8`
+        self.fp16_scales: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    @property
+    def a8(self) -> bool:
+        return self.fp16_scales is not None
+
+    def round_inputs_to_int8(self) -> bool:
+        """Switch this int4 layer to int8 inputs (kernels/quant_a8.c), where its scales and
+        minimums fit float16 (to 2^-10 relative: exact for a Q4_1 GGUF's, stored so), which
+        the kernel streams; the float32 copies (`weight()`) take the same values. Returns
+        whether it switched."""
+        qw = self.qw
+        if qw.bits != 4 or qw.group != GROUP:
+            raise ValueError("int8 inputs are for int4 layers in groups of 32")
+        if not int8_activations_available():
+            raise ValueError("int8 inputs need the native CPU kernels with AVX2")
+        scale16 = qw.scale.half().contiguous()
+        min16 = None if qw.min is None else qw.min.half().contiguous()
+        if not _fits(qw.scale, scale16) or (qw.min is not None and min16 is not None
+                                            and not _fits(qw.min, min16)):
+            return False
+        self.qw = dataclasses.replace(qw, scale=scale16.float(),
+                                      min=None if min16 is None else min16.float())
+        self.fp16_scales = (scale16, min16)
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -155,7 +188,7 @@ class QuantLinear(nn.Module):
         elif self.dense is not None and x2.dtype == torch.bfloat16:
             y = (self.dense(x2) if rows > self.kernel_rows
                  else self._bf16_kernel(x2.float().contiguous()).to(torch.bfloat16))
-        elif rows > self.max_rows:
+        elif rows > self.max_rows and not self.a8:  # the int8-input kernel takes any batch
             y = F.linear(x2, self.weight(), self.bias)
         else:
             y = self._kernel(x2.contiguous())
@@ -165,6 +198,16 @@ class QuantLinear(nn.Module):
         qw, lib = self.qw, self.lib
         assert lib is not None
         y = torch.empty((x.shape[0], qw.n), dtype=torch.float32)
+        if self.fp16_scales is not None:
+            scale16, min16 = self.fp16_scales
+            rc = lib.quant_linear_i4a8(
+                x.data_ptr(), x.shape[0], x.stride(0), qw.q.data_ptr(), scale16.data_ptr(),
+                None if min16 is None else min16.data_ptr(),
+                None if self.bias is None else self.bias.data_ptr(),
+                qw.n, qw.k, qw.group, y.data_ptr(), y.stride(0))
+            if rc != 0:
+                raise RuntimeError(f"int8-input linear kernel rejected its inputs (code {rc})")
+            return y
         rc = lib.quant_linear_f32(
             x.data_ptr(), x.shape[0], x.stride(0), qw.q.data_ptr(), qw.scale.data_ptr(),
             None if qw.min is None else qw.min.data_ptr(),
@@ -217,14 +260,37 @@ def _choose(weight: torch.Tensor, profile: str, is_head: bool) -> Quantized | No
     return None
 
 
-def quantize_model(model: nn.Module, profile: str) -> str:
-    """Swap the model's nn.Linear layers for QuantLinear under `profile`, in place.
-    Returns a summary for logs and the model's cache identity, e.g. "int4x210+int8x1"."""
+def _fits(t: torch.Tensor, half: torch.Tensor) -> bool:
+    """float16 holds `t` to 2^-10 relative (no overflow, no subnormal loss)."""
+    return bool(((half.float() - t).abs() <= t.abs() * 2**-10).all())
+
+
+def round_activations(x: torch.Tensor, group: int = GROUP) -> torch.Tensor:
+    """x [rows, K] as an int8-activation layer sees it (kernels/quant_a8.c, the same float32
+    steps): per row and group, d = max|x| / 127, and round(x * (127 / max|x|)) * d."""
+    rows, k = x.shape
+    g = x.float().reshape(rows, k // group, group)
+    amax = g.abs().amax(-1, keepdim=True)
+    q = torch.round(g * torch.where(amax > 0, 127 / amax, 0)).clamp_(-127, 127)
+    return (q * (amax / 127)).reshape(rows, k)
+
+
+def int8_activations_available() -> bool:
+    """Whether the kernels run int4 x int8 dot products here (AVX2 and up)."""
+    lib = load_kernels()
+    return lib is not None and bool(lib.quant_a8_available())
+
+
+def quantize_model(model: nn.Module, profile: str, int8_activations: bool = False) -> str:
+    """Swap the model's nn.Linear layers for QuantLinear under `profile`, in place; with
+    `int8_activations`, int4 layers round their inputs to int8 (kernels/quant_a8.c).
+    Returns a summary for logs and the model's cache identity, e.g. "int4a8x210+int8x1"."""
     if profile not in PROFILES:
         raise ValueError(f"quantization must be one of {PROFILES}, got {profile!r}")
     counts: dict[str, int] = {}
     if profile == "none":
         return "none"
+    int8_activations = int8_activations and int8_activations_available()
     head = getattr(model, "lm_head", None)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -232,9 +298,13 @@ def quantize_model(model: nn.Module, profile: str) -> str:
                 continue
             qw = _choose(child.weight, profile, child is head)
             label = "float" if qw is None else f"int{qw.bits}"
-            counts[label] = counts.get(label, 0) + 1
             if qw is not None:
-                setattr(parent, name, QuantLinear(qw, child.bias))
+                layer = QuantLinear(qw, child.bias)
+                if (int8_activations and qw.bits == 4 and qw.group == GROUP
+                        and layer.round_inputs_to_int8()):
+                    label += "a8"
+                setattr(parent, name, layer)
+            counts[label] = counts.get(label, 0) + 1
     summary = "+".join(f"{label}x{n}" for label, n in sorted(counts.items()))
     if load_kernels() is None and any(label != "float" for label in counts):
         log.warning("quantized linears without native kernels dequantize on every call")
@@ -285,7 +355,10 @@ def linear_weight_bytes(model: nn.Module) -> int:
     dense = {id(m.dense) for m in modules if isinstance(m, QuantLinear)}
     total = 0
     for module in modules:
-        if isinstance(module, QuantLinear):
+        if isinstance(module, QuantLinear) and module.fp16_scales is not None:
+            total += module.qw.q.numel() + sum(
+                t.numel() * 2 for t in module.fp16_scales if t is not None)
+        elif isinstance(module, QuantLinear):
             total += module.qw.nbytes
         elif isinstance(module, nn.Linear):
             total += module.weight.numel() * module.weight.element_size()

@@ -29,6 +29,9 @@ int quant_linear_i4bf16(const float *x, int64_t rows, int64_t x_stride, const ui
                         const float *scale, const float *min128, const float *bias, int64_t n,
                         int64_t k, int64_t group, float *y, int64_t y_stride);
 int quant_i4bf16_max_rows(void);
+int quant_linear_i4a8(const float *x, int64_t rows, int64_t x_stride, const uint8_t *q,
+                      const uint16_t *scale, const uint16_t *min, const float *bias, int64_t n,
+                      int64_t k, int64_t group, float *y, int64_t y_stride);
 int paged_decode_f32(const void *q, int64_t q_stride, const void *k, const void *v,
                      int64_t block_stride, const int64_t *tables, int64_t table_width,
                      const int64_t *lengths, void *out, int64_t num_seqs, int64_t heads,
@@ -44,6 +47,7 @@ struct qlinear { /* one QuantLinear: model/quant.py fills it */
     int64_t n, k, group, bits;
     const uint32_t *pairs; /* bf16 models: int4 as bf16 pairs (quant_bf16.c), or NULL */
     const float *min128;
+    const uint16_t *scale16, *min16; /* int4 with int8 activations (quant_a8.c), or NULL */
 };
 
 struct layer { /* one decoder layer's weights and shapes: model/fused.py fills it */
@@ -63,6 +67,9 @@ struct step { /* what one decode step shares across layers */
 };
 
 static int linear(const struct qlinear *l, const float *x, int64_t rows, float *y) {
+    if (l->scale16 != NULL)
+        return quant_linear_i4a8(x, rows, l->k, l->q, l->scale16, l->min16, l->bias, l->n,
+                                 l->k, l->group, y, l->n);
     if (l->pairs != NULL && rows <= quant_i4bf16_max_rows())
         return quant_linear_i4bf16(x, rows, l->k, l->pairs, l->scale, l->min128, l->bias,
                                    l->n, l->k, l->group, y, l->n);

@@ -3,10 +3,11 @@
  *
  * Layer view of the cache: element [block, token, kv_head, d] sits at
  *   base + block * block_stride + (token * num_kv_heads + kv_head) * head_dim + d.
- * Work is split over sequences; each walks its blocks once, reading a block's K and V
- * slabs for all heads (contiguous memory) with an online softmax (running max and sum,
- * rescaled when the max grows), prefetching the next block's K before the scores and its
- * V before the weighted sum. Accumulation is float32 whatever the storage type. Built by
+ * Work is split over chunks of a sequence's blocks (see `run`); each chunk walks its
+ * blocks once, reading a block's K and V slabs for all heads (contiguous memory) with an
+ * online softmax (running max and sum, rescaled when the max grows), prefetching the next
+ * block's K before the scores and its V before the weighted sum; the chunks of a sequence
+ * are merged at the end. Accumulation is float32 whatever the storage type. Built by
  * kvmesh/model/cpu_kernels.py with -O3 -march=native -fopenmp. With AVX-512 BF16, bf16
  * scores are dot-product instructions on the stored values and the V sums of a KV head's
  * query group stay in registers; elsewhere the loops are plain C written so the compiler
@@ -203,54 +204,111 @@ INLINE void block_softmax(const struct args *a, int64_t count, float *scores, fl
     }
 }
 
-/* One pass over sequence s's blocks (K and V of a block together), into `out`. */
-INLINE void attend(enum kind kind, const struct args *a, int64_t s, float *work) {
+/* One pass over blocks [b0, b1) of sequence s (K and V of a block together): the
+ * unnormalised sums acc[heads][dim], running max mx[heads] and sum[heads] into `part`. */
+INLINE void attend(enum kind kind, const struct args *a, int64_t s, int64_t b0, int64_t b1,
+                   float *work, float *part) {
     const int64_t dim = a->dim, heads = a->heads, len = a->lengths[s], bs = a->block_size;
     const int64_t *table = a->tables + s * a->table_width;
-    const int64_t nblocks = (len + bs - 1) / bs, slab = bs * a->kv_heads * dim;
+    const int64_t slab = bs * a->kv_heads * dim;
     const size_t elem = kind == F32 ? 4 : 2;
     const void *q_raw = (const char *)a->q + (size_t)(s * a->q_stride) * elem;
-    float *scores = work, *acc = scores + heads * bs, *qf = acc + heads * dim;
-    float *mx = qf + heads * dim, *sum = mx + heads;
+    float *scores = work, *qf = scores + heads * bs;
+    float *acc = part, *mx = acc + heads * dim, *sum = mx + heads;
     if (!(kind == BF16 && HAVE_AVX512_BF16 && dim % 32 == 0))
         load_row(kind, a->q, s * a->q_stride, qf, heads * dim);
     memset(acc, 0, sizeof(float) * (size_t)(heads * dim));
     for (int64_t hq = 0; hq < heads; hq++) mx[hq] = -3.0e38f, sum[hq] = 0.0f;
-    for (int64_t b = 0; b < nblocks; b++) {
+    for (int64_t b = b0; b < b1; b++) {
         const int64_t count = len - b * bs < bs ? len - b * bs : bs;
         const int64_t off = table[b] * a->block_stride;
-        const int64_t next = b + 1 < nblocks ? table[b + 1] * a->block_stride : -1;
+        const int64_t next = b + 1 < b1 ? table[b + 1] * a->block_stride : -1;
         if (next >= 0) prefetch_block(a->k, next, slab * (int64_t)elem, elem);
         block_scores(kind, a, off, count, qf, q_raw, scores);
         if (next >= 0) prefetch_block(a->v, next, slab * (int64_t)elem, elem);
         block_softmax(a, count, scores, mx, sum, acc);
         block_values(kind, a, off, count, scores, acc);
     }
+}
+
+/* Sequence s's output from its chunks' partial sums (`parts` consecutive), in `acc`. */
+INLINE void merge(enum kind kind, const struct args *a, int64_t s, const float *parts,
+                  int64_t chunks, float *acc) {
+    const int64_t dim = a->dim, heads = a->heads, stride = heads * (dim + 2);
     for (int64_t hq = 0; hq < heads; hq++) {
-        const float inv = 1.0f / sum[hq];
-        for (int64_t d = 0; d < dim; d++) acc[hq * dim + d] *= inv;
+        float top = -3.0e38f, total = 0.0f;
+        for (int64_t c = 0; c < chunks; c++) {
+            const float m = parts[c * stride + heads * dim + hq];
+            top = m > top ? m : top;
+        }
+        float *row = acc + hq * dim;
+        memset(row, 0, sizeof(float) * (size_t)dim);
+        for (int64_t c = 0; c < chunks; c++) {
+            const float *part = parts + c * stride;
+            const float w = exp_neg(part[heads * dim + hq] - top);
+            total += w * part[heads * dim + heads + hq];
+#pragma omp simd
+            for (int64_t d = 0; d < dim; d++) row[d] += w * part[hq * dim + d];
+        }
+        const float inv = 1.0f / total;
+        for (int64_t d = 0; d < dim; d++) row[d] *= inv;
     }
     store_row(kind, a->out, s * heads * dim, acc, heads * dim);
 }
 
+/* Each sequence's blocks go in chunks of CHUNK_BLOCKS, one work item each, so a few long
+ * sequences (one stream) still keep every thread busy; the chunks' partial softmax sums
+ * are merged after. The split depends only on a sequence's length, never on the batch or
+ * the thread count, so a sequence's output is the same in any batch. */
+#define CHUNK_BLOCKS 4
+
 INLINE int run(enum kind kind, const struct args *a, int64_t num_seqs) {
-    const int64_t group = a->heads / a->kv_heads;
+    const int64_t group = a->heads / a->kv_heads, bs = a->block_size;
     if (a->dim > MAX_HEAD_DIM || a->heads * a->dim > MAX_ROW || group * a->kv_heads != a->heads ||
-        a->block_size < 1 || a->block_size > 4096)
+        bs < 1 || bs > 4096)
         return 1;
-    for (int64_t s = 0; s < num_seqs; s++)
-        if (a->lengths[s] <= 0 || a->lengths[s] > a->table_width * a->block_size) return 2;
+    int64_t *first = malloc(sizeof(int64_t) * (size_t)(num_seqs + 1)); /* item offsets */
+    if (first == NULL) return 3;
+    first[0] = 0;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        if (a->lengths[s] <= 0 || a->lengths[s] > a->table_width * bs) {
+            free(first);
+            return 2;
+        }
+        const int64_t blocks = (a->lengths[s] + bs - 1) / bs;
+        first[s + 1] = first[s] + (blocks + CHUNK_BLOCKS - 1) / CHUNK_BLOCKS;
+    }
+    const int64_t items = first[num_seqs], stride = a->heads * (a->dim + 2);
+    float *parts = malloc(sizeof(float) * (size_t)(items * stride));
+    if (parts == NULL) {
+        free(first);
+        return 3;
+    }
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
-        const size_t words = (size_t)(a->heads * (a->block_size + 2 * a->dim + 2));
+        const size_t words = (size_t)(a->heads * (bs + a->dim));
         float *work = malloc(sizeof(float) * words);
         if (work == NULL) failed = 3;
+        int64_t s = 0;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t s = 0; s < num_seqs; s++)
-            if (work != NULL) attend(kind, a, s, work);
+        for (int64_t item = 0; item < items; item++) {
+            if (work == NULL) continue;
+            if (item < first[s]) s = 0;
+            while (first[s + 1] <= item) s++; /* a thread's items mostly ascend */
+            const int64_t b0 = (item - first[s]) * CHUNK_BLOCKS;
+            const int64_t blocks = (a->lengths[s] + bs - 1) / bs;
+            const int64_t b1 = b0 + CHUNK_BLOCKS < blocks ? b0 + CHUNK_BLOCKS : blocks;
+            attend(kind, a, s, b0, b1, work, parts + item * stride);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t q = 0; q < num_seqs; q++)
+            if (work != NULL)
+                merge(kind, a, q, parts + first[q] * stride, first[q + 1] - first[q], work);
         free(work);
     }
+    free(parts);
+    free(first);
     return failed;
 }
 
