@@ -169,7 +169,6 @@ def _quant_signatures(lib: ctypes.CDLL) -> None:
                                       _I64, _I64, _I64, _PTR, _I64]
     lib.quant_linear_i4a8.restype = ctypes.c_int
     lib.quant_a8_available.restype = ctypes.c_int
-    lib.quant_a8_max_rows.restype = ctypes.c_int
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, dtype: torch.dtype) -> None:

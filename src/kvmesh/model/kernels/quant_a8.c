@@ -39,8 +39,6 @@ static int64_t row_bytes(int64_t k) { return k + 8 * (k / A8_GROUP); }
 
 int64_t quant_a8_prepared_bytes(int64_t rows, int64_t k) { return rows * row_bytes(k); }
 
-int quant_a8_max_rows(void) { return A8_MAX_ROWS; }
-
 /* Quantize rows of x into `out` (quant_a8_prepared_bytes). */
 int quant_a8_prepare(const float *x, int64_t rows, int64_t x_stride, int64_t k, void *out) {
     if (rows < 0 || k <= 0 || k % A8_GROUP) return 1;
