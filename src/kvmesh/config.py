@@ -223,6 +223,10 @@ class ServerConfig:
         "File holding the mesh's shared secret (at least 16 bytes).", default=None)
     p2p_advertise_host: str | None = _help(
         "Address peers dial to reach this instance (default: --host).", default=None)
+    p2p_socket_buffer_bytes: int = _help(
+        "Kernel send and receive buffer of each mesh connection (SO_SNDBUF/SO_RCVBUF, "
+        "capped by net.core.wmem_max/rmem_max). Large: a block leaves without a user-space "
+        "copy; small: less data in flight when a peer stalls.", default=4 << 20)
     served_model_name: str | None = _help(
         "Model name clients use (default: the model's name).", default=None
     )
@@ -244,6 +248,9 @@ class ServerConfig:
                 raise ValueError(f"p2p_port must be in [1, 65535], got {self.p2p_port}")
             if not self.cluster_secret_file:
                 raise ValueError("the mesh (--p2p-port) needs --cluster-secret-file")
+        if not 4096 <= self.p2p_socket_buffer_bytes <= 1 << 30:
+            raise ValueError("p2p_socket_buffer_bytes must be in [4096, 1 GiB], got "
+                             f"{self.p2p_socket_buffer_bytes}")
 
 
 @dataclass(frozen=True)

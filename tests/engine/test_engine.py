@@ -191,3 +191,23 @@ def test_max_model_len_is_capped_by_the_kv_cache(tiny_llama):
     out = small.generate([[5] * 36], SamplingParams(temperature=0.0, max_tokens=4,
                                                     ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_cpu_kv_pool_is_zeroed_aligned_and_costs_no_memory_until_used(dtype):
+    """The pool comes from calloc: zero, page-aligned, and not resident until written."""
+    from kvmesh.engine.model_runner import PAGE, lazy_zeros
+
+    def resident_bytes() -> int:  # now, not the high-water mark
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * PAGE
+
+    shape = (1024, 4, 2, 16, 8, 64)  # 1 GiB in float32
+    before = resident_bytes()
+    kv = lazy_zeros(shape, dtype, torch.device("cpu"))
+    assert kv.shape == shape and kv.dtype == dtype and kv.is_contiguous()
+    assert kv.data_ptr() % PAGE == 0
+    assert resident_bytes() - before < kv.numel() * kv.element_size() // 16
+    assert not kv[[0, 511, 1023]].any()
+    kv[7] = 1.5
+    assert float(kv[7].float().mean()) == 1.5 and not kv[6].any() and not kv[8].any()

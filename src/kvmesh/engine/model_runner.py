@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from kvmesh.engine.batch import SeqWork
@@ -22,6 +23,20 @@ from kvmesh.model.attention import (
     PrefillSegment,
 )
 from kvmesh.model.llama import LlamaForCausalLM
+
+PAGE = 4096
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros. On the CPU, from calloc: the kernel's zero pages are mapped on first touch, so
+    a multi-GiB pool costs nothing at startup (torch.zeros writes every page: ~1.5 s/GiB
+    on a VM) and resident memory grows with the blocks in use."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    raw = np.zeros(nbytes + PAGE, dtype=np.uint8)
+    skip = -raw.ctypes.data % PAGE  # page-aligned, so no vector load splits a cache line
+    return torch.from_numpy(raw[skip:skip + nbytes]).view(dtype).view(shape)
 
 
 def kv_block_bytes(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
@@ -49,7 +64,7 @@ class ModelRunner:
         shape = (num_blocks, arch.num_layers, 2, block_size, arch.num_kv_heads, arch.head_dim)
         # Zeros, not empty: padded decode slots read unused blocks under a mask, and
         # uninitialised NaNs would leak through the softmax.
-        self.kv = torch.zeros(shape, dtype=kv_dtype, device=device)
+        self.kv = lazy_zeros(shape, kv_dtype, device)
         self.block_bytes = self.kv[0].numel() * self.kv.element_size()
         self.kv_caches = [(self.kv[:, i, 0], self.kv[:, i, 1]) for i in range(arch.num_layers)]
 

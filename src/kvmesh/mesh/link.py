@@ -31,7 +31,9 @@ Payload = bytes | bytearray | memoryview
 
 
 class Link(asyncio.BufferedProtocol):
-    def __init__(self, on_connect: Callable[[Link], None] | None = None):
+    def __init__(self, on_connect: Callable[[Link], None] | None = None,
+                 socket_buffer_bytes: int = SOCKET_BUFFER_BYTES):
+        self.socket_buffer_bytes = socket_buffer_bytes
         self.authenticated = False
         self.closed = False
         self.frames_sent = 0
@@ -192,8 +194,8 @@ class Link(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:  # a block fits the kernel's buffer: sent without a user copy
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.socket_buffer_bytes)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.socket_buffer_bytes)
         if self._on_connect is not None:
             self._on_connect(self)
 
@@ -232,12 +234,13 @@ class TcpTransport:
     """Links over TCP: a listener that hands each accepted link to `on_link`, and dialing."""
 
     @staticmethod
-    async def listen(host: str, port: int, on_link: Callable[[Link], None]) -> asyncio.Server:
+    async def listen(host: str, port: int, on_link: Callable[[Link], None],
+                     buffer_bytes: int = SOCKET_BUFFER_BYTES) -> asyncio.Server:
         loop = asyncio.get_running_loop()
-        return await loop.create_server(lambda: Link(on_link), host, port)
+        return await loop.create_server(lambda: Link(on_link, buffer_bytes), host, port)
 
     @staticmethod
-    async def dial(host: str, port: int) -> Link:
+    async def dial(host: str, port: int, buffer_bytes: int = SOCKET_BUFFER_BYTES) -> Link:
         loop = asyncio.get_running_loop()
-        _, link = await loop.create_connection(Link, host, port)
+        _, link = await loop.create_connection(lambda: Link(None, buffer_bytes), host, port)
         return link

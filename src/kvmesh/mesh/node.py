@@ -50,6 +50,7 @@ class MeshConfig:
     fetch_stall_timeout_s: float = 5.0  # a fetch with no block for this long is a miss
     handoff_bytes: int = 1 << 30  # on leave, the hottest blocks up to this go to the others
     handoff_timeout_s: float = 10.0
+    socket_buffer_bytes: int = 4 << 20  # SO_SNDBUF/SO_RCVBUF of each link
 
 
 @dataclass
@@ -153,7 +154,8 @@ class MeshNode(InboundLinks):
     async def _main(self) -> None:
         self._stop = asyncio.Event()
         try:
-            server = await TcpTransport.listen(self.config.host, self.config.port, self._accept)
+            server = await TcpTransport.listen(self.config.host, self.config.port, self._accept,
+                                               self.config.socket_buffer_bytes)
         except OSError as exc:
             self._error = exc
             return
@@ -242,8 +244,9 @@ class MeshNode(InboundLinks):
     async def _dial(self, addr: str) -> None:
         try:
             host, port = addr.rsplit(":", 1)
-            link = await asyncio.wait_for(TcpTransport.dial(host, int(port)),
-                                          HANDSHAKE_TIMEOUT_S)
+            link = await asyncio.wait_for(
+                TcpTransport.dial(host, int(port), self.config.socket_buffer_bytes),
+                HANDSHAKE_TIMEOUT_S)
         except (TimeoutError, OSError, ValueError):
             self._dialing.discard(addr)
             return

@@ -36,7 +36,8 @@ def mesh_config(server: ServerConfig) -> MeshConfig:
                          "peers should dial")
     return MeshConfig(host=host, port=server.p2p_port,
                       secret=load_secret(server.cluster_secret_file), seeds=server.peers,
-                      http_url=f"http://{host}:{server.port}")
+                      http_url=f"http://{host}:{server.port}",
+                      socket_buffer_bytes=server.p2p_socket_buffer_bytes)
 
 
 def start_mesh(engine: AsyncEngine, config: MeshConfig) -> MeshNode:
