@@ -96,7 +96,7 @@ def test_bf16_pair_kernel_matches_f_linear():
                 layer._bf16_kernel(torch.randn(1, 256))
             return
         ref_w = dequantize(layer.qw)
-        for rows in (0, 1, 2, 3, 4, 5, 7, 16, 17):  # 17: over its limit, float32 kernel
+        for rows in (0, 1, 2, 3, 4, 5, 7, 8, 11, 12, 15, 16, 17):  # 17: over its limit
             x = torch.randn(rows, 300, generator=gen)[:, :256]  # row stride 300
             ref = F.linear(x.bfloat16().float() if rows <= 16 else x, ref_w, b)
             torch.testing.assert_close(layer._bf16_kernel(x), ref, atol=2e-4, rtol=1e-4)
