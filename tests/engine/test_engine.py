@@ -211,3 +211,15 @@ def test_the_cpu_kv_pool_is_zeroed_aligned_and_costs_no_memory_until_used(dtype)
     assert not kv[[0, 511, 1023]].any()
     kv[7] = 1.5
     assert float(kv[7].float().mean()) == 1.5 and not kv[6].any() and not kv[8].any()
+
+
+def test_a_cpu_pool_over_the_available_memory_is_warned_about(caplog):
+    from kvmesh.engine.setup import _warn_if_over_memory
+
+    with open("/proc/meminfo") as f:
+        available = int(next(x for x in f if x.startswith("MemAvailable")).split()[1]) * 1024
+    with caplog.at_level("WARNING", logger="kvmesh.engine.setup"):
+        _warn_if_over_memory(available // 4)
+        assert not caplog.records
+        _warn_if_over_memory(available * 4)
+    assert "exceeds the memory available" in caplog.text

@@ -83,7 +83,7 @@ def test_a_fault_mid_transfer_falls_back_to_a_recompute(tmp_path, tiny_llama, fa
     if reason:
         pytest.skip(reason)
     secret = _secret(tmp_path)
-    # Small socket buffers: once A stops sending, at most a few blocks are still in flight
+    # Small socket buffers: once A stops sending, at most ~16 of 115 blocks are in flight
     # (the kernel keeps sending what it holds after a SIGSTOP), so B must recompute the rest.
     model = ["--model", str(tiny_llama), "--block-size", "4", "--cluster-secret-file", secret,
              "--p2p-socket-buffer-bytes", "16384"]

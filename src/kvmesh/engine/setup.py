@@ -131,6 +131,8 @@ def load_engine_model(config: EngineConfig, progress: bool = True) -> LoadedMode
         log.warning("max_model_len %d capped to %d: the KV cache holds %d blocks of %d tokens",
                     max_len, num_blocks * cc.block_size, num_blocks, cc.block_size)
         max_len = num_blocks * cc.block_size
+    if device.type == "cpu":
+        _warn_if_over_memory(num_blocks * block_bytes)
     tokenizer = Tokenizer(resolved.path)
     return LoadedModel(
         resolved.name,
@@ -147,6 +149,21 @@ def load_engine_model(config: EngineConfig, progress: bool = True) -> LoadedMode
         _eos_ids(resolved.path, tokenizer, model.arch.eos_token_ids),
         quantization,
     )
+
+
+def _warn_if_over_memory(pool_bytes: int) -> None:
+    """The CPU pool's pages are mapped as blocks fill (model_runner.lazy_zeros), so a pool
+    larger than the free memory would not fail at startup: say so now."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        available = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return
+    if pool_bytes > available:
+        log.warning("the KV cache (%d MiB) exceeds the memory available now (%d MiB): once "
+                    "it fills, the OS may kill this process; lower --kv-cache-memory-bytes",
+                    pool_bytes >> 20, available >> 20)
 
 
 def build_store(config: EngineConfig, block_bytes: int,
