@@ -214,10 +214,10 @@ def test_the_cpu_kv_pool_is_zeroed_aligned_and_costs_no_memory_until_used(dtype)
 
 
 def test_a_cpu_pool_over_the_available_memory_is_warned_about(caplog):
-    from kvmesh.engine.setup import _warn_if_over_memory
+    from kvmesh.engine.setup import _warn_if_over_memory, available_memory_bytes
 
-    with open("/proc/meminfo") as f:
-        available = int(next(x for x in f if x.startswith("MemAvailable")).split()[1]) * 1024
+    available = available_memory_bytes()
+    assert available is not None and available > 0
     with caplog.at_level("WARNING", logger="kvmesh.engine.setup"):
         _warn_if_over_memory(available // 4)
         assert not caplog.records

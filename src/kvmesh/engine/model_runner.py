@@ -7,6 +7,7 @@ Runs on the engine thread only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,7 +35,7 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     the pool's free list has cycled once (then it is the whole pool, as before)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     raw = np.zeros(nbytes + PAGE, dtype=np.uint8)
     skip = -raw.ctypes.data % PAGE  # page-aligned, so no vector load splits a cache line
     return torch.from_numpy(raw[skip:skip + nbytes]).view(dtype).view(shape)

@@ -151,16 +151,21 @@ def load_engine_model(config: EngineConfig, progress: bool = True) -> LoadedMode
     )
 
 
-def _warn_if_over_memory(pool_bytes: int) -> None:
-    """The CPU pool's pages are mapped as blocks fill (model_runner.lazy_zeros), so a pool
-    larger than the free memory would not fail at startup: say so now."""
+def available_memory_bytes() -> int | None:
+    """The kernel's MemAvailable, or None where /proc/meminfo does not say."""
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
-        available = int(info["MemAvailable"].split()[0]) * 1024
+        return int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
-        return
-    if pool_bytes > available:
+        return None
+
+
+def _warn_if_over_memory(pool_bytes: int) -> None:
+    """The CPU pool's pages are mapped as blocks fill (model_runner.lazy_zeros), so a pool
+    larger than the free memory would not fail at startup: say so now."""
+    available = available_memory_bytes()
+    if available is not None and pool_bytes > available:
         log.warning("the KV cache (%d MiB) exceeds the memory available now (%d MiB): once "
                     "it fills, the OS may kill this process; lower --kv-cache-memory-bytes",
                     pool_bytes >> 20, available >> 20)
