@@ -63,7 +63,7 @@ class LLM:
         for i, (prompt, p) in enumerate(zip(items, plist, strict=True)):
             self._counter += 1
             rid = f"llm-{self._counter}"
-            ids = self.engine.inputs.process(prompt, p.max_tokens)
+            ids = self.engine.inputs.process(prompt, p)
             self.engine.add_tokens(rid, ids, p, priority[i] if priority else 0, cache_salt)
             text = prompt if isinstance(prompt, str) else None
             outputs[rid] = RequestOutput(rid, text, ids, [CompletionOutput(j) for j in range(p.n)])

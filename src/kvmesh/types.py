@@ -9,11 +9,29 @@ from typing import Literal
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 Prompt = str | Sequence[int]
+StructuredKind = Literal["json", "json_schema", "regex", "choice", "grammar"]
+STRUCTURED_KINDS: tuple[str, ...] = ("json", "json_schema", "regex", "choice", "grammar")
 
 
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """A constraint on the output: JSON (any object), a JSON schema, a regex, one of
+    several strings, or a Lark/GBNF grammar. `spec` is the schema as JSON text, the regex,
+    the choices as a JSON list, or the grammar text ("" for plain JSON). Hashable: two
+    requests with the same constraint share one compiled grammar."""
+
+    kind: StructuredKind
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        _require(self.kind in STRUCTURED_KINDS,
+                 f"structured output kind must be one of {STRUCTURED_KINDS}, got {self.kind!r}")
+        _require(self.kind == "json" or bool(self.spec), f"a {self.kind} constraint is empty")
 
 
 @dataclass(frozen=True)
@@ -40,8 +58,12 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "logit_bias",
+                           tuple(sorted((int(t), float(b)) for t, b in self.logit_bias)))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -79,6 +101,11 @@ class SamplingParams:
         )
         _require(all(s for s in self.stop), "stop strings must be non-empty")
         _require(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0")
+        for token, bias in self.logit_bias:
+            _require(token >= 0, f"logit_bias token ids must be >= 0, got {token}")
+            _require(math.isfinite(bias) and -100.0 <= bias <= 100.0,
+                     f"logit_bias values must be in [-100, 100], got {bias}")
+        _require(len(self.logit_bias) <= 300, "logit_bias may name at most 300 tokens")
 
     @property
     def is_greedy(self) -> bool:

@@ -20,6 +20,7 @@ from kvmesh.engine.input_processor import InputProcessor
 from kvmesh.engine.model_runner import ModelRunner
 from kvmesh.engine.output_processor import OutputProcessor
 from kvmesh.engine.setup import LoadedModel, build_store, load_engine_model
+from kvmesh.engine.structured import Grammars
 from kvmesh.model.cpu_kernels import select_kernels
 from kvmesh.types import Prompt, RequestDelta, SamplingParams, TenantClass
 
@@ -43,9 +44,10 @@ class LLMEngine:
                                  loaded.eos_token_ids)
         self.core = EngineCore(self.config.scheduler, cache, identity, loaded.num_blocks,
                                self.store, self.config.tiers.write_through, outbox)
-        self.executor = TorchExecutor(self.runner, self.store)
-        self.inputs = InputProcessor(self.tokenizer, loaded.model.arch.vocab_size,
-                                     loaded.max_model_len)
+        vocab = loaded.model.arch.vocab_size
+        grammars = Grammars(self.tokenizer.to_json, vocab, loaded.eos_token_ids)
+        self.executor = TorchExecutor(self.runner, self.store, grammars, loaded.eos_token_ids)
+        self.inputs = InputProcessor(self.tokenizer, vocab, loaded.max_model_len, grammars)
         self.outputs = OutputProcessor(self.tokenizer)
 
     @property
@@ -75,7 +77,7 @@ class LLMEngine:
                     cache_salt: str | None = None, arrival_time: float | None = None) -> str:
         """Queue a request. Raises ValueError (bad input) or QueueFullError (overload)."""
         params = params or SamplingParams()
-        ids = self.inputs.process(prompt, params.max_tokens)
+        ids = self.inputs.process(prompt, params)
         return self.add_tokens(request_id, ids, params, priority, cache_salt, arrival_time)
 
     def add_tokens(self, request_id: str | None, ids: list[int], params: SamplingParams,

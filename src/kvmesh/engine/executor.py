@@ -1,34 +1,43 @@
 """The torch executor: block mover, model runner and sampler behind the core's Executor.
 
-Keeps the one piece of per-sequence state the core does not: each seeded sequence's
-random generator, made when the sequence is first seen and dropped when it finishes.
+Keeps the per-sequence state the core does not: each seeded sequence's random generator
+and each constrained sequence's grammar matcher, made when the sequence is first sampled
+and dropped when it finishes.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kvmesh.engine.batch import BlockCopy, ExecuteBatch, ExecuteResult, SeqWork
 from kvmesh.engine.model_runner import ModelRunner
 from kvmesh.engine.sampler import SamplingRow, sample
+from kvmesh.engine.structured import Grammars, Matcher
 from kvmesh.kvstore.store import TieredStore
 
 
 class TorchExecutor:
-    def __init__(self, runner: ModelRunner, store: TieredStore | None = None):
+    def __init__(self, runner: ModelRunner, store: TieredStore | None = None,
+                 grammars: Grammars | None = None, eos_token_ids: frozenset[int] = frozenset()):
         self.runner = runner
         self.store = store
+        self.grammars = grammars
         self._generators: dict[str, torch.Generator] = {}
+        self._matchers: dict[str, Matcher] = {}
+        self._eos_ids = sorted(eos_token_ids)
 
     def execute(self, batch: ExecuteBatch) -> ExecuteResult:
         for seq_id in batch.finished_ids:
             self._generators.pop(seq_id, None)
+            self._matchers.pop(seq_id, None)
         self._move_blocks(batch.stores, batch.loads)
         if not batch.seqs:
             return ExecuteResult()
         logits, positions = self.runner.execute(batch.seqs)
         chosen = [batch.seqs[i] for i in positions]
-        rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, self._generator(s))
+        rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, self._generator(s),
+                            self._allowed(s))
                 for s in chosen]
         tokens, logprobs = sample(logits, rows)
         ids = [s.request_id for s in chosen]
@@ -43,6 +52,25 @@ class TorchExecutor:
             gen = torch.Generator(device=self.runner.device).manual_seed(seq.seed)
             self._generators[seq.request_id] = gen
         return gen
+
+    def _allowed(self, seq: SeqWork) -> np.ndarray | None:
+        """The grammar's bitmask for a constrained sequence's next token (None: free)."""
+        spec = seq.params.structured
+        if spec is None:
+            return None
+        m = self._matchers.get(seq.request_id)
+        if m is None:
+            if self.grammars is None:
+                raise RuntimeError("structured output needs the executor's grammars")
+            m = self._matchers[seq.request_id] = self.grammars.matcher(spec)
+        m.follow(seq.output_token_ids)
+        if m.failed is None:
+            return m.allowed()
+        # Not reachable with masked sampling; should it happen, end the sequence.
+        words = np.zeros(self.grammars.mask_words if self.grammars else 0, dtype=np.uint32)
+        for t in self._eos_ids:
+            words[t // 32] |= np.uint32(1 << (t % 32))
+        return words.view(np.int32)
 
     def _move_blocks(self, stores: tuple[BlockCopy, ...], loads: tuple[BlockCopy, ...]) -> None:
         """Before the step writes any block: save the leaving blocks, then copy in loaded

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from kvmesh.engine.structured import Grammars
 from kvmesh.model.tokenizer import Message, Tokenizer
-from kvmesh.types import Prompt
+from kvmesh.types import Prompt, SamplingParams
 
 
 def check_lengths(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
@@ -28,10 +29,24 @@ def check_lengths(num_prompt_tokens: int, max_tokens: int | None, max_model_len:
 
 
 class InputProcessor:
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int):
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int,
+                 grammars: Grammars | None = None):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        self.grammars = grammars
+
+    def check_sampling(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: token ids within this vocabulary, and a
+        constraint that compiles (compiled once here, off the engine thread)."""
+        for token, _ in params.logit_bias:
+            if token >= self.vocab_size:
+                raise ValueError(f"logit_bias names token {token}, outside the vocabulary "
+                                 f"(size {self.vocab_size})")
+        if params.structured is not None:
+            if self.grammars is None:
+                raise ValueError("structured output is not available for this model")
+            self.grammars.check(params.structured)
 
     def token_ids(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt (text is tokenized), not yet validated."""
@@ -55,8 +70,9 @@ class InputProcessor:
             raise ValueError(f"token id {bad} is outside the vocabulary (size {self.vocab_size})")
         check_lengths(len(ids), max_tokens, self.max_model_len)
 
-    def process(self, prompt: Prompt, max_tokens: int | None = None) -> list[int]:
+    def process(self, prompt: Prompt, params: SamplingParams) -> list[int]:
         """Tokenize and validate once."""
         ids = self.token_ids(prompt)
-        self.validate(ids, max_tokens)
+        self.validate(ids, params.max_tokens)
+        self.check_sampling(params)
         return ids

@@ -1,13 +1,17 @@
-"""Batched sampling: penalties, temperature, top-k/top-p/min-p, per-request seeds, logprobs.
+"""Batched sampling: penalties, logit bias, grammar masks, temperature, top-k/top-p/min-p,
+per-request seeds, logprobs.
 
-Rows are requests. Greedy rows take the argmax of the (penalised) logits; other rows draw
-with the exponential-race trick, which lets a seeded request use its own generator.
+Rows are requests. Greedy rows take the argmax of the (penalised, biased, masked) logits;
+other rows draw with the exponential-race trick, which lets a seeded request use its own
+generator. A batch mixes constrained and free rows: a free row's logits are never touched.
+Logprobs are those of the model's raw distribution.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvmesh.types import SamplingParams, TokenLogprobs
@@ -19,8 +23,30 @@ class SamplingRow:
     prompt_ids: list[int]
     output_ids: list[int]
     generator: torch.Generator | None
+    allowed: np.ndarray | None = None  # grammar bitmask: int32 words, bit i = token i
 
 
+def _allowed_tokens(words: np.ndarray, vocab: int) -> torch.Tensor:
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:vocab]
+    out = torch.zeros(vocab, dtype=torch.bool)
+    out[: len(bits)] = torch.from_numpy(bits.astype(np.bool_))
+    return out
+
+
+def _apply_bias_and_masks(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    vocab = logits.shape[1]
+    for i, row in enumerate(rows):
+        for token, bias in row.params.logit_bias:
+            if token < vocab:
+                logits[i, token] += bias
+        if row.allowed is not None:
+            keep = _allowed_tokens(row.allowed, vocab).to(logits.device)
+            logits[i].masked_fill_(~keep, float("-inf"))
+
+
+def _needs_edit(row: SamplingRow) -> bool:
+    p = row.params
+    return p.has_penalties or bool(p.logit_bias) or row.allowed is not None
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     for i, row in enumerate(rows):
         p = row.params
@@ -83,9 +109,10 @@ def _logprobs(raw: torch.Tensor, tokens: list[int], rows: list[SamplingRow]):
 def sample(logits: torch.Tensor, rows: list[SamplingRow]):
     """Pick one token per row. Returns (tokens, logprobs per row or None)."""
     raw = logits
-    if any(r.params.has_penalties for r in rows):
+    if any(_needs_edit(r) for r in rows):
         logits = logits.clone()
         _apply_penalties(logits, rows)
+        _apply_bias_and_masks(logits, rows)
     tokens = logits.argmax(-1).tolist()
     for i, row in enumerate(rows):
         p = row.params

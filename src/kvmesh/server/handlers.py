@@ -24,11 +24,13 @@ from kvmesh.server.responses import (
     LogprobFormatter,
     Usage,
     chat_body,
+    chat_delta,
     chunk,
     completion_body,
     finish_reason,
     sse,
 )
+from kvmesh.server.tools import ToolParser, ToolPlan
 from kvmesh.types import RequestDelta, SamplingParams, TenantClass
 
 
@@ -46,6 +48,7 @@ class Job:
     include_usage: bool
     top_logprobs: int = 0
     tenant: TenantClass | None = None
+    tools: ToolPlan | None = None
 
     @property
     def num_charged_tokens(self) -> int:
@@ -128,7 +131,8 @@ class Collector:
         self.usage = Usage()
         self.timer = RequestTimer(metrics, start, job.tenant, len(job.prompts) * job.params.n)
         n = job.params.n
-        self.choices = [Choice(i) for i in range(len(job.prompts) * n)]
+        self.choices = [Choice(i, parser=ToolParser(job.tools) if job.tools else None)
+                        for i in range(len(job.prompts) * n)]
 
     def add(self, prompt_index: int, delta: RequestDelta) -> Choice:
         if delta.error:
@@ -141,12 +145,12 @@ class Collector:
                 delta.num_prompt_tokens, delta.num_cached_tokens, delta.queue_time_s
             )
         self.timer.on_tokens(now, len(delta.new_token_ids), first_of_request=not choice.token_ids)
-        choice.text += delta.new_text
+        choice.add_text(delta.new_text)
         choice.token_ids.extend(delta.new_token_ids)
         if delta.logprobs:
             choice.logprobs.extend(delta.logprobs)
         if delta.finished:
-            choice.finish_reason = finish_reason(delta)
+            choice.finish(finish_reason(delta))
             if all(c.finish_reason for c in self.choices):
                 self.timer.on_finish(now, choice.finish_reason or "stop")
         return choice
@@ -209,7 +213,7 @@ async def _whole(request: Request, job: Job, streams, collector: Collector, fmt)
 
 
 def _choice_chunk(job: Job, choice: Choice, delta: RequestDelta, fmt, first: bool) -> dict:
-    reason = finish_reason(delta) if delta.finished else None
+    reason = choice.finish_reason if delta.finished else None
     lps = None
     if fmt is not None and delta.logprobs:
         ids, entries = list(delta.new_token_ids), list(delta.logprobs)
@@ -220,10 +224,8 @@ def _choice_chunk(job: Job, choice: Choice, delta: RequestDelta, fmt, first: boo
             else fmt.completion(ids, entries, offset)
         )
     if job.kind == "chat":
-        body: dict[str, Any] = {"content": delta.new_text}
-        if first:
-            body["role"] = "assistant"
-        return {"index": choice.index, "delta": body, "logprobs": lps, "finish_reason": reason}
+        return {"index": choice.index, "delta": chat_delta(choice, first), "logprobs": lps,
+                "finish_reason": reason}
     return {"index": choice.index, "text": delta.new_text, "logprobs": lps, "finish_reason": reason}
 
 

@@ -12,6 +12,7 @@ from kvmesh.engine.input_processor import InputProcessor
 from kvmesh.server.errors import APIError
 from kvmesh.server.handlers import Job
 from kvmesh.server.protocol import ChatCompletionRequest, CompletionRequest
+from kvmesh.server.tools import plan, render_messages, template_uses_tools
 from kvmesh.tenants import Tenant, cache_salt
 from kvmesh.types import TenantClass
 
@@ -40,7 +41,7 @@ def completion_job(inputs: InputProcessor, model: str, body: CompletionRequest,
                        param="echo" if body.echo else "suffix")
     try:
         params = body.sampling(body.max_tokens, body.logprobs)
-        prompts = [inputs.process(p, params.max_tokens) for p in body.prompts()]
+        prompts = [inputs.process(p, params) for p in body.prompts()]
     except ValueError as exc:
         raise _bad(exc) from exc
     return Job("completion", model, prompts, params, _priority(body.priority, tenant),
@@ -51,16 +52,22 @@ def completion_job(inputs: InputProcessor, model: str, body: CompletionRequest,
 def chat_job(inputs: InputProcessor, model: str, body: ChatCompletionRequest,
              tenant: Tenant | None) -> Job:
     try:
-        ids = inputs.chat_ids(body.template_messages(),
-                              add_generation_prompt=body.add_generation_prompt,
-                              **(body.chat_template_kwargs or {}))
+        tools = plan(body.tools, body.tool_choice, body.parallel_tool_calls)
+        forced = tools.constraint() if tools else None
+        if forced is not None and body.structured() is not None:
+            raise ValueError("a forced tool call cannot also take a response_format")
+        messages, kwargs = render_messages(
+            body.template_messages(), tools, template_uses_tools(inputs.tokenizer.chat_template))
+        ids = inputs.chat_ids(messages, add_generation_prompt=body.add_generation_prompt,
+                              **{**kwargs, **(body.chat_template_kwargs or {})})
         limit = body.max_completion_tokens or body.max_tokens
         max_tokens = limit if limit is not None else inputs.default_max_tokens(ids)
         top = body.top_logprobs or 0
-        params = body.sampling(max_tokens, top if body.logprobs else None)
+        params = body.sampling(max_tokens, top if body.logprobs else None, forced)
         inputs.validate(ids, params.max_tokens)
+        inputs.check_sampling(params)
     except ValueError as exc:
         raise _bad(exc) from exc
     return Job("chat", model, [ids], params, _priority(body.priority, tenant),
                _salt(body.cache_salt, tenant), body.stream, body.include_usage, top,
-               tenant=_class(tenant))
+               tenant=_class(tenant), tools=tools)

@@ -6,13 +6,21 @@ plain frozen SamplingParams.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
-from kvmesh.types import SamplingParams
+from kvmesh.server.tools import Tool, ToolChoice
+from kvmesh.types import SamplingParams, StructuredOutput
 
 TokenIds = list[Annotated[StrictInt, Field(ge=0)]]
+
+# Fields of the OpenAI (or vLLM) API that change what is generated and that kvmesh does
+# not implement: refused with a 400 when set, never silently dropped.
+UNSUPPORTED = ("functions", "function_call", "prediction", "audio", "modalities",
+               "web_search_options", "guided_whitespace_pattern", "structured_outputs",
+               "prompt_logprobs", "allowed_token_ids", "bad_words", "logits_processors")
 
 
 class StreamOptions(BaseModel):
@@ -20,6 +28,32 @@ class StreamOptions(BaseModel):
 
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, populate_by_name=True)
+
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured(self) -> StructuredOutput | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutput("json")
+        if self.json_schema is None:
+            raise ValueError("response_format json_schema needs a json_schema object")
+        schema = self.json_schema.schema_
+        return StructuredOutput("json_schema", json.dumps({} if schema is None else schema))
 
 
 class _Common(BaseModel):
@@ -46,6 +80,55 @@ class _Common(BaseModel):
     include_stop_str_in_output: bool = False
     priority: int = 0
     cache_salt: str | None = Field(None, max_length=256)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM's structured-output extras
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = Field(None, min_length=1)
+    guided_choice: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
+    guided_grammar: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            named = [k for k in UNSUPPORTED if data.get(k) not in (None, [], {})]
+            if named:
+                raise ValueError(f"{', '.join(named)} {'is' if len(named) == 1 else 'are'} "
+                                 "not supported by this server")
+        return data
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or {}:
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        if v and len(v) > 300:
+            raise ValueError("logit_bias may name at most 300 tokens")
+        return v
+
+    def structured(self) -> StructuredOutput | None:
+        """The one output constraint asked for (ValueError when several are)."""
+        asked: list[StructuredOutput] = []
+        if self.response_format is not None:
+            spec = self.response_format.structured()
+            if spec is not None:
+                asked.append(spec)
+        if self.guided_json is not None:
+            text = self.guided_json if isinstance(self.guided_json, str) else json.dumps(
+                self.guided_json)
+            asked.append(StructuredOutput("json_schema", text))
+        if self.guided_regex is not None:
+            asked.append(StructuredOutput("regex", self.guided_regex))
+        if self.guided_choice is not None:
+            asked.append(StructuredOutput("choice", json.dumps(self.guided_choice)))
+        if self.guided_grammar is not None:
+            asked.append(StructuredOutput("grammar", self.guided_grammar))
+        if len(asked) > 1:
+            raise ValueError("ask for one output constraint at most (response_format, "
+                             "guided_json, guided_regex, guided_choice, guided_grammar)")
+        return asked[0] if asked else None
 
     @field_validator("stop")
     @classmethod
@@ -57,7 +140,10 @@ class _Common(BaseModel):
             raise ValueError("stop sequences must be non-empty")
         return v
 
-    def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling(self, max_tokens: int | None, logprobs: int | None,
+                 structured: StructuredOutput | None = None) -> SamplingParams:
+        """The engine's parameters (ValueError: a 400). `structured` overrides the body's
+        own constraint (a forced tool call)."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
             n=self.n,
@@ -76,6 +162,8 @@ class _Common(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
+            structured=structured or self.structured(),
         )
 
     @property
@@ -107,6 +195,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -127,6 +217,19 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def template_messages(self) -> list[dict[str, Any]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        out = []
+        for m in self.messages:
+            msg: dict[str, Any] = {"role": m.role, "content": m.text()}
+            if m.tool_calls:
+                msg["tool_calls"] = m.tool_calls
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
+            if m.name is not None:
+                msg["name"] = m.name
+            out.append(msg)
+        return out

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvmesh.model.tokenizer import Tokenizer
+from kvmesh.server.tools import ToolParser
 from kvmesh.types import RequestDelta, TokenLogprobs
 
 
@@ -18,11 +19,52 @@ def sse(payload: dict[str, Any] | str) -> str:
 
 @dataclass
 class Choice:
+    """One choice as it builds up. `text` is all generated text; with tools, `content` is
+    what the parser let through and `pending` what the last delta added to it."""
+
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
+    parser: ToolParser | None = None
+    content: str = ""
+    pending: str = ""
+
+    def add_text(self, new_text: str) -> None:
+        self.text += new_text
+        self.pending = self.parser.feed(new_text) if self.parser else new_text
+        self.content += self.pending
+
+    def finish(self, reason: str | None) -> None:
+        if self.parser is not None:
+            tail = self.parser.finish()
+            self.pending += tail
+            self.content += tail
+            if self.parser.calls and reason == "stop":
+                reason = "tool_calls"
+        self.finish_reason = reason
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        return self.parser.calls if self.parser else []
+
+    def message(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.tool_calls:
+            msg["content"] = self.content or None
+            msg["tool_calls"] = self.tool_calls
+        return msg
+
+
+def chat_delta(choice: Choice, first: bool) -> dict[str, Any]:
+    """A streamed chat delta: new content, and on the last one the choice's tool calls."""
+    body: dict[str, Any] = {"content": choice.pending}
+    if first:
+        body["role"] = "assistant"
+    if choice.finish_reason is not None and choice.tool_calls:
+        body["tool_calls"] = [{"index": i, **c} for i, c in enumerate(choice.tool_calls)]
+    return body
 
 
 @dataclass
@@ -140,7 +182,7 @@ def chat_body(
         "choices": [
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
+                "message": c.message(),
                 "finish_reason": c.finish_reason,
                 "logprobs": fmt.chat(c.token_ids, c.logprobs, top_n) if fmt else None,
             }
