@@ -33,6 +33,10 @@ class StructuredOutput:
                  f"structured output kind must be one of {STRUCTURED_KINDS}, got {self.kind!r}")
         _require(self.kind == "json" or bool(self.spec), f"a {self.kind} constraint is empty")
 
+    @property
+    def is_json(self) -> bool:
+        return self.kind in ("json", "json_schema")
+
 
 @dataclass(frozen=True)
 class SamplingParams:

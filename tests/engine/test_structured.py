@@ -122,3 +122,46 @@ def test_closed_objects_close_every_object_that_lists_properties():
     assert "additionalProperties" not in out["properties"]["properties"]
     assert out["$defs"]["d"]["additionalProperties"] is True
     assert "additionalProperties" not in schema  # a copy
+
+
+@pytest.mark.parametrize("max_tokens", [16, 24, 40])
+def test_json_outputs_close_before_their_budget_runs_out(llm, max_tokens):
+    spec = StructuredOutput("json_schema", json.dumps(
+        {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "string"}},
+                                          "b": {"type": "object"}}}))
+    for structured in (StructuredOutput("json"), spec):
+        params = SamplingParams(temperature=1.0, seed=max_tokens, max_tokens=max_tokens,
+                                structured=structured)
+        for out in llm.generate(_prompts(6, seed=7), params):
+            assert isinstance(json.loads(out.text), dict), out.text
+            assert out.finish_reason == "stop" and len(out.token_ids) <= max_tokens
+
+
+def test_json_depth_counts_what_is_left_to_close():
+    from kvmesh.engine.structured import JsonDepth
+
+    d = JsonDepth()
+    d.feed(b'{"a": [1, {"b": "x}]\\"')
+    assert (d.depth, d.in_string, d.to_close) == (3, True, 4)
+    d.feed(b'"}')
+    assert d.to_close == 2
+
+
+@pytest.mark.slow
+def test_default_model_free_rows_are_unchanged_beside_constrained_ones():
+    llm = LLM("smollm2-135m-instruct", dtype="float32")
+    chat = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    free = [chat.format(q) for q in ("Name three rivers.", "What is a prime number?",
+                                     "Write a haiku about snow.")]
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    alone = [o.token_ids for o in llm.generate(free, params)]
+    schema = {"type": "object", "properties": {"river": {"type": "string", "maxLength": 30},
+                                               "km": {"type": "integer"}},
+              "required": ["river", "km"]}
+    constrained = SamplingParams(temperature=0.0, max_tokens=40, structured=StructuredOutput(
+        "json_schema", json.dumps(schema)))
+    asks = [chat.format(q) for q in ("The Nile as JSON.", "The Danube as JSON.")]
+    mixed = llm.generate(free + asks, [params] * 3 + [constrained] * 2)
+    assert [o.token_ids for o in mixed[:3]] == alone
+    for out in mixed[3:]:
+        assert set(json.loads(out.text)) == {"river", "km"}

@@ -13,7 +13,7 @@ import torch
 from kvmesh.engine.batch import BlockCopy, ExecuteBatch, ExecuteResult, SeqWork
 from kvmesh.engine.model_runner import ModelRunner
 from kvmesh.engine.sampler import SamplingRow, sample
-from kvmesh.engine.structured import Grammars, Matcher
+from kvmesh.engine.structured import Grammars, Matcher, steer_to_close
 from kvmesh.kvstore.store import TieredStore
 
 
@@ -65,7 +65,10 @@ class TorchExecutor:
             m = self._matchers[seq.request_id] = self.grammars.matcher(spec)
         m.follow(seq.output_token_ids)
         if m.failed is None:
-            return m.allowed()
+            allowed = m.allowed()
+            if self.grammars is not None and m.should_close(seq.params.max_tokens):
+                return steer_to_close(allowed, self.grammars.closers(), m.in_string)
+            return allowed
         # Not reachable with masked sampling; should it happen, end the sequence.
         words = np.zeros(self.grammars.mask_words if self.grammars else 0, dtype=np.uint32)
         for t in self._eos_ids:

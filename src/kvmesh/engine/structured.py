@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 from kvmesh.types import StructuredOutput
 
 CACHE_SIZE = 256  # distinct constraints kept compiled
+CLOSERS = frozenset('"}]')
 # Compact JSON, as OpenAI's structured outputs are: fewer tokens, and no endless runs of
 # whitespace (which flexible whitespace lets a small model fall into).
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
@@ -131,27 +133,129 @@ class Grammars:
                 self._cache.popitem(last=False)
         return m
 
+    def closers(self) -> ClosingMasks:
+        """The token classes that steer a JSON output to its end (built once)."""
+        with self._lock:
+            cached = getattr(self, "_closers", None)
+        if cached is not None:
+            return cached
+        tok = self._tokenizer()
+        masks = ClosingMasks.empty(self.mask_words)
+        for t in range(self.vocab_size):
+            masks.add(t, tok.decode_str([t]))
+        self._closers = masks.done()
+        return self._closers
+
     def check(self, spec: StructuredOutput) -> None:
         """Compile (once); ValueError with the library's message when it cannot."""
         self._compiled(spec)
 
     def matcher(self, spec: StructuredOutput) -> Matcher:
-        return Matcher(self._compiled(spec).deep_copy(), self.mask_words)
+        tok = self._tokenizer()
+        return Matcher(self._compiled(spec).deep_copy(), self.mask_words,
+                       (lambda t: tok.decode_bytes([t])) if spec.is_json else None)
+
+
+CLOSING_MARGIN = 8  # tokens to finish a key and give it an empty value, then end
+
+
+class JsonDepth:
+    """How deep the JSON written so far is nested (open objects and arrays, plus an open
+    string): the fewest tokens that can close it."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.in_string = False
+        self._escape = False
+
+    def feed(self, data: bytes) -> None:
+        for ch in data:
+            if self.in_string:
+                if self._escape:
+                    self._escape = False
+                elif ch == 0x5C:  # backslash
+                    self._escape = True
+                elif ch == 0x22:  # quote
+                    self.in_string = False
+            elif ch == 0x22:
+                self.in_string = True
+            elif ch in (0x7B, 0x5B):  # { [
+                self.depth += 1
+            elif ch in (0x7D, 0x5D) and self.depth:
+                self.depth -= 1
+
+    @property
+    def to_close(self) -> int:
+        return self.depth + int(self.in_string)
+
+
+@dataclass
+class ClosingMasks:
+    """Bitmasks of tokens made only of `"`, `}` and `]`: those that end a string (start
+    with `"`) and those that end objects and arrays (no `"`); and of tokens that open an
+    object or array."""
+
+    quote: np.ndarray
+    ends: np.ndarray
+    openers: np.ndarray
+
+    @classmethod
+    def empty(cls, words: int) -> ClosingMasks:
+        return cls(*(np.zeros(words, dtype=np.uint32) for _ in range(3)))
+
+    def add(self, token: int, text: str) -> None:
+        word, bit = token // 32, np.uint32(1 << (token % 32))
+        if text and set(text) <= CLOSERS:
+            target = self.quote if text[0] == '"' else self.ends if '"' not in text else None
+            if target is not None:
+                target[word] |= bit
+        if "{" in text or "[" in text:
+            self.openers[word] |= bit
+
+    def done(self) -> ClosingMasks:
+        return ClosingMasks(*(m.view(np.int32) for m in (self.quote, self.ends, self.openers)))
+
+
+def steer_to_close(allowed: np.ndarray, masks: ClosingMasks, in_string: bool) -> np.ndarray:
+    """Near the end of its budget, a JSON output ends its string or closes its objects and
+    arrays wherever the grammar allows, and otherwise takes a token that opens nothing new,
+    so that it ends as parseable JSON with finish_reason "stop" rather than cut off by
+    max_tokens. Where none of these is allowed it goes on freely."""
+    for prefer in (masks.quote if in_string else masks.ends, ~masks.openers):
+        narrowed = allowed & prefer
+        if narrowed.any():
+            return narrowed
+    return allowed
 
 
 class Matcher:
     """One sequence's grammar state. Follows the sequence's output tokens as they come."""
 
-    def __init__(self, matcher: Any, words: int):
+    def __init__(self, matcher: Any, words: int,
+                 token_bytes: Callable[[int], bytes] | None = None):
         self._m = matcher
         self.num_consumed = 0
         self._mask = np.zeros(words, dtype=np.int32)
+        self._token_bytes = token_bytes
+        self.json = JsonDepth() if token_bytes is not None else None
 
     def follow(self, output_token_ids: Sequence[int]) -> None:
         """Consume the output tokens not seen yet (the last sampled one, normally)."""
         for token in output_token_ids[self.num_consumed:]:
             self._m.consume_token(token)  # a refused token leaves the matcher in error
+            if self.json is not None and self._token_bytes is not None:
+                self.json.feed(self._token_bytes(token))
         self.num_consumed = len(output_token_ids)
+
+    @property
+    def in_string(self) -> bool:
+        return self.json is not None and self.json.in_string
+
+    def should_close(self, max_tokens: int | None) -> bool:
+        """A JSON output whose budget is about to run out before it can close."""
+        if self.json is None or max_tokens is None:
+            return False
+        return max_tokens - self.num_consumed <= self.json.to_close + CLOSING_MARGIN + 1
 
     @property
     def failed(self) -> str | None:
