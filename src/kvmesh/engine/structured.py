@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ CLOSERS = frozenset('"}]')
 # whitespace (which flexible whitespace lets a small model fall into).
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
                "coerce_one_of": True}
+_LAYOUT: Any = JSON_LAYOUT  # llguidance's JsonCompileOptions
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SCHEMA_ONE = ("items", "additionalProperties", "not", "contains", "if", "then", "else",
@@ -69,10 +70,10 @@ def grammar_text(spec: StructuredOutput) -> str:
     compile_ = llguidance.LLMatcher
     try:
         if spec.kind == "json":
-            return compile_.grammar_from_json_schema({"type": "object"}, defaults=JSON_LAYOUT)
+            return compile_.grammar_from_json_schema({"type": "object"}, defaults=_LAYOUT)
         if spec.kind == "json_schema":
             schema = closed_objects(json.loads(spec.spec))
-            return compile_.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
+            return compile_.grammar_from_json_schema(schema, defaults=_LAYOUT)
         if spec.kind == "regex":
             return compile_.grammar_from_regex(spec.spec)
         if spec.kind == "choice":
