@@ -231,6 +231,10 @@ class ServerConfig:
         "Model name clients use (default: the model's name).", default=None
     )
     retry_after_s: int = _help("Retry-After seconds sent with a 429.", default=1)
+    result_cache_bytes: int = _help(
+        "Bound of the result cache: finished answers to deterministic requests (temperature "
+        "0 or a seed), replayed for an identical repeat (0: off). A request opts out with "
+        '"result_cache": false.', default=0)
     graceful_shutdown_s: float = _help(
         "Seconds to drain in-flight requests on SIGTERM.", default=30.0
     )
@@ -248,6 +252,8 @@ class ServerConfig:
                 raise ValueError(f"p2p_port must be in [1, 65535], got {self.p2p_port}")
             if not self.cluster_secret_file:
                 raise ValueError("the mesh (--p2p-port) needs --cluster-secret-file")
+        if self.result_cache_bytes < 0:
+            raise ValueError(f"result_cache_bytes must be >= 0, got {self.result_cache_bytes}")
         if not 4096 <= self.p2p_socket_buffer_bytes <= 1 << 30:
             raise ValueError("p2p_socket_buffer_bytes must be in [4096, 1 GiB], got "
                              f"{self.p2p_socket_buffer_bytes}")

@@ -31,8 +31,9 @@ from kvmesh.server.errors import APIError, api_error_handler, error_body, valida
 from kvmesh.server.handlers import Job, respond
 from kvmesh.server.jobs import chat_job, completion_job
 from kvmesh.server.kv_publisher import KVEventPublisher
-from kvmesh.server.metrics import MeshCollector, ServerMetrics
+from kvmesh.server.metrics import MeshCollector, ResultCacheCollector, ServerMetrics
 from kvmesh.server.protocol import ChatCompletionRequest, CompletionRequest
+from kvmesh.server.result_cache import ResultCache
 from kvmesh.tenants import TenantTable
 
 log = logging.getLogger("kvmesh.server")
@@ -66,6 +67,7 @@ class AppState:
     model_name: str = ""
     publisher: KVEventPublisher | None = None
     mesh: MeshNode | None = None
+    result_cache: ResultCache | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     def require_engine(self) -> AsyncEngine:
@@ -126,6 +128,9 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> Fast
     metrics = ServerMetrics(server_config.served_model_name or engine_config.model.model)
     metrics.bind(lambda: state.engine.stats() if state.engine else None)
     metrics.registry.register(MeshCollector(lambda: state.mesh.view() if state.mesh else None))
+    if server_config.result_cache_bytes:
+        state.result_cache = ResultCache(server_config.result_cache_bytes)
+        metrics.registry.register(ResultCacheCollector(state.result_cache))
     auth = KeyAuth(load_tenants(server_config))
 
     @asynccontextmanager
@@ -258,7 +263,7 @@ def _add_routes(app: FastAPI, state: AppState, metrics: ServerMetrics, auth: Key
             metrics.on_refused(tenant.name if tenant else None, exc)
             raise
         return await respond(request, engine, job, metrics, engine.tokenizer,
-                             state.server_config.retry_after_s)
+                             state.server_config.retry_after_s, state.result_cache)
 
     @app.post("/v1/completions", responses=STREAMING_OK)
     async def completions(body: CompletionRequest, request: Request,

@@ -6,7 +6,7 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -30,6 +30,7 @@ from kvmesh.server.responses import (
     finish_reason,
     sse,
 )
+from kvmesh.server.result_cache import CachedResult, ResultCache, make_result
 from kvmesh.server.tools import ToolParser, ToolPlan
 from kvmesh.types import RequestDelta, SamplingParams, TenantClass
 
@@ -49,6 +50,20 @@ class Job:
     top_logprobs: int = 0
     tenant: TenantClass | None = None
     tools: ToolPlan | None = None
+    result_cache: bool = True  # the client may opt out
+
+    @property
+    def is_deterministic(self) -> bool:
+        return self.params.is_greedy or self.params.seed is not None
+
+    def result_key(self) -> tuple:
+        """Everything that shapes the answer (not stream or include_usage: a cached
+        answer replays through either path)."""
+        tools = (self.tools.mode, self.tools.parallel,
+                 tuple(t.function.name for t in self.tools.tools)) if self.tools else None
+        return (self.kind, self.model, self.tenant.name if self.tenant else None,
+                self.cache_salt, tuple(tuple(p) for p in self.prompts), self.params,
+                self.top_logprobs, tools)
 
     @property
     def num_charged_tokens(self) -> int:
@@ -123,12 +138,35 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
             t.cancel()
 
 
-class Collector:
-    """Folds deltas into choices, usage and metrics."""
+class ReplayStream:
+    """A cached answer's deltas for one prompt, streamed again."""
 
-    def __init__(self, job: Job, metrics: ServerMetrics, start: float):
+    def __init__(self, deltas: tuple[RequestDelta, ...]):
+        self._deltas = iter(deltas)
+
+    def __aiter__(self) -> ReplayStream:
+        return self
+
+    async def __anext__(self) -> RequestDelta:
+        try:
+            return next(self._deltas)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        pass
+
+
+class Collector:
+    """Folds deltas into choices, usage and metrics. With `on_complete`, it also records
+    the deltas and hands them over once every choice has ended normally."""
+
+    def __init__(self, job: Job, metrics: ServerMetrics, start: float,
+                 on_complete: Callable[[CachedResult], object] | None = None):
         self.job = job
         self.usage = Usage()
+        self._on_complete = on_complete
+        self._recorded: list[list[RequestDelta]] = [[] for _ in job.prompts]
         self.timer = RequestTimer(metrics, start, job.tenant, len(job.prompts) * job.params.n)
         n = job.params.n
         self.choices = [Choice(i, parser=ToolParser(job.tools) if job.tools else None)
@@ -139,6 +177,8 @@ class Collector:
             raise APIError(HTTPStatus.INTERNAL_SERVER_ERROR, delta.error)
         index = prompt_index * self.job.params.n + delta.index
         choice = self.choices[index]
+        if self._on_complete is not None:
+            self._recorded[prompt_index].append(delta)
         now = time.monotonic()
         if self.usage.add(prompt_index, delta):
             self.timer.on_prompt(
@@ -153,7 +193,14 @@ class Collector:
             choice.finish(finish_reason(delta))
             if all(c.finish_reason for c in self.choices):
                 self.timer.on_finish(now, choice.finish_reason or "stop")
+                self._complete()
         return choice
+
+
+    def _complete(self) -> None:
+        ended = all(c.finish_reason in ("stop", "length", "tool_calls") for c in self.choices)
+        if self._on_complete is not None and ended:
+            self._on_complete(make_result(self._recorded))
 
 
 async def _watch_disconnect(request: Request) -> None:
@@ -168,14 +215,26 @@ async def respond(
     metrics: ServerMetrics,
     tokenizer: Tokenizer,
     retry_after: int,
+    cache: ResultCache | None = None,
 ) -> Any:
     start = time.monotonic()
-    try:
-        streams = await submit_all(engine, job, retry_after)
-    except APIError as exc:
-        metrics.on_refused(job.tenant.name if job.tenant else None, exc)
-        raise
-    collector = Collector(job, metrics, start)
+    use_cache = cache is not None and job.result_cache and job.is_deterministic
+    key = job.result_key() if use_cache else None
+    hit = cache.get(key) if cache is not None and key is not None else None
+    streams: list[Any]
+    if hit is not None:
+        streams = [ReplayStream(deltas) for deltas in hit.deltas]
+        collector = Collector(job, metrics, start)
+        collector.usage.result_cache_hit = True
+    else:
+        try:
+            streams = await submit_all(engine, job, retry_after)
+        except APIError as exc:
+            metrics.on_refused(job.tenant.name if job.tenant else None, exc)
+            raise
+        store = ((lambda result: cache.put(key, result))
+                 if cache is not None and key is not None else None)
+        collector = Collector(job, metrics, start, store)
     fmt = LogprobFormatter(tokenizer) if job.params.logprobs is not None else None
     if job.stream:
         return StreamingResponse(

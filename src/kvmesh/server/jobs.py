@@ -46,7 +46,7 @@ def completion_job(inputs: InputProcessor, model: str, body: CompletionRequest,
         raise _bad(exc) from exc
     return Job("completion", model, prompts, params, _priority(body.priority, tenant),
                _salt(body.cache_salt, tenant), body.stream, body.include_usage,
-               tenant=_class(tenant))
+               tenant=_class(tenant), result_cache=body.result_cache)
 
 
 def chat_job(inputs: InputProcessor, model: str, body: ChatCompletionRequest,
@@ -70,4 +70,4 @@ def chat_job(inputs: InputProcessor, model: str, body: ChatCompletionRequest,
         raise _bad(exc) from exc
     return Job("chat", model, [ids], params, _priority(body.priority, tenant),
                _salt(body.cache_salt, tenant), body.stream, body.include_usage, top,
-               tenant=_class(tenant), tools=tools)
+               tenant=_class(tenant), tools=tools, result_cache=body.result_cache)

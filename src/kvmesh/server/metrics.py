@@ -51,6 +51,25 @@ class TierCollector:
             hist.add_metric([self._model(), t.name], buckets, t.load_sum_s)
         yield hist
 
+class ResultCacheCollector:
+    """The result cache's hits, misses, evictions, bytes and entries, at scrape."""
+
+    def __init__(self, cache: Any):
+        self._cache = cache
+
+    def collect(self):
+        c = self._cache
+        for name in ("hits", "misses", "evictions"):
+            yield CounterMetricFamily(f"kvmesh:result_cache_{name}",
+                                      f"Result cache {name}.", value=getattr(c, name))
+        yield GaugeMetricFamily("kvmesh:result_cache_bytes", "Result cache size (estimate).",
+                                value=c.num_bytes)
+        yield GaugeMetricFamily("kvmesh:result_cache_capacity_bytes",
+                                "Result cache bound.", value=c.capacity_bytes)
+        yield GaugeMetricFamily("kvmesh:result_cache_entries", "Results cached.",
+                                value=len(c))
+
+
 class MeshCollector:
     """The mesh node's counters as kvmesh:mesh_*_total and members by state, at scrape."""
 

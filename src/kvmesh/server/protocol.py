@@ -80,6 +80,7 @@ class _Common(BaseModel):
     include_stop_str_in_output: bool = False
     priority: int = 0
     cache_salt: str | None = Field(None, max_length=256)
+    result_cache: bool = True  # False: never answered from (or stored in) the result cache
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     response_format: ResponseFormat | None = None
     # vLLM's structured-output extras

@@ -72,6 +72,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    result_cache_hit: bool = False
     _seen_prompts: set[int] = field(default_factory=set)
 
     def add(self, prompt_index: int, delta: RequestDelta) -> bool:
@@ -90,6 +91,7 @@ class Usage:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "result_cache_hit": self.result_cache_hit,
         }
 
 
