@@ -165,3 +165,25 @@ def test_default_model_free_rows_are_unchanged_beside_constrained_ones():
     assert [o.token_ids for o in mixed[:3]] == alone
     for out in mixed[3:]:
         assert set(json.loads(out.text)) == {"river", "km"}
+
+
+def test_forced_calls_keep_each_tools_refs_resolvable(llm):
+    from kvmesh.server.tools import Tool, plan
+
+    def tool(name: str, defs_key: str) -> Tool:
+        return Tool.model_validate({"type": "function", "function": {"name": name, "parameters": {
+            "type": "object", "properties": {"where": {"$ref": f"#/{defs_key}/Loc"}},
+            "required": ["where"],
+            defs_key: {"Loc": {"type": "object", "properties": {"city": {"type": "string"}},
+                               "required": ["city"]}}}}})
+
+    tools = [tool("a", "$defs"), tool("b", "definitions")]
+    spec = plan(tools, "required", None).constraint()
+    llm.engine.inputs.grammars.check(spec)
+    schema = json.loads(spec.spec)
+    assert set(schema["$defs"]) == {"tool0_Loc", "tool1_Loc"}
+    params = SamplingParams(temperature=1.0, seed=2, max_tokens=120, structured=spec)
+    jsonschema = pytest.importorskip("jsonschema")
+    for out in llm.generate(_prompts(3, seed=9), params):
+        assert out.finish_reason == "stop", out.text
+        jsonschema.validate(json.loads(out.text), schema)

@@ -189,6 +189,13 @@ def test_tool_results_go_back_into_the_conversation(client):
     ({"logit_bias": {"12": 101}}, "logit_bias"),
     ({"logit_bias": {"abc": 1}}, "token ids"),
     ({"guided_regex": "a+", "guided_choice": ["a"]}, "one output constraint"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"function": "oops"}]}]}, "function"),
+    ({"skip_special_tokens": False}, "skip_special_tokens is not supported"),
+    ({"use_beam_search": True}, "use_beam_search is not supported"),
+    ({"stream": True, "stream_options": {"continuous_usage_stats": True}},
+     "continuous_usage_stats"),
+    ({"guided_regex": "[0-9]+", "ignore_eos": True}, "ignore_eos"),
+    ({"logit_bias": {"²": 1}}, "token ids"),
 ])
 def test_bad_constraints_and_tools_get_400_and_the_engine_goes_on(server, client, body,
                                                                    fragment):

@@ -34,6 +34,8 @@ def test_auto_mode_streams_prose_and_parses_calls_split_across_deltas():
 
 def test_auto_mode_without_a_valid_call_gives_all_text_back():
     for text in ["a < b, and <tool", "<tool_call>{not json}</tool_call>",
+                 '<tool_call>{"name": ["add"], "arguments": {}}</tool_call>',
+                 "<tool_call>[1, 2]</tool_call>",
                  '<tool_call>{"name": "unknown", "arguments": {}}</tool_call>']:
         p = ToolParser(plan(TOOLS, "auto", None))
         assert _feed(p, [text[:5], text[5:]]) == text and p.calls == []
@@ -50,6 +52,13 @@ def test_required_and_named_modes_hold_everything_and_parse_it():
     assert named.calls[0]["function"] == {"name": "add", "arguments": '{"a": 5}'}
     cut = ToolParser(plan(TOOLS, "required", None))
     assert _feed(cut, ['[{"name": "ad']) == '[{"name": "ad' and cut.calls == []
+
+
+def test_auto_mode_without_parallel_calls_keeps_the_first():
+    p = ToolParser(plan(TOOLS, "auto", False))
+    text = ('<tool_call>{"name": "noop", "arguments": {}}</tool_call>'
+            '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>')
+    assert _feed(p, [text]) == "" and [c["function"]["name"] for c in p.calls] == ["noop"]
 
 
 def test_plans_constrain_forced_calls_and_refuse_bad_choices():

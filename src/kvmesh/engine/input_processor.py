@@ -46,6 +46,9 @@ class InputProcessor:
         if params.structured is not None:
             if self.grammars is None:
                 raise ValueError("structured output is not available for this model")
+            if params.ignore_eos or params.min_tokens:
+                raise ValueError("ignore_eos and min_tokens cannot be combined with "
+                                 "structured output (a complete output must end)")
             self.grammars.check(params.structured)
 
     def token_ids(self, prompt: Prompt) -> list[int]:

@@ -39,8 +39,8 @@ def _apply_bias_and_masks(logits: torch.Tensor, rows: list[SamplingRow]) -> None
     vocab = logits.shape[1]
     for i, row in enumerate(rows):
         for token, bias in row.params.logit_bias:
-            if token < vocab:
-                logits[i, token] += bias
+            if token < vocab:  # -100 bans the token outright, as OpenAI documents
+                logits[i, token] = float("-inf") if bias <= -100.0 else logits[i, token] + bias
     masked = [i for i, row in enumerate(rows) if row.allowed is not None]
     if not masked:
         return
@@ -55,6 +55,8 @@ def _apply_bias_and_masks(logits: torch.Tensor, rows: list[SamplingRow]) -> None
 def _needs_edit(row: SamplingRow) -> bool:
     p = row.params
     return p.has_penalties or bool(p.logit_bias) or row.allowed is not None
+
+
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     for i, row in enumerate(rows):
         p = row.params

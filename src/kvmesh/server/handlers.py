@@ -157,17 +157,31 @@ class ReplayStream:
         pass
 
 
+class _NoTimer:
+    def on_prompt(self, *_: Any) -> None:
+        pass
+
+    def on_tokens(self, *_: Any, **__: Any) -> None:
+        pass
+
+    def on_finish(self, *_: Any) -> None:
+        pass
+
+
 class Collector:
     """Folds deltas into choices, usage and metrics. With `on_complete`, it also records
     the deltas and hands them over once every choice has ended normally."""
 
-    def __init__(self, job: Job, metrics: ServerMetrics, start: float,
+    def __init__(self, job: Job, metrics: ServerMetrics | None, start: float,
                  on_complete: Callable[[CachedResult], object] | None = None):
+        """`metrics` None: a replayed answer, kept out of the latency and token metrics."""
         self.job = job
         self.usage = Usage()
         self._on_complete = on_complete
         self._recorded: list[list[RequestDelta]] = [[] for _ in job.prompts]
-        self.timer = RequestTimer(metrics, start, job.tenant, len(job.prompts) * job.params.n)
+        self.timer: RequestTimer | _NoTimer = (
+            RequestTimer(metrics, start, job.tenant, len(job.prompts) * job.params.n)
+            if metrics is not None else _NoTimer())
         n = job.params.n
         self.choices = [Choice(i, parser=ToolParser(job.tools) if job.tools else None)
                         for i in range(len(job.prompts) * n)]
@@ -224,7 +238,7 @@ async def respond(
     streams: list[Any]
     if hit is not None:
         streams = [ReplayStream(deltas) for deltas in hit.deltas]
-        collector = Collector(job, metrics, start)
+        collector = Collector(job, None, start)
         collector.usage.result_cache_hit = True
     else:
         try:

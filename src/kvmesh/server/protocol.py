@@ -17,17 +17,26 @@ from kvmesh.types import SamplingParams, StructuredOutput
 TokenIds = list[Annotated[StrictInt, Field(ge=0)]]
 
 # Fields of the OpenAI (or vLLM) API that change what is generated and that kvmesh does
-# not implement: refused with a 400 when set, never silently dropped.
-UNSUPPORTED = ("functions", "function_call", "prediction", "audio", "modalities",
-               "web_search_options", "guided_whitespace_pattern", "structured_outputs",
-               "prompt_logprobs", "allowed_token_ids", "bad_words", "logits_processors")
+# not implement, with the values that ask for nothing (their defaults): any other value is
+# refused with a 400, never silently dropped. Fields not named anywhere are ignored.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "functions": (None, []), "function_call": (None, "none"), "prediction": (None,),
+    "audio": (None,), "modalities": (None, ["text"]), "web_search_options": (None,),
+    "reasoning_effort": (None,), "best_of": (None, 1), "use_beam_search": (None, False),
+    "length_penalty": (None, 1, 1.0), "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True), "truncate_prompt_tokens": (None,),
+    "chat_template": (None,), "continue_final_message": (None, False),
+    "structural_tag": (None,), "guided_whitespace_pattern": (None,),
+    "structured_outputs": (None,), "prompt_logprobs": (None,),
+    "allowed_token_ids": (None,), "bad_words": (None, []), "logits_processors": (None,),
+}
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True)
 
     include_usage: bool = False
-    continuous_usage_stats: bool = False
+    continuous_usage_stats: Literal[False] = False  # per-chunk usage is not implemented
 
 
 class JsonSchemaFormat(BaseModel):
@@ -53,7 +62,8 @@ class ResponseFormat(BaseModel):
         if self.json_schema is None:
             raise ValueError("response_format json_schema needs a json_schema object")
         schema = self.json_schema.schema_
-        return StructuredOutput("json_schema", json.dumps({} if schema is None else schema))
+        return StructuredOutput("json_schema",
+                                json.dumps({} if schema is None or schema is True else schema))
 
 
 class _Common(BaseModel):
@@ -93,7 +103,7 @@ class _Common(BaseModel):
     @classmethod
     def _refuse_unsupported(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            named = [k for k in UNSUPPORTED if data.get(k) not in (None, [], {})]
+            named = [k for k, fine in UNSUPPORTED.items() if data.get(k) not in fine]
             if named:
                 raise ValueError(f"{', '.join(named)} {'is' if len(named) == 1 else 'are'} "
                                  "not supported by this server")
@@ -103,7 +113,7 @@ class _Common(BaseModel):
     @classmethod
     def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key in v or {}:
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit()):
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
         if v and len(v) > 300:
             raise ValueError("logit_bias may name at most 300 tokens")
@@ -190,13 +200,30 @@ class CompletionRequest(_Common):
         return list(p)  # type: ignore[arg-type]
 
 
+class FunctionCallIn(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCallIn(BaseModel):
+    """A call an earlier assistant turn made (sent back with the conversation)."""
+
+    model_config = ConfigDict(strict=True)
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
 
     def text(self) -> str:
@@ -227,7 +254,7 @@ class ChatCompletionRequest(_Common):
         for m in self.messages:
             msg: dict[str, Any] = {"role": m.role, "content": m.text()}
             if m.tool_calls:
-                msg["tool_calls"] = m.tool_calls
+                msg["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
             if m.tool_call_id is not None:
                 msg["tool_call_id"] = m.tool_call_id
             if m.name is not None:

@@ -1,10 +1,12 @@
 """Tool calling: tools into the prompt, a grammar for forced calls, tool calls out of the text.
 
-The wire format is the Hermes one most open chat models are trained on: a call is
-`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. A chat template that knows
-tools (it mentions `tools`) renders them itself; for one that does not, the tools and the
-calling convention go into the system message, and earlier calls and results are written
-into the messages as text.
+The wire format is the Hermes one many open chat models are trained on (Qwen, Hermes,
+SmolLM3): a call is `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. A chat
+template that knows tools (it mentions `tools`) renders them itself; for one that does
+not, the tools and the calling convention go into the system message, and earlier calls
+and results are written into the messages as text. In auto mode only this format is
+parsed: a model that writes calls another way (Llama 3.1's bare JSON, Mistral's
+`[TOOL_CALLS]`) gets them back as content; forced calls work with any model.
 
 - `tool_choice="none"` (or no tools): plain chat; the tools are not shown.
 - `"auto"`: the model decides; calls are parsed out of its text.
@@ -82,14 +84,20 @@ class ToolPlan:
         if self.forced_name is not None:
             fn = next(t.function for t in self.tools if t.function.name == self.forced_name)
             return StructuredOutput("json_schema", json.dumps(fn.arguments_schema()))
-        call = {"anyOf": [
-            {"type": "object", "properties": {"name": {"const": t.function.name},
-                                              "arguments": t.function.arguments_schema()},
-             "required": ["name", "arguments"], "additionalProperties": False}
-            for t in self.tools]}
-        array: dict[str, Any] = {"type": "array", "items": call, "minItems": 1}
+        defs: dict[str, Any] = {}
+        alternatives = []
+        for i, t in enumerate(self.tools):
+            args = _hoist_defs(t.function.arguments_schema(), f"tool{i}_", defs)
+            alternatives.append(
+                {"type": "object", "properties": {"name": {"const": t.function.name},
+                                                  "arguments": args},
+                 "required": ["name", "arguments"], "additionalProperties": False})
+        array: dict[str, Any] = {"type": "array", "items": {"anyOf": alternatives},
+                                 "minItems": 1}
         if not self.parallel:
             array["maxItems"] = 1
+        if defs:
+            array["$defs"] = defs
         return StructuredOutput("json_schema", json.dumps(array))
 
     def system_prompt(self) -> str:
@@ -106,6 +114,32 @@ class ToolPlan:
             text += (f"\nYou must call {self.forced_name} now: reply only with its "
                      "arguments as a JSON object.")
         return text
+
+
+def _hoist_defs(schema: dict[str, Any], prefix: str, defs: dict[str, Any]) -> Any:
+    """A tool's schema, nested under the forced-call array, with its `$defs` (or
+    `definitions`) moved to the root under `prefix`ed names and its `$ref`s rewritten, so
+    that they still resolve (pydantic-made schemas use them)."""
+    own = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+    if not own:
+        return schema
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: rewrite(v) for k, v in node.items() if k not in ("$defs", "definitions")}
+            ref = node.get("$ref")
+            if isinstance(ref, str):
+                for base in ("#/$defs/", "#/definitions/"):
+                    if ref.startswith(base):
+                        out["$ref"] = f"#/$defs/{prefix}{ref[len(base):]}"
+            return out
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    for name, sub in own.items():
+        defs[f"{prefix}{name}"] = rewrite(sub)
+    return rewrite(schema)
 
 
 def plan(tools: list[Tool] | None, choice: ToolChoice | None,
@@ -160,8 +194,8 @@ def _as_text(m: dict[str, Any]) -> dict[str, Any]:
     return {"role": m["role"], "content": content}
 
 
-def _call_body(call: Any) -> dict[str, Any]:
-    fn = call.get("function", {}) if isinstance(call, dict) else {}
+def _call_body(call: dict[str, Any]) -> dict[str, Any]:
+    fn = call["function"]  # validated by the request model (ToolCallIn)
     args = fn.get("arguments", "{}")
     try:
         parsed = json.loads(args) if isinstance(args, str) else args
@@ -225,12 +259,15 @@ class ToolParser:
             return None
         calls = []
         for item in items if isinstance(items, list) else []:
-            if not isinstance(item, dict) or item.get("name") not in names:
+            name = item.get("name") if isinstance(item, dict) else None
+            if not isinstance(name, str) or name not in names:
                 return None
             args = item.get("arguments", item.get("parameters", {}))
             if not isinstance(args, dict):
                 return None
-            calls.append((item["name"], args))
+            calls.append((name, args))
+        if not self.plan.parallel:
+            calls = calls[:1]
         return calls or None
 
 
