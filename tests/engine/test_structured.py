@@ -178,7 +178,7 @@ def test_forced_calls_keep_each_tools_refs_resolvable(llm):
                                "required": ["city"]}}}}})
 
     tools = [tool("a", "$defs"), tool("b", "definitions")]
-    spec = plan(tools, "required", None).constraint()
+    spec = plan(tools, "required", False).constraint()
     llm.engine.inputs.grammars.check(spec)
     schema = json.loads(spec.spec)
     assert set(schema["$defs"]) == {"tool0_Loc", "tool1_Loc"}
