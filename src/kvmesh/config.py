@@ -141,6 +141,14 @@ class SchedulerConfig:
     default_ttft_slo_s: float = _help(
         "edf: the deadline of a request whose tenant has no TTFT SLO (arrival + this), so "
         "work without an SLO still ages to the front.", default=60.0)
+    speculative_method: str | None = _help(
+        "Speculative decoding: ngram (prompt lookup: draft what followed the last earlier "
+        "match of the sequence's end) or unset (off).", default=None)
+    num_speculative_tokens: int = _help("Most tokens drafted per sequence and step.",
+                                        default=4)
+    speculative_max_seqs: int = _help(
+        "Speculate only while at most this many sequences run: on a CPU a large batch is "
+        "compute-bound and verifying drafts costs more than it saves.", default=4)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -149,6 +157,11 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if self.max_waiting < 1:
             raise ValueError("max_waiting must be >= 1")
+        if self.speculative_method not in (None, "ngram"):
+            raise ValueError(f"speculative_method must be ngram or unset, got "
+                             f"{self.speculative_method!r} (a draft model is not built yet)")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError("num_speculative_tokens must be in [1, 16]")
         if not self.default_ttft_slo_s > 0:
             raise ValueError("default_ttft_slo_s must be > 0")
 

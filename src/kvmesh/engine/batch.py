@@ -35,6 +35,7 @@ class SeqWork:
     seed: int | None  # seeds the sequence's generator when the executor first sees it
     prompt_token_ids: list[int]  # for penalties: read, never changed
     all_token_ids: list[int]  # prompt then outputs so far
+    num_spec: int = 0  # the last `num_spec` of `token_ids` are a draft: logits for each
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -63,6 +64,7 @@ class ExecuteResult:
 
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, Any] = field(default_factory=dict)
+    verified: dict[str, list[int]] = field(default_factory=dict)  # speculative sequences
 
 
 class Executor(Protocol):

@@ -25,6 +25,7 @@ from kvmesh.engine.events import DEVICE, BlockEvent, BlockRemoved, BlockStored, 
 from kvmesh.engine.kv_cache_manager import KVCacheManager, num_reusable_blocks
 from kvmesh.engine.request import Request
 from kvmesh.engine.scheduler import ALLOCATE, ScheduledSeq, Scheduler, SchedulerOutput
+from kvmesh.engine.speculation import Speculator
 from kvmesh.hashing import Namespace, make_namespace
 from kvmesh.kvstore.store import TieredStore
 from kvmesh.types import FinishReason, SamplingParams, TenantClass
@@ -68,6 +69,7 @@ class SeqUpdate:
     logprobs: Any = None
     queue_time_s: float | None = None
     error: str | None = None
+    accepted_ids: tuple[int, ...] = ()  # an accepted draft, ahead of `token_id`
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,8 @@ class EngineCore:
         self.kv = KVCacheManager(self.pool, cache.block_size, cache.enable_prefix_caching,
                                  external=self.store)
         self.scheduler = Scheduler(scheduler, self.kv, model.max_model_len)
+        self.speculator = (Speculator(scheduler, model.max_model_len)
+                           if scheduler.speculative_method else None)
         self._write_through = write_through
         self._stores: list[BlockCopy] = []
         if self.store is not None:
@@ -172,6 +176,8 @@ class EngineCore:
     def _forget(self, seq_id: str) -> None:
         request_id = self._group_of.pop(seq_id, None)
         self._held.pop(seq_id, None)
+        if self.speculator is not None:
+            self.speculator.forget((seq_id,))
         live = self._groups.get(request_id) if request_id is not None else None
         if live is None:
             return
@@ -186,6 +192,8 @@ class EngineCore:
         if self.store is not None:
             self._flush(executor)  # blocks evicted since the last step become findable
             self.store.poll()
+        if self.speculator is not None:
+            self.speculator.draft(self.scheduler.running)
         out = self.scheduler.schedule()
         self._drain()
         if out.is_empty:
@@ -203,10 +211,22 @@ class EngineCore:
             self.last_error = exc
             return self._fail(out, f"internal error: {type(exc).__name__}: {exc}")
         self.scheduler.observe_step(out, self.clock.now() - start)
-        updated = self.scheduler.update_from_output(out, result.sampled)
+        before = {s.request_id: self.scheduler.requests[s.request_id].num_tokens
+                  for s in out.seqs if s.num_spec}
+        updated = self.scheduler.update_from_output(out, result.sampled, result.verified)
+        self._observe_spec(out, result.verified)
         self._release_held(updated)
         self._drain()  # the blocks this step filled: announced now, not at the next step
-        return [self._update(req, result.logprobs.get(req.request_id)) for req in updated]
+        return [self._update(req, result.logprobs.get(req.request_id),
+                             before.get(req.request_id)) for req in updated]
+
+    def _observe_spec(self, out: SchedulerOutput, verified: dict[str, list[int]]) -> None:
+        if self.speculator is None:
+            return
+        for seq in out.seqs:
+            if seq.num_spec and seq.request_id in verified:
+                self.speculator.observe(seq.request_id, seq.num_spec,
+                                        len(verified[seq.request_id]) - 1)
 
     def step_decode_run(self, executor: RunExecutor, max_steps: int,
                         until_s: float = float("inf")) -> DecodeRun | None:
@@ -317,9 +337,12 @@ class EngineCore:
     def _work(self, seq: ScheduledSeq) -> SeqWork:
         req = self.scheduler.requests[seq.request_id]
         start = seq.num_computed_tokens
-        return SeqWork(seq.request_id, req.token_ids[start : start + seq.num_new_tokens], start,
-                       self.kv.block_table(seq.request_id), seq.is_sampling, req.params,
-                       req.seed, req.prompt_token_ids, req.token_ids)
+        ids = req.token_ids[start : start + seq.num_new_tokens]
+        if seq.num_spec:  # the pending token, then the draft
+            ids = ids + req.spec_token_ids
+        return SeqWork(seq.request_id, ids, start, self.kv.block_table(seq.request_id),
+                       seq.is_sampling, req.params, req.seed, req.prompt_token_ids,
+                       req.token_ids, seq.num_spec)
 
     def _release_held(self, updated: list[Request]) -> None:
         """Siblings of an n > 1 request start once the first has its prompt computed."""
@@ -327,14 +350,18 @@ class EngineCore:
             for sibling in self._held.pop(req.request_id, ()):
                 self.scheduler.add_request(sibling, check_capacity=False)
 
-    def _update(self, req: Request, logprobs: Any) -> SeqUpdate:
+    def _update(self, req: Request, logprobs: Any, length_before: int | None = None) -> SeqUpdate:
+        """`length_before`: the sequence's length before a verifying step, whose new
+        tokens (accepted draft, then the sampled one) all go out in this update."""
         if req.finish_reason is not None:
             self._forget(req.request_id)
         first = req.num_output_tokens == 1
+        accepted = tuple(req.token_ids[length_before:-1]) if length_before is not None else ()
         return SeqUpdate(
             req.request_id, req.token_ids[-1], req.finish_reason, req.stop_reason,
             req.num_prompt_tokens, req.num_cached_tokens or 0, logprobs,
-            (req.first_scheduled_time or req.arrival_time) - req.arrival_time if first else None)
+            (req.first_scheduled_time or req.arrival_time) - req.arrival_time if first else None,
+            accepted_ids=accepted)
 
     def _fail(self, out: SchedulerOutput, message: str) -> list[SeqUpdate]:
         updates = []

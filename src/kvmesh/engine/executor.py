@@ -12,7 +12,7 @@ import torch
 
 from kvmesh.engine.batch import BlockCopy, ExecuteBatch, ExecuteResult, SeqWork
 from kvmesh.engine.model_runner import ModelRunner
-from kvmesh.engine.sampler import SamplingRow, sample
+from kvmesh.engine.sampler import SamplingRow, sample, verify_draft
 from kvmesh.engine.structured import Grammars, Matcher, steer_to_close
 from kvmesh.kvstore.store import TieredStore
 
@@ -35,14 +35,34 @@ class TorchExecutor:
         if not batch.seqs:
             return ExecuteResult()
         logits, positions = self.runner.execute(batch.seqs)
-        chosen = [batch.seqs[i] for i in positions]
+        plain = [r for r, i in enumerate(positions) if not batch.seqs[i].num_spec]
+        verified = self._verify(logits, positions, batch.seqs)
+        if len(plain) < len(positions):
+            logits = logits[plain]
+        chosen = [batch.seqs[positions[r]] for r in plain]
         rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, self._generator(s),
                             self._allowed(s))
                 for s in chosen]
-        tokens, logprobs = sample(logits, rows)
+        tokens, logprobs = sample(logits, rows) if rows else ([], [])
         ids = [s.request_id for s in chosen]
         return ExecuteResult(dict(zip(ids, tokens, strict=True)),
-                             dict(zip(ids, logprobs, strict=True)))
+                             dict(zip(ids, logprobs, strict=True)), verified)
+
+    def _verify(self, logits: torch.Tensor, positions: list[int],
+                seqs: tuple[SeqWork, ...]) -> dict[str, list[int]]:
+        """Each drafted sequence's accepted draft and the token after it."""
+        out: dict[str, list[int]] = {}
+        r = 0
+        while r < len(positions):
+            s = seqs[positions[r]]
+            if s.num_spec:
+                draft = s.token_ids[len(s.token_ids) - s.num_spec:]
+                out[s.request_id] = verify_draft(logits[r:r + s.num_spec + 1], draft,
+                                                 s.params, self._generator(s))
+                r += s.num_spec + 1
+            else:
+                r += 1
+        return out
 
     def _generator(self, seq: SeqWork) -> torch.Generator | None:
         if seq.seed is None:

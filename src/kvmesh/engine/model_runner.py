@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -44,6 +45,27 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
 def kv_block_bytes(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
     return arch.num_layers * 2 * block_size * arch.kv_dim * elem
+
+
+def _expand_drafts(seqs: Sequence[SeqWork]) -> tuple[Sequence[SeqWork], list[int]]:
+    """A sequence with a draft becomes 1 + num_spec one-token decode rows at consecutive
+    positions over the same block table: every row's K and V is written before attention
+    runs, so each row attends to the rows before it, as a decode step would. Verifying a
+    draft then takes the decode path (the fused native kernel where there is one), not
+    the prefill path. Returns the rows and each row's original sequence index."""
+    if not any(s.num_spec for s in seqs):
+        return seqs, list(range(len(seqs)))
+    rows: list[SeqWork] = []
+    owner: list[int] = []
+    for i, s in enumerate(seqs):
+        if not s.num_spec:
+            rows.append(s)
+            owner.append(i)
+            continue
+        for j, token in enumerate(s.token_ids):
+            rows.append(replace(s, token_ids=[token], start=s.start + j, num_spec=0))
+            owner.append(i)
+    return rows, owner
 
 
 class ModelRunner:
@@ -147,7 +169,9 @@ class ModelRunner:
                             self._tensor(rows).view(len(prefills), 3))
 
     def execute(self, seqs: Sequence[SeqWork]) -> tuple[torch.Tensor, list[int]]:
-        """Run one step. Returns logits for the sampling sequences and their batch indices."""
+        """Run one step. Returns logits for the sampling sequences and their batch indices
+        (a sequence with a draft has 1 + num_spec consecutive rows)."""
+        seqs, owner = _expand_drafts(seqs)
         order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i].token_ids) > 1, seqs[i].start))
         ordered = [seqs[i] for i in order]
         decodes = [s for s in ordered if len(s.token_ids) == 1]
@@ -164,14 +188,18 @@ class ModelRunner:
             prefill_kernel=self.prefill_kernel,
             prefill_batch=batch,
         )
-        ends, sampled = [], []
+        ends: list[int] = []
+        sampled: list[int] = []
         cursor = 0
         for slot, s in zip(order, ordered, strict=True):
             cursor += len(s.token_ids)
             if s.is_sampling:
                 ends.append(cursor - 1)
-                sampled.append(slot)
+                sampled.append(owner[slot])
         logits = self.model(
             self._tensor(ids), self._tensor(positions), meta, self.kv_caches, self._tensor(ends)
         )
+        if len(owner) > len(set(owner)):  # a draft's rows next to each other, in order
+            rows = sorted(range(len(sampled)), key=lambda r: sampled[r])
+            logits, sampled = logits[rows], [sampled[r] for r in rows]
         return logits, sampled

@@ -55,16 +55,22 @@ class OutputProcessor:
             del self._seqs[u.seq_id]
             return RequestDelta(seq.request_id, seq.index, (), "", u.finish_reason or "error",
                                 num_prompt_tokens=u.num_prompt_tokens, error=u.error)
-        text, stop = seq.detok.add(u.token_id)
+        text, stop, tokens = "", None, []
+        for token in (*u.accepted_ids, u.token_id):  # a verified draft: token by token
+            piece, stop = seq.detok.add(token)
+            text += piece
+            tokens.append(token)
+            if stop is not None:
+                break
         reason, stop_reason = u.finish_reason, u.stop_reason
-        if stop is not None and reason is None:
+        if stop is not None and (reason is None or len(tokens) <= len(u.accepted_ids)):
             finish(u.seq_id, "stop", stop)
             reason, stop_reason = "stop", stop
         if reason is not None:
             text += seq.detok.flush()
             del self._seqs[u.seq_id]
         return RequestDelta(
-            seq.request_id, seq.index, (u.token_id,), text, reason, stop_reason,
+            seq.request_id, seq.index, tuple(tokens), text, reason, stop_reason,
             num_prompt_tokens=u.num_prompt_tokens, num_cached_tokens=u.num_cached_tokens,
             logprobs=(u.logprobs,) if u.logprobs is not None else None,
             queue_time_s=u.queue_time_s)

@@ -44,6 +44,7 @@ class Request:
     seed: int | None = None  # of this sequence's sampling generator
     tenant: TenantClass | None = None
     num_cached_hint: int = 0  # prompt tokens cached when queued (admission's estimate)
+    spec_token_ids: list[int] = field(default_factory=list)  # this step's draft, unverified
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -139,3 +139,30 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]):
         scaled = _filter(logits[i] / p.temperature, p)
         tokens[i] = _draw(scaled.softmax(-1), row.generator)
     return tokens, _logprobs(raw, tokens, rows)
+
+
+def verify_draft(logits: torch.Tensor, draft: list[int], p: SamplingParams,
+                 generator: torch.Generator | None) -> list[int]:
+    """Speculative verification: `logits` has one row per drafted position plus one.
+    Greedy keeps the draft while it equals the argmax, then takes the argmax: exactly
+    the tokens plain decoding would give. Sampled uses rejection sampling against the
+    draft (a point mass): accept token d with probability p(d); on rejection draw from p
+    without d; so each token follows the same distribution as without a draft."""
+    if p.is_greedy:
+        best = _argmax(logits)
+        n = 0
+        while n < len(draft) and best[n] == draft[n]:
+            n += 1
+        return [*draft[:n], best[n]]
+    out: list[int] = []
+    for j, token in enumerate(draft):
+        probs = _filter(logits[j] / p.temperature, p).softmax(-1)
+        u = float(torch.rand((), generator=generator, device=probs.device))
+        if u < float(probs[token]):
+            out.append(token)
+            continue
+        probs[token] = 0.0
+        out.append(_draw(probs / probs.sum(), generator))
+        return out
+    last = _filter(logits[len(draft)] / p.temperature, p).softmax(-1)
+    return [*out, _draw(last, generator)]

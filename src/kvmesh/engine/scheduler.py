@@ -48,6 +48,7 @@ class ScheduledSeq:
     num_computed_tokens: int
     num_new_tokens: int
     is_sampling: bool
+    num_spec: int = 0  # drafted tokens among the new ones (verified by this step)
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,11 @@ class Scheduler:
                 budget = self._admit(budget, seqs, before=self._key(req))
                 if budget <= 0:
                     break
+            speculated = self._speculate(req, budget)
+            if speculated is not None:
+                ran.append(speculated)
+                budget -= speculated.num_new_tokens
+                continue
             num_new = min(req.num_pending_tokens, budget)
             if self._allocate_or_preempt(req, num_new, pending, preempted):
                 ran.append(self._scheduled(req, num_new))
@@ -185,6 +191,17 @@ class Scheduler:
         if not preempted:
             budget = self._admit(budget, seqs)
         return SchedulerOutput(tuple(seqs), tuple(preempted), tuple(self.kv.take_loads()))
+
+    def _speculate(self, req: Request, budget: int) -> ScheduledSeq | None:
+        """A decode with a draft: its token and the draft in one step, if the budget and
+        free blocks allow without preempting anyone (otherwise the draft is dropped)."""
+        k = len(req.spec_token_ids)
+        if not k:
+            return None
+        if req.num_pending_tokens != 1 or 1 + k > budget or not self.kv.allocate(req, 1 + k):
+            req.spec_token_ids = []
+            return None
+        return ScheduledSeq(req.request_id, req.num_computed_tokens, 1 + k, True, k)
 
     def _charge(self, seqs: list[ScheduledSeq]) -> None:
         """Tell a usage-aware policy what this step runs, and re-sort the queue by it."""
@@ -277,8 +294,11 @@ class Scheduler:
 
     # results ---------------------------------------------------------------------------
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int],
+                           verified: dict[str, list[int]] | None = None) -> list[Request]:
         """Advance computed counts, append sampled tokens, and finish what must stop.
+        A speculative sequence's `verified` tokens are its accepted draft, then the token
+        sampled after it; the rest of its draft (and that KV) is dropped.
 
         Returns the requests that got a new token (finished ones included).
         """
@@ -286,6 +306,11 @@ class Scheduler:
         for seq in out.seqs:
             req = self.requests.get(seq.request_id)
             if req is None or req.status is not RequestStatus.RUNNING:
+                continue
+            if seq.num_spec:
+                req.spec_token_ids = []
+                if self._accept_verified((verified or {})[seq.request_id], req):
+                    updated.append(req)
                 continue
             req.num_computed_tokens += seq.num_new_tokens
             self.kv.cache_blocks(req)
@@ -296,6 +321,21 @@ class Scheduler:
             updated.append(req)
             self._check_stop(req, token)
         return updated
+
+    def _accept_verified(self, tokens: list[int], req: Request) -> bool:
+        """Append a verified run (accepted draft, then one sampled token). The accepted
+        draft's KV is computed (the step fed it), the rest of the draft's is not."""
+        *accepted, last = tokens
+        for token in accepted:
+            req.token_ids.append(token)
+            self._check_stop(req, token)
+            if req.is_finished:
+                return True
+        req.num_computed_tokens += 1 + len(accepted)
+        self.kv.cache_blocks(req)
+        req.token_ids.append(last)
+        self._check_stop(req, last)
+        return True
 
     # decode runs (the simulator's fast path) ---------------------------------------------
 
@@ -392,6 +432,7 @@ class Scheduler:
             "waiting queue is out of policy order")
         for req in self.running:
             assert req.status is RequestStatus.RUNNING
+            assert not req.spec_token_ids or req.num_pending_tokens == 1
             assert req.num_computed_tokens <= req.num_tokens
             assert len(self.kv.block_table(req.request_id)) * self.kv.block_size >= (
                 req.num_computed_tokens

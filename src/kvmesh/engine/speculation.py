@@ -1,0 +1,89 @@
+"""When and what to speculate: drafts for the running sequences before each step. Pure.
+
+A sequence gets a draft (prompt lookup, `drafter.NgramIndex`) when speculation is on, it
+is decoding, its sampling needs nothing from the tokens before each drafted one
+(no penalties, grammar, logit bias or logprobs), and few sequences run (a big batch is
+compute-bound: verifying drafts there costs more than it saves). A draft never holds an
+end-of-sequence or stop token and never runs past `max_tokens` or the context. Each
+sequence backs off after a step whose draft was wholly rejected (2, 4, ... 32 steps
+without drafting), so speculation turns itself down where it does not pay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from kvmesh.config import SchedulerConfig
+from kvmesh.engine.drafter import NgramIndex
+from kvmesh.engine.request import Request
+from kvmesh.types import SamplingParams
+
+MAX_BACKOFF_STEPS = 32
+
+
+def can_speculate(p: SamplingParams) -> bool:
+    return not (p.has_penalties or p.structured is not None or p.logit_bias
+                or p.logprobs is not None)
+
+
+class Speculator:
+    def __init__(self, config: SchedulerConfig, max_model_len: int):
+        self.k = config.num_speculative_tokens
+        self.max_seqs = config.speculative_max_seqs
+        self.max_model_len = max_model_len
+        self._indexes: dict[str, NgramIndex] = {}
+        self._backoff: dict[str, tuple[int, int]] = {}  # seq -> (steps to skip, next skip)
+        self.num_drafted = 0
+        self.num_accepted = 0
+        self.num_verify_steps = 0  # sequence-steps that verified a draft
+
+    def draft(self, running: list[Request]) -> None:
+        """Set each running sequence's `spec_token_ids` for the coming step."""
+        active = len(running) <= self.max_seqs
+        for req in running:
+            req.spec_token_ids = self._draft_one(req) if active else []
+
+    def _draft_one(self, req: Request) -> list[int]:
+        p = req.params
+        if req.num_pending_tokens != 1 or not can_speculate(p):
+            return []
+        skip, step = self._backoff.get(req.request_id, (0, 2))
+        if skip:
+            self._backoff[req.request_id] = (skip - 1, step)
+            return []
+        room = self.max_model_len - req.num_tokens - 1
+        if p.max_tokens is not None:
+            room = min(room, p.max_tokens - req.num_output_tokens - 1)
+        index = self._indexes.setdefault(req.request_id, NgramIndex())
+        draft = index.propose(req.token_ids, min(self.k, room))
+        stops = req.eos_token_ids | set(p.stop_token_ids)
+        for i, token in enumerate(draft):
+            if token in stops:
+                return draft[:i]
+        return draft
+
+    def observe(self, seq_id: str, num_drafted: int, num_accepted: int) -> None:
+        self.num_drafted += num_drafted
+        self.num_accepted += num_accepted
+        self.num_verify_steps += 1
+        if num_accepted:
+            self._backoff.pop(seq_id, None)
+            return
+        _, step = self._backoff.get(seq_id, (0, 2))
+        self._backoff[seq_id] = (step, min(2 * step, MAX_BACKOFF_STEPS))
+
+    def forget(self, seq_ids: Iterable[str]) -> None:
+        for seq_id in seq_ids:
+            self._indexes.pop(seq_id, None)
+            self._backoff.pop(seq_id, None)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted / self.num_drafted if self.num_drafted else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens a verifying sequence-step produced on average (accepted + 1)."""
+        if not self.num_verify_steps:
+            return 0.0
+        return (self.num_accepted + self.num_verify_steps) / self.num_verify_steps

@@ -1,0 +1,85 @@
+"""Speculative decoding (prompt lookup): greedy output is token for token that of plain
+decoding, batched and one at a time, in float32; drafts respect stops and budgets; the
+drafter and the speculator's back-off on their own."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvmesh import LLM, SamplingParams
+from kvmesh.engine.drafter import NgramIndex
+
+
+def _repetitive(n: int, seed: int) -> list[list[int]]:
+    """Prompts that repeat a phrase, so prompt lookup has something to draft."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        phrase = [rng.randrange(3, 512) for _ in range(rng.randrange(3, 9))]
+        out.append([t for _ in range(rng.randrange(3, 7)) for t in phrase]
+                   + [rng.randrange(3, 512) for _ in range(rng.randrange(0, 5))])
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_llama):
+    common = dict(dtype="float32", block_size=4, num_blocks=1024)
+    plain = LLM(str(tiny_llama), **common)
+    spec = LLM(str(tiny_llama), speculative_method="ngram", num_speculative_tokens=4,
+               speculative_max_seqs=32, **common)
+    return plain, spec
+
+
+def test_greedy_output_is_identical_with_speculation_batched_and_alone(pair):
+    plain, spec = pair
+    prompts = _repetitive(24, seed=1)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    want = [o.token_ids for o in plain.generate(prompts, params)]
+    assert [o.token_ids for o in spec.generate(prompts, params)] == want
+    for p, w in zip(prompts[:6], want[:6], strict=True):
+        assert spec.generate([p], params)[0].token_ids == w
+    s = spec.engine.core.speculator
+    assert s.num_drafted > 0 and s.num_accepted > 0  # it did speculate, and it paid
+    spec.engine.core.scheduler.check_integrity()
+    assert spec.engine.pool.num_free_blocks == spec.engine.pool.num_blocks
+
+
+def test_drafts_respect_max_tokens_stop_tokens_and_eos(pair):
+    plain, spec = pair
+    prompts = _repetitive(8, seed=2)
+    for params in (SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True),
+                   SamplingParams(temperature=0.0, max_tokens=30)):
+        want = [(o.token_ids, o.finish_reason) for o in plain.generate(prompts, params)]
+        got = [(o.token_ids, o.finish_reason) for o in spec.generate(prompts, params)]
+        assert got == want
+    first = plain.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=20,
+                                                       ignore_eos=True))[0].token_ids
+    stop = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True,
+                          stop_token_ids=(first[5],))
+    assert spec.generate(prompts[:1], stop)[0].token_ids == \
+        plain.generate(prompts[:1], stop)[0].token_ids
+
+
+def test_sampled_speculation_is_seeded_and_finishes(pair):
+    _, spec = pair
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=24,
+                            ignore_eos=True)
+    prompts = _repetitive(4, seed=3)
+    a = [o.token_ids for o in spec.generate(prompts, params)]
+    b = [o.token_ids for o in spec.generate(prompts, params)]
+    assert a == b and all(len(t) == 24 for t in a)
+
+
+def test_ngram_index_drafts_what_followed_the_last_match():
+    idx = NgramIndex(max_n=3)
+    seq = [1, 2, 3, 4, 5, 9, 2, 3]
+    assert idx.propose(seq, 3) == [4, 5, 9]  # "2 3" was followed by 4 5 9
+    seq += [7]
+    assert idx.propose(seq, 2) == []  # 7 never occurred before
+    seq += [1, 2]
+    assert idx.propose(seq, 2) == [3, 4]  # "1 2" (longest match) at the start
+    assert NgramIndex().propose([5], 4) == [] and idx.propose(seq, 0) == []
+    with pytest.raises(ValueError):
+        NgramIndex(max_n=0)
