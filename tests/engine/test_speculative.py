@@ -83,3 +83,28 @@ def test_ngram_index_drafts_what_followed_the_last_match():
     assert NgramIndex().propose([5], 4) == [] and idx.propose(seq, 0) == []
     with pytest.raises(ValueError):
         NgramIndex(max_n=0)
+
+
+@pytest.mark.slow
+def test_default_model_greedy_is_identical_with_speculation_on_20_prompts():
+    texts = ["The committee met on Tuesday to review the budget for roads and schools.",
+             "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n",
+             "Our office is closed on Monday; urgent requests go to the support team."]
+    asks = ["Repeat this exactly: {}", "Copy this text, then say done: {}",
+            "Fix any typos and return the text: {}", "Summarise in one line: {}"]
+    chat = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    prompts = [chat.format(a.format(t)) for a in asks for t in texts]
+    prompts += [chat.format(q) for q in ("What is a prime number?", "Name three rivers.",
+                                         "Write a haiku about rain.", "Why is the sea salty?",
+                                         "Give two tips for learning to cook.",
+                                         "What does a CPU do?", "Tell me about owls.",
+                                         "How do plants drink water?")]
+    assert len(prompts) == 20
+    params = SamplingParams(temperature=0.0, max_tokens=64)
+    plain = LLM("smollm2-135m-instruct", dtype="float32")
+    want = [o.token_ids for o in plain.generate(prompts, params)]
+    del plain
+    spec = LLM("smollm2-135m-instruct", dtype="float32", speculative_method="ngram")
+    assert [o.token_ids for o in spec.generate(prompts, params)] == want
+    assert [spec.generate([p], params)[0].token_ids for p in prompts] == want
+    assert spec.engine.core.speculator.num_accepted > 0

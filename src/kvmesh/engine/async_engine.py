@@ -44,6 +44,10 @@ class EngineStats:
     kv_cache_usage: float
     num_preemptions: int
     tiers: tuple[TierStats, ...] = ()
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_acceptance_rate: float = 0.0
+    spec_tokens_per_step: float = 0.0
 
 
 class AsyncEngine:
@@ -141,8 +145,11 @@ class AsyncEngine:
         core = self.engine.core
         store = core.store
         tiers = tuple(copy.copy(t) for t in store.all_stats()) if store else ()
+        spec = core.speculator
+        spec_stats = (spec.num_drafted, spec.num_accepted, spec.acceptance_rate,
+                      spec.tokens_per_step) if spec is not None else ()
         return EngineStats(core.num_running, core.num_waiting, core.pool.usage,
-                           core.scheduler.num_preemptions, tiers)
+                           core.scheduler.num_preemptions, tiers, *spec_stats)
 
     async def submit(
         self,

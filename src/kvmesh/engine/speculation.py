@@ -4,9 +4,13 @@ A sequence gets a draft (prompt lookup, `drafter.NgramIndex`) when speculation i
 is decoding, its sampling needs nothing from the tokens before each drafted one
 (no penalties, grammar, logit bias or logprobs), and few sequences run (a big batch is
 compute-bound: verifying drafts there costs more than it saves). A draft never holds an
-end-of-sequence or stop token and never runs past `max_tokens` or the context. Each
-sequence backs off after a step whose draft was wholly rejected (2, 4, ... 32 steps
-without drafting), so speculation turns itself down where it does not pay.
+end-of-sequence or stop token and never runs past `max_tokens` or the context.
+
+Speculation turns itself down where it does not pay: a draft needs a match of at least
+two tokens (a one-token match is mostly chance in chat), each sequence keeps a moving
+average of the share of its drafts accepted and stops drafting while that is under
+`MIN_ACCEPTANCE`, and after a step whose draft was wholly rejected it waits 2, 4, ... 32
+steps before drafting again.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from kvmesh.engine.request import Request
 from kvmesh.types import SamplingParams
 
 MAX_BACKOFF_STEPS = 32
+MIN_ACCEPTANCE = 0.3  # a verify step costs about what 1 + 0.3 * k plain tokens would
+EMA_WEIGHT = 0.3  # of the latest step in a sequence's acceptance average
 
 
 def can_speculate(p: SamplingParams) -> bool:
@@ -33,6 +39,7 @@ class Speculator:
         self.max_model_len = max_model_len
         self._indexes: dict[str, NgramIndex] = {}
         self._backoff: dict[str, tuple[int, int]] = {}  # seq -> (steps to skip, next skip)
+        self._rate: dict[str, float] = {}  # seq -> moving average of its acceptance
         self.num_drafted = 0
         self.num_accepted = 0
         self.num_verify_steps = 0  # sequence-steps that verified a draft
@@ -50,11 +57,16 @@ class Speculator:
         skip, step = self._backoff.get(req.request_id, (0, 2))
         if skip:
             self._backoff[req.request_id] = (skip - 1, step)
+            if skip == 1:  # a fresh start after the wait
+                self._rate.pop(req.request_id, None)
+            return []
+        if self._rate.get(req.request_id, 1.0) < MIN_ACCEPTANCE:
+            self._backoff[req.request_id] = (step, min(2 * step, MAX_BACKOFF_STEPS))
             return []
         room = self.max_model_len - req.num_tokens - 1
         if p.max_tokens is not None:
             room = min(room, p.max_tokens - req.num_output_tokens - 1)
-        index = self._indexes.setdefault(req.request_id, NgramIndex())
+        index = self._indexes.setdefault(req.request_id, NgramIndex(max_n=3, min_n=2))
         draft = index.propose(req.token_ids, min(self.k, room))
         stops = req.eos_token_ids | set(p.stop_token_ids)
         for i, token in enumerate(draft):
@@ -66,6 +78,10 @@ class Speculator:
         self.num_drafted += num_drafted
         self.num_accepted += num_accepted
         self.num_verify_steps += 1
+        last = num_accepted / num_drafted if num_drafted else 0.0
+        rate = self._rate.get(seq_id)
+        self._rate[seq_id] = last if rate is None else (
+            EMA_WEIGHT * last + (1 - EMA_WEIGHT) * rate)
         if num_accepted:
             self._backoff.pop(seq_id, None)
             return
@@ -76,6 +92,7 @@ class Speculator:
         for seq_id in seq_ids:
             self._indexes.pop(seq_id, None)
             self._backoff.pop(seq_id, None)
+            self._rate.pop(seq_id, None)
 
     @property
     def acceptance_rate(self) -> float:

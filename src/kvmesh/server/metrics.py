@@ -16,6 +16,12 @@ from kvmesh.types import TenantClass
 TIER_COUNTERS = ("hit_blocks", "miss_blocks", "hit_tokens", "miss_tokens", "bytes_in",
                  "bytes_out", "evictions", "checksum_failures", "write_errors", "dropped_writes")
 TIER_GAUGES = ("used_bytes", "capacity_bytes", "num_blocks")
+SPEC_GAUGES = {  # speculative decoding, so far (0 with it off)
+    "num_draft_tokens": "Draft tokens proposed.",
+    "num_accepted_tokens": "Draft tokens accepted.",
+    "acceptance_rate": "Accepted / proposed draft tokens.",
+    "tokens_per_step": "Tokens a verifying sequence gets per step (accepted + 1).",
+}
 
 
 class TierCollector:
@@ -161,6 +167,8 @@ class ServerMetrics:
         self.preemptions = Gauge(
             "kvmesh:num_preemptions", "Preemptions so far.", labels, registry=r
         )
+        self.spec = {name: Gauge(f"kvmesh:spec_decode_{name}", text, labels, registry=r)
+                     for name, text in SPEC_GAUGES.items()}
         self.model_name = model_name
 
     def on_refused(self, tenant: str | None, exc: Any) -> None:
@@ -183,6 +191,8 @@ class ServerMetrics:
         self.waiting.labels(m).set_function(field("num_waiting"))
         self.kv_usage.labels(m).set_function(field("kv_cache_usage"))
         self.preemptions.labels(m).set_function(field("num_preemptions"))
+        for name, gauge in self.spec.items():
+            gauge.labels(m).set_function(field(f"spec_{name}"))
 
 
 class RequestTimer:

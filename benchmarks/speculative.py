@@ -1,0 +1,135 @@
+"""Speculative decoding (prompt lookup) against plain decoding, in the same run.
+
+The default model as `make serve` runs it, once plain and once with
+`--speculative-method ngram`, one stream, greedy, `--tokens` output tokens per request:
+
+- copy-heavy: repeat or edit a given text, and complete code that repeats a pattern;
+- chat: ordinary questions, where drafts are seldom right (speculation backs off).
+
+Rounds alternate plain and speculative; each round runs every prompt of a workload once.
+decode tok/s = output tokens / wall time of the requests (their short prefills included,
+the same on both sides). Figures are medians over rounds, with the spread; the speculative
+side's acceptance rate and tokens per verifying step come from its own counters, and
+`greedy_identical` counts the prompts whose output equals the plain one.
+
+    python benchmarks/speculative.py [--tokens 128] [--rounds 3] [--k 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save  # noqa: E402
+
+TEXTS = [
+    "The committee met on Tuesday to review the budget. The budget includes funding for "
+    "roads, schools and parks. The committee agreed that the funding for roads, schools and "
+    "parks should increase next year, and asked the mayor to publish the budget online.",
+    "Our office will be closed on Monday for the holiday. During the closure, urgent "
+    "requests can be sent to the support team by email. Regular hours resume on Tuesday at "
+    "nine in the morning, and all pending orders will ship on Wednesday.",
+    "To install the tool, download the archive, unpack it into a folder, and run the setup "
+    "script. The setup script checks your system, installs the libraries it needs, and "
+    "creates a shortcut on your desktop. Restart your computer when it finishes.",
+]
+CODE = [
+    "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n"
+    "def mul(a, b):\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n"
+    "    def __repr__(self):\n        return f\"Point(x={self.x}, y={self.y})\"\n\n\n"
+    "class Size:\n    def __init__(self, width, height):\n",
+    "config = {\n    \"host\": \"localhost\",\n    \"port\": 8080,\n    \"debug\": False,\n}\n"
+    "staging = {\n    \"host\": \"staging.example.com\",\n",
+]
+CHAT = ["What is the capital of France?", "Write a haiku about snow.",
+        "Give three tips for better sleep.", "Why is the sky blue?",
+        "Explain what a database index is.", "Tell me a fun fact about octopuses."]
+
+
+def _chat(text: str) -> str:
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+WORKLOADS = {
+    "copy_heavy": [_chat(f"Repeat this text exactly:\n{t}") for t in TEXTS]
+    + [_chat(f"Fix the spelling and return the whole text:\n{t.replace('the', 'teh')}")
+       for t in TEXTS[:2]]
+    + [_chat(f"Continue this code:\n{c}") for c in CODE],
+    "chat": [_chat(q) for q in CHAT],
+}
+
+
+def run(llm, prompts: list[str], tokens: int) -> tuple[float, list[list[int]]]:
+    from kvmesh import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=tokens)
+    made, elapsed, outs = 0, 0.0, []
+    for prompt in prompts:  # one stream
+        start = time.perf_counter()
+        out = llm.generate([prompt], params)[0]
+        elapsed += time.perf_counter() - start
+        made += len(out.token_ids)
+        outs.append(out.token_ids)
+    return made / elapsed, outs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--k", type=int, default=4, help="--num-speculative-tokens")
+    args = ap.parse_args()
+    if args.tokens < 8 or args.rounds < 1 or not 1 <= args.k <= 16:
+        ap.error("--tokens >= 8, --rounds >= 1, 1 <= --k <= 16")
+
+    from kvmesh import LLM
+
+    plain = LLM()
+    spec = LLM(speculative_method="ngram", num_speculative_tokens=args.k)
+    for llm in (plain, spec):
+        llm.generate(["warm up"], None)
+    figures: dict = {}
+    for name, prompts in WORKLOADS.items():
+        core = spec.engine.core.speculator
+        drafted0, accepted0, steps0 = core.num_drafted, core.num_accepted, core.num_verify_steps
+        rates: dict[str, list[float]] = {"plain": [], "spec": []}
+        same = 0
+        for _ in range(args.rounds):
+            rate_p, outs_p = run(plain, prompts, args.tokens)
+            rate_s, outs_s = run(spec, prompts, args.tokens)
+            rates["plain"].append(rate_p)
+            rates["spec"].append(rate_s)
+            same = sum(a == b for a, b in zip(outs_p, outs_s, strict=True))
+        drafted = core.num_drafted - drafted0
+        accepted = core.num_accepted - accepted0
+        steps = core.num_verify_steps - steps0
+        p, s = statistics.median(rates["plain"]), statistics.median(rates["spec"])
+        figures[name] = {
+            "decode_tok_per_s_plain": p, "decode_tok_per_s_spec": s, "speedup": s / p,
+            "plain_spread": [min(rates["plain"]), max(rates["plain"])],
+            "spec_spread": [min(rates["spec"]), max(rates["spec"])],
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "tokens_per_verify_step": (accepted + steps) / steps if steps else 0.0,
+            "greedy_identical": f"{same}/{len(prompts)}"}
+        print(name, {k: round(v, 3) if isinstance(v, float) else v
+                     for k, v in figures[name].items()})
+    figures["speedup_copy_heavy"] = figures["copy_heavy"]["speedup"]
+    figures["speedup_chat"] = figures["chat"]["speedup"]
+    figures["acceptance_rate"] = spec.engine.core.speculator.acceptance_rate
+    config = {"model": "smollm2-135m-instruct", "tokens": args.tokens, "rounds": args.rounds,
+              "num_speculative_tokens": args.k, "streams": 1,
+              "dtype": str(spec.engine.loaded.dtype).replace("torch.", ""),
+              "quantization": spec.engine.loaded.quantization}
+    notes = {"greedy_identical": "outside float32 (bf16 here) a verify step's rows can "
+                                 "round differently from plain decode steps; float32 "
+                                 "identity is a test (tests/engine/test_speculative.py)"}
+    print(save("speculative", config, figures, notes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Speculative decoding behind a real server (default model, float32), with the openai
+client: streamed and whole answers agree, and the acceptance metrics move."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.server_process import serve
+
+
+@pytest.mark.slow
+def test_a_speculating_server_streams_what_it_answers_and_counts_acceptance(tmp_path):
+    text = ("Please keep this note: the meeting moved to Thursday at ten, in room four, "
+            "and the budget review moved to Friday at noon, in room two.")
+    with serve(["--speculative-method", "ngram", "--num-speculative-tokens", "3"],
+               tmp_path) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+        kw = dict(model=client.models.list().data[0].id, max_tokens=60, temperature=0,
+                  messages=[{"role": "user", "content": f"Repeat this exactly: {text}"}])
+        whole = client.chat.completions.create(**kw).choices[0].message.content
+        streamed = "".join(c.choices[0].delta.content or ""
+                           for c in client.chat.completions.create(**kw, stream=True))
+        assert streamed == whole and len(whole) > 20
+        assert s.metric("spec_decode_num_accepted_tokens") > 0
+        assert 0 < s.metric("spec_decode_acceptance_rate") <= 1
+        assert s.metric("spec_decode_tokens_per_step") > 1
