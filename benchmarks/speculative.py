@@ -12,7 +12,9 @@ the same on both sides). Figures are medians over rounds, with the spread; the s
 side's acceptance rate and tokens per verifying step come from its own counters, and
 `greedy_identical` counts the prompts whose output equals the plain one.
 
-    python benchmarks/speculative.py [--tokens 128] [--rounds 3] [--k 4]
+    python benchmarks/speculative.py [--tokens 128] [--rounds 3] [--k 3] [--dtype auto]
+
+Writes speculative.json (and speculative_<dtype>.json for a --dtype other than auto).
 """
 
 from __future__ import annotations
@@ -82,15 +84,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--k", type=int, default=4, help="--num-speculative-tokens")
+    ap.add_argument("--k", type=int, default=3, help="--num-speculative-tokens")
+    ap.add_argument("--dtype", default="auto", help="as kvmesh serve --dtype")
     args = ap.parse_args()
     if args.tokens < 8 or args.rounds < 1 or not 1 <= args.k <= 16:
         ap.error("--tokens >= 8, --rounds >= 1, 1 <= --k <= 16")
 
     from kvmesh import LLM
 
-    plain = LLM()
-    spec = LLM(speculative_method="ngram", num_speculative_tokens=args.k)
+    plain = LLM(dtype=args.dtype)
+    spec = LLM(dtype=args.dtype, speculative_method="ngram", num_speculative_tokens=args.k)
     for llm in (plain, spec):
         llm.generate(["warm up"], None)
     figures: dict = {}
@@ -128,7 +131,8 @@ def main() -> None:
     notes = {"greedy_identical": "outside float32 (bf16 here) a verify step's rows can "
                                  "round differently from plain decode steps; float32 "
                                  "identity is a test (tests/engine/test_speculative.py)"}
-    print(save("speculative", config, figures, notes))
+    print(save("speculative" if args.dtype == "auto" else f"speculative_{args.dtype}",
+               config, figures, notes))
 
 
 if __name__ == "__main__":
