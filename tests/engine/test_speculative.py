@@ -62,14 +62,40 @@ def test_drafts_respect_max_tokens_stop_tokens_and_eos(pair):
         plain.generate(prompts[:1], stop)[0].token_ids
 
 
-def test_sampled_speculation_is_seeded_and_finishes(pair):
+def test_sampled_requests_speculate_and_seeded_ones_stay_repeatable(pair):
     _, spec = pair
-    params = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=24,
-                            ignore_eos=True)
+    s = spec.engine.core.speculator
     prompts = _repetitive(4, seed=3)
-    a = [o.token_ids for o in spec.generate(prompts, params)]
-    b = [o.token_ids for o in spec.generate(prompts, params)]
-    assert a == b and all(len(t) == 24 for t in a)
+    before = s.num_drafted
+    free = SamplingParams(temperature=0.3, top_p=0.95, max_tokens=24, ignore_eos=True)
+    assert all(len(o.token_ids) == 24 for o in spec.generate(prompts, free))
+    assert s.num_drafted > before  # rejection sampling ran
+    seeded = SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True)
+    before = s.num_drafted
+    a = [o.token_ids for o in spec.generate(prompts, seeded)]
+    assert [o.token_ids for o in spec.generate(prompts[:1], seeded)] == a[:1]
+    assert s.num_drafted == before  # seeded sampling is not speculated: it repeats
+
+
+def test_stop_strings_on_accepted_draft_tokens_and_aborts(pair):
+    plain, spec = pair
+    prompts = _repetitive(6, seed=4)
+    greedy = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    for p, out in zip(prompts, plain.generate(prompts, greedy), strict=True):
+        if len(out.text) < 12:
+            continue
+        stop = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True,
+                              stop=(out.text[8:11],))
+        want = plain.generate([p], stop)[0]
+        got = spec.generate([p], stop)[0]
+        assert (got.text, got.finish_reason) == (want.text, want.finish_reason)
+    engine = spec.engine
+    engine.add_request("gone", prompts[0], greedy)
+    for _ in range(6):
+        engine.step()
+    engine.abort_request("gone")
+    assert "gone" not in engine.core.speculator._indexes
+    engine.core.scheduler.check_integrity()
 
 
 def test_ngram_index_drafts_what_followed_the_last_match():

@@ -86,6 +86,7 @@ def test_sim_replays_a_trace_with_tiers(tmp_path):
     (["--route", "random"], "unknown route"),
     (["--dataset", "trace"], "needs a trace file"),
     (["--cost-model", "roofline:tpu:x"], "unknown GPU"),
+    (["--speculative-method", "ngram"], "does not model speculative decoding"),
 ])
 def test_sim_refuses_bad_input_clearly(args, message):
     r = kvmesh("sim", "--no-progress", "--num-requests", "2", *args, timeout=120)

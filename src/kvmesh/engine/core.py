@@ -157,6 +157,8 @@ class EngineCore:
     def abort(self, request_id: str) -> list[str]:
         """Abort every live sequence of a request; returns their ids."""
         seq_ids = self._groups.pop(request_id, [])
+        if self.speculator is not None:
+            self.speculator.forget(seq_ids)
         for seq_id in seq_ids:
             self._held.pop(seq_id, None)
             self._group_of.pop(seq_id, None)

@@ -177,7 +177,7 @@ class Scheduler:
                 budget = self._admit(budget, seqs, before=self._key(req))
                 if budget <= 0:
                     break
-            speculated = self._speculate(req, budget)
+            speculated = self._speculate(req, budget, pending)
             if speculated is not None:
                 ran.append(speculated)
                 budget -= speculated.num_new_tokens
@@ -192,13 +192,18 @@ class Scheduler:
             budget = self._admit(budget, seqs)
         return SchedulerOutput(tuple(seqs), tuple(preempted), tuple(self.kv.take_loads()))
 
-    def _speculate(self, req: Request, budget: int) -> ScheduledSeq | None:
+    def _speculate(self, req: Request, budget: int,
+                   pending: list[Request]) -> ScheduledSeq | None:
         """A decode with a draft: its token and the draft in one step, if the budget and
-        free blocks allow without preempting anyone (otherwise the draft is dropped)."""
+        free blocks allow without making anyone else preempt (otherwise the draft is
+        dropped)."""
         k = len(req.spec_token_ids)
         if not k:
             return None
-        if req.num_pending_tokens != 1 or 1 + k > budget or not self.kv.allocate(req, 1 + k):
+        need = (self.kv.num_blocks_to_grow([req], 1 + k)
+                + self.kv.num_blocks_to_grow(pending, 1))
+        if (req.num_pending_tokens != 1 or 1 + k > budget
+                or need > self.kv.pool.num_free_blocks or not self.kv.allocate(req, 1 + k)):
             req.spec_token_ids = []
             return None
         return ScheduledSeq(req.request_id, req.num_computed_tokens, 1 + k, True, k)
@@ -275,6 +280,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
+        req.spec_token_ids = []
         self.kv.free(req)
         bs = self.kv.block_size  # its full blocks stay cached: admission counts them so
         req.num_cached_hint = req.num_computed_tokens // bs * bs
@@ -309,7 +315,11 @@ class Scheduler:
                 continue
             if seq.num_spec:
                 req.spec_token_ids = []
-                if self._accept_verified((verified or {})[seq.request_id], req):
+                run = (verified or {}).get(seq.request_id)
+                if run is None:  # an executor that does not verify: the draft is rejected
+                    token = sampled.get(seq.request_id)
+                    run = None if token is None else [token]
+                if run is not None and self._accept_verified(run, req):
                     updated.append(req)
                 continue
             req.num_computed_tokens += seq.num_new_tokens

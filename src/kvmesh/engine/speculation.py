@@ -28,8 +28,12 @@ EMA_WEIGHT = 0.3  # of the latest step in a sequence's acceptance average
 
 
 def can_speculate(p: SamplingParams) -> bool:
+    """Sampling that needs nothing from the tokens before each drafted one. A seeded
+    sampled request is left out too: whether it gets a draft depends on the load, and a
+    verify step draws from its generator differently, so its text would not repeat."""
+    seeded = p.seed is not None and not p.is_greedy
     return not (p.has_penalties or p.structured is not None or p.logit_bias
-                or p.logprobs is not None)
+                or p.logprobs is not None or seeded)
 
 
 class Speculator:
@@ -82,7 +86,7 @@ class Speculator:
         rate = self._rate.get(seq_id)
         self._rate[seq_id] = last if rate is None else (
             EMA_WEIGHT * last + (1 - EMA_WEIGHT) * rate)
-        if num_accepted:
+        if num_accepted and self._rate[seq_id] >= MIN_ACCEPTANCE:
             self._backoff.pop(seq_id, None)
             return
         _, step = self._backoff.get(seq_id, (0, 2))

@@ -130,6 +130,9 @@ def num_device_blocks(cost: CostModel, cache: CacheConfig) -> int:
 class SimInstance:
     def __init__(self, index: int, spec: InstanceSpec, cost: CostModel,
                  filler: tuple[int, ...] = FILLER_TOKENS):
+        if spec.scheduler.speculative_method:
+            raise ValueError("the simulator does not model speculative decoding yet: leave "
+                             "speculative_method unset")
         self.index = index
         self.clock = VirtualClock()
         self.block_size = spec.cache.block_size
