@@ -63,12 +63,16 @@ def test_drafts_respect_max_tokens_stop_tokens_and_eos(pair):
 
 
 def test_sampled_requests_speculate_and_seeded_ones_stay_repeatable(pair):
-    _, spec = pair
+    plain, spec = pair
     s = spec.engine.core.speculator
     prompts = _repetitive(4, seed=3)
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    want = [o.token_ids for o in plain.generate(prompts, greedy)]
     before = s.num_drafted
-    free = SamplingParams(temperature=0.3, top_p=0.95, max_tokens=24, ignore_eos=True)
-    assert all(len(o.token_ids) == 24 for o in spec.generate(prompts, free))
+    # top_k=1 puts all the mass on the argmax: rejection sampling must then accept
+    # exactly the draft tokens greedy would, and replace the first wrong one by it
+    one = SamplingParams(temperature=0.7, top_k=1, max_tokens=24, ignore_eos=True)
+    assert [o.token_ids for o in spec.generate(prompts, one)] == want
     assert s.num_drafted > before  # rejection sampling ran
     seeded = SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True)
     before = s.num_drafted
