@@ -8,10 +8,12 @@ name stays an alias for the first class (in a given list) that owns it.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from kvmesh.config_keys import UnknownConfigKeys, field_help, split_by_section
+
+__all__ = ["UnknownConfigKeys", "field_help", "split_by_section"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -143,7 +145,15 @@ class SchedulerConfig:
         "work without an SLO still ages to the front.", default=60.0)
     speculative_method: str | None = _help(
         "Speculative decoding: ngram (prompt lookup: draft what followed the last earlier "
-        "match of the sequence's end) or unset (off).", default=None)
+        "match of the sequence's end), draft (a smaller model with the same vocabulary "
+        "drafts greedily: --speculative-model) or unset (off).", default=None)
+    speculative_model: str | None = _help(
+        "The draft model for --speculative-method draft: a name from `kvmesh model list`, a "
+        "local Hugging Face directory or a .gguf file, with the target's vocabulary. It "
+        "runs in the target's dtype, on its own small paged KV cache.", default=None)
+    speculative_quantization: str = _help(
+        "Weight-only quantization of the draft model, as --quantization (int4 makes a "
+        "cheap draft of a float32 target, even of the same model).", default="auto")
     num_speculative_tokens: int = _help(
         "Most tokens drafted per sequence and step (a verify step of k + 1 rows costs about "
         "2x a plain step at k = 4 on a 2-core CPU).", default=3)
@@ -158,9 +168,14 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if self.max_waiting < 1:
             raise ValueError("max_waiting must be >= 1")
-        if self.speculative_method not in (None, "ngram"):
-            raise ValueError(f"speculative_method must be ngram or unset, got "
-                             f"{self.speculative_method!r} (a draft model is not built yet)")
+        if self.speculative_method not in (None, "ngram", "draft"):
+            raise ValueError(f"speculative_method must be ngram, draft or unset, got "
+                             f"{self.speculative_method!r}")
+        if (self.speculative_method == "draft") != (self.speculative_model is not None):
+            raise ValueError("--speculative-method draft and --speculative-model go together")
+        if self.speculative_quantization not in QUANTIZATIONS:
+            raise ValueError(f"speculative_quantization must be one of {QUANTIZATIONS}, "
+                             f"got {self.speculative_quantization!r}")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError("num_speculative_tokens must be in [1, 16]")
         if not self.default_ttft_slo_s > 0:
@@ -202,11 +217,6 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     tiers: TierConfig = field(default_factory=TierConfig)
-
-
-def field_help(cls: type) -> dict[str, str]:
-    """Field name -> help text, for the CLI."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
 @dataclass(frozen=True)
@@ -327,69 +337,6 @@ class RouterConfig:
 
 
 ENGINE_CLASSES: tuple[type[Any], ...] = (ModelConfig, CacheConfig, SchedulerConfig, TierConfig)
-
-
-class UnknownConfigKeys(TypeError):
-    """Keys that name no field of the given sections."""
-
-    def __init__(self, keys: list[str], sections: list[str]) -> None:
-        self.keys = keys
-        super().__init__(
-            f"unknown config keys: {keys} (valid: field names of sections "
-            f"{', '.join(sections)}, or section_field / section.field)"
-        )
-
-
-def _field_names(cls: type[Any]) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-def _resolve(classes: Sequence[type[Any]], key: str, first_owner_wins: bool) -> tuple[int, str]:
-    """(index of the owning class, field name) for a bare or prefixed key; KeyError if none."""
-    owners = [i for i, cls in enumerate(classes) if key in _field_names(cls)]
-    if len(owners) == 1 or (owners and first_owner_wins):
-        return owners[0], key
-    if owners:
-        forms = " or ".join(f"{classes[i].SECTION}_{key}" for i in owners)
-        raise ValueError(f"config key {key!r} is ambiguous: use {forms}")
-    for i, cls in enumerate(classes):
-        for sep in (".", "__", "_"):
-            prefix = cls.SECTION + sep
-            if key.startswith(prefix) and key[len(prefix) :] in _field_names(cls):
-                return i, key[len(prefix) :]
-    raise KeyError(key)
-
-
-def split_by_section(
-    classes: Sequence[type[Any]], values: Mapping[str, Any], *, first_owner_wins: bool = False
-) -> list[dict[str, Any]]:
-    """Route keyword values to their owning classes: one kwargs dict per class, in order.
-
-    A key is a field name, or `section_field`, `section.field` or `section__field`. A field
-    name that several classes own goes to the first of them when `first_owner_wins` (the
-    CLI's alias rule) and is an error otherwise. Raises UnknownConfigKeys (a TypeError) for
-    keys that match nothing, ValueError for an ambiguous key or a field given twice.
-    """
-    sections = [cls.SECTION for cls in classes]
-    if len(set(sections)) != len(sections):
-        raise ValueError(f"duplicate config sections: {sections}")
-    out: list[dict[str, Any]] = [{} for _ in classes]
-    given: dict[tuple[int, str], str] = {}
-    unknown = []
-    for key, value in values.items():
-        try:
-            index, name = _resolve(classes, key, first_owner_wins)
-        except KeyError:
-            unknown.append(key)
-            continue
-        if (index, name) in given:
-            first = given[index, name]
-            raise ValueError(f"{sections[index]}.{name} given twice: as {first!r} and {key!r}")
-        given[index, name] = key
-        out[index][name] = value
-    if unknown:
-        raise UnknownConfigKeys(unknown, sections)
-    return out
 
 
 def engine_config_from_kwargs(model: str = DEFAULT_MODEL, **kwargs: Any) -> EngineConfig:

@@ -98,7 +98,7 @@ def test_stop_strings_on_accepted_draft_tokens_and_aborts(pair):
     for _ in range(6):
         engine.step()
     engine.abort_request("gone")
-    assert "gone" not in engine.core.speculator._indexes
+    assert "gone" not in engine.core.speculator.drafter._indexes  # type: ignore[attr-defined]
     engine.core.scheduler.check_integrity()
 
 

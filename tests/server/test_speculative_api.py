@@ -1,5 +1,6 @@
 """Speculative decoding behind a real server (default model, float32), with the openai
-client: streamed and whole answers agree, and the acceptance metrics move."""
+client, by prompt lookup and with a draft model: streamed and whole answers agree, and the
+acceptance metrics move."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from tests.server_process import serve
 
 
 @pytest.mark.slow
-def test_a_speculating_server_streams_what_it_answers_and_counts_acceptance(tmp_path):
+@pytest.mark.parametrize("method", [["ngram"], ["draft", "--speculative-model",
+                                                "smollm2-135m-instruct"]], ids=["ngram", "draft"])
+def test_a_speculating_server_streams_what_it_answers_and_counts_acceptance(tmp_path, method):
     text = ("Please keep this note: the meeting moved to Thursday at ten, in room four, "
             "and the budget review moved to Friday at noon, in room two.")
-    with serve(["--speculative-method", "ngram", "--num-speculative-tokens", "3"],
+    with serve(["--speculative-method", *method, "--num-speculative-tokens", "3"],
                tmp_path) as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
         kw = dict(model=client.models.list().data[0].id, max_tokens=60, temperature=0,

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from kvmesh.config import CacheConfig, SchedulerConfig
 from kvmesh.engine.batch import BlockCopy, ExecuteBatch, Executor, RunExecutor, SeqWork
 from kvmesh.engine.block_pool import BlockPool
+from kvmesh.engine.drafter import Drafter
 from kvmesh.engine.events import DEVICE, BlockEvent, BlockRemoved, BlockStored, EventOutbox
 from kvmesh.engine.kv_cache_manager import KVCacheManager, num_reusable_blocks
 from kvmesh.engine.request import Request
@@ -85,7 +86,8 @@ class DecodeRun:
 class EngineCore:
     def __init__(self, scheduler: SchedulerConfig, cache: CacheConfig, model: ModelIdentity,
                  num_blocks: int, store: TieredStore | None = None, write_through: bool = False,
-                 outbox: EventOutbox | None = None, clock: Clock | None = None):
+                 outbox: EventOutbox | None = None, clock: Clock | None = None,
+                 drafter: Drafter | None = None):
         self.model = model
         self.block_size = cache.block_size
         self.clock: Clock = clock or SystemClock()
@@ -95,7 +97,7 @@ class EngineCore:
         self.kv = KVCacheManager(self.pool, cache.block_size, cache.enable_prefix_caching,
                                  external=self.store)
         self.scheduler = Scheduler(scheduler, self.kv, model.max_model_len)
-        self.speculator = (Speculator(scheduler, model.max_model_len)
+        self.speculator = (Speculator(scheduler, model.max_model_len, drafter)
                            if scheduler.speculative_method else None)
         self._write_through = write_through
         self._stores: list[BlockCopy] = []

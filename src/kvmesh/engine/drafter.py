@@ -1,13 +1,43 @@
-"""Prompt-lookup (n-gram) drafting for speculative decoding. Pure: no torch.
+"""Drafters for speculative decoding: who proposes the tokens a verify step checks. Pure.
 
-A sequence's draft is what followed the most recent earlier occurrence of its last n
-tokens (the longest n that occurred), up to k tokens. The index is kept per sequence and
-grows with it: O(max_n) work per new token, a dict lookup per draft.
+A `Drafter` gets, once per step, the sequences that may draft and how many tokens each may
+propose, and answers with a draft per sequence (possibly empty). Drafts are deterministic
+given the sequence (a one-hot draft distribution), which is what the sampler's rejection
+step assumes. Two kinds exist:
+
+- `NgramDrafter` (here): prompt lookup. A sequence's draft is what followed the most
+  recent earlier occurrence of its last n tokens (the longest n that occurred). The index
+  is kept per sequence and grows with it: O(max_n) work per new token, a dict lookup per
+  draft.
+- `engine.draft_model.ModelDrafter`: a smaller model with the same vocabulary decodes
+  greedily on its own paged KV cache (torch; the engine injects it into the core).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class DraftWant:
+    """One sequence that may draft this step: its tokens so far (read, never changed) and
+    the most tokens its draft may hold."""
+
+    seq_id: str
+    tokens: Sequence[int]
+    max_tokens: int
+
+
+class Drafter(Protocol):
+    def propose(self, wants: Sequence[DraftWant]) -> list[list[int]]:
+        """A draft per want, in order, each at most its `max_tokens` long."""
+        ...
+
+    def forget(self, seq_ids: Iterable[str]) -> None:
+        """Drop the state of sequences that are gone (or preempted)."""
+        ...
 
 
 class NgramIndex:
@@ -38,3 +68,25 @@ class NgramIndex:
             if end is not None:
                 return list(tokens[end:end + k])
         return []
+
+
+class NgramDrafter:
+    """Prompt lookup per sequence. A match needs at least `min_n` tokens: a one-token
+    match is mostly chance in chat."""
+
+    def __init__(self, max_n: int = 3, min_n: int = 2):
+        self.max_n, self.min_n = max_n, min_n
+        self._indexes: dict[str, NgramIndex] = {}
+
+    def propose(self, wants: Sequence[DraftWant]) -> list[list[int]]:
+        out = []
+        for w in wants:
+            index = self._indexes.get(w.seq_id)
+            if index is None:
+                index = self._indexes[w.seq_id] = NgramIndex(self.max_n, self.min_n)
+            out.append(index.propose(w.tokens, w.max_tokens))
+        return out
+
+    def forget(self, seq_ids: Iterable[str]) -> None:
+        for seq_id in seq_ids:
+            self._indexes.pop(seq_id, None)

@@ -14,6 +14,7 @@ import uuid
 
 from kvmesh.config import EngineConfig
 from kvmesh.engine.core import EngineCore, ModelIdentity
+from kvmesh.engine.draft_model import build_model_drafter
 from kvmesh.engine.events import EventOutbox
 from kvmesh.engine.executor import TorchExecutor
 from kvmesh.engine.input_processor import InputProcessor
@@ -42,8 +43,11 @@ class LLMEngine:
         self.store = build_store(self.config, self.runner.block_bytes, outbox)
         identity = ModelIdentity(loaded.model_id, loaded.kv_dtype_name, loaded.max_model_len,
                                  loaded.eos_token_ids)
+        drafter = (build_model_drafter(self.config, loaded, progress)
+                   if self.config.scheduler.speculative_method == "draft" else None)
         self.core = EngineCore(self.config.scheduler, cache, identity, loaded.num_blocks,
-                               self.store, self.config.tiers.write_through, outbox)
+                               self.store, self.config.tiers.write_through, outbox,
+                               drafter=drafter)
         vocab = loaded.model.arch.vocab_size
         grammars = Grammars(self.tokenizer.to_json, vocab, loaded.eos_token_ids)
         self.executor = TorchExecutor(self.runner, self.store, grammars, loaded.eos_token_ids)

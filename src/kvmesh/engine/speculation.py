@@ -1,13 +1,12 @@
 """When and what to speculate: drafts for the running sequences before each step. Pure.
 
-A sequence gets a draft (prompt lookup, `drafter.NgramIndex`) when speculation is on, it
-is decoding, its sampling needs nothing from the tokens before each drafted one
-(no penalties, grammar, logit bias or logprobs), and few sequences run (a big batch is
-compute-bound: verifying drafts there costs more than it saves). A draft never holds an
-end-of-sequence or stop token and never runs past `max_tokens` or the context.
+A sequence gets a draft (from the `drafter.Drafter`: prompt lookup, or a draft model)
+when speculation is on, it is decoding, its sampling needs nothing from the tokens before
+each drafted one (no penalties, grammar, logit bias or logprobs), and few sequences run (a
+big batch is compute-bound: verifying drafts there costs more than it saves). A draft never
+holds an end-of-sequence or stop token and never runs past `max_tokens` or the context.
 
-Speculation turns itself down where it does not pay: a draft needs a match of at least
-two tokens (a one-token match is mostly chance in chat), each sequence keeps a moving
+Speculation turns itself down where it does not pay: each sequence keeps a moving
 average of the share of its drafts accepted and stops drafting while that is under
 `MIN_ACCEPTANCE`, and after a step whose draft was wholly rejected it waits 2, 4, ... 32
 steps before drafting again.
@@ -18,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from kvmesh.config import SchedulerConfig
-from kvmesh.engine.drafter import NgramIndex
+from kvmesh.engine.drafter import Drafter, DraftWant, NgramDrafter
 from kvmesh.engine.request import Request
 from kvmesh.types import SamplingParams
 
@@ -37,11 +36,14 @@ def can_speculate(p: SamplingParams) -> bool:
 
 
 class Speculator:
-    def __init__(self, config: SchedulerConfig, max_model_len: int):
+    def __init__(self, config: SchedulerConfig, max_model_len: int,
+                 drafter: Drafter | None = None):
         self.k = config.num_speculative_tokens
         self.max_seqs = config.speculative_max_seqs
         self.max_model_len = max_model_len
-        self._indexes: dict[str, NgramIndex] = {}
+        if drafter is None and config.speculative_method != "ngram":
+            raise ValueError(f"speculative_method {config.speculative_method!r} needs a drafter")
+        self.drafter: Drafter = drafter if drafter is not None else NgramDrafter()
         self._backoff: dict[str, tuple[int, int]] = {}  # seq -> (steps to skip, next skip)
         self._rate: dict[str, float] = {}  # seq -> moving average of its acceptance
         self.num_drafted = 0
@@ -51,32 +53,38 @@ class Speculator:
     def draft(self, running: list[Request]) -> None:
         """Set each running sequence's `spec_token_ids` for the coming step."""
         active = len(running) <= self.max_seqs
+        wants: list[tuple[Request, DraftWant]] = []
         for req in running:
-            req.spec_token_ids = self._draft_one(req) if active else []
+            req.spec_token_ids = []
+            room = self._room(req) if active else 0
+            if room > 0:
+                wants.append((req, DraftWant(req.request_id, req.token_ids, room)))
+        if not wants:
+            return
+        drafts = self.drafter.propose([w for _, w in wants])
+        for (req, _), draft in zip(wants, drafts, strict=True):
+            stops = req.eos_token_ids | set(req.params.stop_token_ids)
+            cut = next((i for i, t in enumerate(draft) if t in stops), len(draft))
+            req.spec_token_ids = list(draft[:cut])
 
-    def _draft_one(self, req: Request) -> list[int]:
+    def _room(self, req: Request) -> int:
+        """How many tokens `req` may draft this step (0: none, waiting or backing off)."""
         p = req.params
         if req.num_pending_tokens != 1 or not can_speculate(p):
-            return []
+            return 0
         skip, step = self._backoff.get(req.request_id, (0, 2))
         if skip:
             self._backoff[req.request_id] = (skip - 1, step)
             if skip == 1:  # a fresh start after the wait
                 self._rate.pop(req.request_id, None)
-            return []
+            return 0
         if self._rate.get(req.request_id, 1.0) < MIN_ACCEPTANCE:
             self._backoff[req.request_id] = (step, min(2 * step, MAX_BACKOFF_STEPS))
-            return []
+            return 0
         room = self.max_model_len - req.num_tokens - 1
         if p.max_tokens is not None:
             room = min(room, p.max_tokens - req.num_output_tokens - 1)
-        index = self._indexes.setdefault(req.request_id, NgramIndex(max_n=3, min_n=2))
-        draft = index.propose(req.token_ids, min(self.k, room))
-        stops = req.eos_token_ids | set(p.stop_token_ids)
-        for i, token in enumerate(draft):
-            if token in stops:
-                return draft[:i]
-        return draft
+        return max(0, min(self.k, room))
 
     def observe(self, seq_id: str, num_drafted: int, num_accepted: int) -> None:
         self.num_drafted += num_drafted
@@ -93,8 +101,9 @@ class Speculator:
         self._backoff[seq_id] = (step, min(2 * step, MAX_BACKOFF_STEPS))
 
     def forget(self, seq_ids: Iterable[str]) -> None:
+        seq_ids = list(seq_ids)
+        self.drafter.forget(seq_ids)
         for seq_id in seq_ids:
-            self._indexes.pop(seq_id, None)
             self._backoff.pop(seq_id, None)
             self._rate.pop(seq_id, None)
 
