@@ -7,10 +7,11 @@ The default model as `make serve` runs it, once plain and once with
 - chat: ordinary questions, where drafts are seldom right (speculation backs off).
 
 Rounds alternate plain and speculative; each round runs every prompt of a workload once.
-decode tok/s = output tokens / wall time of the requests (their short prefills included,
-the same on both sides). Figures are medians over rounds, with the spread; the speculative
-side's acceptance rate and tokens per verifying step come from its own counters, and
-`greedy_identical` counts the prompts whose output equals the plain one.
+decode tok/s = output tokens after the first / time from the first token to the last (the
+prefill left out: it is the same on both sides); end-to-end tok/s (all tokens over all
+time, prefill included) is reported beside it. Figures are medians over rounds, with the
+spread; the speculative side's acceptance rate and tokens per verifying step come from its
+own counters, and `greedy_identical` counts the prompts whose output equals the plain one.
 
     python benchmarks/speculative.py [--tokens 128] [--rounds 3] [--k 3] [--dtype auto]
 
@@ -66,18 +67,38 @@ WORKLOADS = {
 }
 
 
-def run(llm, prompts: list[str], tokens: int) -> tuple[float, list[list[int]]]:
+def run(llm, prompts: list[str], tokens: int) -> tuple[float, float, list[list[int]]]:
+    """One stream: each prompt alone, driven step by step. Returns decode tok/s (tokens
+    after the first / time from the first token to the last: prefill left out), end-to-end
+    tok/s (all tokens / all time) and the token ids."""
     from kvmesh import SamplingParams
 
+    engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=tokens)
-    made, elapsed, outs = 0, 0.0, []
-    for prompt in prompts:  # one stream
+    decode_tokens, decode_s, made, total_s, outs = 0, 0.0, 0, 0.0, []
+    for prompt in prompts:
         start = time.perf_counter()
-        out = llm.generate([prompt], params)[0]
-        elapsed += time.perf_counter() - start
-        made += len(out.token_ids)
-        outs.append(out.token_ids)
-    return made / elapsed, outs
+        rid = engine.add_request(None, prompt, params)
+        ids: list[int] = []
+        first = None
+        while True:
+            deltas = [d for d in engine.step() if d.request_id == rid]
+            now = time.perf_counter()
+            for d in deltas:
+                if d.error:
+                    raise RuntimeError(d.error)
+                if d.new_token_ids and first is None:
+                    first = now
+                ids.extend(d.new_token_ids)
+            if any(d.finished for d in deltas):
+                break
+        total_s += now - start
+        made += len(ids)
+        if first is not None and len(ids) > 1:
+            decode_tokens += len(ids) - 1
+            decode_s += now - first
+        outs.append(ids)
+    return decode_tokens / decode_s, made / total_s, outs
 
 
 def main() -> None:
@@ -100,13 +121,15 @@ def main() -> None:
     for name, prompts in WORKLOADS.items():
         core = spec.engine.core.speculator
         drafted0, accepted0, steps0 = core.num_drafted, core.num_accepted, core.num_verify_steps
-        rates: dict[str, list[float]] = {"plain": [], "spec": []}
+        rates: dict[str, list[float]] = {"plain": [], "spec": [], "plain_e2e": [],
+                                         "spec_e2e": []}
         same = 0
         for _ in range(args.rounds):
-            rate_p, outs_p = run(plain, prompts, args.tokens)
-            rate_s, outs_s = run(spec, prompts, args.tokens)
-            rates["plain"].append(rate_p)
-            rates["spec"].append(rate_s)
+            rate_p, e2e_p, outs_p = run(plain, prompts, args.tokens)
+            rate_s, e2e_s, outs_s = run(spec, prompts, args.tokens)
+            for key, value in (("plain", rate_p), ("spec", rate_s), ("plain_e2e", e2e_p),
+                               ("spec_e2e", e2e_s)):
+                rates[key].append(value)
             same = sum(a == b for a, b in zip(outs_p, outs_s, strict=True))
         drafted = core.num_drafted - drafted0
         accepted = core.num_accepted - accepted0
@@ -116,6 +139,8 @@ def main() -> None:
             "decode_tok_per_s_plain": p, "decode_tok_per_s_spec": s, "speedup": s / p,
             "plain_spread": [min(rates["plain"]), max(rates["plain"])],
             "spec_spread": [min(rates["spec"]), max(rates["spec"])],
+            "e2e_tok_per_s_plain": statistics.median(rates["plain_e2e"]),
+            "e2e_tok_per_s_spec": statistics.median(rates["spec_e2e"]),
             "acceptance_rate": accepted / drafted if drafted else 0.0,
             "tokens_per_verify_step": (accepted + steps) / steps if steps else 0.0,
             "greedy_identical": f"{same}/{len(prompts)}"}
