@@ -1,7 +1,8 @@
-"""Speculative decoding (prompt lookup) against plain decoding, in the same run.
+"""Speculative decoding (prompt lookup or a draft model) against plain decoding, in one run.
 
-The default model as `make serve` runs it, once plain and once with
-`--speculative-method ngram`, one stream, greedy, `--tokens` output tokens per request:
+The default model as `make serve` runs it (or as --dtype/--quantization say), once plain and
+once with `--speculative-method ngram` (or `draft`), one stream, greedy, `--tokens` output
+tokens per request:
 
 - copy-heavy: repeat or edit a given text, and complete code that repeats a pattern;
 - chat: ordinary questions, where drafts are seldom right (speculation backs off).
@@ -14,8 +15,14 @@ spread; the speculative side's acceptance rate and tokens per verifying step com
 own counters, and `greedy_identical` counts the prompts whose output equals the plain one.
 
     python benchmarks/speculative.py [--tokens 128] [--rounds 3] [--k 3] [--dtype auto]
+        [--quantization auto] [--method ngram|draft] [--draft-model M]
+        [--draft-quantization int4]
 
-Writes speculative.json (and speculative_<dtype>.json for a --dtype other than auto).
+Writes speculative.json (speculative_<dtype>.json for a --dtype other than auto; a
+`_draft` suffix with --method draft). The draft-model run that the README quotes is the
+exact float32 path drafting with an int4 copy of its own model:
+
+    python benchmarks/speculative.py --method draft --dtype float32 --quantization none --k 6
 """
 
 from __future__ import annotations
@@ -101,63 +108,81 @@ def run(llm, prompts: list[str], tokens: int) -> tuple[float, float, list[list[i
     return decode_tokens / decode_s, made / total_s, outs
 
 
-def main() -> None:
+def measure(plain, spec, prompts: list[str], args: argparse.Namespace) -> dict:
+    """Alternating rounds of one workload on both engines: the figures for it."""
+    core = spec.engine.core.speculator
+    drafted0, accepted0, steps0 = core.num_drafted, core.num_accepted, core.num_verify_steps
+    rates: dict[str, list[float]] = {"plain": [], "spec": [], "plain_e2e": [], "spec_e2e": []}
+    same = len(prompts)  # the fewest identical outputs in any round
+    for _ in range(args.rounds):
+        rate_p, e2e_p, outs_p = run(plain, prompts, args.tokens)
+        rate_s, e2e_s, outs_s = run(spec, prompts, args.tokens)
+        for key, value in (("plain", rate_p), ("spec", rate_s), ("plain_e2e", e2e_p),
+                           ("spec_e2e", e2e_s)):
+            rates[key].append(value)
+        same = min(same, sum(a == b for a, b in zip(outs_p, outs_s, strict=True)))
+    drafted = core.num_drafted - drafted0
+    accepted = core.num_accepted - accepted0
+    steps = core.num_verify_steps - steps0
+    p, s = statistics.median(rates["plain"]), statistics.median(rates["spec"])
+    return {
+        "decode_tok_per_s_plain": p, "decode_tok_per_s_spec": s, "speedup": s / p,
+        "plain_spread": [min(rates["plain"]), max(rates["plain"])],
+        "spec_spread": [min(rates["spec"]), max(rates["spec"])],
+        "e2e_tok_per_s_plain": statistics.median(rates["plain_e2e"]),
+        "e2e_tok_per_s_spec": statistics.median(rates["spec_e2e"]),
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "tokens_per_verify_step": (accepted + steps) / steps if steps else 0.0,
+        "greedy_identical": f"{same}/{len(prompts)}"}
+
+
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--k", type=int, default=3, help="--num-speculative-tokens")
     ap.add_argument("--dtype", default="auto", help="as kvmesh serve --dtype")
+    ap.add_argument("--quantization", default="auto", help="the target's, as --quantization")
+    ap.add_argument("--method", choices=("ngram", "draft"), default="ngram")
+    ap.add_argument("--draft-model", default="smollm2-135m-instruct",
+                    help="--speculative-model for --method draft")
+    ap.add_argument("--draft-quantization", default="int4",
+                    help="--speculative-quantization for --method draft")
     args = ap.parse_args()
     if args.tokens < 8 or args.rounds < 1 or not 1 <= args.k <= 16:
         ap.error("--tokens >= 8, --rounds >= 1, 1 <= --k <= 16")
+    return args
 
+
+def main() -> None:
+    args = _args()
     from kvmesh import LLM
 
-    plain = LLM(dtype=args.dtype)
-    spec = LLM(dtype=args.dtype, speculative_method="ngram", num_speculative_tokens=args.k)
+    target = dict(dtype=args.dtype, quantization=args.quantization)
+    draft = (dict(speculative_model=args.draft_model,
+                  speculative_quantization=args.draft_quantization)
+             if args.method == "draft" else {})
+    plain = LLM(**target)
+    spec = LLM(**target, speculative_method=args.method, num_speculative_tokens=args.k, **draft)
     for llm in (plain, spec):
         llm.generate(["warm up"], None)
     figures: dict = {}
     for name, prompts in WORKLOADS.items():
-        core = spec.engine.core.speculator
-        drafted0, accepted0, steps0 = core.num_drafted, core.num_accepted, core.num_verify_steps
-        rates: dict[str, list[float]] = {"plain": [], "spec": [], "plain_e2e": [],
-                                         "spec_e2e": []}
-        same = 0
-        for _ in range(args.rounds):
-            rate_p, e2e_p, outs_p = run(plain, prompts, args.tokens)
-            rate_s, e2e_s, outs_s = run(spec, prompts, args.tokens)
-            for key, value in (("plain", rate_p), ("spec", rate_s), ("plain_e2e", e2e_p),
-                               ("spec_e2e", e2e_s)):
-                rates[key].append(value)
-            same = sum(a == b for a, b in zip(outs_p, outs_s, strict=True))
-        drafted = core.num_drafted - drafted0
-        accepted = core.num_accepted - accepted0
-        steps = core.num_verify_steps - steps0
-        p, s = statistics.median(rates["plain"]), statistics.median(rates["spec"])
-        figures[name] = {
-            "decode_tok_per_s_plain": p, "decode_tok_per_s_spec": s, "speedup": s / p,
-            "plain_spread": [min(rates["plain"]), max(rates["plain"])],
-            "spec_spread": [min(rates["spec"]), max(rates["spec"])],
-            "e2e_tok_per_s_plain": statistics.median(rates["plain_e2e"]),
-            "e2e_tok_per_s_spec": statistics.median(rates["spec_e2e"]),
-            "acceptance_rate": accepted / drafted if drafted else 0.0,
-            "tokens_per_verify_step": (accepted + steps) / steps if steps else 0.0,
-            "greedy_identical": f"{same}/{len(prompts)}"}
+        figures[name] = measure(plain, spec, prompts, args)
         print(name, {k: round(v, 3) if isinstance(v, float) else v
                      for k, v in figures[name].items()})
     figures["speedup_copy_heavy"] = figures["copy_heavy"]["speedup"]
     figures["speedup_chat"] = figures["chat"]["speedup"]
     figures["acceptance_rate"] = spec.engine.core.speculator.acceptance_rate
     config = {"model": "smollm2-135m-instruct", "tokens": args.tokens, "rounds": args.rounds,
-              "num_speculative_tokens": args.k, "streams": 1,
+              "num_speculative_tokens": args.k, "streams": 1, "method": args.method,
               "dtype": str(spec.engine.loaded.dtype).replace("torch.", ""),
-              "quantization": spec.engine.loaded.quantization}
+              "quantization": spec.engine.loaded.quantization, **draft}
     notes = {"greedy_identical": "outside float32 (bf16 here) a verify step's rows can "
                                  "round differently from plain decode steps; float32 "
                                  "identity is a test (tests/engine/test_speculative.py)"}
-    print(save("speculative" if args.dtype == "auto" else f"speculative_{args.dtype}",
-               config, figures, notes))
+    name = "speculative" + ("" if args.dtype == "auto" else f"_{args.dtype}")
+    print(save(name + ("_draft" if args.method == "draft" else ""), config, figures, notes))
 
 
 if __name__ == "__main__":

@@ -150,7 +150,9 @@ class SchedulerConfig:
     speculative_model: str | None = _help(
         "The draft model for --speculative-method draft: a name from `kvmesh model list`, a "
         "local Hugging Face directory or a .gguf file, with the target's vocabulary. It "
-        "runs in the target's dtype, on its own small paged KV cache.", default=None)
+        "runs in the target's dtype, on a paged KV cache of its own (speculative_max_seqs "
+        "sequences of the longest length, within a quarter of kv_cache_memory_bytes).",
+        default=None)
     speculative_quantization: str = _help(
         "Weight-only quantization of the draft model, as --quantization (int4 makes a "
         "cheap draft of a float32 target, even of the same model).", default="auto")
@@ -176,6 +178,8 @@ class SchedulerConfig:
         if self.speculative_quantization not in QUANTIZATIONS:
             raise ValueError(f"speculative_quantization must be one of {QUANTIZATIONS}, "
                              f"got {self.speculative_quantization!r}")
+        if self.speculative_max_seqs < 1:
+            raise ValueError("speculative_max_seqs must be >= 1")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError("num_speculative_tokens must be in [1, 16]")
         if not self.default_ttft_slo_s > 0:

@@ -73,6 +73,44 @@ def test_sampled_requests_with_a_draft_follow_the_target(plain, tiny_llama, othe
     one = SamplingParams(temperature=0.9, top_k=1, max_tokens=20, ignore_eos=True)
     want = [o.token_ids for o in plain.generate(prompts, greedy)]
     assert [o.token_ids for o in spec.generate(prompts, one)] == want
+    assert spec.engine.core.speculator.num_drafted > 0  # type: ignore[union-attr]
+
+
+def test_catch_up_in_chunks_and_a_full_draft_cache_in_the_engine(plain, tiny_llama):
+    """Draft prefills fed 8 tokens a step, and a draft cache shared by more sequences than
+    it holds: the target still gives plain decoding's tokens, and drafts still pay."""
+    spec = LLM(str(tiny_llama), speculative_method="draft", speculative_model=str(tiny_llama),
+               num_speculative_tokens=3, speculative_max_seqs=2, max_num_batched_tokens=8,
+               **COMMON)
+    prompts = _prompts(6, seed=5)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    want = [o.token_ids for o in plain.generate(prompts, params)]
+    assert [o.token_ids for o in spec.generate(prompts, params)] == want
+    s = spec.engine.core.speculator
+    assert s is not None and s.num_drafted > 0 and s.acceptance_rate > 0.9
+    assert isinstance(s.drafter, ModelDrafter)
+    s.drafter.check_integrity()
+
+
+class _Broken:
+    def propose(self, wants):
+        raise RuntimeError("draft model fell over")
+
+    def forget(self, seq_ids):
+        pass
+
+
+def test_a_failing_drafter_costs_drafts_not_requests(plain, tiny_llama):
+    spec = _spec(tiny_llama, tiny_llama)
+    s = spec.engine.core.speculator
+    assert s is not None
+    s.drafter = _Broken()
+    prompts = _prompts(3, seed=6)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    want = [o.token_ids for o in plain.generate(prompts, params)]
+    assert [o.token_ids for o in spec.generate(prompts, params)] == want
+    assert s.max_seqs == 0  # three failures in a row: speculation turned off
+    spec.engine.core.scheduler.check_integrity()
 
 
 def test_drafts_are_the_draft_models_greedy_continuation(other_draft):
@@ -83,10 +121,12 @@ def test_drafts_are_the_draft_models_greedy_continuation(other_draft):
     drafter = ModelDrafter(runner, num_blocks=40, chunk_tokens=8)
     prompts = [p[:8] for p in _prompts(3, seed=3)]
     prompts[0] = prompts[0] + [7] * (30 - len(prompts[0]))  # a backlog of 30: 4 chunks
+    # 8 tokens fed a step over all sequences, shortest backlog first: s1, s2, then s0's
+    # four chunks (the last drafts)
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
     want = [o.token_ids for o in draft_llm.generate(prompts, params)]
     got: list[list[int]] = [[] for _ in prompts]
-    for _ in range(4):
+    for _ in range(6):
         wants = [DraftWant(f"s{i}", p, 5) for i, p in enumerate(prompts) if not got[i]]
         for w, d in zip(wants, drafter.propose(wants), strict=True):
             got[int(w.seq_id[1:])] = d
@@ -99,14 +139,27 @@ def test_drafts_are_the_draft_models_greedy_continuation(other_draft):
     assert drafter.propose([DraftWant("s1", tokens, 3)]) == [cont]
     # the cache holds 40 blocks of 4 tokens: a long new sequence takes idle ones' blocks
     long = [t for p in _prompts(8, seed=4) for t in p]
-    while drafter.propose([DraftWant("big", long[:100], 2)]) == [[]]:
-        pass
+    for _ in range(100 // 8 + 1):  # 8 tokens a step: 13 steps to catch up on 100
+        got_big = drafter.propose([DraftWant("big", long[:100], 2)])
+        if got_big != [[]]:
+            break
+    assert len(got_big[0]) == 2
     drafter.check_integrity()
     assert "big" in drafter._seqs and len(drafter._seqs) < 4
-    assert drafter.propose([DraftWant("huge", list(range(3, 200)), 2)]) == [[]]  # no room
-    drafter.forget(["s0", "s1", "s2", "big", "huge"])
+    drafter.forget(["s0", "s1", "s2", "big"])
     drafter.check_integrity()
     assert len(drafter._free) == 40
+    # two sequences catching up at once that together need more than the cache (21 + 26
+    # blocks of 40): the shorter goes first, the other gets no draft and keeps no blocks
+    wide = ModelDrafter(runner, num_blocks=40, chunk_tokens=512)
+    both = wide.propose([DraftWant("a", long[:100], 2), DraftWant("b", long[:80], 2)])
+    assert both[0] == [] and len(both[1]) == 2
+    wide.check_integrity()
+    alone = wide.propose([DraftWant("a", long[:100], 2)])  # "b" idle now: it makes room
+    assert len(alone[0]) == 2 and "b" not in wide._seqs
+    wide.forget(["a"])
+    wide.check_integrity()
+    assert len(wide._free) == 40
 
 
 def test_a_draft_with_another_vocabulary_or_no_model_is_refused(tiny_llama, default_model_dir):

@@ -138,3 +138,36 @@ def test_default_model_greedy_is_identical_with_speculation_on_20_prompts():
     assert [o.token_ids for o in spec.generate(prompts, params)] == want
     assert [spec.generate([p], params)[0].token_ids for p in prompts] == want
     assert spec.engine.core.speculator.num_accepted > 0
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.8),
+                                    SamplingParams(temperature=1.2, top_k=4, top_p=0.9)],
+                         ids=["plain", "top-k-p"])
+def test_rejection_sampling_keeps_the_target_distribution(params):
+    """Each verified token follows the target's (filtered) distribution whatever the
+    draft: the first token's frequencies over many seeded draws, and the second's given
+    that the first drafted token was accepted; a draft outside the filtered support is
+    never accepted."""
+    import torch
+
+    from kvmesh.engine.sampler import _filter, verify_draft
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.2, -1.0, 0.0], [0.1, 1.0, 0.5, 2.0, -2.0, 0.3],
+                           [0.0] * 6])
+    target = [_filter(row / params.temperature, params).softmax(-1) for row in logits]
+    for draft in ([1, 3], [4, 0]):  # draft 4 is outside top-k 4
+        first = torch.zeros(6)
+        second = torch.zeros(6)
+        n = 20000
+        for _ in range(n):
+            out = verify_draft(logits, draft, params, gen)
+            first[out[0]] += 1
+            if out[0] == draft[0]:
+                second[out[1]] += 1
+        assert (first / n - target[0]).abs().max() < 4 * (0.25 / n) ** 0.5  # 4 sigma
+        if target[0][draft[0]] == 0:
+            assert first[draft[0]] == 0
+        else:
+            m = float(second.sum())
+            assert (second / m - target[1]).abs().max() < 4 * (0.25 / m) ** 0.5

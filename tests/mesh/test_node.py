@@ -84,9 +84,10 @@ def _done(value) -> concurrent.futures.Future:
 def _node(seeds=(), secret=SECRET, **kw) -> tuple[MeshNode, DictBlocks]:
     local = DictBlocks()
     port = free_port()
+    timing = dict(probe_interval_s=0.1, suspect_after_s=0.5, dead_after_s=1.5,
+                  fetch_stall_timeout_s=2.0)
     cfg = MeshConfig("127.0.0.1", port, secret, tuple(f"127.0.0.1:{p}" for p in seeds),
-                     probe_interval_s=0.1, suspect_after_s=0.5, dead_after_s=1.5,
-                     fetch_stall_timeout_s=2.0, **kw)
+                     **{**timing, **kw})
     node = MeshNode(cfg, local)
     local.node = node
     node.start()
@@ -203,13 +204,19 @@ def test_a_fetch_times_out_on_a_stall_not_on_its_length(stall_at):
 
 
 def test_graceful_leave_hands_blocks_to_the_members_that_stay():
-    a, la = _node()
-    b, lb = _node(seeds=[_port(a)])
-    c, lc = _node(seeds=[_port(b)])
+    # patient failure detection: a member that looks slow under a loaded CPU must not be
+    # dropped (and its link with it) just before the hand-off this test checks
+    slow = dict(suspect_after_s=3.0, dead_after_s=8.0)
+    a, la = _node(**slow)
+    b, lb = _node(seeds=[_port(a)], **slow)
+    c, lc = _node(seeds=[_port(b)], **slow)
     try:
-        _wait(lambda: all(len(n._out) == 2 for n in (a, b, c)))
+        # every member alive in every view and linked: the handoff spreads over both
+        _wait(lambda: all(len(n.membership.live()) == 2 and len(n._out) == 2
+                          for n in (a, b, c)))
         la.put(KEYS[:24])
         _wait(lambda: c.holders(KEYS[23]) == [a.me.node_id])
+        _wait(lambda: len(a._out) == 2)
         a.stop()  # hands its 24 blocks over, then leaves
         assert a.stats.blocks_given == 24
         _wait(lambda: b.stats.blocks_adopted + c.stats.blocks_adopted == 24)

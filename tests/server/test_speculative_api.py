@@ -25,6 +25,8 @@ def test_a_speculating_server_streams_what_it_answers_and_counts_acceptance(tmp_
         streamed = "".join(c.choices[0].delta.content or ""
                            for c in client.chat.completions.create(**kw, stream=True))
         assert streamed == whole and len(whole) > 20
-        assert s.metric("spec_decode_num_accepted_tokens") > 0
+        assert s.metric("spec_decode_num_accepted_tokens_total") > 0
+        drafted = s.metric("spec_decode_num_draft_tokens_total")
+        assert s.metric("spec_decode_num_accepted_tokens_total") <= drafted
         assert 0 < s.metric("spec_decode_acceptance_rate") <= 1
         assert s.metric("spec_decode_tokens_per_step") > 1

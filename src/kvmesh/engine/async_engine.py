@@ -146,10 +146,14 @@ class AsyncEngine:
         store = core.store
         tiers = tuple(copy.copy(t) for t in store.all_stats()) if store else ()
         spec = core.speculator
-        spec_stats = (spec.num_drafted, spec.num_accepted, spec.acceptance_rate,
-                      spec.tokens_per_step) if spec is not None else ()
+        drafted, accepted, steps = 0, 0, 0
+        if spec is not None:  # read off the engine thread: `observe` grows drafted before
+            accepted, steps = spec.num_accepted, spec.num_verify_steps  # accepted, so
+            drafted = spec.num_drafted  # reading it last keeps accepted <= drafted
         return EngineStats(core.num_running, core.num_waiting, core.pool.usage,
-                           core.scheduler.num_preemptions, tiers, *spec_stats)
+                           core.scheduler.num_preemptions, tiers, drafted, accepted,
+                           accepted / drafted if drafted else 0.0,
+                           (accepted + steps) / steps if steps else 0.0)
 
     async def submit(
         self,

@@ -13,14 +13,14 @@ siblings wait until the first has its prompt computed, so they start from its ca
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from kvmesh.config import CacheConfig, SchedulerConfig
 from kvmesh.engine.batch import BlockCopy, ExecuteBatch, Executor, RunExecutor, SeqWork
 from kvmesh.engine.block_pool import BlockPool
+from kvmesh.engine.clock import Clock, SystemClock
 from kvmesh.engine.drafter import Drafter
 from kvmesh.engine.events import DEVICE, BlockEvent, BlockRemoved, BlockStored, EventOutbox
 from kvmesh.engine.kv_cache_manager import KVCacheManager, num_reusable_blocks
@@ -32,19 +32,6 @@ from kvmesh.kvstore.store import TieredStore
 from kvmesh.types import FinishReason, SamplingParams, TenantClass
 
 IDLE_WAIT_S = 0.0005  # nothing to run but fetches in flight: wait this long for them
-
-
-class Clock(Protocol):
-    def now(self) -> float: ...
-    def sleep(self, seconds: float) -> None: ...
-
-
-class SystemClock:
-    def now(self) -> float:
-        return time.monotonic()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
 
 
 @dataclass(frozen=True)
@@ -198,6 +185,8 @@ class EngineCore:
             self.store.poll()
         if self.speculator is not None:
             self.speculator.draft(self.scheduler.running)
+            if self.speculator.last_error is not None:
+                self.last_error, self.speculator.last_error = self.speculator.last_error, None
         out = self.scheduler.schedule()
         self._drain()
         if out.is_empty:

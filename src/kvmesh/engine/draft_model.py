@@ -1,17 +1,19 @@
 """Draft-model speculation: a smaller model with the target's vocabulary drafts greedily.
 
 `ModelDrafter` is a `drafter.Drafter`. It runs the draft model through its own
-`ModelRunner`, on a small paged KV cache of its own (block ids from a private free list,
+`ModelRunner`, on a paged KV cache of its own (block ids from a private free list,
 `max_seqs` sequences' worth), so drafting takes the same native decode and prefill
 kernels as the target. Per sequence it remembers which tokens its cache holds. Each
 step it feeds what changed since (the target's accepted tokens; after a rejection, the
 cache is cut back to the longest common prefix, so rolled-back KV is simply overwritten),
 then decodes up to k tokens greedily, all drafting sequences batched together.
 
-A long backlog (a new sequence's prompt) is fed `chunk_tokens` at a time, one chunk per
-step, and that sequence drafts nothing until it has caught up: the batch never waits on
-one request's draft prefill for more than a chunk. Where the cache is full, the least
-recently drafted sequences that are not drafting now give up their blocks.
+Catching up is bounded: each step feeds at most `chunk_tokens` tokens over all sequences,
+the shortest backlogs first, and a sequence with a long one (a new prompt) drafts nothing
+until it has caught up, so the batch never waits on draft prefills for more than a chunk.
+Where the cache is full, the least recently drafted sequences that are not drafting now
+give up their blocks. The cache holds `speculative_max_seqs` sequences of the longest
+length, within a quarter of the target's KV budget (`kv_cache_memory_bytes`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from kvmesh.config import EngineConfig
 from kvmesh.engine.batch import SeqWork
 from kvmesh.engine.drafter import DraftWant
-from kvmesh.engine.model_runner import ModelRunner
+from kvmesh.engine.model_runner import ModelRunner, kv_block_bytes
 from kvmesh.engine.setup import LoadedModel
 from kvmesh.model.cpu_kernels import select_kernels
 from kvmesh.model.loader import load_model
@@ -52,12 +54,14 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class ModelDrafter:
-    def __init__(self, runner: ModelRunner, num_blocks: int, chunk_tokens: int):
+    def __init__(self, runner: ModelRunner, num_blocks: int, chunk_tokens: int,
+                 vocab_size: int | None = None):
         if chunk_tokens < 1:
             raise ValueError("chunk_tokens must be >= 1")
         self.runner = runner
         self.block_size = runner.block_size
         self.chunk_tokens = chunk_tokens
+        self.vocab_size = vocab_size  # the target's: a padded draft vocabulary is cut to it
         self._free = list(range(num_blocks - 1, -1, -1))
         self._seqs: OrderedDict[str, _DraftSeq] = OrderedDict()  # least recent first
         self.num_blocks = num_blocks
@@ -69,10 +73,12 @@ class ModelDrafter:
         busy = {w.seq_id for w in wants}
         first: list[tuple[int, SeqWork]] = []  # (want index, catch-up work) of drafting ones
         feed_only: list[SeqWork] = []  # catching up on a long backlog: no draft this step
-        for i, w in enumerate(wants):
-            work = self._catch_up(w, busy)
+        budget = self.chunk_tokens  # tokens fed this step, shared: short backlogs first
+        for i in sorted(range(len(wants)), key=lambda j: self._backlog(wants[j])):
+            work = self._catch_up(wants[i], busy, budget)
             if work is None:
                 continue
+            budget -= len(work.token_ids)
             if work.is_sampling:
                 first.append((i, work))
             else:
@@ -103,15 +109,22 @@ class ModelDrafter:
 
     # internals -----------------------------------------------------------------------------
 
-    def _catch_up(self, w: DraftWant, busy: set[str]) -> SeqWork | None:
-        """The work that brings `w`'s draft cache up to its tokens (sampling where it ends
-        on the last one, so the sequence drafts this step), or None where there is no
-        room for it."""
+    def _backlog(self, w: DraftWant) -> int:
+        seq = self._seqs.get(w.seq_id)
+        held = _common_prefix(seq.tokens, w.tokens) if seq is not None else 0
+        return len(w.tokens) - min(held, len(w.tokens) - 1)
+
+    def _catch_up(self, w: DraftWant, busy: set[str], budget: int) -> SeqWork | None:
+        """The work that brings `w`'s draft cache up to its tokens, at most `budget` of
+        them (sampling where it ends on the last one, so the sequence drafts this step),
+        or None where there is no budget or no room for it."""
+        if budget < 1 or len(w.tokens) < 1:
+            return None
         seq = self._seqs.pop(w.seq_id, None) or _DraftSeq()
         self._seqs[w.seq_id] = seq  # most recent last
         n = len(w.tokens)
         start = min(_common_prefix(seq.tokens, w.tokens), n - 1)
-        end = min(n, start + self.chunk_tokens)
+        end = min(n, start + budget)
         ready = end == n
         need = -(-(n + w.max_tokens - 1 if ready else end) // self.block_size)
         if not self._reserve(seq, need, busy):
@@ -145,6 +158,8 @@ class ModelDrafter:
     def _run(self, rows: list[SeqWork]) -> list[int]:
         """One draft-model step; the greedy next token of each sampling row, in order."""
         logits, owner = self.runner.execute(rows)
+        if self.vocab_size is not None:
+            logits = logits[:, :self.vocab_size]
         picks = logits.argmax(dim=-1).tolist() if len(owner) else []
         by_row = dict(zip(owner, picks, strict=True))
         return [by_row[r] for r in range(len(rows)) if rows[r].is_sampling]
@@ -158,31 +173,53 @@ class ModelDrafter:
 
 
 def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
-    """Whether two tokenizers agree (size, and the ids of a probe text)."""
+    """Whether two tokenizers agree (size with added tokens, and the ids of a probe text).
+    Embedding tables may be padded differently: the tokenizers decide."""
     return a.vocab_size == b.vocab_size and a.encode(_PROBE) == b.encode(_PROBE)
+
+
+def draft_num_blocks(max_model_len: int, k: int, block_size: int, max_seqs: int,
+                     block_bytes: int, budget_bytes: int) -> int:
+    """Blocks for `max_seqs` drafting sequences of the longest length, within
+    `budget_bytes` (but always one longest sequence's worth)."""
+    per_seq = -(-(max_model_len + k) // block_size)
+    return max(per_seq, min(per_seq * max_seqs, budget_bytes // block_bytes))
 
 
 def build_model_drafter(config: EngineConfig, target: LoadedModel,
                         progress: bool = True) -> ModelDrafter:
     """Load `--speculative-model` as the target runs (device, dtype, KV dtype) and give it a
-    KV cache for `speculative_max_seqs` sequences of the target's longest length."""
+    KV cache for `speculative_max_seqs` sequences of the target's longest length, within a
+    quarter of the target's KV budget. Errors name the draft model."""
+    name = config.scheduler.speculative_model
+    try:
+        return _build(config, target, progress)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ValueError(f"--speculative-model {name!r}: {exc}") from exc
+
+
+def _build(config: EngineConfig, target: LoadedModel, progress: bool) -> ModelDrafter:
     sched, cache = config.scheduler, config.cache
     assert sched.speculative_model is not None
     resolved = resolve_model(sched.speculative_model, progress=progress)
+    if not same_vocabulary(Tokenizer(resolved.path), target.tokenizer):
+        raise ValueError("it does not share the target's vocabulary (the tokenizers differ)")
     draft, quantization = load_model(resolved.path, target.dtype, target.device,
                                      target.max_model_len, sched.speculative_quantization)
-    if draft.arch.vocab_size != target.model.arch.vocab_size or not same_vocabulary(
-            Tokenizer(resolved.path), target.tokenizer):
-        raise ValueError(f"the draft model {sched.speculative_model!r} does not share the "
-                         f"target's vocabulary ({draft.arch.vocab_size} vs "
-                         f"{target.model.arch.vocab_size} tokens, or other ids)")
+    if draft.arch.vocab_size < target.tokenizer.vocab_size:
+        raise ValueError(f"its {draft.arch.vocab_size} output rows cover less than the "
+                         f"{target.tokenizer.vocab_size}-token vocabulary")
     kernels = select_kernels(config.model.attention_backend, target.dtype, target.kv_dtype,
                              target.device, draft.arch.head_dim)
-    per_seq = -(-(target.max_model_len + sched.num_speculative_tokens) // cache.block_size)
-    num_blocks = per_seq * sched.speculative_max_seqs
+    seqs = min(sched.speculative_max_seqs, sched.max_num_seqs)
+    block_bytes = kv_block_bytes(draft.arch, cache.block_size, target.kv_dtype)
+    num_blocks = draft_num_blocks(target.max_model_len, sched.num_speculative_tokens,
+                                  cache.block_size, seqs, block_bytes,
+                                  cache.kv_cache_memory_bytes // 4)
     runner = ModelRunner(draft, num_blocks, cache.block_size, target.kv_dtype, target.device,
                          *kernels)
-    log.info("draft model %s (%s, quantization %s): %d KV blocks, %.0f MiB at most",
+    log.info("draft model %s (%s, quantization %s): %d KV blocks, %.0f MiB",
              resolved.name, str(target.dtype).replace("torch.", ""), quantization, num_blocks,
-             num_blocks * runner.block_bytes / 2**20)
-    return ModelDrafter(runner, num_blocks, sched.max_num_batched_tokens)
+             num_blocks * block_bytes / 2**20)
+    return ModelDrafter(runner, num_blocks, sched.max_num_batched_tokens,
+                        target.model.arch.vocab_size)

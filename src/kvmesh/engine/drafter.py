@@ -1,9 +1,9 @@
 """Drafters for speculative decoding: who proposes the tokens a verify step checks. Pure.
 
 A `Drafter` gets, once per step, the sequences that may draft and how many tokens each may
-propose, and answers with a draft per sequence (possibly empty). Drafts are deterministic
-given the sequence (a one-hot draft distribution), which is what the sampler's rejection
-step assumes. Two kinds exist:
+propose, and answers with a draft per sequence (possibly empty). Each drafted token is
+chosen before, and independently of, the verify step's random draws (a one-hot draft
+distribution), which is what the sampler's rejection step assumes. Two kinds exist:
 
 - `NgramDrafter` (here): prompt lookup. A sequence's draft is what followed the most
   recent earlier occurrence of its last n tokens (the longest n that occurred). The index
@@ -36,7 +36,8 @@ class Drafter(Protocol):
         ...
 
     def forget(self, seq_ids: Iterable[str]) -> None:
-        """Drop the state of sequences that are gone (or preempted)."""
+        """Drop the state of sequences that are gone. (A preempted sequence keeps it: its
+        tokens do not change, so the state is still good when it resumes.)"""
         ...
 
 

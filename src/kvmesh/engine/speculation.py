@@ -9,11 +9,13 @@ holds an end-of-sequence or stop token and never runs past `max_tokens` or the c
 Speculation turns itself down where it does not pay: each sequence keeps a moving
 average of the share of its drafts accepted and stops drafting while that is under
 `MIN_ACCEPTANCE`, and after a step whose draft was wholly rejected it waits 2, 4, ... 32
-steps before drafting again.
+steps before drafting again. A drafter that raises costs a step's drafts, never a request;
+after MAX_DRAFT_FAILURES in a row, speculation stays off.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 from kvmesh.config import SchedulerConfig
@@ -22,6 +24,7 @@ from kvmesh.engine.request import Request
 from kvmesh.types import SamplingParams
 
 MAX_BACKOFF_STEPS = 32
+MAX_DRAFT_FAILURES = 3  # drafter exceptions in a row before speculation turns off
 MIN_ACCEPTANCE = 0.3  # a verify step costs about what 1 + 0.3 * k plain tokens would
 EMA_WEIGHT = 0.3  # of the latest step in a sequence's acceptance average
 
@@ -44,6 +47,8 @@ class Speculator:
         if drafter is None and config.speculative_method != "ngram":
             raise ValueError(f"speculative_method {config.speculative_method!r} needs a drafter")
         self.drafter: Drafter = drafter if drafter is not None else NgramDrafter()
+        self.last_error: Exception | None = None  # the drafter's, for the caller to log
+        self._failures = 0  # drafter failures in a row
         self._backoff: dict[str, tuple[int, int]] = {}  # seq -> (steps to skip, next skip)
         self._rate: dict[str, float] = {}  # seq -> moving average of its acceptance
         self.num_drafted = 0
@@ -61,11 +66,27 @@ class Speculator:
                 wants.append((req, DraftWant(req.request_id, req.token_ids, room)))
         if not wants:
             return
-        drafts = self.drafter.propose([w for _, w in wants])
+        try:
+            drafts = self.drafter.propose([w for _, w in wants])
+        except Exception as exc:  # noqa: BLE001 - a failing drafter costs speed, not requests
+            self._failed(exc, [w.seq_id for _, w in wants])
+            return
+        self._failures = 0
         for (req, _), draft in zip(wants, drafts, strict=True):
             stops = req.eos_token_ids | set(req.params.stop_token_ids)
             cut = next((i for i, t in enumerate(draft) if t in stops), len(draft))
             req.spec_token_ids = list(draft[:cut])
+
+    def _failed(self, exc: Exception, seq_ids: list[str]) -> None:
+        """The drafter raised (a draft model's forward failed): this step decodes plainly,
+        the drafter forgets those sequences (their draft state may be half written), and
+        after MAX_DRAFT_FAILURES failures in a row speculation turns off."""
+        self.last_error = exc
+        self._failures += 1
+        with contextlib.suppress(Exception):  # turned off below if it keeps failing
+            self.drafter.forget(seq_ids)
+        if self._failures >= MAX_DRAFT_FAILURES:
+            self.max_seqs = 0
 
     def _room(self, req: Request) -> int:
         """How many tokens `req` may draft this step (0: none, waiting or backing off)."""

@@ -103,6 +103,7 @@ class Grammars:
         self.vocab_size = vocab_size
         self._tok: Any = None
         self._cache: OrderedDict[StructuredOutput, Any] = OrderedDict()
+        self._closers: ClosingMasks | None = None
         self._lock = threading.Lock()
 
     def _tokenizer(self) -> Any:
@@ -139,15 +140,17 @@ class Grammars:
     def closers(self) -> ClosingMasks:
         """The token classes that steer a JSON output to its end (built once)."""
         with self._lock:
-            cached = getattr(self, "_closers", None)
+            cached = self._closers
         if cached is not None:
             return cached
         tok = self._tokenizer()
         masks = ClosingMasks.empty(self.mask_words)
         for t in range(self.vocab_size):
             masks.add(t, tok.decode_str([t]))
-        self._closers = masks.done()
-        return self._closers
+        done = masks.done()
+        with self._lock:
+            self._closers = done
+        return done
 
     def check(self, spec: StructuredOutput) -> None:
         """Compile (once); ValueError with the library's message when it cannot. Off the

@@ -16,12 +16,29 @@ from kvmesh.types import TenantClass
 TIER_COUNTERS = ("hit_blocks", "miss_blocks", "hit_tokens", "miss_tokens", "bytes_in",
                  "bytes_out", "evictions", "checksum_failures", "write_errors", "dropped_writes")
 TIER_GAUGES = ("used_bytes", "capacity_bytes", "num_blocks")
-SPEC_GAUGES = {  # speculative decoding, so far (0 with it off)
+SPEC_COUNTERS = {  # speculative decoding (0 with it off)
     "num_draft_tokens": "Draft tokens proposed.",
     "num_accepted_tokens": "Draft tokens accepted.",
-    "acceptance_rate": "Accepted / proposed draft tokens.",
-    "tokens_per_step": "Tokens a verifying sequence gets per step (accepted + 1).",
 }
+SPEC_GAUGES = {
+    "acceptance_rate": "Accepted / proposed draft tokens, so far.",
+    "tokens_per_step": "Tokens a verifying sequence got per step (accepted + 1), so far.",
+}
+
+
+class SpecCollector:
+    """Speculative decoding's counters (kvmesh:spec_decode_*_total), read at scrape."""
+
+    def __init__(self, stats: Callable[[], EngineStats | None], model: Callable[[], str]):
+        self._stats = stats
+        self._model = model
+
+    def collect(self):
+        s = self._stats()
+        for name, text in SPEC_COUNTERS.items():
+            fam = CounterMetricFamily(f"kvmesh:spec_decode_{name}", text, labels=["model_name"])
+            fam.add_metric([self._model()], float(getattr(s, f"spec_{name}", 0) if s else 0))
+            yield fam
 
 
 class TierCollector:
@@ -187,6 +204,7 @@ class ServerMetrics:
             return lambda: float(getattr(stats(), name, 0.0) or 0.0)
 
         self.registry.register(TierCollector(stats, lambda: self.model_name))
+        self.registry.register(SpecCollector(stats, lambda: self.model_name))
         self.running.labels(m).set_function(field("num_running"))
         self.waiting.labels(m).set_function(field("num_waiting"))
         self.kv_usage.labels(m).set_function(field("kv_cache_usage"))
