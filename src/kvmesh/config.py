@@ -107,6 +107,11 @@ class CacheConfig:
         "Exact number of KV blocks (overrides the byte budget).", default=None
     )
     enable_prefix_caching: bool = _help("Reuse KV blocks across requests by prefix.", default=True)
+    prefault_bytes: int = _help(
+        "CPU: keep this much of the KV pool's memory mapped ahead of the blocks in use, on a "
+        "background thread, so that filling fresh blocks (a long prompt, a host or peer "
+        "hit) does not pay page faults on the request's path (0: map pages on first use).",
+        default=256 * 1024**2)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 1024:
@@ -117,6 +122,8 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
         if self.kv_cache_memory_bytes < 1:
             raise ValueError("kv_cache_memory_bytes must be positive")
+        if self.prefault_bytes < 0:
+            raise ValueError("prefault_bytes must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ class BlockPool:
         self._block_of: dict[BlockKey, int] = {}
         self.outbox = outbox
         self.num_evictions = 0
+        self.high_water = 0  # blocks [0, high_water) have been handed out at least once
 
     @property
     def num_free_blocks(self) -> int:
@@ -50,6 +51,8 @@ class BlockPool:
             self._drop_key(block_id)
             self.ref_counts[block_id] = 1
             taken.append(block_id)
+            if block_id >= self.high_water:
+                self.high_water = block_id + 1
         return taken
 
     def free(self, block_ids: Iterable[int]) -> None:

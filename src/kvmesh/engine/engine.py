@@ -20,6 +20,7 @@ from kvmesh.engine.executor import TorchExecutor
 from kvmesh.engine.input_processor import InputProcessor
 from kvmesh.engine.model_runner import ModelRunner
 from kvmesh.engine.output_processor import OutputProcessor
+from kvmesh.engine.prefault import Prefaulter
 from kvmesh.engine.setup import LoadedModel, build_store, load_engine_model
 from kvmesh.engine.structured import Grammars
 from kvmesh.model.cpu_kernels import select_kernels
@@ -48,6 +49,9 @@ class LLMEngine:
         self.core = EngineCore(self.config.scheduler, cache, identity, loaded.num_blocks,
                                self.store, self.config.tiers.write_through, outbox,
                                drafter=drafter)
+        self.prefaulter = Prefaulter(self.runner.kv, self.core.pool, cache.prefault_bytes)
+        if loaded.device.type == "cpu" and cache.prefault_bytes > 0:
+            self.prefaulter.start()
         vocab = loaded.model.arch.vocab_size
         grammars = Grammars(self.tokenizer.to_json, vocab, loaded.eos_token_ids)
         self.executor = TorchExecutor(self.runner, self.store, grammars, loaded.eos_token_ids)
@@ -72,6 +76,7 @@ class LLMEngine:
 
     def close(self) -> None:
         """Hand every cached device block down the tiers, then persist them (warm restart)."""
+        self.prefaulter.stop()
         self.core.close(self.executor)
 
     # requests --------------------------------------------------------------------------

@@ -32,8 +32,10 @@ PAGE = 4096
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Zeros. On the CPU, from calloc: the kernel's zero pages are mapped on first touch, so
     a multi-GiB pool costs nothing at startup (torch.zeros writes every page: ~1.5 s/GiB
-    on a VM). The cost moves to each block's first use, and resident memory grows until
-    the pool's free list has cycled once (then it is the whole pool, as before)."""
+    on a VM). The cost moves to each block's first use, which `engine.prefault` takes off
+    the request path by mapping pages just ahead of the blocks in use, in the background;
+    resident memory grows until the pool's free list has cycled once (then it is the
+    whole pool, as before)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * dtype.itemsize
