@@ -158,7 +158,7 @@ class SchedulerConfig:
         "The draft model for --speculative-method draft: a name from `kvmesh model list`, a "
         "local Hugging Face directory or a .gguf file, with the target's vocabulary. It "
         "runs in the target's dtype, on a paged KV cache of its own (speculative_max_seqs "
-        "sequences of the longest length, within a quarter of kv_cache_memory_bytes).",
+        "sequences of the longest length, within a quarter of the target's KV pool bytes).",
         default=None)
     speculative_quantization: str = _help(
         "Weight-only quantization of the draft model, as --quantization (int4 makes a "

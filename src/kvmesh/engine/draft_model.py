@@ -13,7 +13,7 @@ the shortest backlogs first, and a sequence with a long one (a new prompt) draft
 until it has caught up, so the batch never waits on draft prefills for more than a chunk.
 Where the cache is full, the least recently drafted sequences that are not drafting now
 give up their blocks. The cache holds `speculative_max_seqs` sequences of the longest
-length, within a quarter of the target's KV budget (`kv_cache_memory_bytes`).
+length, within a quarter of the bytes of the target's KV pool.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def build_model_drafter(config: EngineConfig, target: LoadedModel,
                         progress: bool = True) -> ModelDrafter:
     """Load `--speculative-model` as the target runs (device, dtype, KV dtype) and give it a
     KV cache for `speculative_max_seqs` sequences of the target's longest length, within a
-    quarter of the target's KV budget. Errors name the draft model."""
+    quarter of the target's KV pool bytes. Errors name the draft model."""
     name = config.scheduler.speculative_model
     try:
         return _build(config, target, progress)
@@ -206,16 +206,18 @@ def _build(config: EngineConfig, target: LoadedModel, progress: bool) -> ModelDr
         raise ValueError("it does not share the target's vocabulary (the tokenizers differ)")
     draft, quantization = load_model(resolved.path, target.dtype, target.device,
                                      target.max_model_len, sched.speculative_quantization)
-    if draft.arch.vocab_size < target.tokenizer.vocab_size:
-        raise ValueError(f"its {draft.arch.vocab_size} output rows cover less than the "
-                         f"{target.tokenizer.vocab_size}-token vocabulary")
+    if draft.arch.vocab_size < target.model.arch.vocab_size:
+        # ids up to the target's (padded) table reach the draft's embedding
+        raise ValueError(f"its {draft.arch.vocab_size}-row embedding is smaller than the "
+                         f"target's {target.model.arch.vocab_size} rows")
     kernels = select_kernels(config.model.attention_backend, target.dtype, target.kv_dtype,
                              target.device, draft.arch.head_dim)
     seqs = min(sched.speculative_max_seqs, sched.max_num_seqs)
     block_bytes = kv_block_bytes(draft.arch, cache.block_size, target.kv_dtype)
+    target_bytes = target.num_blocks * kv_block_bytes(target.model.arch, cache.block_size,
+                                                      target.kv_dtype)
     num_blocks = draft_num_blocks(target.max_model_len, sched.num_speculative_tokens,
-                                  cache.block_size, seqs, block_bytes,
-                                  cache.kv_cache_memory_bytes // 4)
+                                  cache.block_size, seqs, block_bytes, target_bytes // 4)
     runner = ModelRunner(draft, num_blocks, cache.block_size, target.kv_dtype, target.device,
                          *kernels)
     log.info("draft model %s (%s, quantization %s): %d KV blocks, %.0f MiB",

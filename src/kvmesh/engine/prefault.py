@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import mmap
 import os
 import sys
 import threading
@@ -29,8 +30,8 @@ import torch
 
 log = logging.getLogger(__name__)
 MADV_POPULATE_WRITE = 23
-PAGE = 4096
-CHUNK_BYTES = 16 << 20  # per madvise call: the thread checks for shutdown between calls
+PAGE = mmap.PAGESIZE
+CHUNK_BYTES = 2 << 20  # per madvise call: short, so the thread holds the mm lock briefly
 RESERVE_BYTES = 256 << 20
 POLL_S = 0.05
 
@@ -55,7 +56,7 @@ class Prefaulter:
     """Keeps the KV tensor's blocks up to `pool.high_water` + reserve mapped."""
 
     def __init__(self, kv: torch.Tensor, pool: HasHighWater,
-                 reserve_bytes: int = RESERVE_BYTES):
+                 reserve_bytes: int = RESERVE_BYTES, nice: bool = True):
         self.block_bytes = kv[0].numel() * kv.element_size()
         self.num_blocks = kv.shape[0]
         self.base = kv.data_ptr()
@@ -65,10 +66,17 @@ class Prefaulter:
         self._pool = weakref.ref(pool)
         self._stop = threading.Event()
         self._fn = _madvise()
+        self.nice = nice
         self.thread: threading.Thread | None = None
 
     def start(self) -> bool:
-        if self._fn is None or self.base % PAGE:
+        """Start the thread; False where the kernel refuses (probed on the first page)."""
+        if self._fn is None or self.base % PAGE or self.num_blocks < 1:
+            return False
+        if self._fn(ctypes.c_void_p(self.base), ctypes.c_size_t(PAGE),
+                    MADV_POPULATE_WRITE) != 0:
+            log.info("madvise(MADV_POPULATE_WRITE) refused (errno %d): KV pages map on first "
+                     "use", ctypes.get_errno())
             return False
         self.thread = threading.Thread(target=self._run, name="kv-prefault", daemon=True)
         self.thread.start()
@@ -78,8 +86,9 @@ class Prefaulter:
         self._stop.set()
 
     def _run(self) -> None:
-        with contextlib.suppress(OSError, AttributeError):  # nice this thread only (Linux)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        if self.nice:
+            with contextlib.suppress(OSError, AttributeError):  # this thread only (Linux)
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while not self._stop.is_set() and self.mapped < self.num_blocks:
             pool = self._pool()
             if pool is None or self._kv() is None:

@@ -16,6 +16,7 @@ after MAX_DRAFT_FAILURES in a row, speculation stays off.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterable
 
 from kvmesh.config import SchedulerConfig
@@ -23,6 +24,7 @@ from kvmesh.engine.drafter import Drafter, DraftWant, NgramDrafter
 from kvmesh.engine.request import Request
 from kvmesh.types import SamplingParams
 
+log = logging.getLogger(__name__)
 MAX_BACKOFF_STEPS = 32
 MAX_DRAFT_FAILURES = 3  # drafter exceptions in a row before speculation turns off
 MIN_ACCEPTANCE = 0.3  # a verify step costs about what 1 + 0.3 * k plain tokens would
@@ -85,8 +87,10 @@ class Speculator:
         self._failures += 1
         with contextlib.suppress(Exception):  # turned off below if it keeps failing
             self.drafter.forget(seq_ids)
-        if self._failures >= MAX_DRAFT_FAILURES:
+        if self._failures >= MAX_DRAFT_FAILURES and self.max_seqs:
             self.max_seqs = 0
+            log.warning("the drafter failed %d times in a row (last: %s: %s): speculative "
+                        "decoding is off from now on", self._failures, type(exc).__name__, exc)
 
     def _room(self, req: Request) -> int:
         """How many tokens `req` may draft this step (0: none, waiting or backing off)."""
