@@ -84,6 +84,10 @@ class AppState:
 def _load(state: AppState, metrics: ServerMetrics) -> None:
     try:  # built on the engine's own thread (see AsyncEngine)
         async_engine = AsyncEngine(lambda: LLMEngine(state.engine_config, progress=False))
+    except (ValueError, FileNotFoundError) as exc:  # a setting or a path: no traceback
+        log.error("model failed to load: %s", exc)
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        return
     except Exception as exc:  # noqa: BLE001 - reported by /ready and 503s
         log.exception("model failed to load")
         state.load_error = f"{type(exc).__name__}: {exc}"
