@@ -4,6 +4,7 @@ background, without touching what the engine wrote."""
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import sys
 import time
@@ -11,7 +12,6 @@ import time
 import pytest
 import torch
 
-from kvmesh.engine.model_runner import lazy_zeros
 from kvmesh.engine.prefault import Prefaulter
 
 
@@ -41,7 +41,10 @@ def _wait(cond, timeout=60.0) -> None:
 @pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_WRITE is Linux-only")
 def test_pages_are_mapped_ahead_of_the_high_water_mark_only():
     mib = 1 << 20
-    kv = lazy_zeros((96, 2, mib // 8), torch.float32, torch.device("cpu"))  # 96 x 1 MiB
+    # fresh anonymous pages (what lazy_zeros' calloc gives for a new large pool; in a
+    # long-lived process calloc may reuse freed heap, so the test maps its own)
+    area = mmap.mmap(-1, 96 * mib)
+    kv = torch.frombuffer(area, dtype=torch.float32).view(96, 2, mib // 8)  # 96 x 1 MiB
     kv[0].fill_(1.5)  # the engine's data, written before and during the prefault
     pool = _Pool()
     assert _resident_bytes(kv) <= 4 * mib  # calloc'd: what was written (huge pages: 2 MiB)

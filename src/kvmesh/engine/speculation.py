@@ -16,7 +16,6 @@ after MAX_DRAFT_FAILURES in a row, speculation stays off.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterable
 
 from kvmesh.config import SchedulerConfig
@@ -24,7 +23,6 @@ from kvmesh.engine.drafter import Drafter, DraftWant, NgramDrafter
 from kvmesh.engine.request import Request
 from kvmesh.types import SamplingParams
 
-log = logging.getLogger(__name__)
 MAX_BACKOFF_STEPS = 32
 MAX_DRAFT_FAILURES = 3  # drafter exceptions in a row before speculation turns off
 MIN_ACCEPTANCE = 0.3  # a verify step costs about what 1 + 0.3 * k plain tokens would
@@ -88,9 +86,10 @@ class Speculator:
         with contextlib.suppress(Exception):  # turned off below if it keeps failing
             self.drafter.forget(seq_ids)
         if self._failures >= MAX_DRAFT_FAILURES and self.max_seqs:
-            self.max_seqs = 0
-            log.warning("the drafter failed %d times in a row (last: %s: %s): speculative "
-                        "decoding is off from now on", self._failures, type(exc).__name__, exc)
+            self.max_seqs = 0  # the engine logs last_error: say that speculation is off
+            self.last_error = RuntimeError(
+                f"the drafter failed {self._failures} times in a row; speculative decoding "
+                f"is off from now on (last: {type(exc).__name__}: {exc})")
 
     def _room(self, req: Request) -> int:
         """How many tokens `req` may draft this step (0: none, waiting or backing off)."""
