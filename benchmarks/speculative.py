@@ -110,8 +110,7 @@ def run(llm, prompts: list[str], tokens: int) -> tuple[float, float, list[list[i
 
 def measure(plain, spec, prompts: list[str], args: argparse.Namespace) -> dict:
     """Alternating rounds of one workload on both engines: the figures for it."""
-    core = spec.engine.core.speculator
-    drafted0, accepted0, steps0 = core.num_drafted, core.num_accepted, core.num_verify_steps
+    before = spec.engine.core.speculator.counts()
     rates: dict[str, list[float]] = {"plain": [], "spec": [], "plain_e2e": [], "spec_e2e": []}
     same = len(prompts)  # the fewest identical outputs in any round
     for _ in range(args.rounds):
@@ -121,9 +120,7 @@ def measure(plain, spec, prompts: list[str], args: argparse.Namespace) -> dict:
                            ("spec_e2e", e2e_s)):
             rates[key].append(value)
         same = min(same, sum(a == b for a, b in zip(outs_p, outs_s, strict=True)))
-    drafted = core.num_drafted - drafted0
-    accepted = core.num_accepted - accepted0
-    steps = core.num_verify_steps - steps0
+    counts = spec.engine.core.speculator.counts() - before
     p, s = statistics.median(rates["plain"]), statistics.median(rates["spec"])
     return {
         "decode_tok_per_s_plain": p, "decode_tok_per_s_spec": s, "speedup": s / p,
@@ -131,8 +128,8 @@ def measure(plain, spec, prompts: list[str], args: argparse.Namespace) -> dict:
         "spec_spread": [min(rates["spec"]), max(rates["spec"])],
         "e2e_tok_per_s_plain": statistics.median(rates["plain_e2e"]),
         "e2e_tok_per_s_spec": statistics.median(rates["spec_e2e"]),
-        "acceptance_rate": accepted / drafted if drafted else 0.0,
-        "tokens_per_verify_step": (accepted + steps) / steps if steps else 0.0,
+        "acceptance_rate": counts.acceptance_rate,
+        "tokens_per_verify_step": counts.tokens_per_step,
         "greedy_identical": f"{same}/{len(prompts)}"}
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmesh.engine.engine import LLMEngine
+from kvmesh.engine.speculation import SpecCounts
 from kvmesh.kvstore.tier import TierStats
 from kvmesh.types import RequestDelta, SamplingParams, TenantClass
 
@@ -145,15 +146,10 @@ class AsyncEngine:
         core = self.engine.core
         store = core.store
         tiers = tuple(copy.copy(t) for t in store.all_stats()) if store else ()
-        spec = core.speculator
-        drafted, accepted, steps = 0, 0, 0
-        if spec is not None:  # read off the engine thread: `observe` grows drafted before
-            accepted, steps = spec.num_accepted, spec.num_verify_steps  # accepted, so
-            drafted = spec.num_drafted  # reading it last keeps accepted <= drafted
+        spec = core.speculator.counts() if core.speculator is not None else SpecCounts()
         return EngineStats(core.num_running, core.num_waiting, core.pool.usage,
-                           core.scheduler.num_preemptions, tiers, drafted, accepted,
-                           accepted / drafted if drafted else 0.0,
-                           (accepted + steps) / steps if steps else 0.0)
+                           core.scheduler.num_preemptions, tiers, spec.drafted, spec.accepted,
+                           spec.acceptance_rate, spec.tokens_per_step)
 
     async def submit(
         self,

@@ -47,8 +47,10 @@ class _DraftSeq:
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case (no rejection since), compared in C
+        return n
     i = 0
-    while i < n and a[i] == b[i]:
+    while a[i] == b[i]:
         i += 1
     return i
 
@@ -74,8 +76,9 @@ class ModelDrafter:
         first: list[tuple[int, SeqWork]] = []  # (want index, catch-up work) of drafting ones
         feed_only: list[SeqWork] = []  # catching up on a long backlog: no draft this step
         budget = self.chunk_tokens  # tokens fed this step, shared: short backlogs first
-        for i in sorted(range(len(wants)), key=lambda j: self._backlog(wants[j])):
-            work = self._catch_up(wants[i], busy, budget)
+        starts = [self._start(w) for w in wants]
+        for i in sorted(range(len(wants)), key=lambda j: len(wants[j].tokens) - starts[j]):
+            work = self._catch_up(wants[i], starts[i], busy, budget)
             if work is None:
                 continue
             budget -= len(work.token_ids)
@@ -96,9 +99,8 @@ class ModelDrafter:
             rows = [self._decode_work(wants[i], drafts[i]) for i, _ in live]
             for (i, _), token in zip(live, self._run(rows), strict=True):
                 drafts[i].append(token)
-        for i, _ in first:
-            # the cache now holds the sequence and all but the last drafted token
-            self._seqs[wants[i].seq_id].tokens = list(wants[i].tokens) + drafts[i][:-1]
+        for i, _ in first:  # the cache now holds all but the last drafted token too
+            self._seqs[wants[i].seq_id].tokens.extend(drafts[i][:-1])
         return drafts
 
     def forget(self, seq_ids: Iterable[str]) -> None:
@@ -109,29 +111,30 @@ class ModelDrafter:
 
     # internals -----------------------------------------------------------------------------
 
-    def _backlog(self, w: DraftWant) -> int:
+    def _start(self, w: DraftWant) -> int:
+        """Where feeding `w` starts: its tokens that the cache holds (the last one is fed
+        again where it holds all: its logits give the first draft token)."""
         seq = self._seqs.get(w.seq_id)
         held = _common_prefix(seq.tokens, w.tokens) if seq is not None else 0
-        return len(w.tokens) - min(held, len(w.tokens) - 1)
+        return max(0, min(held, len(w.tokens) - 1))
 
-    def _catch_up(self, w: DraftWant, busy: set[str], budget: int) -> SeqWork | None:
-        """The work that brings `w`'s draft cache up to its tokens, at most `budget` of
-        them (sampling where it ends on the last one, so the sequence drafts this step),
-        or None where there is no budget or no room for it."""
+    def _catch_up(self, w: DraftWant, start: int, busy: set[str],
+                  budget: int) -> SeqWork | None:
+        """The work that brings `w`'s draft cache up to its tokens from `start`, at most
+        `budget` of them (sampling where it ends on the last one, so the sequence drafts
+        this step), or None where there is no budget or no room for it."""
         if budget < 1 or len(w.tokens) < 1:
             return None
         seq = self._seqs.pop(w.seq_id, None) or _DraftSeq()
         self._seqs[w.seq_id] = seq  # most recent last
         n = len(w.tokens)
-        start = min(_common_prefix(seq.tokens, w.tokens), n - 1)
         end = min(n, start + budget)
         ready = end == n
         need = -(-(n + w.max_tokens - 1 if ready else end) // self.block_size)
         if not self._reserve(seq, need, busy):
             return None
         del seq.tokens[start:]
-        if not ready:
-            seq.tokens.extend(w.tokens[start:end])
+        seq.tokens.extend(w.tokens[start:end])
         return self._work(w.seq_id, list(w.tokens[start:end]), start, seq.table, ready)
 
     def _reserve(self, seq: _DraftSeq, blocks: int, busy: set[str]) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from kvmesh.config import SchedulerConfig
 from kvmesh.engine.drafter import Drafter, DraftWant, NgramDrafter
@@ -131,13 +132,39 @@ class Speculator:
             self._backoff.pop(seq_id, None)
             self._rate.pop(seq_id, None)
 
+    def counts(self) -> SpecCounts:
+        """The counters now. Safe off the engine thread: `observe` grows drafted before
+        accepted, so reading accepted first and drafted last keeps accepted <= drafted."""
+        accepted, steps = self.num_accepted, self.num_verify_steps
+        return SpecCounts(self.num_drafted, accepted, steps)
+
     @property
     def acceptance_rate(self) -> float:
-        return self.num_accepted / self.num_drafted if self.num_drafted else 0.0
+        return self.counts().acceptance_rate
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.counts().tokens_per_step
+
+
+@dataclass(frozen=True)
+class SpecCounts:
+    """Drafted and accepted tokens and verifying sequence-steps (a snapshot, or the
+    difference of two)."""
+
+    drafted: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
     def tokens_per_step(self) -> float:
         """Tokens a verifying sequence-step produced on average (accepted + 1)."""
-        if not self.num_verify_steps:
-            return 0.0
-        return (self.num_accepted + self.num_verify_steps) / self.num_verify_steps
+        return (self.accepted + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
+
+    def __sub__(self, other: SpecCounts) -> SpecCounts:
+        return SpecCounts(self.drafted - other.drafted, self.accepted - other.accepted,
+                          self.verify_steps - other.verify_steps)

@@ -26,12 +26,16 @@ SPEC_GAUGES = {
 }
 
 
-class SpecCollector:
-    """Speculative decoding's counters (kvmesh:spec_decode_*_total), read at scrape."""
+class _EngineStatsCollector:
+    """A collector that reads the engine's stats (and the served name) at scrape."""
 
     def __init__(self, stats: Callable[[], EngineStats | None], model: Callable[[], str]):
         self._stats = stats
         self._model = model
+
+
+class SpecCollector(_EngineStatsCollector):
+    """Speculative decoding's counters (kvmesh:spec_decode_*_total), read at scrape."""
 
     def collect(self):
         s = self._stats()
@@ -41,12 +45,8 @@ class SpecCollector:
             yield fam
 
 
-class TierCollector:
+class TierCollector(_EngineStatsCollector):
     """Exposes every KV tier's counters as kvmesh:kv_tier_* with a `tier` label."""
-
-    def __init__(self, stats: Callable[[], EngineStats | None], model: Callable[[], str]):
-        self._stats = stats
-        self._model = model
 
     def collect(self):
         s = self._stats()
