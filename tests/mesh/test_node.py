@@ -203,6 +203,72 @@ def test_a_fetch_times_out_on_a_stall_not_on_its_length(stall_at):
         a.stop(handoff=False)
 
 
+def test_fetched_blocks_are_received_into_the_buffers_given(pair):
+    """A block with a buffer (a host slot, in the engine) is received into it and resolves
+    to that very buffer; one without gets the link's own."""
+    a, la, b, _ = pair
+    la.put(KEYS[:6])
+    _wait(lambda: b.holders(KEYS[5]) == [a.me.node_id])
+    intos = [memoryview(bytearray(BLOCK)) if i % 2 == 0 else None for i in range(6)]
+    futs = b.request(a.me.node_id, KEYS[:6], intos=intos)
+    got = [f.result(timeout=10) for f in futs]
+    for i, (payload, into) in enumerate(zip(got, intos, strict=True)):
+        assert bytes(payload) == la.blocks[KEYS[i]]
+        assert (payload is into) == (i % 2 == 0)
+
+
+class SplitNode(MeshNode):
+    """Sends block `stall_at` in two halves, `pause` seconds apart; the rest whole."""
+
+    stall_at = 1
+    pause = 2.0
+
+    async def _send_block(self, link, header, data):
+        if header.index != self.stall_at:
+            await link.send(header, data)
+            return
+        half = len(data) // 2
+        held: list = []
+        link.post = held.append  # control frames posted meanwhile follow the whole block
+        link._transport.write(wire.encode(header, len(data)) + data[:half])
+        await asyncio.sleep(self.pause)
+        link._transport.write(data[half:])
+        del link.post
+        for msg in held:
+            link.post(msg)
+
+
+def test_a_block_stalled_mid_payload_never_writes_into_its_buffer_after_the_miss():
+    """The fetch times out while block 1 is half received into its buffer (a reserved host
+    slot that is reused once the read fails). The rest of that payload, arriving later, must
+    go elsewhere; the link stays in step and serves the next fetch."""
+    local = DictBlocks()
+    a = SplitNode(MeshConfig("127.0.0.1", free_port(), SECRET, probe_interval_s=0.1), local)
+    local.node = a
+    a.start()
+    b, _ = _node(seeds=[_port(a)])
+    b._fetcher._stall_s = 0.5
+    try:
+        local.put(KEYS[:3])
+        _wait(lambda: b.holders(KEYS[2]))
+        intos = [memoryview(bytearray(b"\xab" * BLOCK)) for _ in range(3)]
+        futs = b.request(a.me.node_id, KEYS[:3], intos=intos)
+        got = [f.result(timeout=10) for f in futs]
+        assert got[0] is intos[0] and bytes(got[0]) == local.blocks[KEYS[0]]
+        assert got[1:] == [None, None] and b.stats.fetch_timeouts == 1
+        at_miss = bytes(intos[1])
+        assert at_miss[BLOCK // 2:] == b"\xab" * (BLOCK // 2)  # the second half never came
+        time.sleep(a.pause)  # the second half arrives now
+        SplitNode.stall_at = -1
+        a.stall_at = -1
+        again = b.request(a.me.node_id, KEYS[:3])
+        assert [bytes(f.result(timeout=10)) for f in again] == [local.blocks[k] for k in KEYS[:3]]
+        assert bytes(intos[1]) == at_miss and bytes(intos[2]) == b"\xab" * BLOCK
+    finally:
+        b.stop(handoff=False)
+        a.stop(handoff=False)
+
+
 def test_graceful_leave_hands_blocks_to_the_members_that_stay():
     # patient failure detection: a member that looks slow under a loaded CPU must not be
     # dropped (and its link with it) just before the hand-off this test checks

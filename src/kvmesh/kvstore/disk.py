@@ -45,6 +45,7 @@ def _file_key(name: str) -> BlockKey | None:
 class DiskTier:
     name = "disk"
     writable = True
+    lands_in_place = False
 
     def __init__(self, path: Path, capacity_bytes: int, block_bytes: int, policy: str = "lru",
                  io_threads: int = 4, fsync: bool = False, outbox: EventOutbox | None = None):
@@ -112,6 +113,9 @@ class DiskTier:
             return
         self._writing.add(key)
         self._pool.submit(self._write_file, key, payload)
+
+    def read_into(self, key: BlockKey, into: object) -> Future:
+        return self.read(key)  # its bytes are copied in
 
     def read(self, key: BlockKey) -> Future:
         """Read and verify a block on a worker; the future's result is bytes or None."""

@@ -8,6 +8,7 @@ tier); this class only adds the bytes. Evicting a slot first hands its bytes to
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kvmesh.engine.events import EventOutbox
@@ -29,6 +30,7 @@ class HostTier(VirtualHostTier):
         self.block_bytes = block_bytes
         self.slab = torch.empty((num_slots, block_bytes), dtype=torch.uint8, pin_memory=pin)
         self.slab.zero_()  # fault every page in now, not on the serving path
+        self._np = self.slab.numpy()  # the same bytes, for copies and in-place landing
         self.is_pinned = pin
         self.on_evict = on_evict
 
@@ -43,16 +45,16 @@ class HostTier(VirtualHostTier):
     def remove(self, key: BlockKey) -> None:
         self.index.remove(key)
 
+    def landing(self, slot: int) -> memoryview:
+        return memoryview(self._np[slot])
+
     def _read(self, slot: int) -> bytes:
         return self.slab[slot].numpy().tobytes()
 
     def _write(self, slot: int, data: object) -> None:
         dst = self.slab[slot]
-        if isinstance(data, bytes | bytearray | memoryview):  # frombuffer wants it writable
-            writable = isinstance(data, bytearray) or (isinstance(data, memoryview)
-                                                       and not data.readonly)
-            buf = data if writable else bytearray(data)
-            dst.copy_(torch.frombuffer(buf, dtype=torch.uint8))
+        if isinstance(data, bytes | bytearray | memoryview):  # numpy: no thread-pool wake-up
+            self._np[slot] = np.frombuffer(data, np.uint8)
         elif isinstance(data, torch.Tensor):
             # Synchronous: the slot may be read by the CPU (disk writes) right after.
             dst.copy_(data.reshape(-1).view(torch.uint8))

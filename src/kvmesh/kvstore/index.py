@@ -33,6 +33,7 @@ class TierIndex:
         self.outbox = outbox
         self._free = list(range(num_slots - 1, -1, -1))
         self._slot_of: dict[BlockKey, int] = {}
+        self._lent: set[int] = set()  # reserved for a block being written in place
         self._pins: Counter[BlockKey] = Counter()
 
     def __contains__(self, key: object) -> bool:
@@ -60,23 +61,57 @@ class TierIndex:
         if held is not None:
             self.policy.touch(key)
             return held, None
-        evicted: Evicted | None = None
+        slot, evicted = self._take()
+        if slot is not None:
+            self._place(key, slot, cost)
+        return slot, evicted
+
+    def reserve(self) -> tuple[int | None, Evicted | None]:
+        """A slot lent out with no key yet, for a block that is written into it in place
+        (a peer fetch received straight into host memory); `commit` or `release` it. What
+        was evicted to free it is returned as by `insert`."""
+        slot, evicted = self._take()
+        if slot is not None:
+            self._lent.add(slot)
+        return slot, evicted
+
+    def commit(self, key: BlockKey, slot: int, cost: float = 1.0) -> bool:
+        """Index `key` at the lent `slot`. False (and the slot is freed) if `key` was
+        stored meanwhile: its held copy stays."""
+        self._lent.remove(slot)
+        if key in self._slot_of:
+            self._free.append(slot)
+            self.policy.touch(key)
+            return False
+        self._place(key, slot, cost)
+        return True
+
+    def release(self, slot: int) -> None:
+        """A lent slot back to the free list (its write failed or was abandoned)."""
+        self._lent.remove(slot)
+        self._free.append(slot)
+
+    @property
+    def num_lent(self) -> int:
+        return len(self._lent)
+
+    def _take(self) -> tuple[int | None, Evicted | None]:
         if self._free:
-            slot = self._free.pop()
-        else:
-            victim = self.policy.evict_one(self._pins)
-            if victim is None:
-                return None, None
-            slot = self._slot_of.pop(victim)
-            evicted = (victim, slot)
-            self.stats.evictions += 1
-            self._account(-1)
-            self._emit(BlockRemoved, victim)
+            return self._free.pop(), None
+        victim = self.policy.evict_one(self._pins)
+        if victim is None:
+            return None, None
+        slot = self._slot_of.pop(victim)
+        self.stats.evictions += 1
+        self._account(-1)
+        self._emit(BlockRemoved, victim)
+        return slot, (victim, slot)
+
+    def _place(self, key: BlockKey, slot: int, cost: float) -> None:
         self._slot_of[key] = slot
         self.policy.insert(key, self.slot_bytes, cost)
         self._account(+1)
         self._emit(BlockStored, key)
-        return slot, evicted
 
     def remove(self, key: BlockKey) -> int | None:
         """Forget `key`; returns the slot it freed."""
@@ -122,7 +157,8 @@ class TierIndex:
         slots = list(self._slot_of.values())
         assert len(slots) == len(set(slots)), f"{self.name}: two keys share a slot"
         assert not set(slots) & set(self._free), f"{self.name}: a used slot is also free"
-        assert len(slots) + len(self._free) == self.num_slots
+        assert not self._lent & (set(slots) | set(self._free)), f"{self.name}: a lent slot is used"
+        assert len(slots) + len(self._free) + len(self._lent) == self.num_slots
         assert all(k in self.policy for k in self._slot_of)
         assert self.stats.num_blocks == len(slots)
         assert self.stats.used_bytes == len(slots) * self.slot_bytes

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kvmesh.config import TierConfig
@@ -42,14 +43,32 @@ class StagingTier(Protocol):
     def num_slots(self) -> int: ...
     @property
     def num_pinned(self) -> int: ...
+    @property
+    def num_lent(self) -> int: ...
     def __contains__(self, key: object) -> bool: ...
     def put(self, key: BlockKey, data: Any, cost: float = 1.0) -> bool: ...
+    def reserve(self) -> int | None: ...
+    def landing(self, slot: int) -> Any: ...
+    def commit(self, key: BlockKey, slot: int, data: Any = None, cost: float = 1.0) -> bool: ...
+    def release(self, slot: int) -> None: ...
     def payload(self, key: BlockKey) -> bytes | None: ...
     def list_keys(self) -> list[BlockKey]: ...
     def copy_out(self, key: BlockKey, dst: Any) -> bool: ...
     def pin(self, key: BlockKey) -> None: ...
     def unpin(self, key: BlockKey) -> None: ...
     def check_integrity(self) -> None: ...
+
+
+@dataclass(eq=False)
+class _Read:
+    """A read in flight: from `source`, since `start`; with `slot`, into that reserved host
+    slot in place (through `into`, its landing buffer)."""
+
+    fut: Fetch
+    source: Source
+    start: float
+    slot: int | None = None
+    into: Any = None
 
 
 class TieredStore:
@@ -61,7 +80,9 @@ class TieredStore:
         self.host = host
         host.on_evict = self._spill
         self.sources: list[Source] = list(sources)
-        self._reads: dict[BlockKey, tuple[Fetch, Source, float]] = {}
+        self._reads: dict[BlockKey, _Read] = {}
+        # Abandoned in-place reads whose source may still write: slots freed once they end.
+        self._orphans: list[_Read] = []
         self._origin: dict[BlockKey, str] = {}  # host blocks fetched from a source
         self._lost: dict[BlockKey, str] = {}  # key -> the source whose read failed or stalled
         self._progress: dict[str, float] = {}  # source -> when a read of it last completed
@@ -128,7 +149,7 @@ class TieredStore:
         blocks are not held (the caller is about to pin the ones it takes)."""
         origins: list[str] = []
         num_ready, next_in_flight, started, eta = 0, False, 0, 0.0
-        room = self.host.num_slots - self.host.num_pinned - len(self._reads)
+        room = self.host.num_slots - self.host.num_pinned - len(self._reads) - len(self._orphans)
         for key in keys:
             if key in self.host:
                 leading = len(origins) == num_ready
@@ -140,13 +161,12 @@ class TieredStore:
             if len(origins) == num_ready:
                 next_in_flight = key in self._reads
             read = self._reads.get(key)
-            source = read[1] if read is not None else self._source_of(key)
+            source = read.source if read is not None else self._source_of(key)
             if source is None:
                 break
             if read is None and fetch:
-                if room <= 0:
+                if room <= 0 or not self._start_read(key, source):
                     break  # the rest of this prefix cannot be staged at once: recomputed
-                self._reads[key] = (source.read(key), source, self.clock())
                 started += 1
                 room -= 1
             origins.append(source.name)
@@ -155,6 +175,17 @@ class TieredStore:
             for source in self.sources:
                 source.submit()
         return PrefixMatch(tuple(origins), num_ready, next_in_flight, started, eta)
+
+    def _start_read(self, key: BlockKey, source: Source) -> bool:
+        if not source.lands_in_place:
+            self._reads[key] = _Read(source.read(key), source, self.clock())
+            return True
+        slot = self.host.reserve()  # the source writes the block straight into host memory
+        if slot is None:
+            return False
+        into = self.host.landing(slot)
+        self._reads[key] = _Read(source.read_into(key, into), source, self.clock(), slot, into)
+        return True
 
     def _source_of(self, key: BlockKey) -> Source | None:
         lost = self._lost.get(key)
@@ -167,26 +198,45 @@ class TieredStore:
             source.poll()
         now = self.clock()
         reads = list(self._reads.items())
-        for _, (fut, source, _) in reads:
-            if fut.done():
-                self._progress[source.name] = now
-        for key, (fut, source, start) in reads:
-            if not fut.done():
-                silent = now - max(start, self._progress.get(source.name, start))
-                if silent <= FETCH_TIMEOUT_S and now - start <= READ_CAP_S:
+        for _, read in reads:
+            if read.fut.done():
+                self._progress[read.source.name] = now
+        for key, read in reads:
+            if not read.fut.done():
+                silent = now - max(read.start, self._progress.get(read.source.name, read.start))
+                if silent <= FETCH_TIMEOUT_S and now - read.start <= READ_CAP_S:
                     continue  # pending, and the source still answers (a deep queue is fine)
             del self._reads[key]
-            payload = _payload(fut) if fut.done() else None
+            payload = _payload(read.fut) if read.fut.done() else None
             if payload is None:  # lost, corrupt or stalled: recomputed, never waited on again
-                self._mark_lost(key, source.name)
+                self._mark_lost(key, read.source.name)
+                self._free_slot(read)
                 continue
-            source.stats.observe_load(self.clock() - start)
-            if self.host.put(key, payload):
-                self._origin[key] = source.name
+            read.source.stats.observe_load(self.clock() - read.start)
+            if self._land(key, read, payload):
+                self._origin[key] = read.source.name
                 self._stage(key)
+        self._orphans = [read for read in self._orphans if not self._free_slot(read)]
         self._expire_staged()
         for source in self.sources:
             source.poll()
+
+    def _land(self, key: BlockKey, read: _Read, payload: Any) -> bool:
+        if read.slot is None:
+            return self.host.put(key, payload)
+        return self.host.commit(key, read.slot, None if payload is read.into else payload)
+
+    def _free_slot(self, read: _Read) -> bool:
+        """Free a failed read's reserved slot, unless its source may still write into it
+        (abandoned while pending: kept as an orphan until its read ends). True when done."""
+        if read.slot is None:
+            return True
+        if not read.fut.done():
+            if read not in self._orphans:
+                self._orphans.append(read)
+            return False
+        self.host.release(read.slot)
+        return True
 
     def _mark_lost(self, key: BlockKey, source: str) -> None:
         if len(self._lost) >= MAX_LOST:
@@ -278,6 +328,8 @@ class TieredStore:
         for source in self.sources:
             source.check_integrity()
         assert all(k in self.host for k in self._origin), "fetched mark on a missing block"
+        lent = sum(r.slot is not None for r in self._reads.values()) + len(self._orphans)
+        assert self.host.num_lent == lent, f"{self.host.num_lent} host slots lent, {lent} reads"
 
 
 def _payload(fut: Fetch) -> bytes | None:

@@ -76,12 +76,18 @@ class Source(Protocol):
 
     name: str
     writable: bool  # takes blocks spilled from host memory
+    lands_in_place: bool  # reads with `read_into`: bytes written straight into host memory
     stats: TierStats
 
     @property
     def is_enabled(self) -> bool: ...
     def __contains__(self, key: object) -> bool: ...
     def read(self, key: BlockKey) -> Fetch: ...
+    def read_into(self, key: BlockKey, into: object) -> Fetch:
+        """A read that may write the block into `into` (a reserved host slot's writable
+        bytes). It resolves to `into` itself (written in place), to other bytes (the store
+        copies them in) or to None; once resolved, it never writes into `into` again."""
+        ...
     def submit(self) -> None:
         """Send the reads started since the last call (a source that batches holds them
         until now, so one prefix goes out as one request)."""

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 
 from kvmesh.engine.events import EventOutbox
 from kvmesh.hashing import BlockKey
-from kvmesh.kvstore.index import TierIndex
+from kvmesh.kvstore.index import Evicted, TierIndex
 from kvmesh.kvstore.store import SpillHook
 from kvmesh.kvstore.tier import TierStats
 
@@ -32,6 +32,10 @@ class VirtualHostTier:
     def num_pinned(self) -> int:
         return self.index.num_pinned
 
+    @property
+    def num_lent(self) -> int:
+        return self.index.num_lent
+
     def __contains__(self, key: object) -> bool:
         return key in self.index
 
@@ -40,15 +44,43 @@ class VirtualHostTier:
         if key in self.index:
             self.index.touch(key)
             return True
-        slot, evicted = self.index.insert(key, cost)
+        slot = self._spilled(*self.index.insert(key, cost))
         if slot is None:
-            self.stats.dropped_writes += 1
             return False
-        if evicted is not None and self.on_evict is not None:
-            self.on_evict(evicted[0], lambda: self._read(slot))  # before the slot is reused
         self._write(slot, data)
         self.stats.bytes_in += self.index.slot_bytes
         return True
+
+    def reserve(self) -> int | None:
+        """A slot for a block that a source writes in place (through `landing(slot)`), not
+        yet indexed; `commit` or `release` it. None if every slot is pinned or lent."""
+        return self._spilled(*self.index.reserve())
+
+    def landing(self, slot: int) -> object:
+        """The writable bytes of a reserved slot (None here: no bytes)."""
+        return None
+
+    def commit(self, key: BlockKey, slot: int, data: object = None, cost: float = 1.0) -> bool:
+        """Index `key` at its reserved `slot`, copying `data` in first unless it was written
+        in place (None). False if `key` was stored meanwhile (the slot is freed)."""
+        if key not in self.index and data is not None:
+            self._write(slot, data)
+        if not self.index.commit(key, slot, cost):
+            return False
+        self.stats.bytes_in += self.index.slot_bytes
+        return True
+
+    def release(self, slot: int) -> None:
+        self.index.release(slot)
+
+    def _spilled(self, slot: int | None, evicted: Evicted | None) -> int | None:
+        """A slot just taken, after its evicted block's bytes were handed on."""
+        if slot is None:
+            self.stats.dropped_writes += 1
+            return None
+        if evicted is not None and self.on_evict is not None:
+            self.on_evict(evicted[0], lambda: self._read(slot))  # before the slot is reused
+        return slot
 
     def payload(self, key: BlockKey) -> bytes | None:
         """A copy of the block's bytes (for a disk write)."""
@@ -116,6 +148,7 @@ class VirtualSource:
                  block_bytes: int = 1):
         self.name = name
         self.writable = writable
+        self.lands_in_place = False
         self.index = (TierIndex(name, num_slots, block_bytes, policy, outbox)
                       if num_slots is not None else None)
         self.stats = self.index.stats if self.index is not None else TierStats(name)
@@ -133,6 +166,9 @@ class VirtualSource:
 
     def __contains__(self, key: object) -> bool:
         return key in (self.index if self.index is not None else self.keys)
+
+    def read_into(self, key: BlockKey, into: object) -> _Timed:
+        return self.read(key)  # its bytes are copied in
 
     def read(self, key: BlockKey) -> _Timed:
         if self.index is not None:

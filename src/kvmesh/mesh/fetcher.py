@@ -16,21 +16,25 @@ import asyncio
 import concurrent.futures
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import xxhash
 
 from kvmesh.mesh import wire
-from kvmesh.mesh.link import Payload
+from kvmesh.mesh.link import Link, Payload
 from kvmesh.mesh.stats import MeshStats
 
 
 @dataclass
 class Pending:
-    """One Fetch in flight: its keys, the reads they resolve, and the next index due."""
+    """One Fetch in flight: its keys, the reads they resolve, the buffers they are received
+    into (None: a buffer of the link's own), and the next index due."""
 
     keys: list[bytes]
     futures: list[concurrent.futures.Future]
+    into: list[Any]
     next: int = 0
+    handed: int = 0  # buffers handed to the link so far (each once, in order)
     last_progress: float = 0.0
 
     def fail(self) -> None:
@@ -45,8 +49,10 @@ class Fetches:
 
     by_req: dict[int, Pending] = field(default_factory=dict)
     last_progress: float = 0.0  # any block on the link: queued fetches are not stalled
+    link: Link | None = None
 
     def fail_all(self) -> None:
+        """Every fetch is a miss (called once the link is closed: nothing more is received)."""
         for pending in self.by_req.values():
             pending.fail()
         self.by_req.clear()
@@ -67,8 +73,8 @@ class Fetcher:
         self._next_req = 0
         self._queued: dict[str, list[Pending]] = {}
 
-    def queue(self, node_id: str, keys: list[bytes],
-              futs: list[concurrent.futures.Future]) -> None:
+    def queue(self, node_id: str, keys: list[bytes], futs: list[concurrent.futures.Future],
+              into: list[Any]) -> None:
         """A run of reads (one prefix): its own request, so a block the holder lacks ends
         this run only, never another's."""
         runs = self._queued.setdefault(node_id, [])
@@ -76,7 +82,32 @@ class Fetcher:
             self._loop.call_soon(self._flush, node_id)
         for i in range(0, len(keys), wire.MAX_KEYS_PER_FETCH):
             j = i + wire.MAX_KEYS_PER_FETCH
-            runs.append(Pending(keys[i:j], futs[i:j]))
+            runs.append(Pending(keys[i:j], futs[i:j], into[i:j]))
+
+    def landing(self, fetches: Fetches, msg: wire.Message, size: int) -> Any:
+        """Where the link receives a payload: the reserved host slot of the block it answers,
+        when it is the one due and of the right size; else None (the link's own buffer)."""
+        if not isinstance(msg, wire.Block) or size != self._block_bytes:
+            return None
+        pending = fetches.by_req.get(msg.req)
+        if pending is None:
+            return None
+        i = pending.handed  # the link parses ahead of on_block: not `next`
+        if msg.index != i or i >= len(pending.keys) or msg.key != pending.keys[i]:
+            return None  # out of order or repeated: never into a buffer handed out before
+        pending.handed += 1
+        return pending.into[i]
+
+    def _fail(self, fetches: Fetches, req: int) -> None:
+        """Give up on a fetch in flight. The link may be receiving one of its blocks (it
+        parses ahead): the rest of that payload is diverted first, so no buffer of a read
+        that resolved to None is ever written again."""
+        pending = fetches.by_req.pop(req, None)
+        if pending is None:
+            return
+        if fetches.link is not None:
+            fetches.link.divert(lambda msg: isinstance(msg, wire.Block) and msg.req == req)
+        pending.fail()
 
     def fail_queued(self) -> None:
         """Queued but never sent (the node stops): misses."""
@@ -110,9 +141,8 @@ class Fetcher:
         if idle < self._stall_s:  # blocks still arrive: look again when this one would stall
             self._loop.call_later(self._stall_s - idle, self._check_stall, fetches, req)
             return
-        del fetches.by_req[req]
         self._stats.fetch_timeouts += 1
-        pending.fail()
+        self._fail(fetches, req)
 
     def on_block(self, fetches: Fetches, msg: wire.Block, payload: Payload) -> None:
         pending = fetches.by_req.get(msg.req)
@@ -124,8 +154,7 @@ class Fetcher:
               and xxhash.xxh3_64_intdigest(payload) == msg.digest)
         if not ok:  # never used: the rest of the run is recomputed
             self._stats.checksum_failures += 1
-            del fetches.by_req[msg.req]
-            pending.fail()
+            self._fail(fetches, msg.req)
             return
         if not pending.futures[i].done():
             pending.futures[i].set_result(payload)
@@ -137,11 +166,11 @@ class Fetcher:
             del fetches.by_req[msg.req]
 
     def on_done(self, fetches: Fetches, msg: wire.Done) -> None:
-        pending = fetches.by_req.pop(msg.req, None)
+        pending = fetches.by_req.get(msg.req)
         if pending is None:
             return
         if msg.busy:
             self._stats.fetches_refused_busy += 1
         else:  # short of the run: the directory listed blocks the holder no longer has
             self._stats.false_positives += len(pending.keys) - pending.next
-        pending.fail()
+        self._fail(fetches, msg.req)

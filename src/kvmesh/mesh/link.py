@@ -2,7 +2,10 @@
 
 Small frames are parsed out of a staging buffer; a block payload (or a header too big for
 the stage, like a directory snapshot) is received straight into its own buffer with
-`recv_into`, so a block's bytes are copied once, by the kernel. Sizes are checked from the
+`recv_into`, so a block's bytes are copied once, by the kernel. The `landing` hook names
+that buffer: for a fetched block, the host-tier slot reserved for it, so the block lands
+where it will stay (no second copy, no fresh pages to fault in). The stage is small so
+that little of a payload passes through it. Sizes are checked from the
 8-byte prefix before anything is allocated. Sending writes the header and then the block's
 own buffer (no re-packing), with the transport's flow control. Reading pauses while
 MAX_QUEUED_FRAMES decoded frames wait for `recv`, so a slow consumer bounds memory.
@@ -23,7 +26,7 @@ import numpy as np
 
 from kvmesh.mesh import wire
 
-STAGE_BYTES = 256 << 10
+STAGE_BYTES = 32 << 10
 MAX_QUEUED_FRAMES = 64
 SOCKET_BUFFER_BYTES = 4 << 20
 MAX_UNSENT_BYTES = 256 << 20  # a peer this far behind is not reading
@@ -51,6 +54,8 @@ class Link(asyncio.BufferedProtocol):
         self._msg: wire.Message | None = None  # its header, while its payload arrives
         self._target: memoryview | None = None  # a part received straight into its buffer
         self._got = 0
+        # Where a payload goes, given its header and size (None: the link's own buffer).
+        self.landing: Callable[[wire.Message, int], memoryview | None] | None = None
 
     # receiving -------------------------------------------------------------------------
 
@@ -100,18 +105,38 @@ class Link(asyncio.BufferedProtocol):
                 self._start += wire.PREFIX.size
                 continue
             need = self._sizes[1] if self._msg is not None else self._sizes[0]
-            if have >= need:
+            into = (self.landing(self._msg, need)
+                    if self._msg is not None and self.landing is not None else None)
+            if into is not None:  # the payload's own place (a host slot): received there
+                self._receive_into(into, have)
+            elif have >= need:
                 part = self._stage[self._start:self._start + need]
                 self._start += need
                 self._part_done(part)
             elif need > len(self._stage) // 2:  # big: straight into its own buffer
                 # np.empty: no zero-fill pass (a bytearray's memset costs as much as the
                 # kernel's copy); its pages are first touched by recv_into itself.
-                self._target = np.empty(need, np.uint8).data
-                self._target[:have] = memoryview(self._stage)[self._start:self._end]
-                self._got, self._start, self._end = have, 0, 0
+                self._receive_into(np.empty(need, np.uint8).data, have)
             else:
                 return
+
+    def _receive_into(self, buf: memoryview, have: int) -> None:
+        """The current part goes into `buf`: what the stage holds of it now, the rest by
+        `recv_into` straight from the kernel."""
+        n = min(have, len(buf))
+        buf[:n] = memoryview(self._stage)[self._start:self._start + n]
+        self._start += n
+        if n == len(buf):
+            self._part_done(buf)
+        else:
+            self._target, self._got = buf, n
+            self._start = self._end = 0
+
+    def divert(self, pred: Callable[[wire.Message], bool]) -> None:
+        """If the payload being received belongs to a header that `pred` picks, the rest
+        of it goes to a scratch buffer instead of its own (whose reader gave up on it)."""
+        if self._target is not None and self._msg is not None and pred(self._msg):
+            self._target = np.empty(len(self._target), np.uint8).data
 
     def _part_done(self, part: bytearray | memoryview) -> None:
         assert self._sizes is not None

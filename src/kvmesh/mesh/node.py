@@ -19,6 +19,7 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -113,13 +114,16 @@ class MeshNode(InboundLinks):
 
     def request(self, node_id: str, keys: Sequence[bytes],
                 futs: list[concurrent.futures.Future] | None = None,
-                ) -> list[concurrent.futures.Future]:
+                intos: Sequence[Any] | None = None) -> list[concurrent.futures.Future]:
         """Fetch a run of blocks from `node_id`, in order; each future (made here unless
-        given) resolves to the bytes, or None on a miss. One run is one Fetch."""
+        given) resolves to the bytes, or None on a miss. One run is one Fetch. A block with
+        a buffer in `intos` is received into it (and resolves to it)."""
         if futs is None:
             futs = [concurrent.futures.Future() for _ in keys]
+        into = list(intos) if intos is not None else [None] * len(keys)
         try:
-            self._loop.call_soon_threadsafe(self._fetcher.queue, node_id, list(keys), futs)
+            self._loop.call_soon_threadsafe(self._fetcher.queue, node_id, list(keys), futs,
+                                            into)
         except RuntimeError:  # the node has stopped: misses, recomputed
             for fut in futs:
                 fut.set_result(None)
@@ -269,6 +273,8 @@ class MeshNode(InboundLinks):
                 return
             self.membership.heard(peer.node_id)
             out = _OutLink(peer, link)
+            out.fetches.link = link
+            link.landing = lambda msg, size, f=out.fetches: self._fetcher.landing(f, msg, size)
             self._out[peer.node_id] = out
         log.info("linked to peer %s at %s", peer.node_id[:8], addr)
         asyncio.create_task(self._read_out(out))

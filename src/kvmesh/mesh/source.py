@@ -32,13 +32,15 @@ PEER = "peer"
 class PeerSource:
     name = PEER
     writable = False
+    lands_in_place = True  # a block is received straight into its reserved host slot
 
     def __init__(self, node: MeshNode):
         self.node = node
         self.stats = TierStats(PEER)
         self._last: str | None = None
         self._reads: list[concurrent.futures.Future] = []
-        self._unsent: dict[str, tuple[list[bytes], list[concurrent.futures.Future]]] = {}
+        self._unsent: dict[str, tuple[list[bytes], list[concurrent.futures.Future],
+                                      list[Any]]] = {}
 
     @property
     def is_enabled(self) -> bool:
@@ -48,6 +50,10 @@ class PeerSource:
         return isinstance(key, bytes) and bool(self.node.holders(key))
 
     def read(self, key: BlockKey) -> concurrent.futures.Future:
+        return self.read_into(key, None)
+
+    def read_into(self, key: BlockKey, into: Any) -> concurrent.futures.Future:
+        """With `into` (a host slot's bytes), the block is received straight into it."""
         holders = self.node.holders(key)
         if not holders:
             fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -56,17 +62,18 @@ class PeerSource:
         node_id = self._last if self._last in holders else holders[0]
         self._last = node_id
         fut = concurrent.futures.Future()
-        keys, futs = self._unsent.setdefault(node_id, ([], []))
+        keys, futs, intos = self._unsent.setdefault(node_id, ([], [], []))
         keys.append(key)
         futs.append(fut)
+        intos.append(into)
         self._reads.append(fut)
         return fut
 
     def submit(self) -> None:
         """One request per holder for the reads of this lookup: a prefix streams as a run."""
         unsent, self._unsent = self._unsent, {}
-        for node_id, (keys, futs) in unsent.items():
-            self.node.request(node_id, keys, futs)
+        for node_id, (keys, futs, intos) in unsent.items():
+            self.node.request(node_id, keys, futs, intos)
 
     def write(self, key: BlockKey, payload: bytes) -> None:
         raise NotImplementedError("peers are read-only")
