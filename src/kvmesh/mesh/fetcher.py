@@ -13,10 +13,9 @@ loop only.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import xxhash
 
@@ -25,13 +24,20 @@ from kvmesh.mesh.link import Link, Payload
 from kvmesh.mesh.stats import MeshStats
 
 
+class Resolvable(Protocol):
+    """A read's outcome as the fetcher sets it (a concurrent Future, or a PeerRead)."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: Any) -> None: ...
+
+
 @dataclass
 class Pending:
     """One Fetch in flight: its keys, the reads they resolve, the buffers they are received
     into (None: a buffer of the link's own), and the next index due."""
 
     keys: list[bytes]
-    futures: list[concurrent.futures.Future]
+    futures: list[Resolvable]
     into: list[Any]
     next: int = 0
     handed: int = 0  # buffers handed to the link so far (each once, in order)
@@ -73,7 +79,7 @@ class Fetcher:
         self._next_req = 0
         self._queued: dict[str, list[Pending]] = {}
 
-    def queue(self, node_id: str, keys: list[bytes], futs: list[concurrent.futures.Future],
+    def queue(self, node_id: str, keys: list[bytes], futs: list[Resolvable],
               into: list[Any]) -> None:
         """A run of reads (one prefix): its own request, so a block the holder lacks ends
         this run only, never another's."""

@@ -26,7 +26,7 @@ import msgspec
 from kvmesh.engine.kv_events import KVEventBatch, KVSnapshot
 from kvmesh.mesh import greet, wire
 from kvmesh.mesh.directory import Directory
-from kvmesh.mesh.fetcher import Fetcher, Fetches
+from kvmesh.mesh.fetcher import Fetcher, Fetches, Resolvable
 from kvmesh.mesh.handoff import hand_off
 from kvmesh.mesh.inbound import HANDSHAKE_TIMEOUT_S, InboundLinks
 from kvmesh.mesh.link import Link, TcpTransport
@@ -113,13 +113,13 @@ class MeshNode(InboundLinks):
                     if n in self._out and self.membership.state(n) is State.ALIVE]
 
     def request(self, node_id: str, keys: Sequence[bytes],
-                futs: list[concurrent.futures.Future] | None = None,
-                intos: Sequence[Any] | None = None) -> list[concurrent.futures.Future]:
+                futs: list[Resolvable] | None = None,
+                intos: Sequence[Any] | None = None) -> list[Resolvable]:
         """Fetch a run of blocks from `node_id`, in order; each future (made here unless
         given) resolves to the bytes, or None on a miss. One run is one Fetch. A block with
         a buffer in `intos` is received into it (and resolves to it)."""
         if futs is None:
-            futs = [concurrent.futures.Future() for _ in keys]
+            futs = list[Resolvable]([concurrent.futures.Future() for _ in keys])
         into = list(intos) if intos is not None else [None] * len(keys)
         try:
             self._loop.call_soon_threadsafe(self._fetcher.queue, node_id, list(keys), futs,

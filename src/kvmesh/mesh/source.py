@@ -20,6 +20,7 @@ import torch
 from kvmesh.engine.kv_events import KVEventBatch, KVSnapshot, to_wire
 from kvmesh.hashing import BlockKey
 from kvmesh.kvstore.tier import TierStats
+from kvmesh.mesh.fetcher import Resolvable
 
 if TYPE_CHECKING:
     from kvmesh.engine.async_engine import AsyncEngine
@@ -27,6 +28,28 @@ if TYPE_CHECKING:
     from kvmesh.mesh.node import MeshNode
 
 PEER = "peer"
+
+
+class PeerRead:
+    """One peer read's outcome, set once on the node's loop and polled on the engine
+    thread. Plain attributes: the store checks every read in flight at each poll (hundreds
+    per step), and a Future's lock costs more than the check."""
+
+    __slots__ = ("_done", "_value")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._value: Any = None
+
+    def set_result(self, value: Any) -> None:
+        self._value = value
+        self._done = True  # after the value: a reader that sees done sees the value
+
+    def done(self) -> bool:
+        return self._done
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._value
 
 
 class PeerSource:
@@ -38,8 +61,8 @@ class PeerSource:
         self.node = node
         self.stats = TierStats(PEER)
         self._last: str | None = None
-        self._reads: list[concurrent.futures.Future] = []
-        self._unsent: dict[str, tuple[list[bytes], list[concurrent.futures.Future],
+        self._reads: list[PeerRead] = []
+        self._unsent: dict[str, tuple[list[bytes], list[Resolvable],
                                       list[Any]]] = {}
 
     @property
@@ -49,19 +72,18 @@ class PeerSource:
     def __contains__(self, key: object) -> bool:
         return isinstance(key, bytes) and bool(self.node.holders(key))
 
-    def read(self, key: BlockKey) -> concurrent.futures.Future:
+    def read(self, key: BlockKey) -> PeerRead:
         return self.read_into(key, None)
 
-    def read_into(self, key: BlockKey, into: Any) -> concurrent.futures.Future:
+    def read_into(self, key: BlockKey, into: Any) -> PeerRead:
         """With `into` (a host slot's bytes), the block is received straight into it."""
+        fut = PeerRead()
         holders = self.node.holders(key)
         if not holders:
-            fut: concurrent.futures.Future = concurrent.futures.Future()
             fut.set_result(None)
             return fut
         node_id = self._last if self._last in holders else holders[0]
         self._last = node_id
-        fut = concurrent.futures.Future()
         keys, futs, intos = self._unsent.setdefault(node_id, ([], [], []))
         keys.append(key)
         futs.append(fut)
