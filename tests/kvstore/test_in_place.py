@@ -8,6 +8,7 @@ import os
 from concurrent.futures import Future
 
 import pytest
+import torch
 
 from kvmesh.config import TierConfig
 from kvmesh.hashing import BlockKey
@@ -138,12 +139,41 @@ def test_an_abandoned_read_keeps_its_slot_until_it_ends():
     store.check_integrity()
 
 
-def test_no_slot_no_read():
-    store, host, source, keys, _, _ = _setup(num_slots=2)
-    for key in host.list_keys():
-        host.pin(key)
-    match = store.lookup(keys[:4])
-    assert match.num_started == 2 and host.num_lent == 2  # the rest is recomputed
+def test_a_read_never_evicts_the_head_it_follows():
+    """Admission lookup (the head is not held: the caller pins it right after). A full host
+    tier holds the head (keys 0, 1) and an unrelated block; keys 2, 3 are on a peer. The
+    read of key 2 takes the unrelated block's slot; key 3 finds no slot (the head stays) and
+    is recomputed."""
+    store, host, source, keys, blocks, _ = _setup(num_slots=3, num_blocks=4)
+    for key in keys[:2]:
+        source.keys.discard(key)
+        store.offload(key, blocks[key])
+    store.offload(BlockKey(os.urandom(16)), os.urandom(BLOCK))  # the most recently used
+    match = store.lookup(keys, hold_head=False)
+    assert match.origins == ("host", "host", "peer") and match.num_ready == 2
+    assert match.num_started == 1 and host.num_lent == 1 and host.num_pinned == 0
+    assert all(key in host for key in keys[:2])
+    store.check_integrity()
+    store.pin(keys[:2])  # what the KV cache manager does with the head
+    dst = bytearray(BLOCK)
+    for key in keys[:2]:
+        assert store.load(key, torch.frombuffer(dst, dtype=torch.uint8))
+        assert bytes(dst) == blocks[key]
+    source.land(keys[2])
+    store.poll()
+    assert host.payload(keys[2]) == blocks[keys[2]] and host.num_lent == 0
+    store.check_integrity()
+
+
+def test_a_block_stored_meanwhile_keeps_its_copy_and_frees_the_slot():
+    store, host, source, keys, blocks, _ = _setup()
+    store.lookup(keys[:1])
+    store.offload(keys[0], blocks[keys[0]])  # computed locally while the read was in flight
+    source.land(keys[0])
+    store.poll()
+    assert host.num_lent == 0 and host.payload(keys[0]) == blocks[keys[0]]
+    assert len(host.list_keys()) == 1
+    assert store.lookup(keys[:1], fetch=False).num_ready == 1
     store.check_integrity()
 
 

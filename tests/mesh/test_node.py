@@ -259,7 +259,6 @@ def test_a_block_stalled_mid_payload_never_writes_into_its_buffer_after_the_miss
         at_miss = bytes(intos[1])
         assert at_miss[BLOCK // 2:] == b"\xab" * (BLOCK // 2)  # the second half never came
         time.sleep(a.pause)  # the second half arrives now
-        SplitNode.stall_at = -1
         a.stall_at = -1
         again = b.request(a.me.node_id, KEYS[:3])
         assert [bytes(f.result(timeout=10)) for f in again] == [local.blocks[k] for k in KEYS[:3]]

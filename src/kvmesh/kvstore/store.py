@@ -146,7 +146,18 @@ class TieredStore:
     def lookup(self, keys: Sequence[BlockKey], fetch: bool = True,
                hold_head: bool = True) -> PrefixMatch:
         """See `ExternalCache.lookup`. With `hold_head` off, the leading host-resident
-        blocks are not held (the caller is about to pin the ones it takes)."""
+        blocks are not held (the caller is about to pin the ones it takes); they are pinned
+        during the pass all the same, so a slot reserved for a read of the tail can never
+        evict them."""
+        held: list[BlockKey] = []
+        try:
+            return self._match(keys, fetch, hold_head, held)
+        finally:
+            for key in held:
+                self.host.unpin(key)
+
+    def _match(self, keys: Sequence[BlockKey], fetch: bool, hold_head: bool,
+               held: list[BlockKey]) -> PrefixMatch:
         origins: list[str] = []
         num_ready, next_in_flight, started, eta = 0, False, 0, 0.0
         room = self.host.num_slots - self.host.num_pinned - len(self._reads) - len(self._orphans)
@@ -157,6 +168,9 @@ class TieredStore:
                 origins.append(HOST)
                 if fetch and (hold_head or not leading):
                     self._stage(key)  # keep the head of the prefix while its tail is read
+                elif fetch:
+                    self.host.pin(key)  # for this pass only
+                    held.append(key)
                 continue
             if len(origins) == num_ready:
                 next_in_flight = key in self._reads
@@ -210,11 +224,13 @@ class TieredStore:
             payload = _payload(read.fut) if read.fut.done() else None
             if payload is None:  # lost, corrupt or stalled: recomputed, never waited on again
                 self._mark_lost(key, read.source.name)
-                self._free_slot(read)
+                if not self._free_slot(read):
+                    self._orphans.append(read)  # its source may still write into its slot
                 continue
             read.source.stats.observe_load(self.clock() - read.start)
             if self._land(key, read, payload):
                 self._origin[key] = read.source.name
+            if key in self.host:  # landed, or stored meanwhile by another path
                 self._stage(key)
         self._orphans = [read for read in self._orphans if not self._free_slot(read)]
         self._expire_staged()
@@ -227,13 +243,11 @@ class TieredStore:
         return self.host.commit(key, read.slot, None if payload is read.into else payload)
 
     def _free_slot(self, read: _Read) -> bool:
-        """Free a failed read's reserved slot, unless its source may still write into it
-        (abandoned while pending: kept as an orphan until its read ends). True when done."""
+        """Free a failed read's reserved slot; False (kept) while its source may still
+        write into it (the read was abandoned while pending: an orphan until it ends)."""
         if read.slot is None:
             return True
         if not read.fut.done():
-            if read not in self._orphans:
-                self._orphans.append(read)
             return False
         self.host.release(read.slot)
         return True

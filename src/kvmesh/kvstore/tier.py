@@ -64,7 +64,8 @@ class PrefixMatch:
 
 
 class Fetch(Protocol):
-    """An asynchronous read (a concurrent.futures.Future fits): bytes, or None if lost."""
+    """An asynchronous read (a concurrent.futures.Future fits): bytes, or None if lost.
+    `result()` is only asked once `done()`: the store never waits on a read."""
 
     def done(self) -> bool: ...
     def result(self, timeout: float | None = None) -> bytes | None: ...

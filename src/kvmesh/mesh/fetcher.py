@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import xxhash
 
+from kvmesh.kvstore.store import READ_CAP_S
 from kvmesh.mesh import wire
 from kvmesh.mesh.link import Link, Payload
 from kvmesh.mesh.stats import MeshStats
@@ -42,6 +43,7 @@ class Pending:
     next: int = 0
     handed: int = 0  # buffers handed to the link so far (each once, in order)
     last_progress: float = 0.0
+    sent_at: float = 0.0
 
     def fail(self) -> None:
         for fut in self.futures:
@@ -64,6 +66,9 @@ class Fetches:
         self.by_req.clear()
 
 
+# Past the store's cap on one read: a fetch the store gave up on ends here too, freeing the
+# host slots lent to it, even if its holder keeps the link busy with other answers.
+FETCH_CAP_S = READ_CAP_S + 5.0
 Send = Callable[[str, wire.Message], bool]  # (node_id, msg) -> False when not linked
 
 
@@ -102,7 +107,8 @@ class Fetcher:
         if msg.index != i or i >= len(pending.keys) or msg.key != pending.keys[i]:
             return None  # out of order or repeated: never into a buffer handed out before
         pending.handed += 1
-        return pending.into[i]
+        into = pending.into[i]
+        return into if into is not None and len(into) == size else None
 
     def _fail(self, fetches: Fetches, req: int) -> None:
         """Give up on a fetch in flight. The link may be receiving one of its blocks (it
@@ -124,7 +130,7 @@ class Fetcher:
 
     def _flush(self, node_id: str) -> None:
         for pending in self._queued.pop(node_id, []):
-            pending.last_progress = self._loop.time()
+            pending.last_progress = pending.sent_at = self._loop.time()
             fetches = self._links(node_id)
             if fetches is None:
                 pending.fail()
@@ -143,9 +149,12 @@ class Fetcher:
         pending = fetches.by_req.get(req)
         if pending is None:
             return  # done, failed or dropped with its link
-        idle = self._loop.time() - max(pending.last_progress, fetches.last_progress)
-        if idle < self._stall_s:  # blocks still arrive: look again when this one would stall
-            self._loop.call_later(self._stall_s - idle, self._check_stall, fetches, req)
+        now = self._loop.time()
+        idle = now - max(pending.last_progress, fetches.last_progress)
+        age = now - pending.sent_at
+        if idle < self._stall_s and age < FETCH_CAP_S:  # blocks still arrive: look again
+            self._loop.call_later(min(self._stall_s - idle, FETCH_CAP_S - age),
+                                  self._check_stall, fetches, req)
             return
         self._stats.fetch_timeouts += 1
         self._fail(fetches, req)

@@ -3,9 +3,10 @@ engine-side half that snapshots and exports this instance's own blocks for its p
 
 `PeerSource` answers `key in source` from the local directory (no round trip) and turns
 `read(key)` into a fetch from a live holder, preferring the peer that served the previous
-block so a prefix streams as one run. A fetched block lands in host memory through the
-store, like a disk read; a failed, stalled or corrupt fetch resolves to None and the rest
-of that prefix is recomputed.
+block so a prefix streams as one run. A fetched block is received straight into the host
+slot the store reserved for it (`read_into`) and indexed there once verified; a failed,
+stalled or corrupt fetch resolves to None (its slot is freed) and the rest of that prefix
+is recomputed.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ PEER = "peer"
 class PeerRead:
     """One peer read's outcome, set once on the node's loop and polled on the engine
     thread. Plain attributes: the store checks every read in flight at each poll (hundreds
-    per step), and a Future's lock costs more than the check."""
+    per step), and a Future's lock costs more than the check. This relies on the GIL
+    ordering the two writes (and the block's bytes, written before) for the reader; a
+    free-threaded build would need a lock or an event here."""
 
     __slots__ = ("_done", "_value")
 
@@ -49,6 +52,9 @@ class PeerRead:
         return self._done
 
     def result(self, timeout: float | None = None) -> Any:
+        """The outcome; only once `done()` (the store never waits on a read)."""
+        if not self._done:
+            raise RuntimeError("a peer read's result was asked before it was done")
         return self._value
 
 
