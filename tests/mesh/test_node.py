@@ -165,6 +165,20 @@ def test_blocks_that_fail_their_checksum_are_never_used():
         a.stop(handoff=False)
 
 
+def _holder_and_fetcher(cls, stall_s: float, **attrs):
+    """A holder node of class `cls` (with `attrs` set on it) and a node that fetches from
+    it with a stall timeout of `stall_s`."""
+    local = DictBlocks()
+    a = cls(MeshConfig("127.0.0.1", free_port(), SECRET, probe_interval_s=0.1), local)
+    for name, value in attrs.items():
+        setattr(a, name, value)
+    local.node = a
+    a.start()
+    b, _ = _node(seeds=[_port(a)])
+    b._fetcher._stall_s = stall_s
+    return a, local, b
+
+
 class SlowNode(MeshNode):
     """Sends each block `delay` seconds after the last; goes silent from block `stall_at`."""
 
@@ -180,13 +194,7 @@ class SlowNode(MeshNode):
 def test_a_fetch_times_out_on_a_stall_not_on_its_length(stall_at):
     """Stall timeout 1 s: twelve blocks 0.25 s apart (3 s in all) arrive in full; a holder
     that goes silent after six gives six blocks and six misses, about 1 s after the last."""
-    local = DictBlocks()
-    a = SlowNode(MeshConfig("127.0.0.1", free_port(), SECRET, probe_interval_s=0.1), local)
-    a.stall_at = stall_at or 10**9
-    local.node = a
-    a.start()
-    b, _ = _node(seeds=[_port(a)])
-    b._fetcher._stall_s = 1.0
+    a, local, b = _holder_and_fetcher(SlowNode, stall_s=1.0, stall_at=stall_at or 10**9)
     try:
         local.put(KEYS[:12])
         _wait(lambda: b.holders(KEYS[11]))
@@ -242,12 +250,7 @@ def test_a_block_stalled_mid_payload_never_writes_into_its_buffer_after_the_miss
     """The fetch times out while block 1 is half received into its buffer (a reserved host
     slot that is reused once the read fails). The rest of that payload, arriving later, must
     go elsewhere; the link stays in step and serves the next fetch."""
-    local = DictBlocks()
-    a = SplitNode(MeshConfig("127.0.0.1", free_port(), SECRET, probe_interval_s=0.1), local)
-    local.node = a
-    a.start()
-    b, _ = _node(seeds=[_port(a)])
-    b._fetcher._stall_s = 0.5
+    a, local, b = _holder_and_fetcher(SplitNode, stall_s=0.5)
     try:
         local.put(KEYS[:3])
         _wait(lambda: b.holders(KEYS[2]))
