@@ -35,6 +35,27 @@ def test_step_features_of_a_mixed_batch():
     assert f.prefill_kv_tokens == 30 and (f.num_loads, f.num_stores) == (2, 1)
 
 
+def test_decode_kv_counts_each_shared_full_block_once():
+    def decode(start: int, table: list[int]) -> SeqWork:
+        ids = list(range(start + 1))
+        return SeqWork("r", ids[start:], start, table, True, SamplingParams(), None, ids, ids)
+
+    batch = ExecuteBatch((decode(47, [5, 6, 7]),  # 48 tokens: three full blocks
+                          decode(40, [5, 6, 9]),  # two full blocks, both read above
+                          decode(35, [5, 7, 11]),  # 5 and 7 read above, 11 its partial tail
+                          decode(20, [8, 10]),  # one full block of its own
+                          seq(10, 20, sampling=False)))  # a prefill: never counted
+    f = cm.step_features(batch, 16)
+    assert f.decode_ctx_tokens == 48 + 41 + 36 + 21
+    assert f.decode_shared_tokens == (2 + 2) * 16
+    assert f.decode_kv_tokens == f.decode_ctx_tokens - 64
+    model = cm.LinearCostModel(MODELS["smollm2-135m"], {"decode_ctx_tokens": 1e-6,
+                                                       "decode_kv_tokens": 3e-6})
+    assert model.step_s(f) == pytest.approx(1e-6 * 146 + 3e-6 * 82)
+    steps = model.decode_run_s(f, 3, [0, 0, 0])  # each step: one private token per sequence
+    assert steps[2] - steps[0] == pytest.approx(2 * f.num_seqs * (1e-6 + 3e-6))
+
+
 def test_roofline_decode_is_memory_bound_and_prefill_compute_bound():
     m = cm.roofline("h100", "llama-3.1-8b")
     s = MODELS["llama-3.1-8b"]
@@ -72,7 +93,7 @@ def test_cost_models_round_trip_through_json(tmp_path):
 
 def test_fit_recovers_known_coefficients_and_keeps_them_non_negative():
     true = {"const": 0.004, "num_seqs": 2e-4, "num_tokens": 5e-5, "decode_ctx_tokens": 1e-7,
-            "prefill_pair_ktokens": 3e-6}
+            "prefill_pair_ktokens": 3e-6, "decode_kv_tokens": 4e-7}
     model = cm.LinearCostModel(MODELS["smollm2-135m"], true)
     rng = random.Random(0)
     samples = []
@@ -81,8 +102,10 @@ def test_fit_recovers_known_coefficients_and_keeps_them_non_negative():
         prefill = rng.random() < 0.3
         n = rng.randrange(16, 512) if prefill else s
         sampling = rng.randrange(0, s + 1) if prefill else s
-        f = cm.StepFeatures(s, n, sampling, 0 if prefill else s * rng.randrange(10, 2000),
-                            n * rng.randrange(0, 1000) / 1000 if prefill else 0.0)
+        ctx = 0 if prefill else s * rng.randrange(10, 2000)
+        f = cm.StepFeatures(s, n, sampling, ctx,
+                            n * rng.randrange(0, 1000) / 1000 if prefill else 0.0,
+                            decode_shared_tokens=rng.randrange(0, ctx // 2 + 1))
         samples.append((f, model.step_s(f)))
     coef, err = fit_step_model(samples)
     for name, value in true.items():

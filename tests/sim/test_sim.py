@@ -240,7 +240,8 @@ def test_decode_runs_give_the_same_results_as_stepping_one_by_one():
              tiered_spec(num_blocks=64, host_blocks=48))
     linear = LinearCostModel(COST.shape, {"const": 0.004, "num_tokens": 3e-4,
                                           "num_sampling": 1.7e-4, "decode_ctx_tokens": 3.3e-6,
-                                          "num_stores": 7e-5, "num_prefill_seqs": 0.011},
+                                          "num_stores": 7e-5, "num_prefill_seqs": 0.011,
+                                          "decode_kv_tokens": 1.3e-6},
                              kv_dtype_bytes=2)
     cases = [(single, 2, None, COST), (chat, 3, 6, COST), (chat, 3, 6, linear)]
     for sessions, n, concurrency, cost in cases:

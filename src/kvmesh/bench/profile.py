@@ -29,7 +29,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvmesh.config import EngineConfig, ServerConfig, TierConfig
 from kvmesh.engine.batch import ExecuteBatch, ExecuteResult, Executor
@@ -38,12 +38,26 @@ from kvmesh.sim.cost_model import LinearCostModel, StepFeatures, TierCosts, step
 from kvmesh.sim.fit import fit_step_model
 from kvmesh.sim.shapes import ModelShape
 
-# (concurrency, prompt words, output tokens, requests): short and long prompts, 1 to 48
-# streams. The first row also calibrates the request overhead.
-GRID = ((1, 48, 24, 12), (1, 700, 8, 6), (2, 200, 32, 12), (4, 128, 48, 16),
-        (8, 1200, 16, 16), (8, 64, 32, 24), (16, 128, 48, 48), (24, 400, 24, 48),
-        (32, 300, 32, 64), (48, 64, 48, 96))
-WARMUP = (4, 64, 8, 8)
+
+class Row(NamedTuple):
+    """One load run of the grid: `kvmesh bench` with these settings."""
+
+    concurrency: int
+    words: int  # prompt length (the shared prefix's, when `groups`)
+    output: int
+    requests: int
+    groups: int = 0  # 0: random prompts; else shared-prefix prompts in this many groups
+
+
+# Short and long prompts, 1 to 48 streams; two shared-prefix runs put many sequences on a
+# few cached prefixes (decode context beyond the device cache's distinct capacity), which
+# tells the fit `decode_ctx_tokens` from `decode_kv_tokens`. The first row also
+# calibrates the request overhead.
+GRID = (Row(1, 48, 24, 12), Row(1, 700, 8, 6), Row(2, 200, 32, 12), Row(4, 128, 48, 16),
+        Row(8, 1200, 16, 16), Row(32, 500, 32, 64, groups=2), Row(8, 64, 32, 24),
+        Row(16, 128, 48, 48), Row(24, 400, 24, 48), Row(32, 300, 32, 64),
+        Row(48, 64, 48, 96), Row(48, 250, 48, 96, groups=4))
+WARMUP = Row(4, 64, 8, 8)
 
 
 @dataclass
@@ -96,12 +110,13 @@ def _serve(config: EngineConfig, port: int) -> tuple[Any, Any]:
     raise RuntimeError("the profiled server did not become ready in 600 s")
 
 
-def _bench(port: int, row: tuple[int, int, int, int], seed: int, out: Path) -> list[dict]:
-    conc, words, output, n = row
+def _bench(port: int, row: Row, seed: int, out: Path) -> list[dict]:
+    dataset = ["--dataset", "shared-prefix", "--groups", str(row.groups)] if row.groups \
+        else ["--dataset", "random"]
     cmd = [sys.executable, "-m", "kvmesh.cli", "bench", "--base-url",
-           f"http://127.0.0.1:{port}", "--dataset", "random", "--num-requests", str(n),
-           "--input-len", str(words), "--output-len", str(output), "--concurrency",
-           str(conc), "--seed", str(seed), "--out", str(out), "--no-progress"]
+           f"http://127.0.0.1:{port}", *dataset, "--num-requests", str(row.requests),
+           "--input-len", str(row.words), "--output-len", str(row.output), "--concurrency",
+           str(row.concurrency), "--seed", str(seed), "--out", str(out), "--no-progress"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=1800)
     return list(json.loads(out.read_text())["runs"][0]["records"])
 
@@ -191,7 +206,7 @@ def profile_engine(config: EngineConfig, budget_s: float = 600.0, seed: int = 0,
                 if i and time.perf_counter() - t0 > budget_s:  # the first row always runs
                     break
                 records = _bench(port, row, seed + i + 1, Path(tmp) / f"row{i}.json")
-                lone += records if row[0] == 1 and row[1] < 200 else []
+                lone += records if row.concurrency == 1 and row.words < 200 else []
                 on_row()
         rec.is_recording = False
         store_s, load_s = _copy_costs(engine)

@@ -8,11 +8,16 @@ A step's cost depends on its batch only through `StepFeatures`. Two kinds:
       step_s = c_const + c_seq * num_seqs + c_tok * num_tokens + c_samp * num_sampling
              + c_ctx * decode_ctx_tokens + c_pair * prefill_pair_ktokens
              + c_load * num_loads + c_store * num_stores + c_pre * num_prefill_seqs
+             + c_kv * decode_kv_tokens
 
-  `decode_ctx_tokens` is the KV a decode step reads (sum of context lengths of the
-  one-token sequences); `prefill_pair_ktokens` is attention's quadratic work, the sum over
-  prefill chunks of n * (start + (n + 1) / 2), in thousands; `num_prefill_seqs` prices
-  the fixed work of each prefill chunk (its attention metadata and kernel calls).
+  `decode_ctx_tokens` is the KV a decode step attends to (sum of context lengths of the
+  one-token sequences); `decode_kv_tokens` is the distinct KV among it: a full block
+  that several sequences share (a cached prefix) counts once. Attention's arithmetic
+  grows with the first, the bytes fetched from memory with the second (a shared block is
+  still in cache when the next sequence reads it); `prefill_pair_ktokens` is attention's
+  quadratic work, the sum over prefill chunks of n * (start + (n + 1) / 2), in thousands;
+  `num_prefill_seqs` prices the fixed work of each prefill chunk (its attention metadata
+  and kernel calls).
 
 - **roofline** (a named GPU and model shape; no measurement):
 
@@ -22,6 +27,8 @@ A step's cost depends on its batch only through `StepFeatures`. Two kinds:
   flops = 2 * params * num_tokens (the lm_head only for sampled tokens)
         + 4 * layers * heads * head_dim * (decode_ctx_tokens + 1000 * prefill_pair_ktokens)
   bytes = weight bytes + kv_bytes_per_token * (decode_ctx_tokens + prefill KV read)
+
+  (the roofline reads a shared block once per sequence, as a paged kernel does from HBM)
 
 Tier costs (both kinds): a disk read of one block takes `disk_read_s` on one of
 `disk_io_threads` workers; `request_overhead_s` is the time from a client's send to the
@@ -40,7 +47,8 @@ from kvmesh.engine.batch import ExecuteBatch
 from kvmesh.sim.shapes import GpuSpec, ModelShape, gpu, model_shape
 
 FEATURES = ("const", "num_seqs", "num_tokens", "num_sampling", "decode_ctx_tokens",
-            "prefill_pair_ktokens", "num_loads", "num_stores", "num_prefill_seqs")
+            "prefill_pair_ktokens", "num_loads", "num_stores", "num_prefill_seqs",
+            "decode_kv_tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,29 +63,44 @@ class StepFeatures:
     num_stores: int = 0
     block_size: int = 16
     num_prefill_seqs: int = 0  # sequences feeding more than one token (prefill chunks)
+    # decode context in full blocks that an earlier sequence of the step reads too
+    decode_shared_tokens: int = 0
+
+    @property
+    def decode_kv_tokens(self) -> int:
+        """Distinct decode KV: each shared block once."""
+        return self.decode_ctx_tokens - self.decode_shared_tokens
 
     def vector(self) -> list[float]:
         """Values in `FEATURES` order (const is 1 for a batch that runs the model)."""
         return [1.0 if self.num_seqs else 0.0, self.num_seqs, self.num_tokens,
                 self.num_sampling, self.decode_ctx_tokens, self.prefill_pair_ktokens,
-                self.num_loads, self.num_stores, self.num_prefill_seqs]
+                self.num_loads, self.num_stores, self.num_prefill_seqs,
+                self.decode_kv_tokens]
 
 
 def step_features(batch: ExecuteBatch, block_size: int) -> StepFeatures:
-    tokens = sampling = ctx = kv = prefills = 0
+    tokens = sampling = ctx = kv = prefills = repeats = 0
     pairs = 0.0
+    seen: set[int] = set()  # full decode blocks read so far this step
     for seq in batch.seqs:
         n = len(seq.token_ids)
         tokens += n
         sampling += seq.is_sampling
         if n == 1:
             ctx += seq.start + 1
+            full = (seq.start + 1) // block_size
+            if full:
+                before = len(seen)
+                seen.update(seq.block_table[:full])
+                repeats += full - (len(seen) - before)
         else:
             pairs += n * (seq.start + (n + 1) / 2)
             kv += seq.start + n
             prefills += 1
     return StepFeatures(len(batch.seqs), tokens, sampling, ctx, pairs / 1000.0, kv,
-                        len(batch.loads), len(batch.stores), block_size, prefills)
+                        len(batch.loads), len(batch.stores), block_size, prefills,
+                        repeats * block_size)
 
 
 @dataclass(frozen=True)
@@ -134,13 +157,15 @@ class LinearCostModel:
                      stores: Sequence[int]) -> list[float]:
         """`step_s` of `num_steps` decode steps from `f` (no stores of its own): each
         reads one more token of context per sequence, step j saves `stores[j]` blocks."""
-        c0, c1, c2, c3, c4, c5, c6, c7, c8 = self._coef  # type: ignore[attr-defined]
+        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9 = self._coef  # type: ignore[attr-defined]
         x0 = 1.0 if f.num_seqs else 0.0
         s, ctx, growth = f.num_seqs, f.decode_ctx_tokens, f.num_seqs
+        kv = f.decode_kv_tokens  # new tokens land in each sequence's own tail block
         # The same sum, in the same order, as `step_s`: bit-identical to stepping.
         return [0.0 + c0 * x0 + c1 * s + c2 * f.num_tokens + c3 * f.num_sampling
                 + c4 * (ctx + growth * j) + c5 * f.prefill_pair_ktokens + c6 * 0
-                + c7 * stores[j] + c8 * f.num_prefill_seqs for j in range(num_steps)]
+                + c7 * stores[j] + c8 * f.num_prefill_seqs + c9 * (kv + growth * j)
+                for j in range(num_steps)]
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "shape": self.shape.to_json(),

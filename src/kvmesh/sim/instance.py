@@ -77,7 +77,8 @@ class CostModelExecutor:
         first = step_features(batch, self.block_size)
         costs = self.cost.decode_run_s(
             StepFeatures(first.num_seqs, first.num_tokens, first.num_sampling,
-                         first.decode_ctx_tokens, block_size=self.block_size),
+                         first.decode_ctx_tokens, block_size=self.block_size,
+                         decode_shared_tokens=first.decode_shared_tokens),
             max_steps, stores)
         t = self.clock.now()
         for j, seconds in enumerate(costs):
