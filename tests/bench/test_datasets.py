@@ -53,3 +53,19 @@ def test_arrivals_and_slo_parsing():
     assert SLO.parse("ttft_ms=500,tpot_ms=20") == SLO(ttft_ms=500, tpot_ms=20)
     with pytest.raises(ValueError, match="bad SLO"):
         SLO.parse("p99=1")
+
+
+def test_a_workload_s_cli_args_are_what_kvmesh_bench_parses_back():
+    import typer
+
+    from kvmesh.bench.workload import WorkloadConfig
+    from kvmesh.cli import app
+
+    bench = typer.main.get_command(app).commands["bench"]  # type: ignore[attr-defined]
+    for w in (WorkloadConfig(dataset="shared-prefix", num_requests=7, input_len=33, groups=3,
+                             rate=2.5, seed=4),
+              WorkloadConfig(dataset="multiturn", turns=5, concurrency=2, burstiness=0.5)):
+        params = bench.make_context("bench", w.cli_args()).params
+        for name, value in vars(w).items():
+            if value is not None:
+                assert params[name] == value, name

@@ -165,6 +165,25 @@ def test_a_read_never_evicts_the_head_it_follows():
     store.check_integrity()
 
 
+def test_a_read_never_evicts_a_host_block_that_follows_it():
+    """Key 0 is on a peer, key 1 in a full host tier as its least recently used block. The
+    read of key 0 takes another slot, never key 1's: key 1 stays, staged behind the read."""
+    store, host, source, keys, blocks, _ = _setup(num_slots=3, num_blocks=2)
+    source.keys.discard(keys[1])
+    store.offload(keys[1], blocks[keys[1]])  # the least recently used: the first victim
+    for _ in range(2):
+        store.offload(BlockKey(os.urandom(16)), os.urandom(BLOCK))
+    match = store.lookup(keys, hold_head=False)
+    assert match.origins == ("peer", "host") and match.num_started == 1
+    assert keys[1] in host and host.num_lent == 1
+    assert host.num_pinned == 1  # key 1, staged until the read of key 0 lands
+    source.land(keys[0])
+    store.poll()
+    assert host.payload(keys[0]) == blocks[keys[0]]
+    assert host.payload(keys[1]) == blocks[keys[1]]
+    store.check_integrity()
+
+
 def test_a_block_stored_meanwhile_keeps_its_copy_and_frees_the_slot():
     store, host, source, keys, blocks, _ = _setup()
     store.lookup(keys[:1])

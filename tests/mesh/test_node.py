@@ -16,7 +16,7 @@ import msgspec
 import pytest
 
 from kvmesh.engine.kv_events import BlocksRemoved, BlocksStored, KVEventBatch, KVSnapshot
-from kvmesh.mesh import handshake, wire
+from kvmesh.mesh import fetcher, handshake, wire
 from kvmesh.mesh.membership import Membership, State
 from kvmesh.mesh.node import MeshConfig, MeshNode
 from tests.server_process import free_port
@@ -191,7 +191,7 @@ class SlowNode(MeshNode):
 
 
 @pytest.mark.parametrize("stall_at", [None, 6])
-def test_a_fetch_times_out_on_a_stall_not_on_its_length(stall_at):
+def test_a_fetch_times_out_on_a_stall_not_on_a_length_within_the_cap(stall_at):
     """Stall timeout 1 s: twelve blocks 0.25 s apart (3 s in all) arrive in full; a holder
     that goes silent after six gives six blocks and six misses, about 1 s after the last."""
     a, local, b = _holder_and_fetcher(SlowNode, stall_s=1.0, stall_at=stall_at or 10**9)
@@ -206,6 +206,26 @@ def test_a_fetch_times_out_on_a_stall_not_on_its_length(stall_at):
         assert got[n:] == [None] * (12 - n)
         assert b.stats.fetch_timeouts == (1 if stall_at else 0)
         assert took > 2.5 if not stall_at else 1.0 < took - 0.25 * n < 3.0
+    finally:
+        b.stop(handoff=False)
+        a.stop(handoff=False)
+
+
+def test_a_fetch_that_keeps_streaming_still_ends_at_its_age_cap(monkeypatch):
+    """Blocks 0.25 s apart never stall a 1 s timeout, but a fetch older than the cap (1.6 s
+    here, 35 s in service) ends: the blocks in by then are used, the rest are misses."""
+    monkeypatch.setattr(fetcher, "FETCH_CAP_S", 1.6)
+    a, local, b = _holder_and_fetcher(SlowNode, stall_s=1.0)
+    try:
+        local.put(KEYS[:12])
+        _wait(lambda: b.holders(KEYS[11]))
+        start = time.monotonic()
+        got = _fetch(b, a.me.node_id, KEYS[:12])
+        took = time.monotonic() - start
+        n = sum(g is not None for g in got)
+        assert 3 <= n <= 9 and got[n:] == [None] * (12 - n)
+        assert got[:n] == [local.blocks[k] for k in KEYS[:n]]
+        assert b.stats.fetch_timeouts == 1 and took < 2.8
     finally:
         b.stop(handoff=False)
         a.stop(handoff=False)

@@ -26,7 +26,8 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -90,8 +91,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _serve(config: EngineConfig, port: int) -> tuple[Any, Any]:
-    """The real server app on a thread; returns (uvicorn server, app state) once ready."""
+def _serve(config: EngineConfig, port: int) -> tuple[Any, Any, threading.Thread]:
+    """The real server app on a thread; returns (uvicorn server, app state, its thread)
+    once ready."""
     import uvicorn
 
     from kvmesh.server.api import create_app
@@ -99,24 +101,31 @@ def _serve(config: EngineConfig, port: int) -> tuple[Any, Any]:
     app = create_app(config, ServerConfig(port=port, log_level="warning"))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                            log_level="warning", access_log=False))
-    threading.Thread(target=server.run, name="kvmesh-profile-http", daemon=True).start()
+    thread = threading.Thread(target=server.run, name="kvmesh-profile-http", daemon=True)
+    thread.start()
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2):
-                return server, app.state.kvmesh
+                return server, app.state.kvmesh, thread
         except OSError:
             time.sleep(0.2)
     raise RuntimeError("the profiled server did not become ready in 600 s")
 
 
-def _bench(port: int, row: Row, seed: int, out: Path) -> list[dict]:
+def row_args(row: Row) -> list[str]:
+    """`kvmesh bench` flags for one grid row."""
     dataset = ["--dataset", "shared-prefix", "--groups", str(row.groups)] if row.groups \
         else ["--dataset", "random"]
+    return [*dataset, "--num-requests", str(row.requests), "--input-len", str(row.words),
+            "--output-len", str(row.output), "--concurrency", str(row.concurrency)]
+
+
+def run_bench(port: int, args: list[str], seed: int, out: Path) -> list[dict]:
+    """A `kvmesh bench` client process against the server on `port`; its records."""
     cmd = [sys.executable, "-m", "kvmesh.cli", "bench", "--base-url",
-           f"http://127.0.0.1:{port}", *dataset, "--num-requests", str(row.requests),
-           "--input-len", str(row.words), "--output-len", str(row.output), "--concurrency",
-           str(row.concurrency), "--seed", str(seed), "--out", str(out), "--no-progress"]
+           f"http://127.0.0.1:{port}", *args, "--seed", str(seed), "--out", str(out),
+           "--no-progress"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=1800)
     return list(json.loads(out.read_text())["runs"][0]["records"])
 
@@ -188,30 +197,38 @@ def model_shape(engine: Any) -> ModelShape:
                       engine.max_model_len, a.tie_word_embeddings)
 
 
-def profile_engine(config: EngineConfig, budget_s: float = 600.0, seed: int = 0,
-                   on_row: Callable[[], None] = lambda: None) -> LinearCostModel:
-    port = _free_port()
-    server, state = _serve(config, port)
+@contextmanager
+def recorded_server(config: EngineConfig) -> Iterator[tuple[int, _Recorder, Any]]:
+    """The real server in this process with its steps recorded: (port, recorder, engine).
+    Recording starts when `recorder.is_recording` is set."""
+    server, state, thread = _serve(config, port := _free_port())
     engine = state.engine.engine  # the LLMEngine behind the AsyncEngine
     rec = _Recorder(engine.executor, config.cache.block_size)
     engine.executor = rec  # swapped while idle: the engine thread reads it per step
     state.engine.step_observer = rec.observe
+    try:
+        yield port, rec, engine
+    finally:  # shut down (the engine and its tiers too) before the caller's files go
+        server.should_exit = True
+        thread.join(timeout=120)
+
+
+def profile_engine(config: EngineConfig, budget_s: float = 600.0, seed: int = 0,
+                   on_row: Callable[[], None] = lambda: None) -> LinearCostModel:
     t0 = time.perf_counter()
     lone: list[dict] = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="kvmesh-profile-") as tmp:
-            _bench(port, WARMUP, seed, Path(tmp) / "warmup.json")
-            rec.is_recording = True
-            for i, row in enumerate(GRID):
-                if i and time.perf_counter() - t0 > budget_s:  # the first row always runs
-                    break
-                records = _bench(port, row, seed + i + 1, Path(tmp) / f"row{i}.json")
-                lone += records if row.concurrency == 1 and row.words < 200 else []
-                on_row()
+    with recorded_server(config) as (port, rec, engine), \
+            tempfile.TemporaryDirectory(prefix="kvmesh-profile-") as tmp:
+        run_bench(port, row_args(WARMUP), seed, Path(tmp) / "warmup.json")
+        rec.is_recording = True
+        for i, row in enumerate(GRID):
+            if i and time.perf_counter() - t0 > budget_s:  # the first row always runs
+                break
+            records = run_bench(port, row_args(row), seed + i + 1, Path(tmp) / f"row{i}.json")
+            lone += records if row.concurrency == 1 and row.words < 200 else []
+            on_row()
         rec.is_recording = False
         store_s, load_s = _copy_costs(engine)
-    finally:
-        server.should_exit = True
     coef, error = fit_step_model(rec.samples, {"num_loads": load_s, "num_stores": store_s})
     tiers = config.tiers if config.tiers.is_enabled else TierConfig()
     costs = TierCosts(disk_read_s=_disk_read_s(engine.runner.block_bytes, tiers.io_threads),

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -49,6 +49,11 @@ class WorkloadConfig:
             raise ValueError("dataset trace needs a trace file (--trace FILE)")
         if self.num_requests < 1:
             raise ValueError("num_requests must be >= 1")
+
+    def cli_args(self) -> list[str]:
+        """The `kvmesh bench` flags that send this workload (unset fields left out)."""
+        return [arg for f in fields(self) if (value := getattr(self, f.name)) is not None
+                for arg in (f"--{f.name.replace('_', '-')}", str(value))]
 
     def profile(self, ignore_eos: bool = True) -> LoadProfile:
         return LoadProfile(rate=self.rate, burstiness=self.burstiness,

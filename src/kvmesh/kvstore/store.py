@@ -146,18 +146,20 @@ class TieredStore:
     def lookup(self, keys: Sequence[BlockKey], fetch: bool = True,
                hold_head: bool = True) -> PrefixMatch:
         """See `ExternalCache.lookup`. With `hold_head` off, the leading host-resident
-        blocks are not held (the caller is about to pin the ones it takes); they are pinned
-        during the pass all the same, so a slot reserved for a read of the tail can never
-        evict them."""
-        held: list[BlockKey] = []
+        blocks are not held (the caller is about to pin the ones it takes). Every
+        host-resident block of `keys` is pinned during the pass all the same, so a slot
+        reserved for a read can evict none of them: not the head, and not a host block
+        that follows a block still to be read."""
+        held = [key for key in keys if key in self.host] if fetch else []
+        for key in held:
+            self.host.pin(key)
         try:
-            return self._match(keys, fetch, hold_head, held)
+            return self._match(keys, fetch, hold_head)
         finally:
             for key in held:
                 self.host.unpin(key)
 
-    def _match(self, keys: Sequence[BlockKey], fetch: bool, hold_head: bool,
-               held: list[BlockKey]) -> PrefixMatch:
+    def _match(self, keys: Sequence[BlockKey], fetch: bool, hold_head: bool) -> PrefixMatch:
         origins: list[str] = []
         num_ready, next_in_flight, started, eta = 0, False, 0, 0.0
         room = self.host.num_slots - self.host.num_pinned - len(self._reads) - len(self._orphans)
@@ -168,9 +170,6 @@ class TieredStore:
                 origins.append(HOST)
                 if fetch and (hold_head or not leading):
                     self._stage(key)  # keep the head of the prefix while its tail is read
-                elif fetch:
-                    self.host.pin(key)  # for this pass only
-                    held.append(key)
                 continue
             if len(origins) == num_ready:
                 next_in_flight = key in self._reads

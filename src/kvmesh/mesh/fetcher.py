@@ -3,11 +3,12 @@ becomes one Fetch, the answering Block frames are checked and resolve the reads 
 and anything that fails, stalls or comes back short resolves to None (a miss: the engine
 recomputes those tokens).
 
-A fetch times out on a stall, not on its length: the clock restarts with every block that
-arrives on its link, so a long prefix over a slow or busy link (or a fetch queued behind
-others at the holder) still streams in full, while a holder that stops sending is given up
-on after `stall_timeout_s` of silence. Runs on the node's
-loop only.
+A fetch times out on a stall, or at a fixed cap on its age: the stall clock restarts with
+every block that arrives on its link, so a long prefix over a slow or busy link (or a fetch
+queued behind others at the holder) still streams, while a holder that stops sending is
+given up on after `stall_timeout_s` of silence. Whatever the link does, a fetch ends at
+`FETCH_CAP_S` (the store's cap on one read plus 5 s), so the host slots lent to it come
+back. Runs on the node's loop only.
 """
 
 from __future__ import annotations

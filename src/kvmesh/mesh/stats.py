@@ -8,7 +8,7 @@ from dataclasses import dataclass
 @dataclass
 class MeshStats:
     fetches: int = 0
-    fetch_timeouts: int = 0  # stalled: no block for fetch_stall_timeout_s
+    fetch_timeouts: int = 0  # stalled (no block for fetch_stall_timeout_s) or past FETCH_CAP_S
     fetches_refused_busy: int = 0
     false_positives: int = 0  # blocks the directory listed that the holder lacked
     blocks_in: int = 0
