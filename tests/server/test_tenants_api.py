@@ -10,6 +10,7 @@ import httpx
 import msgspec
 import pytest
 import zmq
+import zmq.utils.monitor
 
 from kvmesh.engine.kv_events import BlocksStored, KVEventBatch, KVSnapshot
 from tests.server_process import free_port, serve
@@ -51,11 +52,13 @@ def test_tenant_keys_limits_salts_and_kv_events(tmp_path, tiny_llama):
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
+    monitor = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
     sub.connect(f"tcp://127.0.0.1:{port}")
     args = ["--model", str(tiny_llama), "--tenants", str(path), "--kv-events-port", str(port),
             "--block-size", "4", "--num-blocks", "256"]
     try:
         with serve(args, tmp_path) as s:
+            _wait_subscribed(monitor)
             assert _post(s.url, None).status_code == 401
             assert _post(s.url, "nope").status_code == 401
             assert _cached(_post(s.url, "key-a")) == 0
@@ -83,8 +86,19 @@ def test_tenant_keys_limits_salts_and_kv_events(tmp_path, tiny_llama):
                       for k in e.keys}
             assert set(snap.media["device"]) <= stored  # every held block was announced
     finally:
+        sub.disable_monitor()
+        monitor.close(linger=0)
         sub.close(linger=0)
         ctx.term()
+
+
+def _wait_subscribed(monitor: zmq.Socket) -> None:
+    """PUB drops what it sends before a subscriber's subscription reaches it (ZeroMQ's slow
+    joiner): wait for the handshake, then give the subscription time to arrive."""
+    assert monitor.poll(timeout=30_000), "the subscriber never connected to the publisher"
+    event = zmq.utils.monitor.recv_monitor_message(monitor)
+    assert event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+    time.sleep(0.5)
 
 
 def _metric(server, name: str, *labels: str) -> float:
