@@ -57,11 +57,11 @@ def sessions(n: int, turns: int, groups: int, output_len: int, seed: int) -> lis
 
 
 @contextlib.contextmanager
-def mesh(tmp: Path, policy: str, num_instances: int = 3):
+def mesh(tmp: Path, policy: str, num_instances: int = 3, extra: tuple[str, ...] = ()):
     ports = free_ports(2 * num_instances)  # HTTP and KV events, all distinct
     with contextlib.ExitStack() as stack:
         insts = [stack.enter_context(serve(
-            [*INSTANCE_ARGS, "--kv-events-port", str(ports[num_instances + i])], tmp,
+            [*INSTANCE_ARGS, *extra, "--kv-events-port", str(ports[num_instances + i])], tmp,
             wait=None, port=ports[i]))
             for i in range(num_instances)]
         for inst in insts:
@@ -100,8 +100,9 @@ def reuse_ceiling(records: list, work: list[Session], block_size: int = 16) -> i
     return total
 
 
-def routing_run(tmp: Path, policy: str, work: list[Session], rate: float) -> dict:
-    with mesh(tmp, policy) as (router, insts):
+def routing_run(tmp: Path, policy: str, work: list[Session], rate: float,
+                extra: tuple[str, ...] = ()) -> dict:
+    with mesh(tmp, policy, extra=extra) as (router, insts):
         profile = LoadProfile(rate=rate, ignore_eos=True, seed=3, max_duration_s=900)
         records, duration = asyncio.run(run_load(Endpoint(router.url, None, "chat"), work,
                                                  profile, show_progress=False))
@@ -124,10 +125,15 @@ def routing_gain(tmp: Path, args) -> dict:
     for rep in range(args.repeats):
         order = POLICIES[rep % 3:] + POLICIES[: rep % 3]
         for policy in order:
-            runs[policy].append(routing_run(tmp, policy, work, args.rate))
+            runs[policy].append(routing_run(tmp, policy, work, args.rate, instance_extra(args)))
             print(policy, {k: runs[policy][-1][k] for k in ("hit_tokens", "ttft_p50_s",
                                                             "ttft_p99_s", "failed")})
     return runs
+
+
+def instance_extra(args) -> tuple[str, ...]:
+    """Per-instance KV capacity for the gain runs (unset: the engine's default)."""
+    return ("--num-blocks", str(args.num_blocks)) if args.num_blocks else ()
 
 
 def _median(rows: list[dict], key: str) -> float | None:
@@ -262,6 +268,8 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--rate", type=float, default=0.6, help="sessions started per second")
+    ap.add_argument("--num-blocks", type=int, default=0,
+                    help="device KV blocks per instance in the gain runs (0: engine default)")
     ap.add_argument("--overhead-requests", type=int, default=60)
     ap.add_argument("--proxy-requests", type=int, default=2000)
     ap.add_argument("--skip", default="", help="comma-separated: gain,overhead,proxy")

@@ -70,7 +70,7 @@ def recorded_run(args: argparse.Namespace,
                                          disk_bytes=args.disk_bytes))
         with recorded_server(config) as (port, rec, _):
             rec.is_recording = True
-            run_bench(port, w.cli_args(), w.seed, Path(tmp) / "bench.json")
+            run_bench(port, w.cli_args(), Path(tmp) / "bench.json")  # seed included
             rec.is_recording = False
     return rec.samples
 

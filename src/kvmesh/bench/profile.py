@@ -121,11 +121,11 @@ def row_args(row: Row) -> list[str]:
             "--output-len", str(row.output), "--concurrency", str(row.concurrency)]
 
 
-def run_bench(port: int, args: list[str], seed: int, out: Path) -> list[dict]:
-    """A `kvmesh bench` client process against the server on `port`; its records."""
+def run_bench(port: int, args: list[str], out: Path) -> list[dict]:
+    """A `kvmesh bench` client process (flags `args`) against the server on `port`; its
+    records."""
     cmd = [sys.executable, "-m", "kvmesh.cli", "bench", "--base-url",
-           f"http://127.0.0.1:{port}", *args, "--seed", str(seed), "--out", str(out),
-           "--no-progress"]
+           f"http://127.0.0.1:{port}", *args, "--out", str(out), "--no-progress"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=1800)
     return list(json.loads(out.read_text())["runs"][0]["records"])
 
@@ -219,12 +219,13 @@ def profile_engine(config: EngineConfig, budget_s: float = 600.0, seed: int = 0,
     lone: list[dict] = []
     with recorded_server(config) as (port, rec, engine), \
             tempfile.TemporaryDirectory(prefix="kvmesh-profile-") as tmp:
-        run_bench(port, row_args(WARMUP), seed, Path(tmp) / "warmup.json")
+        run_bench(port, [*row_args(WARMUP), "--seed", str(seed)], Path(tmp) / "warmup.json")
         rec.is_recording = True
         for i, row in enumerate(GRID):
             if i and time.perf_counter() - t0 > budget_s:  # the first row always runs
                 break
-            records = run_bench(port, row_args(row), seed + i + 1, Path(tmp) / f"row{i}.json")
+            records = run_bench(port, [*row_args(row), "--seed", str(seed + i + 1)],
+                                Path(tmp) / f"row{i}.json")
             lone += records if row.concurrency == 1 and row.words < 200 else []
             on_row()
         rec.is_recording = False
