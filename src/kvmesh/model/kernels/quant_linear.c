@@ -112,8 +112,8 @@ INLINE_DECL void tile(const struct qargs *a, const uint8_t *blk, int64_t nb, int
                                                 acc[u][r][h]);
                     }
         } else {
-            for (int64_t k = k0; k < k0 + a->group; k += 2) {
-                const int ulo = (int)(k % U), uhi = (int)((k + 1) % U);
+            for (int64_t k = k0; k < k0 + a->group; k += 2) { /* k even: the low nibble */
+                const int ulo = 0, uhi = U - 1; /* literals, so acc stays in registers */
                 for (int h = 0; h < H; h++) {
                     vf lo, hi;
                     q4(blk + (k / 2) * COLS + h * W, &lo, &hi);
@@ -186,11 +186,18 @@ INLINE_DECL void row1(const struct qargs *a, const uint8_t *blk, int64_t nb, int
     }
 }
 
+/* Rows in tiles of 4, 3 or 2 (one row: row1): a tile decodes the block's weights once for
+ * all its rows, where one pass per row would decode them again. A tile of 2 or 3 rows runs
+ * two k-streams per row so that enough FMA chains are in flight (3 rows on AVX2, two
+ * vectors per block, keep one: the registers would not hold them); 4 rows have enough. */
+#define TILE3_U (H == 1 ? 2 : 1)
 INLINE_DECL void block(const struct qargs *a, const uint8_t *blk, int64_t nb, int64_t rows,
                        const int bits) {
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) tile(a, blk, nb, r, bits, 4, 1);
-    for (; r < rows; r++) row1(a, blk, nb, r, bits);
+    if (rows - r == 3) tile(a, blk, nb, r, bits, 3, TILE3_U);
+    else if (rows - r == 2) tile(a, blk, nb, r, bits, 2, 2);
+    else if (rows - r == 1) row1(a, blk, nb, r, bits);
 }
 
 /* int4 batches of BATCH_ROWS rows or more: each block's nibbles are unpacked once into
