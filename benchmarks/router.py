@@ -303,6 +303,13 @@ def main() -> None:
         notes["gain"] = (f"{args.sessions} sessions x {args.turns} turns, {args.groups} shared "
                          f"system prompts, {args.rate} sessions/s; medians over "
                          f"{args.repeats} repeats; round_robin hit tokens {rr['hit_tokens']}")
+        if args.num_blocks:
+            notes["capacity"] = (
+                f"each instance's device KV holds {args.num_blocks} blocks of 16 tokens and "
+                "no host tier: the sessions' histories fit in the three instances together, "
+                "not in one, so where a turn lands decides whether its history is still "
+                "cached. With the default 2 GiB every instance holds every history, and "
+                "round robin already finds most of the reuse (router_long.json).")
     if "overhead" not in skip:
         figures["overhead"] = overhead(tmp, args.overhead_requests)
         figures["router_added_p99_ms"] = figures["overhead"]["added_ttft_p99_ms"]
