@@ -69,7 +69,7 @@ def test_kernel_matches_f_linear_at_each_level(level, monkeypatch):
         layer = QuantLinear(quantize(w, bits), b)
         assert layer.lib is lib
         ref_w = dequantize(layer.qw)
-        for rows in (0, 1, 2, 3, 4, 5, 9, 16, 64, 65, 130):
+        for rows in (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 16, 64, 65, 130):
             x = torch.randn(rows, k, generator=gen)
             torch.testing.assert_close(layer.forward(x), F.linear(x, ref_w, b),
                                        atol=1e-4, rtol=1e-4)
