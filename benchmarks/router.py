@@ -306,9 +306,9 @@ def main() -> None:
         if args.num_blocks:
             notes["capacity"] = (
                 f"each instance's device KV holds {args.num_blocks} blocks of 16 tokens and "
-                "no host tier: the sessions' histories fit in the three instances together, "
-                "not in one, so where a turn lands decides whether its history is still "
-                "cached. With the default 2 GiB every instance holds every history, and "
+                "no host tier. Sized so the sessions' histories fit in the three instances "
+                "together but not in one, where a turn lands decides whether its history "
+                "is still cached. With the default 2 GiB every instance holds every history, and "
                 "round robin already finds most of the reuse (router_long.json).")
     if "overhead" not in skip:
         figures["overhead"] = overhead(tmp, args.overhead_requests)

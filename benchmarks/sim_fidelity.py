@@ -118,17 +118,22 @@ def capacity(cost: Path, args: argparse.Namespace, w: WorkloadConfig) -> float:
     return w.num_requests / s["duration_s"]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cost-model", type=Path, default=None)
+def add_run_args(ap: argparse.ArgumentParser) -> None:
+    """The instance and workload flags this benchmark and sim_step_check.py share."""
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--num-blocks", type=int, default=512)
     ap.add_argument("--host-bytes", type=int, default=256 * 2**20)
     ap.add_argument("--disk-bytes", type=int, default=2 * 2**30)
-    ap.add_argument("--profile-budget-s", type=float, default=240.0)
-    ap.add_argument("--real-repeats", type=int, default=2)
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--levels", default=",".join(LEVELS))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cost-model", type=Path, default=None)
+    add_run_args(ap)
+    ap.add_argument("--profile-budget-s", type=float, default=240.0)
+    ap.add_argument("--real-repeats", type=int, default=2)
     args = ap.parse_args()
     cost = args.cost_model or profile(args)
     rows = []

@@ -1,6 +1,7 @@
 """How well the cost model prices the steps of real runs: the fidelity workloads on the
-real server (in this process, its steps recorded as `kvmesh profile` records them) driven
-by a `kvmesh bench` client process, and the cost model's price for each recorded step.
+real server (each run in a fresh process, its steps recorded as `kvmesh profile` records
+them) driven by a `kvmesh bench` client process, and the cost model's price for each
+recorded step.
 
 `sim_fidelity.py` compares what users see (TTFT, TPOT, throughput); near capacity a small
 error in step cost grows into a large one in queueing delay. This splits the two: a ratio
@@ -30,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import RESULTS, save  # noqa: E402
-from sim_fidelity import LEVELS, WORKLOADS  # noqa: E402
+from sim_fidelity import WORKLOADS, add_run_args  # noqa: E402
 
 from kvmesh.bench.profile import recorded_server, run_bench  # noqa: E402
 from kvmesh.bench.workload import WorkloadConfig  # noqa: E402
@@ -39,7 +40,7 @@ from kvmesh.config import (  # noqa: E402
     EngineConfig,
     ModelConfig,
     SchedulerConfig,
-    TierConfig,  # noqa: E402
+    TierConfig,
 )
 from kvmesh.sim import cost_model as cm  # noqa: E402
 
@@ -63,7 +64,8 @@ def recorded_run(args: argparse.Namespace,
                  w: WorkloadConfig) -> list[tuple[cm.StepFeatures, float]]:
     """One real run of `w` on a fresh server; its recorded steps."""
     with tempfile.TemporaryDirectory(prefix="kvmesh-stepcheck-") as tmp:
-        config = EngineConfig(ModelConfig(), CacheConfig(num_blocks=args.num_blocks),
+        config = EngineConfig(ModelConfig(dtype=args.dtype),
+                              CacheConfig(num_blocks=args.num_blocks),
                               SchedulerConfig(),
                               TierConfig(host_bytes=args.host_bytes,
                                          disk_path=str(Path(tmp) / "disk"),
@@ -92,11 +94,7 @@ def rates() -> dict[tuple[str, str], float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cost-model", type=Path, default=RESULTS / "sim_cost_model.json")
-    ap.add_argument("--num-blocks", type=int, default=512)
-    ap.add_argument("--host-bytes", type=int, default=256 * 2**20)
-    ap.add_argument("--disk-bytes", type=int, default=2 * 2**30)
-    ap.add_argument("--workloads", default=",".join(WORKLOADS))
-    ap.add_argument("--levels", default=",".join(LEVELS))
+    add_run_args(ap)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     cost = cm.load(str(args.cost_model))
@@ -119,7 +117,8 @@ def main() -> None:
         "step_cost_err_mean": sum(abs(r["ratio"] - 1) for r in rows) / len(rows),
         "ratio_spread_max": max(r["ratio_spread"] for r in rows),
         "table": rows}
-    config = {"cost_model": str(args.cost_model), "workloads": args.workloads,
+    config = {"cost_model": str(args.cost_model), "dtype": args.dtype,
+              "workloads": args.workloads,
               "levels": args.levels, "num_blocks": args.num_blocks,
               "host_bytes": args.host_bytes, "disk_bytes": args.disk_bytes,
               "repeats": args.repeats}

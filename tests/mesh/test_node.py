@@ -190,17 +190,22 @@ class SlowNode(MeshNode):
         await link.send(header, data)
 
 
+def _timed_fetch_of_twelve(a, local, b) -> tuple[list, float]:
+    """`a` holds twelve blocks; `b` fetches them once it knows: the blocks and the seconds."""
+    local.put(KEYS[:12])
+    _wait(lambda: b.holders(KEYS[11]))
+    start = time.monotonic()
+    got = _fetch(b, a.me.node_id, KEYS[:12])
+    return got, time.monotonic() - start
+
+
 @pytest.mark.parametrize("stall_at", [None, 6])
 def test_a_fetch_times_out_on_a_stall_not_on_a_length_within_the_cap(stall_at):
     """Stall timeout 1 s: twelve blocks 0.25 s apart (3 s in all) arrive in full; a holder
     that goes silent after six gives six blocks and six misses, about 1 s after the last."""
     a, local, b = _holder_and_fetcher(SlowNode, stall_s=1.0, stall_at=stall_at or 10**9)
     try:
-        local.put(KEYS[:12])
-        _wait(lambda: b.holders(KEYS[11]))
-        start = time.monotonic()
-        got = _fetch(b, a.me.node_id, KEYS[:12])
-        took = time.monotonic() - start
+        got, took = _timed_fetch_of_twelve(a, local, b)
         n = stall_at or 12
         assert got[:n] == [local.blocks[k] for k in KEYS[:n]]
         assert got[n:] == [None] * (12 - n)
@@ -217,11 +222,7 @@ def test_a_fetch_that_keeps_streaming_still_ends_at_its_age_cap(monkeypatch):
     monkeypatch.setattr(fetcher, "FETCH_CAP_S", 1.6)
     a, local, b = _holder_and_fetcher(SlowNode, stall_s=1.0)
     try:
-        local.put(KEYS[:12])
-        _wait(lambda: b.holders(KEYS[11]))
-        start = time.monotonic()
-        got = _fetch(b, a.me.node_id, KEYS[:12])
-        took = time.monotonic() - start
+        got, took = _timed_fetch_of_twelve(a, local, b)
         n = sum(g is not None for g in got)
         assert 3 <= n <= 9 and got[n:] == [None] * (12 - n)
         assert got[:n] == [local.blocks[k] for k in KEYS[:n]]
