@@ -150,6 +150,11 @@ class SchedulerConfig:
     default_ttft_slo_s: float = _help(
         "edf: the deadline of a request whose tenant has no TTFT SLO (arrival + this), so "
         "work without an SLO still ages to the front.", default=60.0)
+    slo_step_fraction: float = _help(
+        "Once a tenant with a TTFT SLO has sent a request, each step's prefill tokens are "
+        "capped at (measured prefill rate x the tightest such SLO x this), so a request "
+        "arriving mid-step waits only this share of its SLO for the step to end. Decodes "
+        "are not capped. 0 turns the cap off.", default=0.25)
     speculative_method: str | None = _help(
         "Speculative decoding: ngram (prompt lookup: draft what followed the last earlier "
         "match of the sequence's end), draft (a smaller model with the same vocabulary "
@@ -191,6 +196,8 @@ class SchedulerConfig:
             raise ValueError("num_speculative_tokens must be in [1, 16]")
         if not self.default_ttft_slo_s > 0:
             raise ValueError("default_ttft_slo_s must be > 0")
+        if not 0 <= self.slo_step_fraction <= 1:
+            raise ValueError(f"slo_step_fraction must be in [0, 1], got {self.slo_step_fraction}")
 
 
 @dataclass(frozen=True)

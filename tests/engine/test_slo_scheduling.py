@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from kvmesh.config import SchedulerConfig
@@ -165,3 +167,82 @@ def test_an_urgent_arrival_goes_before_a_running_partial_prefill(policy):
     else:  # the urgent request's whole prompt, then what budget is left
         assert first == [("urgent", 24), ("long", 8)]
     s.check_integrity()
+
+
+def _step(s: Scheduler) -> list[tuple[str, int]]:
+    out = s.schedule()
+    s.update_from_output(out, {q.request_id: 7 for q in out.seqs if q.is_sampling})
+    s.check_integrity()
+    return [(q.request_id, q.num_new_tokens) for q in out.seqs]
+
+
+def test_prefill_cap_follows_the_tightest_slo_and_never_holds_back_decodes():
+    s = _sched("edf", budget=64, max_seqs=8)
+    s.prefill_rate.observe(160, 1.0)  # 160 prefill tokens/s
+    s.add_request(_req("b0", 12, BATCH, arrival=0.0, max_tokens=50))
+    assert s.prefill_cap() == 64  # no tenant with a TTFT SLO yet: the whole budget
+    assert _step(s) == [("b0", 12)]
+    s.add_request(_req("c0", 8, CHAT, arrival=0.1, max_tokens=50))  # SLO 1 s
+    assert s.prefill_cap() == 40  # 160 tok/s x 1 s x 0.25
+    s.add_request(_req("c1", 8, TenantClass("tight", ttft_slo_s=0.2), arrival=0.2,
+                       max_tokens=50))
+    assert s.prefill_cap() == 8  # the tightest SLO counts: 160 x 0.2 x 0.25
+    s.add_request(_req("long", 200, BATCH, arrival=0.3))
+    # b0 decodes (uncapped); then 8 prefill tokens: c1 (deadline 0.4) before c0 (1.1)
+    assert _step(s) == [("b0", 1), ("c1", 8)]
+    assert sorted(_step(s)) == [("b0", 1), ("c0", 8), ("c1", 1)]
+    assert sorted(_step(s)) == [("b0", 1), ("c0", 1), ("c1", 1), ("long", 8)]
+    s.prefill_rate = PrefillRate()
+    s.prefill_rate.observe(1, 1.0)  # 1 tok/s: the cap never drops below one block
+    assert s.prefill_cap() == 4
+    off = Scheduler(SchedulerConfig(max_num_batched_tokens=64, policy="edf",
+                                    slo_step_fraction=0.0), s.kv, max_model_len=4000)
+    off.prefill_rate.observe(160, 1.0)
+    off.add_request(_req("c9", 8, CHAT, arrival=0.0))
+    assert off.prefill_cap() == 64  # turned off
+
+
+def test_a_verify_step_does_not_count_as_prefill():
+    from kvmesh.engine.scheduler import ScheduledSeq, SchedulerOutput
+    s = _sched("edf")
+    s.observe_step(SchedulerOutput((ScheduledSeq("a", 10, 4, True, num_spec=3),), ()), 0.5)
+    assert s.prefill_rate.tokens_per_s is None
+    s.observe_step(SchedulerOutput((ScheduledSeq("a", 10, 4, True, num_spec=3),
+                                    ScheduledSeq("b", 0, 40, True)), ()), 0.5)
+    assert s.prefill_rate.tokens_per_s == pytest.approx(80.0)
+
+
+def test_edf_admission_leaves_room_for_tighter_work_that_will_jump_ahead():
+    rate = PrefillRate()
+    rate.observe(100, 1.0, {1.0: 25, math.inf: 75})  # a quarter of prefill went to SLO 1 s
+    assert rate.share_tighter_than(1.0) == 0.0
+    assert rate.share_tighter_than(30.0) == pytest.approx(0.25)
+    check_slo(2300, 100, 30.0, rate)  # 24 s at 100 tok/s: in time under fcfs
+    with pytest.raises(QueueFullError):  # 32 s at the 75 tok/s edf leaves it: late
+        check_slo(2300, 100, 30.0, rate, yield_to_tighter=True)
+    check_slo(2000, 100, 30.0, rate, yield_to_tighter=True)  # 28 s: in time
+    s = _sched("edf", budget=64, max_seqs=4)
+    s.prefill_rate = rate
+    loose = TenantClass("loose", ttft_slo_s=28.0)
+    s.add_request(_req("b0", 2000, loose, arrival=0.0))
+    with pytest.raises(QueueFullError):  # (2000 ahead + 200 own) / 75 tok/s > 28 s
+        s.add_request(_req("b1", 200, loose, arrival=1.0))
+    f = _sched("fcfs", budget=64, max_seqs=4)  # fcfs: nobody jumps ahead, 22 s
+    f.prefill_rate = rate
+    f.add_request(_req("b0", 2000, loose, arrival=0.0))
+    f.add_request(_req("b1", 200, loose, arrival=1.0))
+
+
+def test_fair_lets_a_returning_tenant_go_next_and_admission_agrees():
+    s = _sched("fair", budget=64, max_seqs=1)
+    s.prefill_rate.observe(100, 1.0)
+    for i in range(4):  # a batch tenant with a deep queue
+        s.add_request(_req(f"b{i}", 60, BATCH, arrival=i, max_tokens=2))
+    _step(s)
+    _step(s)
+    # the chat tenant was idle: it starts just below the busy tenant, so nothing of the
+    # batch queue is ahead of it and admission (1 s SLO, 100 tok/s) lets it in
+    c = _req("c0", 40, CHAT, arrival=10.0, max_tokens=2)
+    assert s.num_prefill_tokens_ahead(c) == 0
+    s.add_request(c)
+    assert s.waiting[0].request_id == "c0"

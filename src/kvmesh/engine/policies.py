@@ -103,6 +103,7 @@ class EdfPolicy:
     preemption sees one class."""
 
     name = "edf"
+    yields_to_tighter_slos = True  # later arrivals with tighter SLOs run first (admission)
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.default_slo_s = config.default_ttft_slo_s
@@ -124,10 +125,13 @@ class FairPolicy:
 
     Each tenant's counter is the tokens scheduled for it (prefill and decode) over its
     weight; the tenant with the smallest counter goes first, arrival order within a tenant.
-    A tenant that had nothing queued or running starts at the smallest counter among the
-    active tenants, so idle time banks no credit and one tenant's burst cannot starve
-    another. Victims come from the tenant with the largest counter. Counters are kept as
-    whole tokens, so the order never depends on the order of additions."""
+    A tenant that had nothing queued or running starts one token below the smallest
+    counter among the active tenants: idle time banks no credit, one tenant's burst cannot
+    starve another, and the newcomer goes next, as a new flow's first request does in
+    start-time fair queuing (level with the busy tenant, every request of that tenant
+    queued before it would rank first, and admission control would count them all as
+    ahead of it). Victims come from the tenant with the largest counter. Counters are kept
+    as whole tokens, so the order never depends on the order of additions."""
 
     name = "fair"
 
@@ -151,7 +155,7 @@ class FairPolicy:
         if not self._live.get(name):
             active = [self.counter(t) for t, n in self._live.items() if n]
             if active:
-                floor = math.ceil(min(active) * self._weight[name])
+                floor = max(0, math.ceil(min(active) * self._weight[name]) - 1)
                 self._served[name] = max(self._served.get(name, 0), floor)
         self._live[name] = self._live.get(name, 0) + 1
 

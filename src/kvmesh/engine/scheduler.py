@@ -17,6 +17,12 @@ Each step shares a token budget between decodes and prefill chunks:
    request under priority, edf or fair; under fcfs, only a preempted request, which
    arrived earlier) is admitted before that prefill's next chunk, so a long
    low-priority prompt never holds the budget against it.
+4. Once a tenant with a TTFT SLO has sent a request, the prefill tokens of a step are
+   capped (`prefill_cap`) at the measured prefill rate times the tightest such SLO times
+   `slo_step_fraction`: a request that arrives mid-step waits at most about that share of
+   its SLO for the step to end. Decodes are never capped. Because the rate is measured
+   over whole steps (decodes included), the cap settles where a step with prefill lasts
+   that share of the SLO.
 
 A request is refused on arrival (QueueFullError, HTTP 429) when the queue is full, or
 when admission control predicts it would miss its tenant's TTFT SLO (`admission.py`).
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 from dataclasses import dataclass
 
 from kvmesh.config import SchedulerConfig
@@ -73,6 +80,7 @@ class Scheduler(DecodeRuns):
         self.policy = make_policy(config.policy, config)
         self._usage = self.policy if isinstance(self.policy, UsageAware) else None
         self.prefill_rate = PrefillRate()
+        self._ttft_slos: dict[str, float] = {}  # tenant -> TTFT SLO, of tenants seen
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -93,6 +101,8 @@ class Scheduler(DecodeRuns):
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)",
                                  retry_after_s=None)
         req.arrival_seq = next(self._seq)
+        if req.tenant is not None and req.tenant.ttft_slo_s is not None:
+            self._ttft_slos[req.tenant.name] = req.tenant.ttft_slo_s
         req.num_cached_hint = num_cached_tokens
         if self._usage is not None:  # first: an idle tenant's counter is lifted on arrival
             self._usage.on_arrival(req)
@@ -100,7 +110,8 @@ class Scheduler(DecodeRuns):
             try:
                 check_slo(self.num_prefill_tokens_ahead(req),
                           req.num_prompt_tokens - num_cached_tokens, req.tenant.ttft_slo_s,
-                          self.prefill_rate)
+                          self.prefill_rate, getattr(self.policy, "yields_to_tighter_slos",
+                                                     False))
             except QueueFullError:
                 if self._usage is not None:
                     self._usage.on_finish(req)
@@ -119,8 +130,24 @@ class Scheduler(DecodeRuns):
 
     def observe_step(self, out: SchedulerOutput, step_s: float) -> None:
         """A step's measured time: feeds the prefill rate that admission predicts with."""
-        self.prefill_rate.observe(
-            sum(s.num_new_tokens for s in out.seqs if s.num_new_tokens > 1), step_s)
+        by_slo: dict[float, int] = {}
+        for seq in out.seqs:
+            req = self.requests.get(seq.request_id)
+            if seq.num_new_tokens > 1 and not seq.num_spec:
+                slo = req.tenant.ttft_slo_s if req is not None and req.tenant else None
+                key = math.inf if slo is None else slo
+                by_slo[key] = by_slo.get(key, 0) + seq.num_new_tokens
+        self.prefill_rate.observe(sum(by_slo.values()), step_s, by_slo)
+
+    def prefill_cap(self) -> int:
+        """Most prefill tokens in one step (rule 4): the whole budget until a tenant with a
+        TTFT SLO has been seen and a prefill step measured, never below one block."""
+        budget = self.config.max_num_batched_tokens
+        tokens_per_s = self.prefill_rate.tokens_per_s
+        if not self._ttft_slos or tokens_per_s is None or self.config.slo_step_fraction <= 0:
+            return budget
+        cap = tokens_per_s * min(self._ttft_slos.values()) * self.config.slo_step_fraction
+        return min(budget, max(self.kv.block_size, int(cap)))
 
     def abort_request(self, request_id: str) -> Request | None:
         req = self.requests.get(request_id)
@@ -169,8 +196,11 @@ class Scheduler(DecodeRuns):
         self._resort()
         pending = sorted(self.running, key=lambda r: (r.num_pending_tokens > 1, self._key(r)))
         ran: list[ScheduledSeq] = []
+        cap = self.prefill_cap()
         while pending and budget > 0:
             req = pending.pop(0)
+            if req.num_pending_tokens > 1:  # the decodes came first: the rest is prefill
+                budget = min(budget, cap)
             if req.num_pending_tokens > 1 and not preempted:
                 # a partial prefill: waiting requests the policy ranks first go before it
                 budget = self._admit(budget, seqs, before=self._key(req))
@@ -188,7 +218,7 @@ class Scheduler(DecodeRuns):
         seqs.extend(ran)
         self._charge(ran)
         if not preempted:
-            budget = self._admit(budget, seqs)
+            budget = self._admit(min(budget, cap), seqs)
         return SchedulerOutput(tuple(seqs), tuple(preempted), tuple(self.kv.take_loads()))
 
     def _speculate(self, req: Request, budget: int,
