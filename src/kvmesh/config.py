@@ -154,7 +154,8 @@ class SchedulerConfig:
         "Once a tenant with a TTFT SLO has sent a request, each step's prefill tokens are "
         "capped at (measured prefill rate x the tightest such SLO x this), so a request "
         "arriving mid-step waits only this share of its SLO for the step to end. Decodes "
-        "are not capped. 0 turns the cap off.", default=0.25)
+        "are not capped, and the cap never falls below this share of the token budget. 0 "
+        "turns the cap off.", default=0.25)
     speculative_method: str | None = _help(
         "Speculative decoding: ngram (prompt lookup: draft what followed the last earlier "
         "match of the sequence's end), draft (a smaller model with the same vocabulary "

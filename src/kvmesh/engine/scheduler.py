@@ -22,7 +22,7 @@ Each step shares a token budget between decodes and prefill chunks:
    `slo_step_fraction`: a request that arrives mid-step waits at most about that share of
    its SLO for the step to end. Decodes are never capped. Because the rate is measured
    over whole steps (decodes included), the cap settles where a step with prefill lasts
-   that share of the SLO.
+   that share of the SLO; it never falls below that share of the token budget.
 
 A request is refused on arrival (QueueFullError, HTTP 429) when the queue is full, or
 when admission control predicts it would miss its tenant's TTFT SLO (`admission.py`).
@@ -101,8 +101,9 @@ class Scheduler(DecodeRuns):
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)",
                                  retry_after_s=None)
         req.arrival_seq = next(self._seq)
-        if req.tenant is not None and req.tenant.ttft_slo_s is not None:
-            self._ttft_slos[req.tenant.name] = req.tenant.ttft_slo_s
+        slo = req.tenant.ttft_slo_s if req.tenant is not None else None
+        if req.tenant is not None and slo is not None and math.isfinite(slo):
+            self._ttft_slos[req.tenant.name] = slo
         req.num_cached_hint = num_cached_tokens
         if self._usage is not None:  # first: an idle tenant's counter is lifted on arrival
             self._usage.on_arrival(req)
@@ -141,13 +142,16 @@ class Scheduler(DecodeRuns):
 
     def prefill_cap(self) -> int:
         """Most prefill tokens in one step (rule 4): the whole budget until a tenant with a
-        TTFT SLO has been seen and a prefill step measured, never below one block."""
+        TTFT SLO has been seen and a prefill step measured; never below one block, nor
+        below `slo_step_fraction` of the budget (where decodes alone outlast the target,
+        the measured rate would otherwise shrink the cap step after step)."""
         budget = self.config.max_num_batched_tokens
         tokens_per_s = self.prefill_rate.tokens_per_s
         if not self._ttft_slos or tokens_per_s is None or self.config.slo_step_fraction <= 0:
             return budget
         cap = tokens_per_s * min(self._ttft_slos.values()) * self.config.slo_step_fraction
-        return min(budget, max(self.kv.block_size, int(cap)))
+        floor = max(self.kv.block_size, int(budget * self.config.slo_step_fraction))
+        return min(budget, max(floor, int(cap)))
 
     def abort_request(self, request_id: str) -> Request | None:
         req = self.requests.get(request_id)
