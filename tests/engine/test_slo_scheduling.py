@@ -249,3 +249,23 @@ def test_fair_lets_a_returning_tenant_go_next_and_admission_agrees():
     assert s.num_prefill_tokens_ahead(c) == 0
     s.add_request(c)
     assert s.waiting[0].request_id == "c0"
+
+
+def test_fair_admission_counts_another_tenant_only_until_its_counter_passes():
+    s = _sched("fair", budget=64, max_seqs=1)
+    batch = [_req(f"b{i}", 60, BATCH, arrival=i) for i in range(5)]
+    for r in batch:  # the batch tenant: 5 x 60 tokens queued
+        s.add_request(r)
+    c0 = _req("c0", 8, CHAT, arrival=5.0)
+    s.add_request(c0)
+    s.policy.on_scheduled(batch[0], 100)  # type: ignore[attr-defined]  # counter 100
+    s.policy.on_scheduled(c0, 130)  # type: ignore[attr-defined]  # chat: 130, 30 ahead
+    probe = _req("c1", 40, CHAT, arrival=9.0)
+    probe.arrival_seq = 99
+    # chat's own earlier c0 (8), then batch only until its counter passes 130: 30 tokens
+    # plus the crossing chunk (the cap: the whole 64-token budget here) = 94 of its 300.
+    # Today's keys would count all 300: every batch request shares the counter 100.
+    assert s.prefill_cap() == 64
+    assert s.num_prefill_tokens_ahead(probe) == 8 + 94
+    s.policy.on_scheduled(batch[0], 40)  # type: ignore[attr-defined]  # batch 140 > 130
+    assert s.num_prefill_tokens_ahead(probe) == 8  # a tenant above runs nothing first

@@ -12,7 +12,7 @@ re-sorts its queue before each admission.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from kvmesh.config import SchedulerConfig
@@ -148,6 +148,30 @@ class FairPolicy:
 
     def preempt_class(self, req: Request) -> SortKey:
         return (self.counter(tenant_name(req)),)
+
+    def prefill_ahead(self, req: Request, work: Sequence[tuple[Request, int]],
+                      chunk: int) -> int:
+        """Prefill tokens (of `work`: requests and their unfinished prefill) that run before
+        `req` starts. Its tenant's earlier requests all do. Another tenant's run only until
+        its counter passes this one's: the tokens that takes, plus the chunk that crosses
+        (a tenant whose counter is already higher runs nothing first). Sorting by the
+        current keys instead would count a tenant's whole queue, since all its requests
+        share its counter."""
+        me = tenant_name(req)
+        mine = self.counter(me)
+        own = 0
+        others: dict[str, int] = {}
+        for other, tokens in work:
+            name = tenant_name(other)
+            if name != me:
+                others[name] = others.get(name, 0) + tokens
+            elif (other.arrival_time, other.arrival_seq) < (req.arrival_time, req.arrival_seq):
+                own += tokens
+        for name, tokens in others.items():
+            lead = mine - self.counter(name)
+            if lead >= 0:
+                own += min(tokens, math.floor(lead * self._weight.get(name, 1.0)) + chunk)
+        return own
 
     def on_arrival(self, req: Request) -> None:
         name = tenant_name(req)

@@ -122,12 +122,16 @@ class Scheduler(DecodeRuns):
 
     def num_prefill_tokens_ahead(self, req: Request) -> int:
         """Prefill tokens that run before `req` would start: the running prefills and the
-        waiting requests the policy orders first."""
+        waiting requests the policy orders first (or, for a policy whose order moves as
+        work is done, what its `prefill_ahead` says)."""
+        work = [(r, r.num_prompt_tokens - r.num_computed_tokens) for r in self.running
+                if r.num_computed_tokens < r.num_prompt_tokens]
+        work += [(r, max(0, r.num_pending_tokens - r.num_cached_hint)) for r in self.waiting]
+        ahead = getattr(self.policy, "prefill_ahead", None)
+        if ahead is not None:
+            return int(ahead(req, work, self.prefill_cap()))
         key = self._key(req)
-        running = sum(r.num_prompt_tokens - r.num_computed_tokens for r in self.running
-                      if r.num_computed_tokens < r.num_prompt_tokens and self._key(r) < key)
-        return running + sum(max(0, r.num_pending_tokens - r.num_cached_hint)
-                             for r in self.waiting if self._key(r) < key)
+        return sum(n for r, n in work if self._key(r) < key)
 
     def observe_step(self, out: SchedulerOutput, step_s: float) -> None:
         """A step's measured time: feeds the prefill rate that admission predicts with."""
