@@ -262,10 +262,26 @@ def test_fair_admission_counts_another_tenant_only_until_its_counter_passes():
     s.policy.on_scheduled(c0, 130)  # type: ignore[attr-defined]  # chat: 130, 30 ahead
     probe = _req("c1", 40, CHAT, arrival=9.0)
     probe.arrival_seq = 99
-    # chat's own earlier c0 (8), then batch only until its counter passes 130: 30 tokens
-    # plus the crossing chunk (the cap: the whole 64-token budget here) = 94 of its 300.
-    # Today's keys would count all 300: every batch request shares the counter 100.
+    # chat's own earlier c0 (8 tokens: chat reaches 138), then batch only until its
+    # counter passes 138: 38 tokens plus the crossing chunk (the cap: the whole 64-token
+    # budget here) = 102 of its 300. Today's keys would count all 300: every batch
+    # request shares the counter 100.
     assert s.prefill_cap() == 64
-    assert s.num_prefill_tokens_ahead(probe) == 8 + 94
-    s.policy.on_scheduled(batch[0], 40)  # type: ignore[attr-defined]  # batch 140 > 130
-    assert s.num_prefill_tokens_ahead(probe) == 8  # a tenant above runs nothing first
+    assert s.num_prefill_tokens_ahead(probe) == 8 + 102
+    s.policy.on_scheduled(batch[0], 40)  # type: ignore[attr-defined]  # batch 140
+    # chat reaches 138 after c0: batch is above that and runs nothing first
+    assert s.num_prefill_tokens_ahead(probe) == 8
+    # more of chat's own work queued first raises the counter that batch must pass: after
+    # c0 and c2 (8 + 50 tokens) chat is at 188, so batch runs 48 tokens + a chunk first
+    s.add_request(_req("c2", 50, CHAT, arrival=6.0))
+    assert s.num_prefill_tokens_ahead(probe) == 58 + 48 + 64
+    heavy = _sched("fair", budget=64, max_seqs=1)  # weights: counter = tokens / weight
+    w2 = TenantClass("w2", weight=2.0)
+    for r in (_req("h0", 300, w2, arrival=0.0), _req("l0", 20, CHAT, arrival=1.0)):
+        heavy.add_request(r)
+    heavy.policy.on_scheduled(heavy.waiting[0], 100)  # type: ignore[attr-defined]  # w2: 50
+    heavy.policy.on_scheduled(heavy.waiting[1], 60)  # type: ignore[attr-defined]  # chat: 60
+    late = _req("l1", 10, CHAT, arrival=2.0)
+    late.arrival_seq = 99
+    # chat reaches 80 after l0; w2 runs (80 - 50) x 2 = 60 tokens + a 64-token chunk
+    assert heavy.num_prefill_tokens_ahead(late) == 20 + 60 + 64

@@ -5,8 +5,9 @@ The prediction is deliberately simple and measured, not modelled:
     predicted_ttft_s = (prefill tokens ahead + this request's uncached prompt tokens)
                        / measured prefill rate
 
-"Ahead" is what the policy would run first: the waiting requests it orders before this
-one, plus the unfinished prefills of running requests. The prefill rate is prefill tokens
+"Ahead" is what the policy would run first: the waiting requests and unfinished running
+prefills it orders before this one (a policy whose order moves as work is done, `fair`,
+says itself: `prefill_ahead`). The prefill rate is prefill tokens
 per second of step time, over recent steps that ran prefill (an exponentially weighted
 ratio of sums, so a step under heavy decode load counts at the rate it really ran). Until
 a first prefill step is measured there is no prediction and nothing is refused.

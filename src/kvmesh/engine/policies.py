@@ -152,13 +152,12 @@ class FairPolicy:
     def prefill_ahead(self, req: Request, work: Sequence[tuple[Request, int]],
                       chunk: int) -> int:
         """Prefill tokens (of `work`: requests and their unfinished prefill) that run before
-        `req` starts. Its tenant's earlier requests all do. Another tenant's run only until
-        its counter passes this one's: the tokens that takes, plus the chunk that crosses
-        (a tenant whose counter is already higher runs nothing first). Sorting by the
-        current keys instead would count a tenant's whole queue, since all its requests
-        share its counter."""
+        `req` starts. Its tenant's earlier requests all do, and they raise its counter to
+        `target` first. Another tenant's work runs only until its counter passes `target`:
+        the tokens that takes, plus the chunk that crosses (a tenant already above runs
+        nothing first). Sorting by the current keys instead would count a tenant's whole
+        queue, since all its requests share its counter."""
         me = tenant_name(req)
-        mine = self.counter(me)
         own = 0
         others: dict[str, int] = {}
         for other, tokens in work:
@@ -167,8 +166,9 @@ class FairPolicy:
                 others[name] = others.get(name, 0) + tokens
             elif (other.arrival_time, other.arrival_seq) < (req.arrival_time, req.arrival_seq):
                 own += tokens
+        target = self.counter(me) + own / self._weight.get(me, 1.0)
         for name, tokens in others.items():
-            lead = mine - self.counter(name)
+            lead = target - self.counter(name)
             if lead >= 0:
                 own += min(tokens, math.floor(lead * self._weight.get(name, 1.0)) + chunk)
         return own
