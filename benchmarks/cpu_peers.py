@@ -102,15 +102,25 @@ def llama_server(gguf: Path, slots: int, threads: int):
         port)
 
 
+def vllm_dtype() -> str:
+    """vLLM's compute dtype here: what kvmesh's `--dtype auto` picks on this CPU (bf16
+    where it has native bf16 dot products, float32 elsewhere, where torch's bf16 matmuls
+    would be unusably slow for it too)."""
+    import torch
+
+    from kvmesh.engine.setup import auto_dtype
+    return auto_dtype(torch.device("cpu"))[0]
+
+
 def vllm_server(model_dir: Path, max_seqs: int):
-    """vLLM's CPU build (make peers-vllm) on kvmesh's converted copy of the model, bf16,
-    prefix caching on; its startup (torch.compile) takes minutes."""
+    """vLLM's CPU build (make peers-vllm) on kvmesh's converted copy of the model, in
+    `vllm_dtype()`, prefix caching on; its startup (torch.compile) takes minutes."""
     port = free_port()
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="4")
     return peer_server("vllm", [
         str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
         "--served-model-name", "default", "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "bfloat16", "--enable-prefix-caching", "--max-num-seqs", str(max_seqs)],
+        "--dtype", vllm_dtype(), "--enable-prefix-caching", "--max-num-seqs", str(max_seqs)],
         port, env, ready_s=900)
 
 
@@ -246,7 +256,8 @@ def main() -> None:
                   "sequence of the run) so that all fit in memory at once; vLLM, whose "
                   "startup takes minutes, runs after them",
         "vllm_cpu": f"{VLLM_PY} -m vllm.entrypoints.openai.api_server (make peers-vllm), "
-                    "bf16, prefix caching, VLLM_CPU_KVCACHE_SPACE=4; ratio_vs_vllm_cpu_* are "
+                    "dtype as kvmesh's auto picks here (bf16 with native bf16, else "
+                    "float32), prefix caching, VLLM_CPU_KVCACHE_SPACE=4; ratio_vs_vllm_cpu_* are "
                     "null where it is not installed",
         "decode_floor_ratio_1": "TPOT p50 at one stream / (linear weight bytes per token / "
                                 "memory_read_gbps); embedding lookups and KV reads excluded",
