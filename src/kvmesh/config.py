@@ -154,8 +154,7 @@ class SchedulerConfig:
         "Once a tenant with a TTFT SLO has sent a request, each step's prefill tokens are "
         "capped at (measured prefill rate x the tightest such SLO x this), so a request "
         "arriving mid-step waits only this share of its SLO for the step to end. Decodes "
-        "and the prefills of the tenants with that tightest SLO are not capped (the others "
-        "get what is left), and the cap never falls below this share of the token budget. 0 "
+        "are not capped, and the cap never falls below this share of the token budget. 0 "
         "turns the cap off.", default=0.25)
     speculative_method: str | None = _help(
         "Speculative decoding: ngram (prompt lookup: draft what followed the last earlier "

@@ -205,24 +205,6 @@ def test_prefill_cap_follows_the_tightest_slo_and_never_holds_back_decodes():
         SchedulerConfig(slo_step_fraction=1.5)
 
 
-def test_the_tightest_tenants_prefill_is_bounded_by_the_budget_alone():
-    s = _sched("edf", num_blocks=1024, budget=512, max_seqs=8)
-    s.prefill_rate.observe(400, 1.0)  # cap: 400 tok/s x 1 s x 0.25 = 100 tokens
-    s.add_request(_req("long", 600, BATCH, arrival=0.0))
-    for i in range(3):  # three chat prompts arrive together: one step, not three
-        s.add_request(_req(f"c{i}", 90, CHAT, arrival=0.1 + i / 100))
-    assert s.prefill_cap() == 128  # the floor: a quarter of the budget
-    # the chat prompts take 270 tokens, past the cap; the batch prompt gets none of it
-    assert _step(s) == [("c0", 90), ("c1", 90), ("c2", 90)]
-    # then the batch prompt gets the cap alone, beside three decodes
-    assert sorted(_step(s)) == [("c0", 1), ("c1", 1), ("c2", 1), ("long", 128)]
-    s.add_request(_req("c3", 60, CHAT, arrival=0.5))  # a chat prompt goes first and
-    # the batch prompt gets what is left under the cap: 128 - 60
-    assert sorted(_step(s)) == [("c0", 1), ("c1", 1), ("c2", 1), ("c3", 60), ("long", 68)]
-    s.add_request(_req("c4", 300, CHAT, arrival=0.6))  # past the cap: nothing is left
-    assert sorted(_step(s)) == [("c0", 1), ("c1", 1), ("c2", 1), ("c3", 1), ("c4", 300)]
-
-
 def test_a_verify_step_does_not_count_as_prefill():
     from kvmesh.engine.scheduler import ScheduledSeq, SchedulerOutput
     s = _sched("edf")

@@ -20,12 +20,9 @@ Each step shares a token budget between decodes and prefill chunks:
 4. Once a tenant with a TTFT SLO has sent a request, the prefill tokens of a step are
    capped (`prefill_cap`) at the measured prefill rate times the tightest such SLO times
    `slo_step_fraction`: a request that arrives mid-step waits at most about that share of
-   its SLO for the step to end. Decodes are never capped, nor are the prefills of the
-   tenants with that tightest SLO (only the budget bounds them: a newcomer with that SLO
-   would queue behind them anyway, and splitting them across steps only delays them).
-   Because the rate is measured over whole steps (decodes included), the cap settles
-   where a step with prefill lasts that share of the SLO; it never falls below that
-   share of the token budget.
+   its SLO for the step to end. Decodes are never capped. Because the rate is measured
+   over whole steps (decodes included), the cap settles where a step with prefill lasts
+   that share of the SLO; it never falls below that share of the token budget.
 
 A request is refused on arrival (QueueFullError, HTTP 429) when the queue is full, or
 when admission control predicts it would miss its tenant's TTFT SLO (`admission.py`).
@@ -207,12 +204,14 @@ class Scheduler(DecodeRuns):
         self._resort()
         pending = sorted(self.running, key=lambda r: (r.num_pending_tokens > 1, self._key(r)))
         ran: list[ScheduledSeq] = []
-        room = self.prefill_cap()  # prefill tokens left under the cap this step
+        cap = self.prefill_cap()
         while pending and budget > 0:
             req = pending.pop(0)
+            if req.num_pending_tokens > 1:  # the decodes came first: the rest is prefill
+                budget = min(budget, cap)
             if req.num_pending_tokens > 1 and not preempted:
                 # a partial prefill: waiting requests the policy ranks first go before it
-                budget, room = self._admit(budget, room, seqs, before=self._key(req))
+                budget = self._admit(budget, seqs, before=self._key(req))
                 if budget <= 0:
                     break
             speculated = self._speculate(req, budget, pending)
@@ -221,30 +220,14 @@ class Scheduler(DecodeRuns):
                 budget -= speculated.num_new_tokens
                 continue
             num_new = min(req.num_pending_tokens, budget)
-            if num_new > 1:  # prefill (the decodes came first)
-                num_new = min(num_new, self._prefill_allowance(req, budget, room))
-                if num_new <= 0:
-                    continue
-                room -= num_new
             if self._allocate_or_preempt(req, num_new, pending, preempted):
                 ran.append(self._scheduled(req, num_new))
                 budget -= num_new
         seqs.extend(ran)
         self._charge(ran)
         if not preempted:
-            budget, room = self._admit(budget, room, seqs)
+            budget = self._admit(min(budget, cap), seqs)
         return SchedulerOutput(tuple(seqs), tuple(preempted), tuple(self.kv.take_loads()))
-
-    def _prefill_allowance(self, req: Request, budget: int, room: int) -> int:
-        """Prefill tokens `req` may take this step (rule 4): a request of the tenant with
-        the tightest TTFT SLO is bounded by the budget alone (a newcomer of that SLO would
-        queue behind it anyway, and splitting it across steps only delays it); any other
-        only by what is left under the cap."""
-        if self._ttft_slos and req.tenant is not None:
-            slo = req.tenant.ttft_slo_s
-            if slo is not None and slo <= min(self._ttft_slos.values()):
-                return budget
-        return min(budget, room)
 
     def _speculate(self, req: Request, budget: int,
                    pending: list[Request]) -> ScheduledSeq | None:
@@ -292,11 +275,10 @@ class Scheduler(DecodeRuns):
             pending.remove(victim)
         return True
 
-    def _admit(self, budget: int, room: int, seqs: list[ScheduledSeq],
-               before: tuple[float, ...] | None = None) -> tuple[int, int]:
+    def _admit(self, budget: int, seqs: list[ScheduledSeq],
+               before: tuple[float, ...] | None = None) -> int:
         """Admit waiting requests in policy order (only those ranked before `before`, when
-        given) while the budget and the prefill cap's `room` allow; one still fetching its
-        prefix is passed over. Returns what is left of both."""
+        given); one still fetching its prefix is passed over."""
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[i]
@@ -308,22 +290,16 @@ class Scheduler(DecodeRuns):
                 continue
             num_cached = plan.num_blocks * self.kv.block_size
             num_new = min(req.num_tokens - num_cached, budget)
-            if num_new > 1:
-                num_new = min(num_new, self._prefill_allowance(req, budget, room))
-                if num_new <= 0:  # no room under the cap for it: a tighter one may fit
-                    i += 1
-                    continue
             if not self.kv.allocate(req, num_new, plan):
                 break
             self.waiting.pop(i)
             self._start(req, plan)
             seqs.append(self._scheduled(req, num_new))
             budget -= num_new
-            room -= num_new if num_new > 1 else 0
             if self._usage is not None:  # the admitted tenant's counter moves now
                 self._usage.on_scheduled(req, num_new)
                 self.waiting[i:] = sorted(self.waiting[i:], key=self._key)
-        return budget, room
+        return budget
 
     def _start(self, req: Request, plan: PrefixPlan) -> None:
         bs = self.kv.block_size
