@@ -35,3 +35,16 @@ def test_cuda_host_tier_is_pinned_and_hits_are_identical(tiny_llama, tmp_path):
     assert llm.engine.store.host.stats.hit_blocks > 0
     torch.cuda.synchronize()
     llm.close()
+
+
+def test_cuda_defaults_take_the_cuda_path(tiny_llama):
+    """Every default on a CUDA machine: bf16 compute and KV, torch attention, no CPU
+    quantization (int4/int8 are CPU kernels); it generates."""
+    llm = LLM(str(tiny_llama), block_size=8, num_blocks=64)
+    loaded = llm.engine.loaded
+    assert loaded.device.type == "cuda"
+    assert loaded.dtype == torch.bfloat16 and loaded.kv_dtype == torch.bfloat16
+    assert loaded.quantization == "none"
+    assert llm.engine.runner.decode_kernel is None and llm.engine.runner.prefill_kernel is None
+    out = llm.generate(_prompts()[:2], G)
+    assert [len(o.token_ids) for o in out] == [12, 12]

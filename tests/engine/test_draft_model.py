@@ -116,7 +116,7 @@ def test_a_failing_drafter_costs_drafts_not_requests(plain, tiny_llama):
 def test_drafts_are_the_draft_models_greedy_continuation(other_draft):
     draft_llm = LLM(str(other_draft), **COMMON)
     engine = draft_llm.engine  # its model, on a KV cache of the drafter's own
-    runner = ModelRunner(engine.loaded.model, 40, 4, torch.float32, torch.device("cpu"),
+    runner = ModelRunner(engine.loaded.model, 40, 4, torch.float32, engine.loaded.device,
                          engine.runner.decode_kernel, engine.runner.prefill_kernel)
     drafter = ModelDrafter(runner, num_blocks=40, chunk_tokens=8)
     prompts = [p[:8] for p in _prompts(3, seed=3)]
@@ -178,10 +178,10 @@ def test_default_model_with_itself_in_int4_as_draft():
     prompts = [chat.format(q) for q in ("What is a prime number?", "Name three rivers.",
                                         "Repeat exactly: the cat sat on the mat.")]
     params = SamplingParams(temperature=0.0, max_tokens=40)
-    plain = LLM("smollm2-135m-instruct", dtype="float32", quantization="none")
+    plain = LLM("smollm2-135m-instruct", device="cpu", dtype="float32", quantization="none")
     want = [o.token_ids for o in plain.generate(prompts, params)]
     del plain
-    spec = LLM("smollm2-135m-instruct", dtype="float32", quantization="none",
+    spec = LLM("smollm2-135m-instruct", device="cpu", dtype="float32", quantization="none",
                speculative_method="draft", speculative_model="smollm2-135m-instruct",
                speculative_quantization="int4")
     assert [spec.generate([p], params)[0].token_ids for p in prompts] == want

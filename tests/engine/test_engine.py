@@ -170,11 +170,11 @@ def test_bfloat16_packed_linears_change_no_token(tiny_llama, monkeypatch):
     expected = 9 if has_fast_bf16_native() else 0
     assert can_pack(torch.bfloat16, torch.device("cpu")) == bool(expected)
     ps = prompts(4, seed=11, low=30, high=60)
-    packed = LLM(str(tiny_llama), dtype="bfloat16", block_size=4, num_blocks=512)
+    packed = LLM(str(tiny_llama), device="cpu", dtype="bfloat16", block_size=4, num_blocks=512)
     modules = packed.engine.loaded.model.modules()
     assert sum(isinstance(m, PackedLinear) for m in modules) == expected
     monkeypatch.setattr(loader, "can_pack", lambda *a: False)
-    plain = LLM(str(tiny_llama), dtype="bfloat16", block_size=4, num_blocks=512)
+    plain = LLM(str(tiny_llama), device="cpu", dtype="bfloat16", block_size=4, num_blocks=512)
     assert not any(isinstance(m, PackedLinear) for m in plain.engine.loaded.model.modules())
     assert [o.token_ids for o in packed.generate(ps, GREEDY)] == [
         o.token_ids for o in plain.generate(ps, GREEDY)]

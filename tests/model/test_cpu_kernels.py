@@ -88,7 +88,7 @@ def test_native_backend_in_the_engine(tmp_path):
     outs = {}
     for dtype in ("float32", "bfloat16"):
         for backend in ("native", "sdpa"):
-            llm = LLM(str(model_dir), dtype=dtype, block_size=8, num_blocks=256,
+            llm = LLM(str(model_dir), device="cpu", dtype=dtype, block_size=8, num_blocks=256,
                       attention_backend=backend, max_num_batched_tokens=64)
             runner = llm.engine.runner
             assert (runner.decode_kernel is not None) == (backend == "native")
@@ -98,7 +98,7 @@ def test_native_backend_in_the_engine(tmp_path):
             outs[dtype, backend] = llm.generate(prompts, params)
     for a, b in zip(outs["float32", "native"], outs["float32", "sdpa"], strict=True):
         assert a.token_ids == b.token_ids
-    auto = LLM(str(model_dir), dtype="bfloat16", block_size=8, num_blocks=256)
+    auto = LLM(str(model_dir), device="cpu", dtype="bfloat16", block_size=8, num_blocks=256)
     assert auto.engine.runner.decode_kernel is not None
     native = _logprob_error(outs["bfloat16", "native"], outs["float32", "sdpa"])
     sdpa = _logprob_error(outs["bfloat16", "sdpa"], outs["float32", "sdpa"])

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compile
 def _run(model_dir, monkeypatch, fused: bool, dtype: str = "float32", logprobs: int = 0,
          **kw):
     monkeypatch.setenv("KVMESH_FUSED_DECODE", "1" if fused else "0")
-    llm = LLM(str(model_dir), dtype=dtype, block_size=8, num_blocks=256,
+    llm = LLM(str(model_dir), device="cpu", dtype=dtype, block_size=8, num_blocks=256,
               max_num_batched_tokens=64, **kw)
     assert (llm.engine.loaded.model.fused is not None) == fused
     runs = _count_runs(monkeypatch)
@@ -92,7 +92,7 @@ def test_fused_decode_bf16_is_no_worse_than_torch_bf16(tmp_path, monkeypatch, he
                     reason="bf16 models are quantized (and fused) only with native bf16")
 def test_fused_decode_bf16_leaves_large_batches_to_dense_bf16(tmp_path, monkeypatch):
     monkeypatch.setenv("KVMESH_FUSED_DECODE", "1")
-    llm = LLM(str(build_grid_model(tmp_path)), dtype="bfloat16", block_size=8,
+    llm = LLM(str(build_grid_model(tmp_path)), device="cpu", dtype="bfloat16", block_size=8,
               num_blocks=512, max_num_seqs=40, max_num_batched_tokens=512)
     runs = _count_runs(monkeypatch)
     prompts = [[(3 * i + j) % 300 + 3 for j in range(5)] for i in range(BF16_FUSED_ROWS + 8)]
@@ -107,12 +107,13 @@ def test_fused_decode_bf16_leaves_large_batches_to_dense_bf16(tmp_path, monkeypa
 def test_fused_path_only_where_it_applies(tmp_path, tiny_qwen3, monkeypatch):
     monkeypatch.setenv("KVMESH_FUSED_DECODE", "1")
     plain = build_tiny_model(tmp_path / "plain", "llama")
-    assert LLM(str(plain), dtype="float32", quantization="none", block_size=8,
+    assert LLM(str(plain), device="cpu", dtype="float32", quantization="none", block_size=8,
                num_blocks=64).engine.loaded.model.fused is None  # float weights
     grid = build_grid_model(tmp_path / "grid", "llama")
-    llm = LLM(str(grid), dtype="float32", quantization="int8", block_size=8, num_blocks=64)
+    llm = LLM(str(grid), device="cpu", dtype="float32", quantization="int8", block_size=8,
+              num_blocks=64)
     assert llm.engine.loaded.model.fused is not None
-    qwen3 = LLM(str(tiny_qwen3), dtype="float32", quantization="int8", block_size=8,
+    qwen3 = LLM(str(tiny_qwen3), device="cpu", dtype="float32", quantization="int8", block_size=8,
                 num_blocks=64)
     assert qwen3.engine.loaded.model.fused is None  # q/k norms: the torch path
 
@@ -124,7 +125,7 @@ def test_fused_decode_hands_batches_over_its_limit_to_torch(tmp_path, monkeypatc
     outs = []
     for fused in (True, False):
         monkeypatch.setenv("KVMESH_FUSED_DECODE", "1" if fused else "0")
-        llm = LLM(str(model_dir), dtype="float32", block_size=8, num_blocks=512,
+        llm = LLM(str(model_dir), device="cpu", dtype="float32", block_size=8, num_blocks=512,
                   max_num_seqs=80, max_num_batched_tokens=512)
         decoder = llm.engine.loaded.model.fused
         assert (decoder is not None) == fused

@@ -126,7 +126,7 @@ def test_engine_auto_on_grid_weights_is_exact(tmp_path):
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
     outs = {}
     for quant in ("none", "auto", "int8"):  # float32 inputs: the exact products
-        llm = LLM(str(model_dir), dtype="float32", quantization=quant, block_size=8,
+        llm = LLM(str(model_dir), device="cpu", dtype="float32", quantization=quant, block_size=8,
                   num_blocks=256, max_num_batched_tokens=96, quant_activations="float32")
         outs[quant] = llm.generate(prompts, params)
         applied = llm.engine.loaded.quantization
@@ -148,20 +148,20 @@ def test_quantization_needs_float32_or_native_bf16(tiny_llama):
     bf16 (the bf16 hybrid); `auto` elsewhere quietly means none."""
     native = cpu_isa.has_fast_bf16_native()
     if native and HAS_CC:
-        llm = LLM(str(tiny_llama), dtype="bfloat16", quantization="int8", block_size=4,
-                  num_blocks=64)
+        llm = LLM(str(tiny_llama), device="cpu", dtype="bfloat16", quantization="int8",
+                  block_size=4, num_blocks=64)
         assert llm.engine.loaded.quantization.startswith("int8x")
     elif native:  # no compiler: the dense bf16 copies serve every batch
-        llm = LLM(str(tiny_llama), dtype="bfloat16", quantization="int8", block_size=4,
-                  num_blocks=64)
+        llm = LLM(str(tiny_llama), device="cpu", dtype="bfloat16", quantization="int8",
+                  block_size=4, num_blocks=64)
         assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0].token_ids
     else:
         with pytest.raises(ValueError, match="float32"):
-            LLM(str(tiny_llama), dtype="bfloat16", quantization="int8", block_size=4,
+            LLM(str(tiny_llama), device="cpu", dtype="bfloat16", quantization="int8", block_size=4,
                 num_blocks=64)
     with pytest.raises(ValueError, match="quantization must be one of"):
         LLM(str(tiny_llama), quantization="fp8")
-    auto = LLM(str(tiny_llama), dtype="bfloat16", block_size=4, num_blocks=64)
+    auto = LLM(str(tiny_llama), device="cpu", dtype="bfloat16", block_size=4, num_blocks=64)
     assert auto.engine.loaded.quantization == "none"  # random weights: nothing is exact
 
 
@@ -174,7 +174,7 @@ def test_bf16_hybrid_keeps_ints_for_small_batches_and_bf16_for_large(tmp_path):
     from kvmesh.model.quant import BF16_KERNEL_ROWS, QuantLinear
 
     model_dir = build_grid_model(tmp_path)
-    llm = LLM(str(model_dir), dtype="bfloat16", block_size=8, num_blocks=256,
+    llm = LLM(str(model_dir), device="cpu", dtype="bfloat16", block_size=8, num_blocks=256,
               max_num_batched_tokens=96)
     assert llm.engine.loaded.quantization.startswith("int4x")
     layers = [m for m in llm.engine.loaded.model.modules() if isinstance(m, QuantLinear)]
@@ -197,7 +197,7 @@ def test_bf16_hybrid_keeps_ints_for_small_batches_and_bf16_for_large(tmp_path):
         ref = torch.nn.functional.linear(x.float(), ref_w, layer.bias)
         assert (y.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
     assert dense_rows == [BF16_KERNEL_ROWS + 1, 40]  # the ints served the small batches
-    exact = LLM(str(model_dir), dtype="float32", quantization="none", block_size=8,
+    exact = LLM(str(model_dir), device="cpu", dtype="float32", quantization="none", block_size=8,
                 num_blocks=256, max_num_batched_tokens=96)
     prompts = [[(5 * i + j) % 300 + 3 for j in range(4 + 37 * i)] for i in range(5)]
     params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=1)
@@ -209,8 +209,10 @@ def test_bf16_hybrid_keeps_ints_for_small_batches_and_bf16_for_large(tmp_path):
 
 def test_quantized_keys_differ_from_float(tiny_llama):
     """KV from quantized weights never matches float blocks (the disk tier outlives runs)."""
-    a = LLM(str(tiny_llama), dtype="float32", quantization="none", block_size=4, num_blocks=64)
-    b = LLM(str(tiny_llama), dtype="float32", quantization="int8", block_size=4, num_blocks=64)
+    a = LLM(str(tiny_llama), device="cpu", dtype="float32", quantization="none", block_size=4,
+            num_blocks=64)
+    b = LLM(str(tiny_llama), device="cpu", dtype="float32", quantization="int8", block_size=4,
+            num_blocks=64)
     assert a.engine.loaded.model_id != b.engine.loaded.model_id
 
 
@@ -232,10 +234,10 @@ def test_default_model_auto_is_int4_and_matches_none():
     so greedy tokens equal the float path's."""
     prompts = ["The capital of France is", "def fibonacci(n):", "List three colours:"]
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    fast = LLM(dtype="float32", quant_activations="float32")
+    fast = LLM(device="cpu", dtype="float32", quant_activations="float32")
     if HAS_CC:
         assert fast.engine.loaded.quantization == "int4x120+int8x1"
-    exact = LLM(dtype="float32", quantization="none")
+    exact = LLM(device="cpu", dtype="float32", quantization="none")
     assert [o.token_ids for o in fast.generate(prompts, params)] == [
         o.token_ids for o in exact.generate(prompts, params)]
 
@@ -247,9 +249,9 @@ def test_default_model_defaults_take_this_cpus_path():
     has it, close to float32 (teacher-forced top-1 agreement) but not required equal. The
     same check covers `quant_activations int8` (llama.cpp's Q4 x Q8) on AVX2 and up."""
     native = cpu_isa.has_fast_bf16(cpu_isa.level()) and cpu_isa.has_fast_bf16_native()
-    _defaults_path(LLM(), native, "int4x120+int8x1")
+    _defaults_path(LLM(device="cpu"), native, "int4x120+int8x1")
     if HAS_CC and cpu_isa.level() != "generic":
-        _defaults_path(LLM(dtype="float32", quant_activations="int8"), True,
+        _defaults_path(LLM(device="cpu", dtype="float32", quant_activations="int8"), True,
                        "int4a8x120+int8x1")
 
 
@@ -260,7 +262,7 @@ def _defaults_path(llm: LLM, close_not_equal: bool, quantization: str) -> None:
     if HAS_CC:
         assert loaded.quantization == quantization
         assert loaded.model.fused is not None
-    exact = LLM(dtype="float32", quantization="none")
+    exact = LLM(device="cpu", dtype="float32", quantization="none")
     tok = exact.get_tokenizer()
     prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in (
         "What is the capital of France?", "Write a haiku about rain.", "Why is the sky blue?")]

@@ -83,7 +83,7 @@ def test_quant_activations_setting(tmp_path):
     """float32 (the default) keeps the exact products; int8 rounds the int4 layers' inputs;
     the two are different KV (different block keys)."""
     model_dir = build_grid_model(tmp_path)
-    kw = {"dtype": "float32", "block_size": 8, "num_blocks": 64}
+    kw = {"device": "cpu", "dtype": "float32", "block_size": 8, "num_blocks": 64}
     plain = LLM(str(model_dir), quantization="none", quant_activations="int8", **kw)
     assert plain.engine.loaded.quantization == "none"  # no int4 layers: nothing to round
     auto = LLM(str(model_dir), quant_activations="int8", **kw)
@@ -114,7 +114,7 @@ def test_int8_inputs_where_the_kernel_cannot_run_is_a_clear_error(tmp_path, monk
     lib = cpu_kernels.load()
     assert lib is not None and not lib.quant_a8_available()
     model_dir = build_grid_model(tmp_path)
-    kw = {"dtype": "float32", "block_size": 8, "num_blocks": 64}
+    kw = {"device": "cpu", "dtype": "float32", "block_size": 8, "num_blocks": 64}
     with pytest.raises(ValueError, match="needs the native CPU kernels with AVX2"):
         LLM(str(model_dir), quant_activations="int8", **kw)
 

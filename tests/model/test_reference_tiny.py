@@ -25,7 +25,9 @@ def test_tiny_model_matches_transformers(family, backend, tmp_path):
     model_dir = build_tiny_model(tmp_path, family)
     prompts = _prompts(6, seed=len(family))
     expected = hf_greedy(load_hf(model_dir), prompts, max_new_tokens=24, eos=None)
-    llm = LLM(str(model_dir), dtype="float32", block_size=8, num_blocks=256,
+    # native is a CPU kernel; sdpa runs on whatever device auto picks (CUDA where present)
+    device = "cpu" if backend == "native" else "auto"
+    llm = LLM(str(model_dir), device=device, dtype="float32", block_size=8, num_blocks=256,
               attention_backend=backend)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     batched = [o.token_ids for o in llm.generate(prompts, params)]
