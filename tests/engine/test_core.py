@@ -17,6 +17,7 @@ BLOCKED = ("torch", "numpy", "asyncio", "socket", "threading", "concurrent")
 PURE_MODULES = (
     "kvmesh.engine.core", "kvmesh.engine.scheduler", "kvmesh.engine.kv_cache_manager",
     "kvmesh.engine.block_pool", "kvmesh.engine.events", "kvmesh.engine.policies",
+    "kvmesh.engine.schedule", "kvmesh.engine.step_budget", "kvmesh.engine.admission",
     "kvmesh.kvstore.index", "kvmesh.kvstore.eviction", "kvmesh.kvstore.store",
     "kvmesh.kvstore.virtual",
 )

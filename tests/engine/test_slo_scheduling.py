@@ -113,7 +113,7 @@ def test_prefill_rate_and_slo_check():
 
 def test_scheduler_refuses_what_its_queue_would_make_late():
     s = _sched("edf", budget=64, max_seqs=1)
-    s.prefill_rate.observe(100, 1.0)  # 100 prefill tokens/s
+    s.budget.rate.observe(100, 1.0)  # 100 prefill tokens/s
     s.add_request(_req("b0", 80, BATCH, arrival=0.0))
     s.add_request(_req("c0", 40, CHAT, arrival=0.1))  # 40 ahead of nothing edf-wise: ok
     assert s.num_prefill_tokens_ahead(_req("probe", 4, CHAT, arrival=0.2)) == 40
@@ -123,7 +123,7 @@ def test_scheduler_refuses_what_its_queue_would_make_late():
     s.add_request(_req("b1", 80, BATCH, arrival=0.3))  # no SLO: queued
     assert "c1" not in s.requests and s.num_waiting == 3
     off = _sched("edf", admission=False)
-    off.prefill_rate.observe(100, 1.0)
+    off.budget.rate.observe(100, 1.0)
     off.add_request(_req("b0", 800, CHAT, arrival=0.0))
     off.add_request(_req("c1", 800, CHAT, arrival=0.1))  # admission off: queued
     assert off.num_waiting == 2
@@ -188,7 +188,7 @@ def _step(s: Scheduler) -> list[tuple[str, int]]:
 
 def test_prefill_cap_follows_the_tightest_slo_and_never_holds_back_decodes():
     s = _sched("edf", num_blocks=1024, budget=512, max_seqs=8)
-    s.prefill_rate.observe(1600, 1.0)  # 1600 prefill tokens/s
+    s.budget.rate.observe(1600, 1.0)  # 1600 prefill tokens/s
     s.add_request(_req("b0", 12, BATCH, arrival=0.0, max_tokens=50))
     assert s.prefill_cap() == 512  # no tenant with a TTFT SLO yet: the whole budget
     assert _step(s) == [("b0", 12)]
@@ -201,14 +201,14 @@ def test_prefill_cap_follows_the_tightest_slo_and_never_holds_back_decodes():
     # b0 decodes (uncapped); then 160 prefill tokens: c1 (deadline 0.6) before c0 (1.1)
     assert _step(s) == [("b0", 1), ("c1", 100), ("c0", 60)]
     assert sorted(_step(s)) == [("b0", 1), ("c0", 40), ("c1", 1), ("long", 120)]
-    s.prefill_rate = PrefillRate()
-    s.prefill_rate.observe(1, 1.0)  # 1 tok/s: the cap stops at a quarter of the budget
+    s.budget.rate = PrefillRate()
+    s.budget.rate.observe(1, 1.0)  # 1 tok/s: the cap stops at a quarter of the budget
     assert s.prefill_cap() == 128
     s.add_request(_req("inf", 4, TenantClass("inf", ttft_slo_s=math.inf), arrival=0.4))
     assert s.prefill_cap() == 128  # an infinite SLO is no constraint (and no overflow)
     off = Scheduler(SchedulerConfig(max_num_batched_tokens=64, policy="edf",
                                     slo_step_fraction=0.0), s.kv, max_model_len=4000)
-    off.prefill_rate.observe(160, 1.0)
+    off.budget.rate.observe(160, 1.0)
     off.add_request(_req("c9", 8, CHAT, arrival=0.0))
     assert off.prefill_cap() == 64  # turned off
     with pytest.raises(ValueError, match="slo_step_fraction"):
@@ -219,10 +219,10 @@ def test_a_verify_step_does_not_count_as_prefill():
     from kvmesh.engine.scheduler import ScheduledSeq, SchedulerOutput
     s = _sched("edf")
     s.observe_step(SchedulerOutput((ScheduledSeq("a", 10, 4, True, num_spec=3),), ()), 0.5)
-    assert s.prefill_rate.tokens_per_s is None
+    assert s.budget.rate.tokens_per_s is None
     s.observe_step(SchedulerOutput((ScheduledSeq("a", 10, 4, True, num_spec=3),
                                     ScheduledSeq("b", 0, 40, True)), ()), 0.5)
-    assert s.prefill_rate.tokens_per_s == pytest.approx(80.0)
+    assert s.budget.rate.tokens_per_s == pytest.approx(80.0)
 
 
 def test_edf_admission_leaves_room_for_tighter_work_that_will_jump_ahead():
@@ -235,20 +235,20 @@ def test_edf_admission_leaves_room_for_tighter_work_that_will_jump_ahead():
         check_slo(2300, 100, 30.0, rate, yield_to_tighter=True)
     check_slo(2000, 100, 30.0, rate, yield_to_tighter=True)  # 28 s: in time
     s = _sched("edf", budget=64, max_seqs=4)
-    s.prefill_rate = rate
+    s.budget.rate = rate
     loose = TenantClass("loose", ttft_slo_s=28.0)
     s.add_request(_req("b0", 2000, loose, arrival=0.0))
     with pytest.raises(QueueFullError):  # (2000 ahead + 200 own) / 75 tok/s > 28 s
         s.add_request(_req("b1", 200, loose, arrival=1.0))
     f = _sched("fcfs", budget=64, max_seqs=4)  # fcfs: nobody jumps ahead, 22 s
-    f.prefill_rate = rate
+    f.budget.rate = rate
     f.add_request(_req("b0", 2000, loose, arrival=0.0))
     f.add_request(_req("b1", 200, loose, arrival=1.0))
 
 
 def test_fair_lets_a_returning_tenant_go_next_and_admission_agrees():
     s = _sched("fair", budget=64, max_seqs=1)
-    s.prefill_rate.observe(100, 1.0)
+    s.budget.rate.observe(100, 1.0)
     for i in range(4):  # a batch tenant with a deep queue
         s.add_request(_req(f"b{i}", 60, BATCH, arrival=i, max_tokens=2))
     _step(s)

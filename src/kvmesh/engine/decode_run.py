@@ -18,7 +18,7 @@ from kvmesh.engine.policies import UsageAware
 from kvmesh.engine.request import Request
 
 if TYPE_CHECKING:
-    from kvmesh.engine.scheduler import SchedulerOutput
+    from kvmesh.engine.schedule import SchedulerOutput
 
 ALLOCATE, FILL = 0, 1  # a decode run's block events, in this order within a step
 

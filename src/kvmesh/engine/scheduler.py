@@ -18,11 +18,8 @@ Each step shares a token budget between decodes and prefill chunks:
    arrived earlier) is admitted before that prefill's next chunk, so a long
    low-priority prompt never holds the budget against it.
 4. Once a tenant with a TTFT SLO has sent a request, the prefill tokens of a step are
-   capped (`prefill_cap`) at the measured prefill rate times the tightest such SLO times
-   `slo_step_fraction`: a request that arrives mid-step waits at most about that share of
-   its SLO for the step to end. Decodes are never capped. Because the rate is measured
-   over whole steps (decodes included), the cap settles where a step with prefill lasts
-   that share of the SLO; it never falls below that share of the token budget.
+   capped (`prefill_cap`) so that a step lasts about `slo_step_fraction` of the tightest
+   SLO (`step_budget.py`). Decodes are never capped.
 
 A request is refused on arrival (QueueFullError, HTTP 429) when the queue is full, or
 when admission control predicts it would miss its tenant's TTFT SLO (`admission.py`).
@@ -32,44 +29,19 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import math
-from dataclasses import dataclass
 
 from kvmesh.config import SchedulerConfig
-from kvmesh.engine.admission import PrefillRate, QueueFullError, check_slo
+from kvmesh.engine.admission import QueueFullError, check_slo
 from kvmesh.engine.decode_run import ALLOCATE, FILL, DecodeRuns
 from kvmesh.engine.kv_cache_manager import KVCacheManager, PrefixPlan
 from kvmesh.engine.policies import UsageAware, make_policy
 from kvmesh.engine.preemption import restore_cost_tokens
 from kvmesh.engine.request import Request, RequestStatus
-from kvmesh.hashing import BlockKey
+from kvmesh.engine.schedule import ScheduledSeq, SchedulerOutput
+from kvmesh.engine.step_budget import StepBudget
 from kvmesh.types import FinishReason
 
 __all__ = ["ALLOCATE", "FILL", "QueueFullError", "Scheduler", "SchedulerOutput", "ScheduledSeq"]
-
-
-@dataclass(frozen=True)
-class ScheduledSeq:
-    request_id: str
-    num_computed_tokens: int
-    num_new_tokens: int
-    is_sampling: bool
-    num_spec: int = 0  # drafted tokens among the new ones (verified by this step)
-
-
-@dataclass(frozen=True)
-class SchedulerOutput:
-    seqs: tuple[ScheduledSeq, ...]
-    preempted_ids: tuple[str, ...]
-    loads: tuple[tuple[int, BlockKey], ...] = ()  # device block <- host-tier block, first
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.seqs)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.seqs
 
 
 class Scheduler(DecodeRuns):
@@ -79,8 +51,7 @@ class Scheduler(DecodeRuns):
         self.max_model_len = max_model_len
         self.policy = make_policy(config.policy, config)
         self._usage = self.policy if isinstance(self.policy, UsageAware) else None
-        self.prefill_rate = PrefillRate()
-        self._ttft_slos: dict[str, float] = {}  # tenant -> TTFT SLO, of tenants seen
+        self.budget = StepBudget(config, kv.block_size)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -101,9 +72,8 @@ class Scheduler(DecodeRuns):
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)",
                                  retry_after_s=None)
         req.arrival_seq = next(self._seq)
-        slo = req.tenant.ttft_slo_s if req.tenant is not None else None
-        if req.tenant is not None and slo is not None and math.isfinite(slo):
-            self._ttft_slos[req.tenant.name] = slo
+        if req.tenant is not None:
+            self.budget.note_tenant(req.tenant.name, req.tenant.ttft_slo_s)
         req.num_cached_hint = num_cached_tokens
         if self._usage is not None:  # first: an idle tenant's counter is lifted on arrival
             self._usage.on_arrival(req)
@@ -111,7 +81,7 @@ class Scheduler(DecodeRuns):
             try:
                 check_slo(self.num_prefill_tokens_ahead(req),
                           req.num_prompt_tokens - num_cached_tokens, req.tenant.ttft_slo_s,
-                          self.prefill_rate, getattr(self.policy, "yields_to_tighter_slos",
+                          self.budget.rate, getattr(self.policy, "yields_to_tighter_slos",
                                                      False))
             except QueueFullError:
                 if self._usage is not None:
@@ -134,28 +104,19 @@ class Scheduler(DecodeRuns):
         return sum(n for r, n in work if self._key(r) < key)
 
     def observe_step(self, out: SchedulerOutput, step_s: float) -> None:
-        """A step's measured time: feeds the prefill rate that admission predicts with."""
-        by_slo: dict[float, int] = {}
+        """A step's measured time: feeds the prefill rate that admission predicts with.
+        Prefill chunks only (more than one new token, none of them drafted)."""
+        prefills = []
         for seq in out.seqs:
-            req = self.requests.get(seq.request_id)
             if seq.num_new_tokens > 1 and not seq.num_spec:
-                slo = req.tenant.ttft_slo_s if req is not None and req.tenant else None
-                key = math.inf if slo is None else slo
-                by_slo[key] = by_slo.get(key, 0) + seq.num_new_tokens
-        self.prefill_rate.observe(sum(by_slo.values()), step_s, by_slo)
+                req = self.requests.get(seq.request_id)
+                tenant = req.tenant if req is not None else None
+                prefills.append((seq.num_new_tokens, tenant.ttft_slo_s if tenant else None))
+        self.budget.observe(prefills, step_s)
 
     def prefill_cap(self) -> int:
-        """Most prefill tokens in one step (rule 4): the whole budget until a tenant with a
-        TTFT SLO has been seen and a prefill step measured; never below one block, nor
-        below `slo_step_fraction` of the budget (where decodes alone outlast the target,
-        the measured rate would otherwise shrink the cap step after step)."""
-        budget = self.config.max_num_batched_tokens
-        tokens_per_s = self.prefill_rate.tokens_per_s
-        if not self._ttft_slos or tokens_per_s is None or self.config.slo_step_fraction <= 0:
-            return budget
-        cap = tokens_per_s * min(self._ttft_slos.values()) * self.config.slo_step_fraction
-        floor = max(self.kv.block_size, int(budget * self.config.slo_step_fraction))
-        return min(budget, max(floor, int(cap)))
+        """Most prefill tokens in one step (rule 4, `StepBudget.prefill_cap`)."""
+        return self.budget.prefill_cap()
 
     def abort_request(self, request_id: str) -> Request | None:
         req = self.requests.get(request_id)

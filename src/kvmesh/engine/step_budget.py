@@ -1,0 +1,53 @@
+"""How many prefill tokens one step may take, under the tenants' TTFT SLOs. Pure Python.
+
+Once a tenant with a finite TTFT SLO has sent a request, the prefill tokens of a step are
+capped at the measured prefill rate times the tightest such SLO times
+`slo_step_fraction`: a request that arrives mid-step waits at most about that share of
+its SLO for the step to end. Decodes are never capped. Because the rate is measured over
+whole steps (decodes included), the cap settles where a step with prefill lasts that share
+of the SLO; it never falls below that share of the token budget, nor below one block.
+Infinite SLOs are no constraint.
+
+The same measured rate (`PrefillRate`, by SLO) is what admission control predicts with.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from kvmesh.config import SchedulerConfig
+from kvmesh.engine.admission import PrefillRate
+
+
+class StepBudget:
+    def __init__(self, config: SchedulerConfig, block_size: int):
+        self.config = config
+        self.block_size = block_size
+        self.rate = PrefillRate()
+        self.ttft_slos: dict[str, float] = {}  # tenant -> TTFT SLO, of tenants seen
+
+    def note_tenant(self, tenant: str, ttft_slo_s: float | None) -> None:
+        if ttft_slo_s is not None and math.isfinite(ttft_slo_s):
+            self.ttft_slos[tenant] = ttft_slo_s
+
+    def observe(self, prefills: Iterable[tuple[int, float | None]], step_s: float) -> None:
+        """A step's time and its prefill chunks, as (tokens, the tenant's TTFT SLO)."""
+        by_slo: dict[float, int] = {}
+        for tokens, slo in prefills:
+            key = math.inf if slo is None else slo
+            by_slo[key] = by_slo.get(key, 0) + tokens
+        self.rate.observe(sum(by_slo.values()), step_s, by_slo)
+
+    def prefill_cap(self) -> int:
+        """Most prefill tokens in one step: the whole budget until a tenant with a TTFT SLO
+        has been seen and a prefill step measured; never below one block, nor below
+        `slo_step_fraction` of the budget (where decodes alone outlast the target, the
+        measured rate would otherwise shrink the cap step after step)."""
+        budget = self.config.max_num_batched_tokens
+        tokens_per_s = self.rate.tokens_per_s
+        if not self.ttft_slos or tokens_per_s is None or self.config.slo_step_fraction <= 0:
+            return budget
+        cap = tokens_per_s * min(self.ttft_slos.values()) * self.config.slo_step_fraction
+        floor = max(self.block_size, int(budget * self.config.slo_step_fraction))
+        return min(budget, max(floor, int(cap)))
