@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kvmesh import LLM, SamplingParams
+from tests.builders import build_grid_model
 
 pytestmark = pytest.mark.gpu
 G = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -19,7 +20,7 @@ def _prompts() -> list[list[int]]:
 
 
 def test_cuda_engine_matches_cpu(tiny_llama):
-    cpu = LLM(str(tiny_llama), dtype="float32", block_size=8, num_blocks=256)
+    cpu = LLM(str(tiny_llama), device="cpu", dtype="float32", block_size=8, num_blocks=256)
     gpu = LLM(str(tiny_llama), dtype="float32", device="cuda", block_size=8, num_blocks=256)
     assert [o.token_ids for o in gpu.generate(_prompts(), G)] == [
         o.token_ids for o in cpu.generate(_prompts(), G)]
@@ -37,10 +38,11 @@ def test_cuda_host_tier_is_pinned_and_hits_are_identical(tiny_llama, tmp_path):
     llm.close()
 
 
-def test_cuda_defaults_take_the_cuda_path(tiny_llama):
-    """Every default on a CUDA machine: bf16 compute and KV, torch attention, no CPU
-    quantization (int4/int8 are CPU kernels); it generates."""
-    llm = LLM(str(tiny_llama), block_size=8, num_blocks=64)
+def test_cuda_defaults_take_the_cuda_path(tmp_path):
+    """Every default on a CUDA machine: bf16 compute and KV, torch attention, and no CPU
+    quantization (int4/int8 are CPU kernels) even for weights on an int4 grid, which the
+    CPU would take as int4; it generates."""
+    llm = LLM(str(build_grid_model(tmp_path)), block_size=8, num_blocks=64)
     loaded = llm.engine.loaded
     assert loaded.device.type == "cuda"
     assert loaded.dtype == torch.bfloat16 and loaded.kv_dtype == torch.bfloat16

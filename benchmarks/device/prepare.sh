@@ -18,7 +18,8 @@ for name in $NAMES; do
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux_2_31_x86_64 -d .whl \
-    "$name==$version" 2>&1 | grep -v "^WARNING" || true
+    "$name==$version" 2>/tmp/kvmesh-pip-download.err \
+    || { grep -v "^WARNING" /tmp/kvmesh-pip-download.err; exit 1; }
 done
 model=$($PY -c "from kvmesh.model.registry import resolve_model as r; print(r('smollm2-135m-instruct').path)")
 cp "$model"/{config.json,tokenizer.json,tokenizer_config.json,chat_template.jinja,generation_config.json} .gpu/small/

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from kvmesh import LLM, SamplingParams
-from kvmesh.model import cpu_isa
+from kvmesh.model import cpu_isa, cpu_kernels
 from tests.reference import hf_greedy, load_hf
 from tests.texts import varied_prompts
 
@@ -34,7 +34,7 @@ def test_default_model_matches_transformers(llm, prompts, default_gguf):
     # exists; on CUDA (where auto picks it), torch's SDPA.
     native = llm.engine.runner.decode_kernel is not None
     on_cpu = llm.engine.loaded.device.type == "cpu"
-    assert native == (on_cpu and shutil.which("cc") is not None)
+    assert native == (on_cpu and cpu_kernels.load() is not None)
     hf = load_hf(default_gguf.parent, gguf_file=default_gguf.name)
     expected = hf_greedy(hf, prompts, max_new_tokens=64, eos=2)
     params = SamplingParams(temperature=0.0, max_tokens=64)
@@ -53,7 +53,7 @@ def test_prefix_cache_hit_is_identical(llm, prompts, int8_inputs):
     if int8_inputs and (shutil.which("cc") is None or cpu_isa.level() == "generic"):
         pytest.skip(f"int8 inputs need AVX2 and a C compiler (ISA level {cpu_isa.level()})")
     if int8_inputs:
-        llm = LLM(dtype="float32", quant_activations="int8")
+        llm = LLM(device="cpu", dtype="float32", quant_activations="int8")
     tok = llm.get_tokenizer()
     shared = [t for p in prompts for t in p][:1000]
     assert len(shared) == 1000
