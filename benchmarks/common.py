@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shlex
 import sys
 import time
@@ -11,6 +12,22 @@ from typing import Any
 from kvmesh.bench.report import result_doc, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def random_prompts(conc: int, length: int, seed: int) -> list[list[int]]:
+    """`conc` prompts of `length` random token ids (EOS-free range of the default vocab)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 40000) for _ in range(length)] for _ in range(conc)]
+
+
+def prefill_tok_per_s(llm: Any, tokens: int = 2000, seed: int = 7) -> float:
+    """Prefill rate of one `tokens`-long prompt through `LLM.generate` (one output token)."""
+    from kvmesh import SamplingParams
+
+    prompt = random_prompts(1, tokens, seed)
+    start = time.perf_counter()
+    llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=1))
+    return tokens / (time.perf_counter() - start)
 
 
 def matmul_gflops(dtype_name: str = "bfloat16", size: int = 2048, repeats: int = 8) -> float:

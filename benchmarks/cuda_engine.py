@@ -19,16 +19,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
+from common import prefill_tok_per_s, random_prompts, save  # noqa: E402
 
 PROMPT_LEN, OUTPUT_LEN = 128, 128
 DEVICE = "cuda"  # --device cpu: a dry run of this script where no GPU is
 DTYPE = "bfloat16"
-
-
-def prompts(conc: int, length: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(100, 40000) for _ in range(length)] for _ in range(conc)]
 
 
 def spread(runs: list[float]) -> dict:
@@ -81,28 +76,21 @@ def kvmesh_throughput(model: str, concs: list[int], repeats: int) -> dict:
     llm = LLM(model, device=DEVICE, dtype=DTYPE, max_num_seqs=max(concs),
               max_num_batched_tokens=2048, enable_prefix_caching=False)
     params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_LEN, ignore_eos=True)
-    llm.generate(prompts(2, PROMPT_LEN, 99), SamplingParams(temperature=0, max_tokens=4))
+    llm.generate(random_prompts(2, PROMPT_LEN, 99), SamplingParams(temperature=0, max_tokens=4))
     out: dict = {"decode_tok_per_s": {}}
 
     def once(conc: int) -> float:
         sync()
         start = time.perf_counter()
-        res = llm.generate(prompts(conc, PROMPT_LEN, conc), params)
+        res = llm.generate(random_prompts(conc, PROMPT_LEN, conc), params)
         return sum(len(r.token_ids) for r in res) / (time.perf_counter() - start)
 
     for conc in concs:
         once(conc)  # warm: allocator and kernel selection for this batch size
         out["decode_tok_per_s"][str(conc)] = spread([once(conc) for _ in range(repeats)])
         print(f"kvmesh conc={conc}: {out['decode_tok_per_s'][str(conc)]}", flush=True)
-    long = prompts(1, 2000, 7)
-
-    def prefill() -> float:
-        start = time.perf_counter()
-        llm.generate(long, SamplingParams(temperature=0.0, max_tokens=1))
-        return 2000 / (time.perf_counter() - start)
-
-    prefill()  # warm
-    out["prefill_tok_per_s_2k"] = spread([prefill() for _ in range(repeats)])
+    prefill_tok_per_s(llm)  # warm
+    out["prefill_tok_per_s_2k"] = spread([prefill_tok_per_s(llm) for _ in range(repeats)])
     params_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
     out["weight_bytes"] = params_bytes
     out["num_blocks"] = llm.engine.loaded.num_blocks
@@ -125,7 +113,7 @@ def hf_throughput(model_dir: Path, concs: list[int], repeats: int) -> dict:
     out: dict = {"decode_tok_per_s": {}}
 
     def once(conc: int) -> float:
-        ids = torch.tensor(prompts(conc, PROMPT_LEN, conc), device=DEVICE)
+        ids = torch.tensor(random_prompts(conc, PROMPT_LEN, conc), device=DEVICE)
         sync()
         start = time.perf_counter()
         with torch.inference_mode():

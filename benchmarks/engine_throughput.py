@@ -13,22 +13,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import matmul_gflops, read_gbps, save  # noqa: E402
+from common import (  # noqa: E402
+    matmul_gflops,
+    prefill_tok_per_s,
+    random_prompts,
+    read_gbps,
+    save,
+)
 
 PROMPT_LEN, OUTPUT_LEN = 128, 128
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def prompts(conc: int, length: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(100, 40000) for _ in range(length)] for _ in range(conc)]
 
 
 REPEATS = 2  # every system runs each concurrency this many times; the best run is reported
@@ -47,7 +47,7 @@ def kvmesh_run(dtype: str, concs: list[int], backend: str = "auto") -> dict:
     llm = LLM(dtype=dtype, max_num_seqs=max(concs), max_num_batched_tokens=2048,
               enable_prefix_caching=False, attention_backend=backend)
     params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_LEN, ignore_eos=True)
-    llm.generate(prompts(2, PROMPT_LEN, 99), SamplingParams(temperature=0, max_tokens=4))
+    llm.generate(random_prompts(2, PROMPT_LEN, 99), SamplingParams(temperature=0, max_tokens=4))
     out: dict = {"decode_tok_per_s": {}, "runs": {}, "torch_threads": torch.get_num_threads(),
                  "native_kernel": llm.engine.runner.decode_kernel is not None,
                  "quantization": llm.engine.loaded.quantization,
@@ -55,21 +55,14 @@ def kvmesh_run(dtype: str, concs: list[int], backend: str = "auto") -> dict:
 
     def once(conc: int) -> float:
         start = time.perf_counter()
-        res = llm.generate(prompts(conc, PROMPT_LEN, conc), params)
+        res = llm.generate(random_prompts(conc, PROMPT_LEN, conc), params)
         return sum(len(r.token_ids) for r in res) / (time.perf_counter() - start)
 
     for conc in concs:
         rate, out["runs"][str(conc)] = best_of(lambda c=conc: once(c), REPEATS)
         out["decode_tok_per_s"][str(conc)] = rate
         print(f"kvmesh {dtype} {backend} conc={conc}: {rate:.1f} tok/s", flush=True)
-    long = prompts(1, 2000, 7)
-
-    def prefill() -> float:
-        start = time.perf_counter()
-        llm.generate(long, SamplingParams(temperature=0.0, max_tokens=1))
-        return 2000 / (time.perf_counter() - start)
-
-    out["prefill_tok_per_s_2k"], _ = best_of(prefill, REPEATS)
+    out["prefill_tok_per_s_2k"], _ = best_of(lambda: prefill_tok_per_s(llm), REPEATS)
     return out
 
 
@@ -122,7 +115,7 @@ def hf_run(dtype: str, concs: list[int]) -> dict:
     out: dict = {"decode_tok_per_s": {}, "runs": {}, "torch_threads": torch.get_num_threads()}
 
     def once(conc: int) -> float:
-        ids = torch.tensor(prompts(conc, PROMPT_LEN, conc))
+        ids = torch.tensor(random_prompts(conc, PROMPT_LEN, conc))
         start = time.perf_counter()
         with torch.inference_mode():
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
