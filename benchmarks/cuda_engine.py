@@ -12,14 +12,15 @@ weights' values: EOS is ignored).
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import prefill_tok_per_s, random_prompts, save  # noqa: E402
+from tests.reference import hf_greedy  # noqa: E402
 
 PROMPT_LEN, OUTPUT_LEN = 128, 128
 DEVICE = "cuda"  # --device cpu: a dry run of this script where no GPU is
@@ -91,8 +92,8 @@ def kvmesh_throughput(model: str, concs: list[int], repeats: int) -> dict:
         print(f"kvmesh conc={conc}: {out['decode_tok_per_s'][str(conc)]}", flush=True)
     prefill_tok_per_s(llm)  # warm
     out["prefill_tok_per_s_2k"] = spread([prefill_tok_per_s(llm) for _ in range(repeats)])
-    params_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
-    out["weight_bytes"] = params_bytes
+    out["weight_bytes"] = sum(p.numel() * p.element_size()
+                              for p in llm.engine.runner.model.parameters())
     out["num_blocks"] = llm.engine.loaded.num_blocks
     llm.close()
     return out
@@ -132,12 +133,9 @@ def hf_throughput(model_dir: Path, concs: list[int], repeats: int) -> dict:
 
 def identity(model: str, model_dir: Path) -> dict:
     """Greedy float32 on CUDA: kvmesh cold, kvmesh again (prefix hits), transformers."""
-    import torch
-
     from kvmesh import LLM, SamplingParams
 
-    rng = random.Random(3)
-    ps = [[rng.randrange(100, 40000) for _ in range(n)] for n in (7, 33, 150, 420)]
+    ps = [random_prompts(1, n, seed=n)[0] for n in (7, 33, 150, 420)]
     new = 24
     llm = LLM(model, device=DEVICE, dtype="float32", block_size=16)
     g = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
@@ -147,13 +145,7 @@ def identity(model: str, model_dir: Path) -> dict:
     hits = sum(o.num_cached_tokens for o in again)
     llm.close()
     ref_model = hf_model(model_dir, "float32")
-    refs = []
-    for p in ps:
-        ids = torch.tensor([p], device=DEVICE)
-        with torch.inference_mode():
-            gen = ref_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=new, min_new_tokens=new, pad_token_id=2)
-        refs.append(gen[0, len(p):].tolist())
+    refs = hf_greedy(ref_model, ps, max_new_tokens=new, eos=None)
     del ref_model
     sync(empty=True)
     return {"prompts": len(ps), "new_tokens": new, "cold_equals_warm": cold == warm,

@@ -15,12 +15,12 @@ def hf_greedy(
     with torch.inference_mode():
         for ids in prompts:
             full = model.generate(
-                torch.tensor([ids]),
+                torch.tensor([ids], device=model.device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 eos_token_id=eos,
                 pad_token_id=eos if eos is not None else 0,
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
             )[0].tolist()
             outs.append(full[len(ids) :])
     return outs

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared pass on a lent CUDA machine (see benchmarks/device/README in docs/gpu.md):
+# One prepared pass on a lent CUDA machine (see docs/gpu.md):
 # wheels from .whl, a random-weight stand-in for the default model, the CUDA tests, the
 # CUDA benchmark, then the whole suite in parallel. Every step is bounded in time.
 # Carry: .whl (cp312 wheels of what the image lacks) and .gpu/small (config + tokenizer).
