@@ -1,10 +1,15 @@
 """Two tenants at twice capacity: SLO scheduling and admission control on one instance.
 
-    python benchmarks/slo.py [--duration-s 60] [--ttft-slo-s 2.0] [--repeats 2]
+    python benchmarks/slo.py [--duration-s 60] [--ttft-slo-s SECONDS] [--repeats 2]
 
 One `kvmesh serve` (default model) reads a tenants file with an interactive tenant (short
 prompts, a TTFT SLO) and a batch tenant (long prompts, a loose SLO that only bounds its
-queue). The capacity of this mix is measured first (a closed loop); then each tenant sends
+queue). The interactive SLO is scaled to the machine unless `--ttft-slo-s` sets it:
+`--slo-multiple` (4) times the TTFT of one interactive request on an idle server (median
+of 6), and never under `--min-ttft-slo-s` (2 s). So "twice capacity" and "the SLO" mean
+the same on a slow CPU as on a fast one (a fixed 2 s is less than one interactive
+request takes under load on a Zen 1 core). The capacity of this mix is measured next (a
+closed loop, under the final SLO); then each tenant sends
 Poisson arrivals at that capacity, twice capacity in all, for `--duration-s`, under:
 
 - fcfs with admission control off (the baseline: everything is accepted);
@@ -67,6 +72,18 @@ async def _both(url: str, inter: list[Session], batch: list[Session], rate: floa
     return ri, rb, max(di, db)
 
 
+def unloaded_ttft(url: str, args) -> float:
+    """Median TTFT of an interactive request alone on an idle server (after a warm-up)."""
+    inter = work(8, args.interactive_words, 32, seed=12)
+    records, _ = asyncio.run(run_load(Endpoint(url, None, "chat", "k-interactive", 300), inter,
+                                      LoadProfile(concurrency=1, ignore_eos=True, seed=3),
+                                      False))
+    ttft = [r.ttft_s for r in records[2:] if r.ok and r.ttft_s is not None]
+    if not ttft:
+        raise SystemExit(f"no interactive request succeeded on the idle server: {records[:2]}")
+    return percentile(ttft, 50)
+
+
 def capacity(url: str, args) -> float:
     """Requests/s of the mix (one interactive per batch request) in a closed loop."""
     inter = work(12, args.interactive_words, 32, seed=10)
@@ -86,7 +103,8 @@ def _summary(inter: list[RequestRecord], batch: list[RequestRecord], slo_s: floa
         "slo_attainment_interactive": len(met) / len(inter) if inter else None,
         "attainment_interactive_at_ttft_s": {  # the same run, read at other thresholds
             str(t): sum(r.ok and r.ttft_s is not None and r.ttft_s <= t for r in inter)
-            / max(1, len(inter)) for t in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)},
+            / max(1, len(inter)) for t in sorted({1.0, 1.5, 2.0, 2.5, 3.0, 4.0, slo_s,
+                                                  slo_s / 2, slo_s * 1.5})},
         "slo_attainment_interactive_admitted": len(met) / len(admitted) if admitted else None,
         "interactive_sent": len(inter), "interactive_refused": len(inter) - len(admitted),
         "interactive_ttft_p50_s": percentile(ttft, 50),
@@ -116,7 +134,10 @@ def run_policy(tmp: Path, tenants: Path, policy: str, admission: bool, rate: flo
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration-s", type=float, default=60.0)
-    ap.add_argument("--ttft-slo-s", type=float, default=2.0)
+    ap.add_argument("--ttft-slo-s", type=float, default=None,
+                    help="the interactive TTFT SLO (default: scaled to this machine)")
+    ap.add_argument("--slo-multiple", type=float, default=4.0)
+    ap.add_argument("--min-ttft-slo-s", type=float, default=2.0)
     ap.add_argument("--batch-ttft-slo-s", type=float, default=30.0)
     ap.add_argument("--interactive-words", type=int, default=120)
     ap.add_argument("--batch-words", type=int, default=900)
@@ -126,12 +147,23 @@ def main() -> None:
     tmp = Path("/tmp/kvmesh-slo-bench")
     tmp.mkdir(exist_ok=True)
     tenants = tmp / "tenants.yaml"
+    figures: dict = {}
+    if args.ttft_slo_s is None:
+        tenants.write_text(TENANTS.format(ttft=600, batch_ttft=600))
+        with serve(["--tenants", str(tenants)], tmp) as server:
+            figures["unloaded_interactive_ttft_s"] = unloaded_ttft(server.url, args)
+        args.ttft_slo_s = round(max(args.min_ttft_slo_s,
+                                    args.slo_multiple * figures["unloaded_interactive_ttft_s"]),
+                                2)
+        print(f"idle interactive TTFT {figures['unloaded_interactive_ttft_s']:.2f} s; "
+              f"SLO {args.ttft_slo_s} s")
+    figures["ttft_slo_s"] = args.ttft_slo_s
     tenants.write_text(TENANTS.format(ttft=args.ttft_slo_s, batch_ttft=args.batch_ttft_slo_s))
     with serve(["--tenants", str(tenants)], tmp) as server:
         cap = capacity(server.url, args)
     rate = cap * args.overload / 2  # per tenant: the two together send `overload` x capacity
     print(f"capacity {cap:.2f} req/s; each tenant sends {rate:.2f} req/s")
-    figures: dict = {"capacity_rps": cap, "rate_per_tenant_rps": rate}
+    figures.update({"capacity_rps": cap, "rate_per_tenant_rps": rate})
     runs: dict[str, list[dict]] = {policy: [] for policy, _ in RUNS}
     for _ in range(args.repeats):
         for policy, admission in RUNS:

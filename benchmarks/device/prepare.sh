@@ -10,7 +10,8 @@ PY=.venv/bin/python
 NAMES="annotated-types fastapi gguf httptools jiter jsonschema jsonschema-specifications
 referencing rpds-py llguidance msgspec openai pydantic pydantic-core typing-inspection pyzmq
 sniffio starlette uvicorn websockets python-dotenv watchfiles typing-extensions anyio httpx
-httpcore h11 opentelemetry-api httpx2 httpcore2 truststore idna certifi annotated-doc"
+httpcore h11 opentelemetry-api httpx2 httpcore2 truststore idna certifi annotated-doc
+aiohttp aiohappyeyeballs aiosignal frozenlist multidict propcache yarl attrs"
 mkdir -p .whl .gpu/small
 for name in $NAMES; do
   version=$($PY -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p')

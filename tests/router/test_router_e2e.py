@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import signal
+import socket
+import socketserver
 import threading
 import time
 from pathlib import Path
@@ -22,8 +25,11 @@ SHORT = DOC[:300]  # the tiny model's context is 512 tokens
 
 
 def _router(tmp: Path, instances: list[Server], *args: str):
-    urls = ",".join(s.url for s in instances)
-    return serve(["--instances", urls, "--poll-interval-s", "0.2", *args], tmp,
+    return _router_at(tmp, [s.url for s in instances], *args)
+
+
+def _router_at(tmp: Path, urls: list[str], *args: str):
+    return serve(["--instances", ",".join(urls), "--poll-interval-s", "0.2", *args], tmp,
                  wait="/health", command="router")
 
 
@@ -160,6 +166,65 @@ def test_instance_dying_mid_stream_ends_with_an_error_event(tmp_path, tiny_llama
                 if received == 3:
                     inst.stop(signal.SIGKILL)
         assert received >= 3
+
+
+@pytest.mark.timeout(240)
+def test_a_client_that_leaves_mid_stream_ends_its_request_on_the_instance(tmp_path,
+                                                                          tiny_llama):
+    """Nothing is generated for nobody: the instance aborts the request, and the
+    router's lease on the instance ends."""
+    args = ["--model", str(tiny_llama), "--max-num-seqs", "1"]
+    body = {"prompt": "count", "max_tokens": 480, "stream": True, "temperature": 0,
+            "ignore_eos": True}
+    with serve(args, tmp_path) as inst, _router(tmp_path, [inst], "--policy", "least_load") \
+            as router, httpx.Client(timeout=60) as c:
+        with c.stream("POST", router.url + "/v1/completions", json=body) as resp:
+            assert any(line.startswith("data: {") for line in resp.iter_lines())
+        _wait(lambda: httpx.get(inst.url + "/load").json()["num_running"] == 0)
+        assert inst.metric("generation_tokens_total") < 480
+        _wait(lambda: _router_gauge(router, "kvmesh_router_in_flight", inst.url) == 0)
+        assert _ask(_client(router.url), "still there?").choices  # and it goes on
+
+
+class _Stalled(socketserver.StreamRequestHandler):
+    """An upstream that is healthy but never answers a request: it notes when the
+    router closes a stalled connection."""
+
+    closed = threading.Event()
+
+    def handle(self) -> None:
+        line = self.rfile.readline()
+        while self.rfile.readline() not in (b"\r\n", b""):
+            pass
+        if line.startswith(b"GET /health"):
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                             b"Connection: close\r\n\r\n{}")
+        elif line.startswith(b"GET"):
+            self.wfile.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
+                             b"Connection: close\r\n\r\n")
+        else:
+            while self.rfile.read1(65536):  # the body, then nothing until the router closes
+                pass
+            _Stalled.closed.set()
+
+
+@pytest.mark.timeout(120)
+def test_a_client_that_leaves_before_the_first_byte_frees_the_instance(tmp_path):
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Stalled) as upstream:
+        upstream.daemon_threads = True
+        threading.Thread(target=upstream.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{upstream.server_address[1]}"
+        with _router_at(tmp_path, [url], "--policy", "round_robin") as router:
+            payload = json.dumps({"prompt": "hi", "max_tokens": 4}).encode()
+            with socket.create_connection(("127.0.0.1", router.port)) as sock:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: r\r\n"
+                             b"Content-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+                _wait(lambda: _router_gauge(router, "kvmesh_router_in_flight", url) == 1)
+                assert not _Stalled.closed.is_set()
+            assert _Stalled.closed.wait(10), "the router kept waiting for nobody"
+            _wait(lambda: _router_gauge(router, "kvmesh_router_in_flight", url) == 0)
+        upstream.shutdown()
 
 
 TENANTS = """

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 import msgspec
 import zmq
 import zmq.asyncio
@@ -56,11 +57,11 @@ class Instance:
 
 
 class Upstreams:
-    def __init__(self, urls: tuple[str, ...], state: RouterState, client: httpx.AsyncClient,
-                 poll_interval_s: float):
+    def __init__(self, urls: tuple[str, ...], state: RouterState,
+                 session: aiohttp.ClientSession, poll_interval_s: float):
         self.instances = [Instance(i, u.rstrip("/")) for i, u in enumerate(urls)]
         self.state = state
-        self.client = client
+        self.session = session
         self.poll_interval_s = poll_interval_s
         self._tasks: list[asyncio.Task] = []
         self._feeds: dict[int, asyncio.Task] = {}
@@ -90,18 +91,23 @@ class Upstreams:
             await asyncio.sleep(self.poll_interval_s)
             await self.probe(inst)
 
+    async def get(self, url: str, timeout_s: float) -> tuple[int, bytes]:
+        """GET `url` whole: its status and body."""
+        async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+            return r.status, await r.read()
+
     async def probe(self, inst: Instance) -> None:
         try:
-            resp = await self.client.get(inst.url + "/load", timeout=2.0)
-            if resp.status_code == 404:  # not kvmesh: any server with /health
-                resp = await self.client.get(inst.url + "/health", timeout=2.0)
+            status, body = await self.get(inst.url + "/load", 2.0)
+            if status == 404:  # not kvmesh: any server with /health
+                status, _ = await self.get(inst.url + "/health", 2.0)
                 inst.is_kvmesh = False
-                inst.set_healthy(resp.status_code == 200, f"HTTP {resp.status_code}")
+                inst.set_healthy(status == 200, f"HTTP {status}")
                 return
-            if resp.status_code != 200:
-                inst.set_healthy(False, f"HTTP {resp.status_code}")
+            if status != 200:
+                inst.set_healthy(False, f"HTTP {status}")
                 return
-            load = resp.json()
+            load = json.loads(body)
             if not isinstance(load, dict):
                 raise ValueError("/load did not answer a JSON object")
             self._update(inst, load)
@@ -162,11 +168,12 @@ class Upstreams:
         """Fetch snapshots until one lands cleanly (retrying while the instance is away)."""
         while True:
             try:
-                resp = await self.client.get(inst.url + "/kv/snapshot", timeout=10.0)
-                resp.raise_for_status()
-                snap = msgspec.msgpack.decode(resp.content, type=KVSnapshot)
+                status, body = await self.get(inst.url + "/kv/snapshot", 10.0)
+                if status != 200:
+                    raise ValueError(f"HTTP {status}")
+                snap = msgspec.msgpack.decode(body, type=KVSnapshot)
                 if not self.state.kv.reset(inst.number, snap):
                     return
-            except (httpx.HTTPError, msgspec.DecodeError) as exc:
+            except (aiohttp.ClientError, TimeoutError, ValueError, msgspec.DecodeError) as exc:
                 log.debug("KV snapshot from %s failed: %s", inst.url, exc)
                 await asyncio.sleep(self.poll_interval_s)
