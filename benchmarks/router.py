@@ -267,12 +267,15 @@ def proxy_throughput(tmp: Path, n: int, repeats: int, pairs: int) -> dict:
             "errors_per_run": errors}
 
 
-PARTS = {  # figures each part writes, by key prefix
-    "gain": ("round_robin", "prefix", "kv", "hit_tokens_ratio_", "ttft_p99_ratio_"),
-    "overhead": ("overhead", "router_added_p99_ms_model", "router_added_paired",
-                 "router_added_itl_p99_ms_model"),
-    "proxy": ("proxy", "router_rps", "router_added_p99_ms", "router_added_p50_ms",
-              "router_added_itl_p99_ms"),
+_RATIOS = tuple(f"{kind}_{p}_vs_round_robin{runs}" for p in ("kv", "prefix")
+                for kind in ("hit_tokens_ratio", "ttft_p99_ratio") for runs in ("", "_runs"))
+PARTS = {  # the figures (and notes) each part writes
+    "gain": (("round_robin", "prefix", "kv", *_RATIOS), ("gain", "capacity")),
+    "overhead": (("overhead", "router_added_p99_ms_model_upstream",
+                  "router_added_paired_median_ms_model_upstream",
+                  "router_added_itl_p99_ms_model_upstream"), ()),
+    "proxy": (("proxy", "router_rps", "router_added_p99_ms", "router_added_p50_ms",
+               "router_added_itl_p99_ms"), ("added_latency",)),
 }
 
 
@@ -283,19 +286,16 @@ def _carry_over(name: str, skip: set[str], figures: dict, notes: dict) -> None:
     if not path.exists():
         return
     old = json.loads(path.read_text())
+    old_notes = old.get("notes", {})
     carried = {}
     for part in sorted(skip & PARTS.keys()):
-        keys = [k for k in old["figures"] if k.startswith(PARTS[part]) and k not in figures]
-        if not keys:
-            continue
+        keys, note_keys = PARTS[part]
+        if not all(k in old["figures"] for k in keys):
+            continue  # that file did not run the part (or an older format): nothing kept
         figures.update({k: old["figures"][k] for k in keys})
-        source = old.get("notes", {}).get("carried_over", {}).get(part) or {
+        notes.update({k: old_notes[k] for k in note_keys if k in old_notes})
+        carried[part] = old_notes.get("carried_over", {}).get(part) or {
             k: old.get(k) for k in ("git_commit", "created", "machine", "command")}
-        carried[part] = source
-        if part == "gain":
-            for k in ("gain", "capacity"):
-                if k in old.get("notes", {}):
-                    notes[k] = old["notes"][k]
     if carried:
         notes["carried_over"] = carried
 
@@ -370,8 +370,9 @@ def main() -> None:
             "router_added_* come from the stub upstream (part 3): a difference of p99s can "
             "only resolve milliseconds where the upstream itself is steady. With the model "
             "upstream (part 2, *_model_upstream) one TTFT varies by about 100 ms, so over "
-            f"{args.overhead_requests} requests a side its p99 difference is noise; its "
-            "paired median is the robust figure there.")
+            f"{args.overhead_requests} requests a side neither the p99 difference nor the "
+            "paired median resolves a few milliseconds (the paired median moved between "
+            "2.6 and 11 ms across four runs of the same code on one machine).")
     if skip & PARTS.keys():
         _carry_over(args.name, skip, figures, notes)
     path = save(args.name, {"model": "smollm2-135m-instruct", "instances": 3,

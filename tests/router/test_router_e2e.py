@@ -186,11 +186,17 @@ def test_a_client_that_leaves_mid_stream_ends_its_request_on_the_instance(tmp_pa
         assert _ask(_client(router.url), "still there?").choices  # and it goes on
 
 
-class _Stalled(socketserver.StreamRequestHandler):
-    """An upstream that is healthy but never answers a request: it notes when the
-    router closes a stalled connection."""
+class _StalledServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    closed: threading.Event
 
-    closed = threading.Event()
+
+class _Stalled(socketserver.StreamRequestHandler):
+    """An upstream that is healthy but stalls every request: a completion before its
+    first byte, a chat completion after its first SSE event. It notes when the router
+    closes a stalled connection."""
+
+    server: _StalledServer
 
     def handle(self) -> None:
         line = self.rfile.readline()
@@ -203,28 +209,39 @@ class _Stalled(socketserver.StreamRequestHandler):
             self.wfile.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
                              b"Connection: close\r\n\r\n")
         else:
+            if line.startswith(b"POST /v1/chat/completions"):
+                event = b'data: {"choices": []}\n\n'
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n"
+                                 b"%x\r\n%s\r\n" % (len(event), event))
             while self.rfile.read1(65536):  # the body, then nothing until the router closes
                 pass
-            _Stalled.closed.set()
+            self.server.closed.set()
 
 
 @pytest.mark.timeout(120)
-def test_a_client_that_leaves_before_the_first_byte_frees_the_instance(tmp_path):
-    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Stalled) as upstream:
-        upstream.daemon_threads = True
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_client_that_leaves_a_stalled_instance_frees_it(tmp_path, path):
+    """Before the first byte (a queued request) or between chunks (a stalled stream):
+    the router closes the instance's connection at once, and its lease ends."""
+    with _StalledServer(("127.0.0.1", 0), _Stalled) as upstream:
+        upstream.closed = threading.Event()
         threading.Thread(target=upstream.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{upstream.server_address[1]}"
-        with _router_at(tmp_path, [url], "--policy", "round_robin") as router:
+        with contextlib.ExitStack() as stop:
+            stop.callback(upstream.shutdown)
+            router = stop.enter_context(_router_at(tmp_path, [url], "--policy", "round_robin"))
             payload = json.dumps({"prompt": "hi", "max_tokens": 4}).encode()
             with socket.create_connection(("127.0.0.1", router.port)) as sock:
-                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: r\r\n"
-                             b"Content-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+                sock.sendall(b"POST %s HTTP/1.1\r\nHost: r\r\n" % path.encode()
+                             + b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+                if "chat" in path:  # the first event reached this client
+                    sock.settimeout(10)
+                    assert b"choices" in sock.recv(4096)
                 _wait(lambda: _router_gauge(router, "kvmesh_router_in_flight", url) == 1)
-                assert not _Stalled.closed.is_set()
-            assert _Stalled.closed.wait(10), "the router kept waiting for nobody"
+                assert not upstream.closed.is_set()
+            assert upstream.closed.wait(5), "the router kept the instance busy for nobody"
             _wait(lambda: _router_gauge(router, "kvmesh_router_in_flight", url) == 0)
-        upstream.shutdown()
 
 
 TENANTS = """

@@ -106,7 +106,7 @@ class Router:
         raw = await ex.read_body(MAX_BODY_BYTES)
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, or too deep
             raise APIError(HTTPStatus.BAD_REQUEST,
                            f"request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
@@ -125,6 +125,7 @@ class Router:
         tried: set[int] = set()
         refused: list[_Refused] = []
         headers = {k: v for k, v in ex.headers.items() if k in FORWARD_HEADERS}
+        headers.setdefault("content-type", "application/json")  # the body parsed as JSON
         for _ in range(self.config.max_attempts):
             candidates = [i for i in self.upstreams.healthy() if i.number not in tried]
             if not candidates:
@@ -150,7 +151,8 @@ class Router:
         lease = _Lease(inst)
         try:
             resp = lease.resp = await ex.unless_gone(
-                self.session.post(inst.url + ex.path, data=raw, headers=headers))
+                self.session.post(inst.url + ex.path, data=raw, headers=headers,
+                                  allow_redirects=False))
             if resp.status != HTTPStatus.OK:  # an error body: short, read it whole
                 body = await ex.unless_gone(resp.read())
                 lease.release()
@@ -173,21 +175,25 @@ class Router:
         return resp.status
 
     async def _relay(self, ex: Exchange, lease: _Lease, first: bytes) -> None:
+        """Pass the stream on; a client that leaves ends it at once (`ClientGone`: the
+        lease closes the instance's connection, which aborts its request)."""
         assert lease.resp is not None
         resp = lease.resp
+        is_sse = "text/event-stream" in resp.headers.get("content-type", "")
         try:
-            await ex.write(first)
-            async for chunk in resp.content.iter_any():
-                if ex.is_gone:  # stop generating for nobody: closing tells the instance
-                    return
-                await ex.write(chunk)
+            with ex.watching():
+                await ex.write(first)
+                async for chunk in resp.content.iter_any():
+                    await ex.write(chunk)
         except UPSTREAM_ERRORS as exc:
             lease.inst.set_healthy(False, f"failed mid-stream: {type(exc).__name__}")
             self.metrics.broken_streams.inc()
-            if "text/event-stream" in resp.headers.get("content-type", ""):
-                err = error_body(HTTPStatus.BAD_GATEWAY,
-                                 f"instance failed after the first token: {type(exc).__name__}")
-                await ex.write(f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode())
+            if not is_sse:  # a cut JSON body must not look complete: end without the end
+                return
+            err = error_body(HTTPStatus.BAD_GATEWAY,
+                             f"instance failed after the first token: {type(exc).__name__}")
+            # the blank line first ends whatever event the instance had half sent
+            await ex.write(f"\n\ndata: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode())
         await ex.end()
 
     async def _no_instance(self, ex: Exchange, refused: list[_Refused]) -> None:
@@ -244,7 +250,7 @@ async def _answer(ex: Exchange, inst: Instance, resp: aiohttp.ClientResponse,
 def _retry_after(r: _Refused) -> int:
     try:
         return max(1, math.ceil(float(r.headers.get("retry-after", "1"))))
-    except ValueError:
+    except (ValueError, OverflowError):
         return 1
 
 
@@ -261,11 +267,15 @@ class RouterASGI:
         self.holder = holder
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] == "http" and scope["method"] == "POST"
-                and scope["path"] in PROXIED_PATHS and "router" in self.holder):
-            await self.holder["router"].serve(Exchange(scope, receive, send))
-        else:
+        if (scope["type"] != "http" or scope["path"] not in PROXIED_PATHS
+                or "router" not in self.holder):
             await self.app(scope, receive, send)
+        elif scope["method"] != "POST":
+            await Exchange(scope, receive, send).respond_error(APIError(
+                HTTPStatus.METHOD_NOT_ALLOWED, f"{scope['path']} takes POST",
+                err_type="invalid_request_error", headers={"allow": "POST"}))
+        else:
+            await self.holder["router"].serve(Exchange(scope, receive, send))
 
 
 def create_router_app(config: RouterConfig, tokenizer: Tokenizer | None = None) -> RouterASGI:
@@ -273,7 +283,7 @@ def create_router_app(config: RouterConfig, tokenizer: Tokenizer | None = None) 
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout_s,
+        timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout_s,
                                         sock_read=config.request_timeout_s)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                          timeout=timeout) as session:

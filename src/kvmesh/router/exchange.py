@@ -6,15 +6,16 @@ router together. The two proxied endpoints skip it; `/health`, `/metrics` and
 `/v1/models` stay on FastAPI (`RouterASGI` picks).
 
 After the request body has been read, one task waits on the ASGI `receive` for the
-client's disconnect, so a wait for an instance ends as soon as the client leaves (no
-polling), and a relay stops at its next chunk.
+client's disconnect; inside `watching()` it cancels the request's task, so a wait for an
+instance or for the next chunk of a stream ends as soon as the client leaves (no polling).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
 from http import HTTPStatus
 from typing import Any, TypeVar
 
@@ -60,7 +61,8 @@ class Exchange:
             size += len(chunk)
             if size > limit:
                 raise APIError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                               f"request body is over {limit} bytes")
+                               f"request body is over {limit} bytes",
+                               err_type="invalid_request_error")
             parts.append(chunk)
             if not msg.get("more_body"):
                 break
@@ -75,32 +77,46 @@ class Exchange:
     def is_gone(self) -> bool:
         return self._gone is not None and self._gone.done()
 
-    async def unless_gone(self, aw: Awaitable[T]) -> T:
-        """Await `aw`, but cancel it and raise `ClientGone` if the client leaves first.
-        The disconnect cancels this task (no task or `asyncio.wait` per call: this runs
-        two or three times a request)."""
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        """Within the block, the client's disconnect cancels the current task and comes
+        out as `ClientGone`: a wait for an instance, or a relay between chunks, ends at
+        once. No task or `asyncio.wait` per use (this runs several times a request)."""
         gone = self._gone
         if gone is None:
-            return await aw
+            yield
+            return
         if gone.done():
-            _close_awaitable(aw)
             raise ClientGone
         task = asyncio.current_task()
         assert task is not None
+        state = {"armed": True, "fired": False}
 
         def cancel(_: object) -> None:
-            task.cancel(CANCEL_MSG)
+            if state["armed"]:  # queued callbacks may run after the block has ended
+                state["fired"] = True
+                task.cancel(CANCEL_MSG)
 
         gone.add_done_callback(cancel)
         try:
-            return await aw
-        except asyncio.CancelledError as exc:
-            if gone.done() and exc.args == (CANCEL_MSG,):
-                task.uncancel()
+            yield
+        except asyncio.CancelledError:
+            # ours alone: the client left; with another cancellation (shutdown) as well,
+            # that one goes on
+            if state["fired"] and task.uncancel() == 0:
                 raise ClientGone from None
             raise
         finally:
+            state["armed"] = False
             gone.remove_done_callback(cancel)
+
+    async def unless_gone(self, aw: Awaitable[T]) -> T:
+        """Await `aw`, but cancel it and raise `ClientGone` if the client leaves first."""
+        if self.is_gone:
+            _close_awaitable(aw)
+            raise ClientGone
+        with self.watching():
+            return await aw
 
     async def start(self, status: int, headers: Mapping[str, str]) -> None:
         self.is_started = True

@@ -26,6 +26,8 @@ from kvmesh.engine.kv_events import KVEventBatch, KVSnapshot
 from kvmesh.router.policies import InstanceLoad, RouterState
 
 log = logging.getLogger(__name__)
+PROBE_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
+SNAPSHOT_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=2.0, sock_read=10.0)  # any size
 SUBSCRIBE_SETTLE_S = 0.2  # let a new SUB connection subscribe before the snapshot
 
 
@@ -91,16 +93,16 @@ class Upstreams:
             await asyncio.sleep(self.poll_interval_s)
             await self.probe(inst)
 
-    async def get(self, url: str, timeout_s: float) -> tuple[int, bytes]:
+    async def get(self, url: str, timeout: aiohttp.ClientTimeout) -> tuple[int, bytes]:
         """GET `url` whole: its status and body."""
-        async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+        async with self.session.get(url, timeout=timeout, allow_redirects=False) as r:
             return r.status, await r.read()
 
     async def probe(self, inst: Instance) -> None:
         try:
-            status, body = await self.get(inst.url + "/load", 2.0)
+            status, body = await self.get(inst.url + "/load", PROBE_TIMEOUT)
             if status == 404:  # not kvmesh: any server with /health
-                status, _ = await self.get(inst.url + "/health", 2.0)
+                status, _ = await self.get(inst.url + "/health", PROBE_TIMEOUT)
                 inst.is_kvmesh = False
                 inst.set_healthy(status == 200, f"HTTP {status}")
                 return
@@ -168,7 +170,7 @@ class Upstreams:
         """Fetch snapshots until one lands cleanly (retrying while the instance is away)."""
         while True:
             try:
-                status, body = await self.get(inst.url + "/kv/snapshot", 10.0)
+                status, body = await self.get(inst.url + "/kv/snapshot", SNAPSHOT_TIMEOUT)
                 if status != 200:
                     raise ValueError(f"HTTP {status}")
                 snap = msgspec.msgpack.decode(body, type=KVSnapshot)
