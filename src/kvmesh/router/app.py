@@ -35,7 +35,7 @@ from kvmesh.router.exchange import ClientGone, Exchange, Receive, Scope, Send
 from kvmesh.router.metrics import RouterMetrics
 from kvmesh.router.policies import RouteRequest, RouterState, RouteWeights, make_route_policy
 from kvmesh.router.prompt import KeyMaker, view
-from kvmesh.router.upstreams import Instance, Upstreams
+from kvmesh.router.upstreams import UPSTREAM_ERRORS, Instance, Upstreams
 from kvmesh.server.auth import KeyAuth
 from kvmesh.server.errors import APIError, api_error_handler, error_body
 from kvmesh.tenants import TenantTable, cache_salt
@@ -43,7 +43,6 @@ from kvmesh.tenants import TenantTable, cache_salt
 log = logging.getLogger("kvmesh.router")
 RETRYABLE = {HTTPStatus.TOO_MANY_REQUESTS, 500, 502, 503, 504}
 UNAVAILABLE = {502, 503, 504}
-UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
 PROXIED_PATHS = ("/v1/completions", "/v1/chat/completions")
 FORWARD_HEADERS = ("authorization", "content-type", "accept")
 MAX_BODY_BYTES = 64 << 20
@@ -255,7 +254,7 @@ def _retry_after(r: _Refused) -> int:
 
 
 def _pass_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
-    return {k.lower(): v for k, v in resp.headers.items() if k.lower() in HOP_HEADERS}
+    return {k: resp.headers[k] for k in HOP_HEADERS if k in resp.headers}  # case-blind
 
 
 class RouterASGI:

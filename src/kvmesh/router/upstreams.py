@@ -26,6 +26,7 @@ from kvmesh.engine.kv_events import KVEventBatch, KVSnapshot
 from kvmesh.router.policies import InstanceLoad, RouterState
 
 log = logging.getLogger(__name__)
+UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)  # what a failed instance raises
 PROBE_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
 SNAPSHOT_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=2.0, sock_read=10.0)  # any size
 SUBSCRIBE_SETTLE_S = 0.2  # let a new SUB connection subscribe before the snapshot
@@ -176,6 +177,6 @@ class Upstreams:
                 snap = msgspec.msgpack.decode(body, type=KVSnapshot)
                 if not self.state.kv.reset(inst.number, snap):
                     return
-            except (aiohttp.ClientError, TimeoutError, ValueError, msgspec.DecodeError) as exc:
+            except (*UPSTREAM_ERRORS, ValueError, msgspec.DecodeError) as exc:
                 log.debug("KV snapshot from %s failed: %s", inst.url, exc)
                 await asyncio.sleep(self.poll_interval_s)
