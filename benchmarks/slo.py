@@ -143,7 +143,15 @@ def main() -> None:
     ap.add_argument("--batch-words", type=int, default=900)
     ap.add_argument("--overload", type=float, default=2.0)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--policies", default=",".join(p for p, _ in RUNS),
+                    help="which of fcfs (no admission), edf, fair to run")
+    ap.add_argument("--capacity-rps", type=float, default=None,
+                    help="skip the capacity measurement and use this (requests/s of the mix)")
+    ap.add_argument("--name", default="slo", help="results file name (benchmarks/results/)")
     args = ap.parse_args()
+    runs_wanted = [(p, a) for p, a in RUNS if p in args.policies.split(",")]
+    if not runs_wanted:
+        raise SystemExit(f"--policies: none of {[p for p, _ in RUNS]}")
     tmp = Path("/tmp/kvmesh-slo-bench")
     tmp.mkdir(exist_ok=True)
     tenants = tmp / "tenants.yaml"
@@ -159,14 +167,16 @@ def main() -> None:
               f"SLO {args.ttft_slo_s} s")
     figures["ttft_slo_s"] = args.ttft_slo_s
     tenants.write_text(TENANTS.format(ttft=args.ttft_slo_s, batch_ttft=args.batch_ttft_slo_s))
-    with serve(["--tenants", str(tenants)], tmp) as server:
-        cap = capacity(server.url, args)
+    cap = args.capacity_rps
+    if cap is None:
+        with serve(["--tenants", str(tenants)], tmp) as server:
+            cap = capacity(server.url, args)
     rate = cap * args.overload / 2  # per tenant: the two together send `overload` x capacity
     print(f"capacity {cap:.2f} req/s; each tenant sends {rate:.2f} req/s")
     figures.update({"capacity_rps": cap, "rate_per_tenant_rps": rate})
-    runs: dict[str, list[dict]] = {policy: [] for policy, _ in RUNS}
+    runs: dict[str, list[dict]] = {policy: [] for policy, _ in runs_wanted}
     for _ in range(args.repeats):
-        for policy, admission in RUNS:
+        for policy, admission in runs_wanted:
             runs[policy].append(run_policy(tmp, tenants, policy, admission, rate, args))
             print(runs[policy][-1])
     for policy, rows in runs.items():  # the worst repeat stands for the policy
@@ -175,7 +185,7 @@ def main() -> None:
                            "slo_attainment_interactive_runs": [
                                r["slo_attainment_interactive"] for r in rows],
                            "batch_completed_runs": [r["batch_completed"] for r in rows]}
-    save("slo", {"model": "smollm2-135m-instruct", **vars(args)}, figures,
+    save(args.name, {"model": "smollm2-135m-instruct", **vars(args)}, figures,
          {"attainment": "slo_attainment_interactive counts refusals as misses; "
                         "_admitted counts only admitted requests",
          "repeats": "each policy's top-level figures are its worst repeat; every repeat "

@@ -215,6 +215,33 @@ def test_prefill_cap_follows_the_tightest_slo_and_never_holds_back_decodes():
         SchedulerConfig(slo_step_fraction=1.5)
 
 
+def test_the_tightest_slo_prefills_past_the_cap_and_the_rest_share_what_is_left():
+    s = _sched("edf", num_blocks=1024, budget=512, max_seqs=8)
+    s.budget.rate.observe(1600, 1.0)
+    loose = TenantClass("loose", ttft_slo_s=4.0)
+    s.add_request(_req("long", 2000, BATCH, arrival=0.0))
+    s.add_request(_req("c0", 300, CHAT, arrival=0.1, max_tokens=50))  # SLO 1 s: cap 400
+    s.add_request(_req("l0", 300, loose, arrival=0.2, max_tokens=50))
+    assert s.prefill_cap() == 400
+    # c0 (the tightest SLO) takes its whole prompt; l0 and long share the 100 of the cap
+    # that c0 left, l0 first (deadline 4.2 before long's 60)
+    assert _step(s) == [("c0", 300), ("l0", 100)]
+    assert _step(s) == [("c0", 1), ("l0", 200), ("long", 200)]
+    big = _req("c1", 480, CHAT, arrival=0.5, max_tokens=50)
+    s.add_request(big)  # over the cap but within the budget: one step, and admitted
+    # before long's next chunk, which the cap, spent by c1, now holds back
+    assert sorted(_step(s)) == [("c0", 1), ("c1", 480), ("l0", 1)]
+    assert s.budget.is_tightest(1.0) and not s.budget.is_tightest(4.0)
+    assert not s.budget.is_tightest(None)
+    fcfs = _sched("fcfs", num_blocks=1024, budget=512, max_seqs=8, admission=False)
+    fcfs.budget.rate.observe(1600, 1.0)
+    fcfs.add_request(_req("long", 2000, BATCH, arrival=0.0))
+    fcfs.add_request(_req("c0", 600, CHAT, arrival=0.1))
+    # fcfs keeps arrival order: the capped request ahead takes the cap, and the tightest
+    # one behind it what is left of the budget
+    assert _step(fcfs) == [("long", 400), ("c0", 112)]
+
+
 def test_a_verify_step_does_not_count_as_prefill():
     from kvmesh.engine.scheduler import ScheduledSeq, SchedulerOutput
     s = _sched("edf")

@@ -19,7 +19,9 @@ Each step shares a token budget between decodes and prefill chunks:
    low-priority prompt never holds the budget against it.
 4. Once a tenant with a TTFT SLO has sent a request, the prefill tokens of a step are
    capped (`prefill_cap`) so that a step lasts about `slo_step_fraction` of the tightest
-   SLO (`step_budget.py`). Decodes are never capped.
+   SLO (`step_budget.py`). Decodes are never capped, and neither is the prefill of a
+   request whose own SLO is the tightest: the cap is there so that such a request
+   waits little for a step to end, and holding back one of them only delays it.
 
 A request is refused on arrival (QueueFullError, HTTP 429) when the queue is full, or
 when admission control predicts it would miss its tenant's TTFT SLO (`admission.py`).
@@ -165,30 +167,34 @@ class Scheduler(DecodeRuns):
         self._resort()
         pending = sorted(self.running, key=lambda r: (r.num_pending_tokens > 1, self._key(r)))
         ran: list[ScheduledSeq] = []
-        cap = self.prefill_cap()
-        while pending and budget > 0:
+        room = _Room(budget, self.prefill_cap())
+        while pending and room.tokens > 0:
             req = pending.pop(0)
-            if req.num_pending_tokens > 1:  # the decodes came first: the rest is prefill
-                budget = min(budget, cap)
-            if req.num_pending_tokens > 1 and not preempted:
+            prefill = req.num_pending_tokens > 1  # the decodes came first
+            if prefill and not preempted:
                 # a partial prefill: waiting requests the policy ranks first go before it
-                budget = self._admit(budget, seqs, before=self._key(req))
-                if budget <= 0:
+                self._admit(room, seqs, before=self._key(req))
+                if room.tokens <= 0:
                     break
-            speculated = self._speculate(req, budget, pending)
+            speculated = self._speculate(req, room.tokens, pending)
             if speculated is not None:
                 ran.append(speculated)
-                budget -= speculated.num_new_tokens
+                room.take(speculated.num_new_tokens, prefill=False)
                 continue
-            num_new = min(req.num_pending_tokens, budget)
-            if self._allocate_or_preempt(req, num_new, pending, preempted):
+            num_new = min(req.num_pending_tokens,
+                          room.for_prefill(self._uncapped(req)) if prefill else room.tokens)
+            if num_new > 0 and self._allocate_or_preempt(req, num_new, pending, preempted):
                 ran.append(self._scheduled(req, num_new))
-                budget -= num_new
+                room.take(num_new, prefill)
         seqs.extend(ran)
         self._charge(ran)
         if not preempted:
-            budget = self._admit(min(budget, cap), seqs)
+            self._admit(room, seqs)
         return SchedulerOutput(tuple(seqs), tuple(preempted), tuple(self.kv.take_loads()))
+
+    def _uncapped(self, req: Request) -> bool:
+        """Whether `req`'s prefill may take the whole budget (rule 4)."""
+        return req.tenant is not None and self.budget.is_tightest(req.tenant.ttft_slo_s)
 
     def _speculate(self, req: Request, budget: int,
                    pending: list[Request]) -> ScheduledSeq | None:
@@ -236,31 +242,33 @@ class Scheduler(DecodeRuns):
             pending.remove(victim)
         return True
 
-    def _admit(self, budget: int, seqs: list[ScheduledSeq],
-               before: tuple[float, ...] | None = None) -> int:
+    def _admit(self, room: _Room, seqs: list[ScheduledSeq],
+               before: tuple[float, ...] | None = None) -> None:
         """Admit waiting requests in policy order (only those ranked before `before`, when
-        given); one still fetching its prefix is passed over."""
+        given) while `room` lasts; one still fetching its prefix, or held back by the
+        prefill cap, is passed over."""
         i = 0
-        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (i < len(self.waiting) and room.tokens > 0
+               and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[i]
             if before is not None and not self._key(req) < before:
                 break
-            plan = self.kv.lookup(req)
+            limit = room.for_prefill(self._uncapped(req))
+            plan = self.kv.lookup(req) if limit > 0 else None
             if plan is None:
                 i += 1
                 continue
             num_cached = plan.num_blocks * self.kv.block_size
-            num_new = min(req.num_tokens - num_cached, budget)
+            num_new = min(req.num_tokens - num_cached, limit)
             if not self.kv.allocate(req, num_new, plan):
                 break
             self.waiting.pop(i)
             self._start(req, plan)
             seqs.append(self._scheduled(req, num_new))
-            budget -= num_new
+            room.take(num_new, prefill=True)
             if self._usage is not None:  # the admitted tenant's counter moves now
                 self._usage.on_scheduled(req, num_new)
                 self.waiting[i:] = sorted(self.waiting[i:], key=self._key)
-        return budget
 
     def _start(self, req: Request, plan: PrefixPlan) -> None:
         bs = self.kv.block_size
@@ -386,3 +394,23 @@ class Scheduler(DecodeRuns):
             )
         assert len(self.running) <= self.config.max_num_seqs
         getattr(self.policy, "check_integrity", lambda: None)()
+
+
+class _Room:
+    """What is left of one step: its token budget, and of that, the prefill tokens that the
+    SLO cap still allows (every prefill chunk counts against the cap; only a request with
+    the tightest SLO may go past it)."""
+
+    __slots__ = ("capped", "tokens")
+
+    def __init__(self, tokens: int, prefill_cap: int):
+        self.tokens = tokens
+        self.capped = prefill_cap
+
+    def for_prefill(self, uncapped: bool) -> int:
+        return self.tokens if uncapped else max(0, min(self.tokens, self.capped))
+
+    def take(self, num_tokens: int, prefill: bool) -> None:
+        self.tokens -= num_tokens
+        if prefill:
+            self.capped -= num_tokens

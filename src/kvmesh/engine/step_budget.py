@@ -3,7 +3,9 @@
 Once a tenant with a finite TTFT SLO has sent a request, the prefill tokens of a step are
 capped at the measured prefill rate times the tightest such SLO times
 `slo_step_fraction`: a request that arrives mid-step waits at most about that share of
-its SLO for the step to end. Decodes are never capped. Because the rate is measured over
+its SLO for the step to end. Decodes are never capped, and neither is the prefill of a
+request whose own SLO is the tightest (`is_tightest`): the next such request would queue
+behind it anyway, so capping it would only delay it. Because the rate is measured over
 whole steps (decodes included), the cap settles where a step with prefill lasts that share
 of the SLO; it never falls below that share of the token budget, nor below one block.
 Infinite SLOs are no constraint.
@@ -30,6 +32,12 @@ class StepBudget:
     def note_tenant(self, tenant: str, ttft_slo_s: float | None) -> None:
         if ttft_slo_s is not None and math.isfinite(ttft_slo_s):
             self.ttft_slos[tenant] = ttft_slo_s
+
+    def is_tightest(self, ttft_slo_s: float | None) -> bool:
+        """Whether a request with this TTFT SLO is as urgent as any tenant seen: its
+        prefill is not capped."""
+        return (ttft_slo_s is not None and bool(self.ttft_slos)
+                and ttft_slo_s <= min(self.ttft_slos.values()))
 
     def observe(self, prefills: Iterable[tuple[int, float | None]], step_s: float) -> None:
         """A step's time and its prefill chunks, as (tokens, the tenant's TTFT SLO)."""
