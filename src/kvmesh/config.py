@@ -155,7 +155,7 @@ class SchedulerConfig:
         "capped at (measured prefill rate x the tightest such SLO x this), so a request "
         "arriving mid-step waits only this share of its SLO for the step to end. Decodes "
         "are not capped, and the cap never falls below this share of the token budget. 0 "
-        "turns the cap off.", default=0.25)
+        "turns the cap off.", default=0.125)
     speculative_method: str | None = _help(
         "Speculative decoding: ngram (prompt lookup: draft what followed the last earlier "
         "match of the sequence's end), draft (a smaller model with the same vocabulary "

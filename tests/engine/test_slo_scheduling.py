@@ -22,7 +22,8 @@ def _sched(policy: str, num_blocks: int = 256, budget: int = 64, max_seqs: int =
            admission: bool = True) -> Scheduler:
     kv = KVCacheManager(BlockPool(num_blocks), block_size=4)
     cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, policy=policy,
-                          admission_control=admission, default_ttft_slo_s=60.0)
+                          admission_control=admission, default_ttft_slo_s=60.0,
+                          slo_step_fraction=0.25)
     return Scheduler(cfg, kv, max_model_len=4000)
 
 
@@ -229,8 +230,16 @@ def test_the_tightest_slo_prefills_past_the_cap_and_the_rest_share_what_is_left(
     assert _step(s) == [("c0", 1), ("l0", 200), ("long", 200)]
     big = _req("c1", 480, CHAT, arrival=0.5, max_tokens=50)
     s.add_request(big)  # over the cap but within the budget: one step, and admitted
-    # before long's next chunk, which the cap, spent by c1, now holds back
-    assert sorted(_step(s)) == [("c0", 1), ("c1", 480), ("l0", 1)]
+    # before long's next chunk, which gets only the one-block floor: c1's 480 tokens were
+    # set aside from the cap
+    assert sorted(_step(s)) == [("c0", 1), ("c1", 480), ("l0", 1), ("long", 4)]
+    due = _sched("edf", num_blocks=1024, budget=512, max_seqs=8)
+    due.budget.rate.observe(1600, 1.0)
+    due.add_request(_req("old", 2000, BATCH, arrival=-100.0))  # deadline -40: ranked first
+    due.add_request(_req("c", 300, CHAT, arrival=0.0))  # deadline 1
+    # edf sets c's 300 tokens aside from the 400-token cap: old, ranked first, gets the
+    # other 100, so c's step is no longer than a capped one
+    assert _step(due) == [("old", 100), ("c", 300)]
     assert s.budget.is_tightest(1.0) and not s.budget.is_tightest(4.0)
     assert not s.budget.is_tightest(None)
     fcfs = _sched("fcfs", num_blocks=1024, budget=512, max_seqs=8, admission=False)
@@ -240,6 +249,22 @@ def test_the_tightest_slo_prefills_past_the_cap_and_the_rest_share_what_is_left(
     # fcfs keeps arrival order: the capped request ahead takes the cap, and the tightest
     # one behind it what is left of the budget
     assert _step(fcfs) == [("long", 400), ("c0", 112)]
+
+
+def test_a_spent_cap_passes_over_capped_waiting_requests_for_a_tightest_one():
+    for policy in ("fcfs", "priority", "fair"):
+        s = _sched(policy, num_blocks=1024, budget=512, max_seqs=8, admission=False)
+        s.budget.rate.observe(1600, 1.0)
+        twin = TenantClass("twin", ttft_slo_s=1.0)  # ties with CHAT for the tightest SLO
+        for r in (_req("a", 600, BATCH, arrival=0.0), _req("b", 50, BATCH, arrival=0.1),
+                  _req("c", 60, CHAT, arrival=0.2), _req("d", 40, twin, arrival=0.3)):
+            s.add_request(r)
+        assert s.prefill_cap() == 400
+        # a takes the cap; b, capped, is passed over; c and d (both at the tightest SLO)
+        # are admitted behind it with what the budget has left
+        assert _step(s) == [("a", 400), ("c", 60), ("d", 40)], policy
+        assert [r.request_id for r in s.waiting] == ["b"], policy
+        assert s.budget.is_tightest(1.0) and not s.budget.is_tightest(math.inf)
 
 
 def test_a_verify_step_does_not_count_as_prefill():

@@ -18,6 +18,10 @@ to tighter SLOs than S (`PrefillRate.share_tighter_than`): a loose-SLO request i
 only if its queue drains in time despite that traffic, rather than admitted, pushed back
 to its deadline, and then (its deadline being due) run ahead of urgent work.
 
+A request with the tightest SLO under `edf` counts only the tightest-SLO work ahead of it:
+the scheduler sets its prefill aside from the step cap, so capped work ranked first runs
+beside it rather than before it.
+
 A request is refused only when waiting is what would break its SLO: with nothing ahead,
 it is admitted even if its own prefill alone is too long (retrying would not help).
 """

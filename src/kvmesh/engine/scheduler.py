@@ -12,7 +12,9 @@ Each step shares a token budget between decodes and prefill chunks:
    prefix index and, when a host tier exists, are offloaded there as they are evicted,
    so resuming it is a load rather than a recompute.
 3. If nothing was preempted, waiting requests are admitted in policy order while the
-   budget, `max_num_seqs` and free blocks allow, each starting after its cached prefix.
+   budget, `max_num_seqs` and free blocks allow, each starting after its cached prefix
+   (one still fetching its prefix, or that the spent cap of rule 4 holds back, is passed
+   over for those behind it).
    A waiting request the policy ranks before a running partial prefill (an urgent
    request under priority, edf or fair; under fcfs, only a preempted request, which
    arrived earlier) is admitted before that prefill's next chunk, so a long
@@ -21,7 +23,10 @@ Each step shares a token budget between decodes and prefill chunks:
    capped (`prefill_cap`) so that a step lasts about `slo_step_fraction` of the tightest
    SLO (`step_budget.py`). Decodes are never capped, and neither is the prefill of a
    request whose own SLO is the tightest: the cap is there so that such a request
-   waits little for a step to end, and holding back one of them only delays it.
+   waits little for a step to end, and holding back one of them only delays it. Under
+   edf their pending prefill tokens are set aside from the cap first (`_room`), so a
+   capped chunk ranked before them (a loose-SLO request whose deadline has come) cannot
+   lengthen their step; the capped prefills share the rest, at least one block.
 
 A request is refused on arrival (QueueFullError, HTTP 429) when the queue is full, or
 when admission control predicts it would miss its tenant's TTFT SLO (`admission.py`).
@@ -95,13 +100,18 @@ class Scheduler(DecodeRuns):
     def num_prefill_tokens_ahead(self, req: Request) -> int:
         """Prefill tokens that run before `req` would start: the running prefills and the
         waiting requests the policy orders first (or, for a policy whose order moves as
-        work is done, what its `prefill_ahead` says)."""
+        work is done, what its `prefill_ahead` says). Under edf, for a request with the
+        tightest SLO, only the uncapped work among them: capped work ranked first runs
+        beside it, in what the cap leaves (`_room`)."""
         work = [(r, r.num_prompt_tokens - r.num_computed_tokens) for r in self.running
                 if r.num_computed_tokens < r.num_prompt_tokens]
         work += [(r, max(0, r.num_pending_tokens - r.num_cached_hint)) for r in self.waiting]
         ahead = getattr(self.policy, "prefill_ahead", None)
         if ahead is not None:
             return int(ahead(req, work, self.prefill_cap()))
+        if self._uncapped(req) and getattr(self.policy, "yields_to_tighter_slos", False):
+            # capped work ranked first yields its step share to this request (`_room`)
+            work = [(r, n) for r, n in work if self._uncapped(r)]
         key = self._key(req)
         return sum(n for r, n in work if self._key(r) < key)
 
@@ -167,7 +177,8 @@ class Scheduler(DecodeRuns):
         self._resort()
         pending = sorted(self.running, key=lambda r: (r.num_pending_tokens > 1, self._key(r)))
         ran: list[ScheduledSeq] = []
-        room = _Room(budget, self.prefill_cap())
+        room = self._room(budget)
+        held: list[Request] = []  # prefills the cap holds back this step
         while pending and room.tokens > 0:
             req = pending.pop(0)
             prefill = req.num_pending_tokens > 1  # the decodes came first
@@ -179,18 +190,38 @@ class Scheduler(DecodeRuns):
             speculated = self._speculate(req, room.tokens, pending)
             if speculated is not None:
                 ran.append(speculated)
-                room.take(speculated.num_new_tokens, prefill=False)
+                room.take(speculated.num_new_tokens, False, False)
                 continue
             num_new = min(req.num_pending_tokens,
                           room.for_prefill(self._uncapped(req)) if prefill else room.tokens)
-            if num_new > 0 and self._allocate_or_preempt(req, num_new, pending, preempted):
+            if num_new <= 0:
+                held.append(req)
+            elif self._allocate_or_preempt(req, num_new, pending, preempted, held):
                 ran.append(self._scheduled(req, num_new))
-                room.take(num_new, prefill)
+                room.take(num_new, prefill, self._uncapped(req))
         seqs.extend(ran)
         self._charge(ran)
         if not preempted:
             self._admit(room, seqs)
         return SchedulerOutput(tuple(seqs), tuple(preempted), tuple(self.kv.take_loads()))
+
+    def _room(self, budget: int) -> _Room:
+        """The step's room (rule 4). Under a policy that runs tighter SLOs first (edf), the
+        prefill tokens that requests with the tightest SLO have pending now are set aside
+        from the cap first, so a capped chunk ranked before them (a loose-SLO request whose
+        deadline has come) never lengthens their step; the capped prefills share the rest
+        of the cap, and at least one block, so they always move. Other policies keep their
+        order: a capped chunk ranked first takes its share of the cap before them."""
+        urgent = [r for r in self.waiting if self._uncapped(r)]
+        cap = self.prefill_cap()
+        if not getattr(self.policy, "yields_to_tighter_slos", False):
+            return _Room(budget, cap, len(urgent), shared=True)
+        reserved = sum(max(1, r.num_pending_tokens - r.num_cached_hint) for r in urgent)
+        reserved += sum(r.num_pending_tokens for r in self.running
+                        if r.num_pending_tokens > 1 and self._uncapped(r))
+        capped = cap if not reserved else max(self.kv.block_size,
+                                              cap - min(budget, reserved))
+        return _Room(budget, min(cap, capped), len(urgent), shared=False)
 
     def _uncapped(self, req: Request) -> bool:
         """Whether `req`'s prefill may take the whole budget (rule 4)."""
@@ -230,16 +261,19 @@ class Scheduler(DecodeRuns):
     def _victim_key(self, req: Request) -> tuple[object, ...]:
         return (self.policy.preempt_class(req), -restore_cost_tokens(req, self.kv), self._key(req))
 
-    def _allocate_or_preempt(
-        self, req: Request, num_new: int, pending: list[Request], preempted: list[str]
-    ) -> bool:
+    def _allocate_or_preempt(self, req: Request, num_new: int, pending: list[Request],
+                             preempted: list[str], held: list[Request] | None = None) -> bool:
+        """Allocate `num_new` tokens for `req`, preempting while the pool is short; the
+        victims come from `pending`, `held` (running prefills the cap passed over this
+        step) and `req` itself."""
+        held = held if held is not None else []
         while not self.kv.allocate(req, num_new):
-            victim = max([*pending, req], key=self._victim_key)
+            victim = max([*pending, *held, req], key=self._victim_key)
             self._preempt(victim)
             preempted.append(victim.request_id)
             if victim is req:
                 return False
-            pending.remove(victim)
+            (pending if victim in pending else held).remove(victim)
         return True
 
     def _admit(self, room: _Room, seqs: list[ScheduledSeq],
@@ -250,10 +284,13 @@ class Scheduler(DecodeRuns):
         i = 0
         while (i < len(self.waiting) and room.tokens > 0
                and len(self.running) < self.config.max_num_seqs):
+            if room.capped <= 0 and room.uncapped_waiting <= 0:
+                break  # the cap is spent and nobody it spares is waiting
             req = self.waiting[i]
             if before is not None and not self._key(req) < before:
                 break
-            limit = room.for_prefill(self._uncapped(req))
+            uncapped = self._uncapped(req)
+            limit = room.for_prefill(uncapped)
             plan = self.kv.lookup(req) if limit > 0 else None
             if plan is None:
                 i += 1
@@ -263,9 +300,10 @@ class Scheduler(DecodeRuns):
             if not self.kv.allocate(req, num_new, plan):
                 break
             self.waiting.pop(i)
+            room.uncapped_waiting -= uncapped
             self._start(req, plan)
             seqs.append(self._scheduled(req, num_new))
-            room.take(num_new, prefill=True)
+            room.take(num_new, True, uncapped)
             if self._usage is not None:  # the admitted tenant's counter moves now
                 self._usage.on_scheduled(req, num_new)
                 self.waiting[i:] = sorted(self.waiting[i:], key=self._key)
@@ -398,19 +436,22 @@ class Scheduler(DecodeRuns):
 
 class _Room:
     """What is left of one step: its token budget, and of that, the prefill tokens that the
-    SLO cap still allows (every prefill chunk counts against the cap; only a request with
-    the tightest SLO may go past it)."""
+    SLO cap still allows the capped requests, and how many uncapped ones (the tightest
+    SLO) are still waiting. Their chunks count against the cap when it is `shared`; else
+    `Scheduler._room` set their tokens aside already."""
 
-    __slots__ = ("capped", "tokens")
+    __slots__ = ("capped", "shared", "tokens", "uncapped_waiting")
 
-    def __init__(self, tokens: int, prefill_cap: int):
+    def __init__(self, tokens: int, prefill_cap: int, uncapped_waiting: int, shared: bool):
         self.tokens = tokens
         self.capped = prefill_cap
+        self.uncapped_waiting = uncapped_waiting
+        self.shared = shared
 
     def for_prefill(self, uncapped: bool) -> int:
         return self.tokens if uncapped else max(0, min(self.tokens, self.capped))
 
-    def take(self, num_tokens: int, prefill: bool) -> None:
+    def take(self, num_tokens: int, prefill: bool, uncapped: bool) -> None:
         self.tokens -= num_tokens
-        if prefill:
+        if prefill and (self.shared or not uncapped):
             self.capped -= num_tokens

@@ -28,16 +28,17 @@ class StepBudget:
         self.block_size = block_size
         self.rate = PrefillRate()
         self.ttft_slos: dict[str, float] = {}  # tenant -> TTFT SLO, of tenants seen
+        self.tightest = math.inf  # the least of them
 
     def note_tenant(self, tenant: str, ttft_slo_s: float | None) -> None:
         if ttft_slo_s is not None and math.isfinite(ttft_slo_s):
             self.ttft_slos[tenant] = ttft_slo_s
+            self.tightest = min(self.ttft_slos.values())
 
     def is_tightest(self, ttft_slo_s: float | None) -> bool:
         """Whether a request with this TTFT SLO is as urgent as any tenant seen: its
         prefill is not capped."""
-        return (ttft_slo_s is not None and bool(self.ttft_slos)
-                and ttft_slo_s <= min(self.ttft_slos.values()))
+        return ttft_slo_s is not None and ttft_slo_s <= self.tightest < math.inf
 
     def observe(self, prefills: Iterable[tuple[int, float | None]], step_s: float) -> None:
         """A step's time and its prefill chunks, as (tokens, the tenant's TTFT SLO)."""
@@ -56,6 +57,6 @@ class StepBudget:
         tokens_per_s = self.rate.tokens_per_s
         if not self.ttft_slos or tokens_per_s is None or self.config.slo_step_fraction <= 0:
             return budget
-        cap = tokens_per_s * min(self.ttft_slos.values()) * self.config.slo_step_fraction
+        cap = tokens_per_s * self.tightest * self.config.slo_step_fraction
         floor = max(self.block_size, int(budget * self.config.slo_step_fraction))
         return min(budget, max(floor, int(cap)))
