@@ -72,10 +72,13 @@ def sessions(n: int, turns: int, groups: int, output_len: int, seed: int) -> lis
 
 @contextlib.contextmanager
 def mesh(tmp: Path, policy: str, num_instances: int = 3, extra: tuple[str, ...] = ()):
+    """Instances and a router. Only `kv` gets KV events: the others run in front of
+    instances that publish none, as they would in front of another engine."""
     ports = free_ports(2 * num_instances)  # HTTP and KV events, all distinct
     with contextlib.ExitStack() as stack:
         insts = [stack.enter_context(serve(
-            [*INSTANCE_ARGS, *extra, "--kv-events-port", str(ports[num_instances + i])], tmp,
+            [*INSTANCE_ARGS, *extra, *(("--kv-events-port", str(ports[num_instances + i]))
+                                       if policy == "kv" else ())], tmp,
             wait=None, port=ports[i]))
             for i in range(num_instances)]
         for inst in insts:
@@ -344,14 +347,24 @@ def main() -> None:
             ratios_hit = [k["hit_tokens"] / r["hit_tokens"] for k, r in
                           zip(runs[p], runs["round_robin"], strict=True) if r["hit_tokens"]]
             ratios_p99 = [k["ttft_p99_s"] / r["ttft_p99_s"] for k, r in
-                          zip(runs[p], runs["round_robin"], strict=True)]
-            figures[f"hit_tokens_ratio_{p}_vs_round_robin"] = statistics.median(ratios_hit)
-            figures[f"ttft_p99_ratio_{p}_vs_round_robin"] = statistics.median(ratios_p99)
+                          zip(runs[p], runs["round_robin"], strict=True)
+                          if k["ttft_p99_s"] is not None and r["ttft_p99_s"]]
+            # null where no pair has a ratio (round robin hit nothing, or no request ended)
+            figures[f"hit_tokens_ratio_{p}_vs_round_robin"] = (
+                statistics.median(ratios_hit) if ratios_hit else None)
+            figures[f"ttft_p99_ratio_{p}_vs_round_robin"] = (
+                statistics.median(ratios_p99) if ratios_p99 else None)
             figures[f"hit_tokens_ratio_{p}_vs_round_robin_runs"] = ratios_hit
             figures[f"ttft_p99_ratio_{p}_vs_round_robin_runs"] = ratios_p99
         notes["gain"] = (f"{args.sessions} sessions x {args.turns} turns, {args.groups} shared "
                          f"system prompts, {args.rate} sessions/s; medians over "
                          f"{args.repeats} repeats; round_robin hit tokens {rr['hit_tokens']}")
+        notes["instances"] = (
+            "kvmesh serve, default model, one thread each; KV events on (--kv-events-port) "
+            "only for the kv policy. round_robin and prefix run in front of instances that "
+            "publish no KV events, the stand-in for another OpenAI-compatible engine: prefix "
+            "uses the prompts it routed and the load figures (/load here; its own in-flight "
+            "count in front of a server without /load)")
         if args.num_blocks:
             notes["capacity"] = (
                 f"each instance's device KV holds {args.num_blocks} blocks of 16 tokens and "

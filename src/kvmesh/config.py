@@ -331,6 +331,13 @@ class RouterConfig:
         "session: move a session when its home carries this many more requests than the "
         "least-loaded instance.", default=4)
     poll_interval_s: float = _help("Seconds between health and load probes.", default=0.5)
+    discover_mesh: bool = _help(
+        "Also route to every member of the instances' peer mesh: each healthy instance's "
+        "GET /mesh is read every discover_interval_s, and a member the router does not know "
+        "yet (by its HTTP URL) joins the rotation. The --instances are then only the seeds.",
+        default=False)
+    discover_interval_s: float = _help("Seconds between reads of /mesh (--discover-mesh).",
+                                       default=5.0)
     max_attempts: int = _help(
         "Instances tried per request before any byte reaches the client.", default=3)
     connect_timeout_s: float = _help("Connect timeout to an instance.", default=2.0)
@@ -349,8 +356,9 @@ class RouterConfig:
         bad = [u for u in self.instances if not u.startswith(("http://", "https://"))]
         if bad:
             raise ValueError(f"instance URLs must start with http:// or https://: {bad}")
-        if self.max_attempts < 1 or self.poll_interval_s <= 0:
-            raise ValueError("max_attempts must be >= 1 and poll_interval_s > 0")
+        if self.max_attempts < 1 or self.poll_interval_s <= 0 or self.discover_interval_s <= 0:
+            raise ValueError("max_attempts must be >= 1, poll_interval_s and "
+                             "discover_interval_s > 0")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
 

@@ -137,3 +137,4 @@ def test_session_falls_back_to_kv_once_events_arrive():
     state.kv.reset(2, KVSnapshot("i2", 0, {"device": keys}))
     assert sticky.choose(req, _loads(0, 0, 0)) == 2  # new session: placed by kv
     assert sticky.choose(req, _loads(0, 0, 3)) == 2  # then sticks
+

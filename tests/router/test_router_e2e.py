@@ -130,6 +130,29 @@ def test_prefix_policy_needs_no_kv_events(tmp_path, tiny_pair):
 
 
 @pytest.mark.timeout(240)
+def test_the_router_finds_the_mesh_members_it_was_not_given(tmp_path, tiny_llama):
+    """--discover-mesh: given one instance, the router reads its /mesh and routes to the
+    other member too."""
+    secret = tmp_path / "secret"
+    secret.write_text("a-secret-for-the-router-test")
+    p2p = free_ports(2)
+    base = ["--model", str(tiny_llama), "--num-blocks", "256", "--cluster-secret-file",
+            str(secret)]
+    with serve([*base, "--p2p-port", str(p2p[0])], tmp_path) as a, \
+            serve([*base, "--p2p-port", str(p2p[1]), "--peers", f"127.0.0.1:{p2p[0]}"],
+                  tmp_path) as b:
+        _wait(lambda: len(httpx.get(a.url + "/mesh").json()["members"]) >= 1, 30)
+        with _router(tmp_path, [a], "--policy", "round_robin", "--discover-mesh",
+                     "--discover-interval-s", "0.3") as router:
+            _wait(lambda: sorted(httpx.get(router.url + "/health").json()["healthy"])
+                  == sorted([a.url, b.url]), 30)
+            client = _client(router.url)
+            for q in range(4):
+                assert _ask(client, f"q{q}").choices[0].finish_reason in ("stop", "length")
+            assert min(_served_by([a, b])) >= 1  # both took requests
+
+
+@pytest.mark.timeout(240)
 def test_failover_before_the_first_byte_and_readmission(tmp_path, tiny_pair):
     insts, args = tiny_pair
     with _router(tmp_path, insts, "--policy", "round_robin") as router:
@@ -288,7 +311,8 @@ def test_instance_killed_under_load(tmp_path, tiny_llama):
     """Six concurrent streams over two instances that run one sequence at a time; one
     instance is killed mid-run. Its queued requests (no first token yet) are retried on
     the survivor and complete; at most its one running stream ends with a clean error;
-    nothing hangs, and the router drops the dead instance."""
+    nothing hangs, and the router drops the dead instance, then readmits it when it
+    comes back."""
     args = ["--model", str(tiny_llama), "--max-num-seqs", "1"]
     with contextlib.ExitStack() as stack:
         insts = [stack.enter_context(serve(args, tmp_path)) for _ in range(2)]
@@ -322,3 +346,10 @@ def test_instance_killed_under_load(tmp_path, tiny_llama):
         retries = next(float(line.split()[-1]) for line in metrics.splitlines()
                        if line.startswith("kvmesh_router_retries_total"))
         assert retries >= 2  # the killed instance's queued requests moved
+        # it comes back on its port: the router readmits it and sends it work again
+        back = stack.enter_context(serve(args, tmp_path, port=insts[0].port))
+        _wait(lambda: back.url in httpx.get(router.url + "/health").json()["healthy"], 60)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            assert all(r.choices for r in pool.map(
+                lambda q: _ask(client, f"after {q}", max_tokens=4), range(4)))
+        assert back.metric("request_success_total") >= 1

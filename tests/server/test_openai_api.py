@@ -142,6 +142,10 @@ def test_client_disconnect_aborts_and_frees_blocks(server):
     assert server.metric("num_requests_running") == 0
     assert server.metric("kv_cache_usage_perc") == 0.0
     assert server.metric("request_success_total") >= 1
+    aborted = [line for line in httpx.get(server.url + "/metrics").text.splitlines()
+               if line.startswith("kvmesh:request_success_total{")
+               and 'finished_reason="abort"' in line]
+    assert aborted and float(aborted[0].rsplit(" ", 1)[1]) >= 1  # the abort is counted
 
 
 def test_metrics_names(server):

@@ -29,6 +29,9 @@ tenants:
   shared-2:
     api_keys: [key-s2]
     cache_salt: team
+  strict:
+    api_keys: [key-t]
+    ttft_slo_s: 0.000001
 """
 PROMPT = "The quick brown fox jumps over the lazy dog, again and again. " * 3
 
@@ -74,6 +77,11 @@ def test_tenant_keys_limits_salts_and_kv_events(tmp_path, tiny_llama):
             assert _metric(s, "tenant_rejected_total", 'tenant="b"', 'reason="rate_limit"') == 2
             assert _metric(s, "tenant_requests_total", 'tenant="a"') == 2
             assert _metric(s, "tenant_slo_met_total", 'tenant="a"', 'slo="all"') == 2  # no SLO
+            assert _post(s.url, "key-t").status_code == 200  # a TTFT SLO nothing can meet
+            assert _metric(s, "tenant_requests_total", 'tenant="strict"') == 1
+            assert _metric(s, "tenant_slo_met_total", 'tenant="strict"', 'slo="ttft"') == 0
+            assert _metric(s, "tenant_slo_met_total", 'tenant="strict"', 'slo="tpot"') == 1
+            assert _metric(s, "tenant_slo_met_total", 'tenant="strict"', 'slo="all"') == 0
             load = httpx.get(s.url + "/load").json()
             assert load["kv_events_port"] == port and load["block_size"] == 4
             snap = msgspec.msgpack.decode(httpx.get(s.url + "/kv/snapshot").content,

@@ -76,7 +76,8 @@ class Router:
         self.state = RouterState(weights)
         self.policy = make_route_policy(config.policy, self.state)
         self.upstreams = Upstreams(config.instances, self.state, session,
-                                   config.poll_interval_s)
+                                   config.poll_interval_s,
+                                   config.discover_interval_s if config.discover_mesh else None)
         self.session = session
         self.keys = KeyMaker(tokenizer if config.policy in ("kv", "session") else None)
         table = (TenantTable.load(config.tenants, config.api_keys) if config.tenants
@@ -117,7 +118,7 @@ class Router:
             route = await asyncio.to_thread(self.keys.route_request, v, salt, scheme)
         else:  # short, or nothing to tokenize: a thread hop would cost more than it saves
             route = self.keys.route_request(v, salt, scheme)
-        self.auth.charge(tenant, route.num_prompt_tokens + v.max_tokens)
+        self.auth.charge(tenant, route.num_prompt_tokens + v.max_tokens * v.num_choices)
         await self._dispatch(ex, raw, route)
 
     async def _dispatch(self, ex: Exchange, raw: bytes, route: RouteRequest) -> None:

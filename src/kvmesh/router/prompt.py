@@ -30,6 +30,7 @@ class PromptView:
     max_tokens: int
     add_generation_prompt: bool = True
     template_kwargs: Mapping[str, Any] | None = None
+    num_choices: int = 1  # `n`: the rate limit charges max_tokens for each
 
 
 def _content_text(content: Any) -> str | None:
@@ -67,11 +68,13 @@ def view(body: Mapping[str, Any], headers: Mapping[str, str]) -> PromptView:
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
     salt = body.get("cache_salt")
     kwargs = body.get("chat_template_kwargs")
+    n = body.get("n")
     return PromptView(text, messages, ids, session if isinstance(session, str) else None,
                       salt if isinstance(salt, str) else None,
                       limit if isinstance(limit, int) and limit > 0 else 256,
                       body.get("add_generation_prompt", True) is not False,
-                      kwargs if isinstance(kwargs, dict) else None)
+                      kwargs if isinstance(kwargs, dict) else None,
+                      n if type(n) is int and n > 1 else 1)
 
 
 class KeyMaker:

@@ -4,6 +4,11 @@ Runs on the router's event loop. Each instance is probed every `poll_interval_s`
 /load` on kvmesh, `GET /health` on any other server): a failed probe or a failed request
 takes it out of rotation, the next good probe brings it back. A restarted instance (a
 new `instance_id`) loses whatever the router believed it held.
+
+With mesh discovery on, the router also reads each healthy instance's `GET /mesh` every
+`discover_interval_s` and adds the members it does not know yet (by HTTP URL, alive ones
+only); from then on they are probed like the instances it was given. A member that
+leaves the mesh stays listed and drops out of rotation when its probes fail.
 """
 
 from __future__ import annotations
@@ -61,11 +66,13 @@ class Instance:
 
 class Upstreams:
     def __init__(self, urls: tuple[str, ...], state: RouterState,
-                 session: aiohttp.ClientSession, poll_interval_s: float):
+                 session: aiohttp.ClientSession, poll_interval_s: float,
+                 discover_interval_s: float | None = None):
         self.instances = [Instance(i, u.rstrip("/")) for i, u in enumerate(urls)]
         self.state = state
         self.session = session
         self.poll_interval_s = poll_interval_s
+        self.discover_interval_s = discover_interval_s
         self._tasks: list[asyncio.Task] = []
         self._feeds: dict[int, asyncio.Task] = {}
         self._ctx = zmq.asyncio.Context()
@@ -80,6 +87,9 @@ class Upstreams:
     async def start(self) -> None:
         await asyncio.gather(*(self.probe(i) for i in self.instances))
         self._tasks = [asyncio.create_task(self._poll(i)) for i in self.instances]
+        if self.discover_interval_s is not None:
+            await self.discover()
+            self._tasks.append(asyncio.create_task(self._discover_loop(self.discover_interval_s)))
 
     async def close(self) -> None:
         for task in [*self._tasks, *self._feeds.values()]:
@@ -93,6 +103,35 @@ class Upstreams:
         while True:
             await asyncio.sleep(self.poll_interval_s)
             await self.probe(inst)
+
+    async def _discover_loop(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.discover()
+
+    async def discover(self) -> list[Instance]:
+        """Add the mesh members that the healthy instances list and the router does not
+        know yet; returns them."""
+        known = {i.url for i in self.instances}
+        added: list[Instance] = []
+        for inst in self.healthy():
+            try:
+                status, body = await self.get(inst.url + "/mesh", PROBE_TIMEOUT)
+                urls = mesh_urls(json.loads(body)) if status == 200 else []
+            except (*UPSTREAM_ERRORS, ValueError) as exc:
+                log.debug("GET %s/mesh failed: %s", inst.url, exc)
+                continue
+            for url in urls:
+                if url not in known:
+                    known.add(url)
+                    new = Instance(len(self.instances), url)
+                    self.instances.append(new)
+                    added.append(new)
+                    log.warning("instance %s joins from %s's mesh", url, inst.url)
+        for new in added:
+            await self.probe(new)
+            self._tasks.append(asyncio.create_task(self._poll(new)))
+        return added
 
     async def get(self, url: str, timeout: aiohttp.ClientTimeout) -> tuple[int, bytes]:
         """GET `url` whole: its status and body."""
@@ -180,3 +219,14 @@ class Upstreams:
             except (*UPSTREAM_ERRORS, ValueError, msgspec.DecodeError) as exc:
                 log.debug("KV snapshot from %s failed: %s", inst.url, exc)
                 await asyncio.sleep(self.poll_interval_s)
+
+
+def mesh_urls(view: Any) -> list[str]:
+    """The HTTP URLs in a `/mesh` answer: the node itself and its alive members."""
+    if not isinstance(view, dict):
+        raise ValueError("/mesh did not answer a JSON object")
+    entries = [view.get("me") or {}, *(m for m in view.get("members") or []
+                                      if isinstance(m, dict) and m.get("state") == "alive")]
+    urls = [e.get("http_url") for e in entries if isinstance(e, dict)]
+    return [u.rstrip("/") for u in urls
+            if isinstance(u, str) and u.startswith(("http://", "https://"))]

@@ -185,9 +185,19 @@ class Collector:
         n = job.params.n
         self.choices = [Choice(i, parser=ToolParser(job.tools) if job.tools else None)
                         for i in range(len(job.prompts) * n)]
+        self._ended = False
+
+    def end(self, reason: str) -> None:
+        """Count the request as finished with `reason` in the metrics, once: a request that
+        fails, or whose client leaves, is counted (`abort`, `error`) as well as one that
+        ends normally."""
+        if not self._ended:
+            self._ended = True
+            self.timer.on_finish(time.monotonic(), reason)
 
     def add(self, prompt_index: int, delta: RequestDelta) -> Choice:
         if delta.error:
+            self.end("error")
             raise APIError(HTTPStatus.INTERNAL_SERVER_ERROR, delta.error)
         index = prompt_index * self.job.params.n + delta.index
         choice = self.choices[index]
@@ -206,6 +216,7 @@ class Collector:
         if delta.finished:
             choice.finish(finish_reason(delta))
             if all(c.finish_reason for c in self.choices):
+                self._ended = True
                 self.timer.on_finish(now, choice.finish_reason or "stop")
                 self._complete()
         return choice
@@ -273,6 +284,7 @@ async def _whole(request: Request, job: Job, streams, collector: Collector, fmt)
         if not work.done():
             work.cancel()
         _close(streams)
+        collector.end("abort")  # a no-op once every choice has finished
     if not work.done() or work.cancelled():
         return JSONResponse({"error": "client disconnected"}, status_code=499)
     work.result()
@@ -327,3 +339,4 @@ async def _sse(job: Job, streams, collector: Collector, fmt) -> AsyncIterator[st
         yield sse("[DONE]")
     finally:
         _close(streams)
+        collector.end("abort")  # a no-op once every choice has finished

@@ -251,7 +251,7 @@ class RequestTimer:
     def on_finish(self, now: float, reason: str) -> None:
         self.m.e2e.labels(self.name).observe(now - self.start)
         self.m.requests.labels(self.name, reason).inc()
-        if self.tenant is not None and self.first is not None:
+        if self.tenant is not None:  # one that ended before its first token missed its TTFT
             self._count_slos(now, self.tenant)
 
     def _count_slos(self, now: float, t: TenantClass) -> None:
