@@ -251,19 +251,28 @@ def test_the_tightest_slo_prefills_past_the_cap_and_the_rest_share_what_is_left(
     assert _step(fcfs) == [("long", 400), ("c0", 112)]
 
 
-def test_a_spent_cap_passes_over_capped_waiting_requests_for_a_tightest_one():
-    for policy in ("fcfs", "priority", "fair"):
+def test_a_spent_cap_ends_prefill_in_order_but_lets_edf_pass_to_tightest_work():
+    twin = TenantClass("twin", ttft_slo_s=1.0)  # ties with CHAT for the tightest SLO
+    for policy in ("fcfs", "priority", "fair", "edf"):
         s = _sched(policy, num_blocks=1024, budget=512, max_seqs=8, admission=False)
         s.budget.rate.observe(1600, 1.0)
-        twin = TenantClass("twin", ttft_slo_s=1.0)  # ties with CHAT for the tightest SLO
-        for r in (_req("a", 600, BATCH, arrival=0.0), _req("b", 50, BATCH, arrival=0.1),
+        # a and b arrived long ago: under edf their deadlines (arrival + 60) came first too
+        for r in (_req("a", 600, BATCH, arrival=-100.0), _req("b", 50, BATCH, arrival=-99.0),
                   _req("c", 60, CHAT, arrival=0.2), _req("d", 40, twin, arrival=0.3)):
             s.add_request(r)
         assert s.prefill_cap() == 400
-        # a takes the cap; b, capped, is passed over; c and d (both at the tightest SLO)
-        # are admitted behind it with what the budget has left
-        assert _step(s) == [("a", 400), ("c", 60), ("d", 40)], policy
-        assert [r.request_id for r in s.waiting] == ["b"], policy
+        if policy == "edf":
+            # c's and d's 100 tokens are set aside from the cap: a gets the other 300; b,
+            # capped, is passed over; c and d go behind it
+            assert _step(s) == [("a", 300), ("c", 60), ("d", 40)]
+            assert [r.request_id for r in s.waiting] == ["b"]
+        elif policy == "fair":  # a's 400 tokens lift its tenant's counter: c and d now
+            # rank before b, and go (uncapped) in that order
+            assert _step(s) == [("a", 400), ("c", 60), ("d", 40)]
+            assert [r.request_id for r in s.waiting] == ["b"]
+        else:  # a takes the cap and b, held back by it, keeps everyone behind it waiting
+            assert _step(s) == [("a", 400)], policy
+            assert [r.request_id for r in s.waiting] == ["b", "c", "d"], policy
         assert s.budget.is_tightest(1.0) and not s.budget.is_tightest(math.inf)
 
 

@@ -13,8 +13,9 @@ Each step shares a token budget between decodes and prefill chunks:
    so resuming it is a load rather than a recompute.
 3. If nothing was preempted, waiting requests are admitted in policy order while the
    budget, `max_num_seqs` and free blocks allow, each starting after its cached prefix
-   (one still fetching its prefix, or that the spent cap of rule 4 holds back, is passed
-   over for those behind it).
+   (one still fetching its prefix is passed over for those behind it; one that the spent
+   cap of rule 4 holds back ends the step's prefill, except under edf, where
+   tightest-SLO requests behind it still go).
    A waiting request the policy ranks before a running partial prefill (an urgent
    request under priority, edf or fair; under fcfs, only a preempted request, which
    arrived earlier) is admitted before that prefill's next chunk, so a long
@@ -196,6 +197,7 @@ class Scheduler(DecodeRuns):
                           room.for_prefill(self._uncapped(req)) if prefill else room.tokens)
             if num_new <= 0:
                 held.append(req)
+                room.hold()
             elif self._allocate_or_preempt(req, num_new, pending, preempted, held):
                 ran.append(self._scheduled(req, num_new))
                 room.take(num_new, prefill, self._uncapped(req))
@@ -284,13 +286,17 @@ class Scheduler(DecodeRuns):
         i = 0
         while (i < len(self.waiting) and room.tokens > 0
                and len(self.running) < self.config.max_num_seqs):
-            if room.capped <= 0 and room.uncapped_waiting <= 0:
-                break  # the cap is spent and nobody it spares is waiting
+            if room.closed or (room.capped <= 0 and room.uncapped_waiting <= 0):
+                break  # the cap is spent and nobody it spares may go
             req = self.waiting[i]
             if before is not None and not self._key(req) < before:
                 break
             uncapped = self._uncapped(req)
             limit = room.for_prefill(uncapped)
+            if limit <= 0:
+                room.hold()
+                if room.closed:
+                    break
             plan = self.kv.lookup(req) if limit > 0 else None
             if plan is None:
                 i += 1
@@ -440,15 +446,26 @@ class _Room:
     SLO) are still waiting. Their chunks count against the cap when it is `shared`; else
     `Scheduler._room` set their tokens aside already."""
 
-    __slots__ = ("capped", "shared", "tokens", "uncapped_waiting")
+    __slots__ = ("capped", "closed", "shared", "tokens", "uncapped_waiting")
 
     def __init__(self, tokens: int, prefill_cap: int, uncapped_waiting: int, shared: bool):
         self.tokens = tokens
         self.capped = prefill_cap
         self.uncapped_waiting = uncapped_waiting
         self.shared = shared
+        self.closed = False  # no more prefill this step
+
+    def hold(self) -> None:
+        """A capped prefill found the cap spent. Under a policy that keeps its order (the
+        cap is `shared`: fcfs, priority, fair), nobody behind it goes this step either, so
+        the cap never turns the policy's order around; under edf, tightest-SLO work
+        behind it still may."""
+        if self.shared:
+            self.closed = True
 
     def for_prefill(self, uncapped: bool) -> int:
+        if self.closed:
+            return 0
         return self.tokens if uncapped else max(0, min(self.tokens, self.capped))
 
     def take(self, num_tokens: int, prefill: bool, uncapped: bool) -> None:
