@@ -2,8 +2,10 @@
 
     python benchmarks/router.py [--repeats 2] [--sessions 12] [--turns 6] [--rate 0.05]
 
-1. Routing gain. Three `kvmesh serve` instances (default model, one thread each, KV
-   events on) and `kvmesh router` on loopback, under `kvmesh bench`'s runner: multi-turn
+1. Routing gain. Three `kvmesh serve` instances (default model, one thread each; KV
+   events on for the kv policy only, so round_robin and prefix run in front of
+   instances as they would in front of another engine) and `kvmesh router` on
+   loopback, under `kvmesh bench`'s runner: multi-turn
    chat sessions whose system prompts come from a few shared groups. By default each
    instance holds 200 KV blocks (3,200 tokens), less than the sessions' working set, as a
    real deployment's cache is: with an unbounded cache every policy ends up hitting most

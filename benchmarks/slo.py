@@ -22,7 +22,7 @@ SLO attainment counts every interactive request sent (a refusal is a miss), and 
 the admitted ones. Every refusal must be a 429 with Retry-After; no request may hang.
 Each policy runs `--repeats` times (fresh server, the same arrivals); a policy's figures
 are its worst repeat's attainment and its runs, so the spread is in the file.
-Writes benchmarks/results/slo.json.
+Writes benchmarks/results/slo.json (`--name` for another file).
 """
 
 from __future__ import annotations
@@ -164,9 +164,12 @@ def main() -> None:
                     help="skip the capacity measurement and use this (requests/s of the mix)")
     ap.add_argument("--name", default="slo", help="results file name (benchmarks/results/)")
     args = ap.parse_args()
-    runs_wanted = [(p, a) for p, a in RUNS if p in args.policies.split(",")]
-    if not runs_wanted:
-        raise SystemExit(f"--policies: none of {[p for p, _ in RUNS]}")
+    wanted = set(args.policies.split(","))
+    unknown = wanted - {p for p, _ in RUNS}
+    if unknown or not wanted:
+        raise SystemExit(f"--policies: unknown {sorted(unknown)}; pick from "
+                         f"{[p for p, _ in RUNS]}")
+    runs_wanted = [(p, a) for p, a in RUNS if p in wanted]
     tmp = Path("/tmp/kvmesh-slo-bench")
     tmp.mkdir(exist_ok=True)
     tenants = tmp / "tenants.yaml"

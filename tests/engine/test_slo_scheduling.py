@@ -356,3 +356,17 @@ def test_fair_admission_counts_another_tenant_only_until_its_counter_passes():
     late.arrival_seq = 99
     # chat reaches 80 after l0; w2 runs (80 - 50) x 2 = 60 tokens + a 64-token chunk
     assert heavy.num_prefill_tokens_ahead(late) == 20 + 60 + 64
+
+
+def test_under_priority_a_held_waiting_request_keeps_a_later_uncapped_one_back():
+    s = _sched("priority", num_blocks=2048, budget=512, max_seqs=8, admission=False)
+    s.budget.rate.observe(1600, 1.0)
+    a = _req("a", 2000, BATCH, arrival=0.0)
+    p = _req("p", 2000, CHAT, arrival=0.0)  # the tightest SLO (uncapped), but priority 9
+    p.priority = 9
+    for r in (a, p):
+        s.add_request(r)
+    assert _step(s) == [("a", 400), ("p", 112)]
+    s.add_request(_req("w", 100, BATCH, arrival=1.0))  # priority 0: ranked before p
+    # a takes the cap; w, held back by it, keeps p (ranked after w) from going first
+    assert _step(s) == [("a", 400)]

@@ -15,5 +15,6 @@ def test_mesh_urls_lists_the_node_and_its_alive_members():
                         {"http_url": "ftp://x", "state": "alive"}]}
     assert mesh_urls(view) == ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
     assert mesh_urls({}) == []
+    assert mesh_urls({"me": {"http_url": "http://"}, "members": 5}) == []  # no host, no list
     with pytest.raises(ValueError):
         mesh_urls([1, 2])

@@ -218,7 +218,9 @@ class Scheduler(DecodeRuns):
         cap = self.prefill_cap()
         if not getattr(self.policy, "yields_to_tighter_slos", False):
             return _Room(budget, cap, len(urgent), shared=True)
-        reserved = sum(max(1, r.num_pending_tokens - r.num_cached_hint) for r in urgent)
+        seats = max(0, self.config.max_num_seqs - len(self.running))  # who can start now
+        reserved = sum(max(1, r.num_pending_tokens - r.num_cached_hint)
+                       for r in urgent[:seats])
         reserved += sum(r.num_pending_tokens for r in self.running
                         if r.num_pending_tokens > 1 and self._uncapped(r))
         capped = cap if not reserved else max(self.kv.block_size,
@@ -286,10 +288,11 @@ class Scheduler(DecodeRuns):
         i = 0
         while (i < len(self.waiting) and room.tokens > 0
                and len(self.running) < self.config.max_num_seqs):
-            if room.closed or (room.capped <= 0 and room.uncapped_waiting <= 0):
-                break  # the cap is spent and nobody it spares may go
             req = self.waiting[i]
             if before is not None and not self._key(req) < before:
+                break
+            if room.closed or (room.capped <= 0 and room.uncapped_waiting <= 0):
+                room.hold()  # the cap is spent and nobody it spares is waiting
                 break
             uncapped = self._uncapped(req)
             limit = room.for_prefill(uncapped)

@@ -7,8 +7,10 @@ new `instance_id`) loses whatever the router believed it held.
 
 With mesh discovery on, the router also reads each healthy instance's `GET /mesh` every
 `discover_interval_s` and adds the members it does not know yet (by HTTP URL, alive ones
-only); from then on they are probed like the instances it was given. A member that
-leaves the mesh stays listed and drops out of rotation when its probes fail.
+only); from then on they are probed like the instances it was given. One whose
+`/load` names an `instance_id` the router already knows (a seed under another spelling
+of its URL) is not added twice. A member that leaves the mesh stays listed and drops out
+of rotation when its probes fail.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class Upstreams:
                  session: aiohttp.ClientSession, poll_interval_s: float,
                  discover_interval_s: float | None = None):
         self.instances = [Instance(i, u.rstrip("/")) for i, u in enumerate(urls)]
+        self._next_number = len(self.instances)
+        self._aliases: set[str] = set()  # other spellings of a known instance's URL
         self.state = state
         self.session = session
         self.poll_interval_s = poll_interval_s
@@ -112,26 +116,34 @@ class Upstreams:
     async def discover(self) -> list[Instance]:
         """Add the mesh members that the healthy instances list and the router does not
         know yet; returns them."""
-        known = {i.url for i in self.instances}
+        known = {i.url for i in self.instances} | self._aliases
         added: list[Instance] = []
         for inst in self.healthy():
             try:
                 status, body = await self.get(inst.url + "/mesh", PROBE_TIMEOUT)
                 urls = mesh_urls(json.loads(body)) if status == 200 else []
-            except (*UPSTREAM_ERRORS, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - a bad answer: try again next time
                 log.debug("GET %s/mesh failed: %s", inst.url, exc)
                 continue
             for url in urls:
                 if url not in known:
                     known.add(url)
-                    new = Instance(len(self.instances), url)
-                    self.instances.append(new)
-                    added.append(new)
-                    log.warning("instance %s joins from %s's mesh", url, inst.url)
+                    added.append(Instance(self._next_number, url))
+                    self._next_number += 1
         for new in added:
             await self.probe(new)
+            same = next((i for i in self.instances if new.instance_id is not None
+                         and i.instance_id == new.instance_id), None)
+            if same is not None:  # a known instance under another URL: not a second one
+                self._aliases.add(new.url)
+                feed = self._feeds.pop(new.number, None)
+                if feed is not None:
+                    feed.cancel()
+                continue
+            log.warning("instance %s joins from the mesh", new.url)
+            self.instances.append(new)
             self._tasks.append(asyncio.create_task(self._poll(new)))
-        return added
+        return [i for i in added if i in self.instances]
 
     async def get(self, url: str, timeout: aiohttp.ClientTimeout) -> tuple[int, bytes]:
         """GET `url` whole: its status and body."""
@@ -225,8 +237,9 @@ def mesh_urls(view: Any) -> list[str]:
     """The HTTP URLs in a `/mesh` answer: the node itself and its alive members."""
     if not isinstance(view, dict):
         raise ValueError("/mesh did not answer a JSON object")
-    entries = [view.get("me") or {}, *(m for m in view.get("members") or []
-                                      if isinstance(m, dict) and m.get("state") == "alive")]
+    members = view.get("members")
+    entries = [view.get("me"), *(m for m in (members if isinstance(members, list) else [])
+                                 if isinstance(m, dict) and m.get("state") == "alive")]
     urls = [e.get("http_url") for e in entries if isinstance(e, dict)]
-    return [u.rstrip("/") for u in urls
-            if isinstance(u, str) and u.startswith(("http://", "https://"))]
+    return [u.rstrip("/") for u in urls if isinstance(u, str)
+            and u.startswith(("http://", "https://")) and urlsplit(u).hostname]

@@ -251,8 +251,11 @@ class RequestTimer:
     def on_finish(self, now: float, reason: str) -> None:
         self.m.e2e.labels(self.name).observe(now - self.start)
         self.m.requests.labels(self.name, reason).inc()
-        if self.tenant is not None:  # one that ended before its first token missed its TTFT
-            self._count_slos(now, self.tenant)
+        if self.tenant is not None:
+            if reason in ("abort", "error"):  # counted, and it met no SLO
+                self.m.tenant_requests.labels(self.name, self.tenant.name).inc()
+            else:
+                self._count_slos(now, self.tenant)
 
     def _count_slos(self, now: float, t: TenantClass) -> None:
         ttft = self.first - self.start if self.first is not None else math.inf
