@@ -46,7 +46,7 @@ from kvmesh.engine.policies import UsageAware, make_policy
 from kvmesh.engine.preemption import restore_cost_tokens
 from kvmesh.engine.request import Request, RequestStatus
 from kvmesh.engine.schedule import ScheduledSeq, SchedulerOutput
-from kvmesh.engine.step_budget import StepBudget
+from kvmesh.engine.step_budget import StepBudget, StepRoom
 from kvmesh.types import FinishReason
 
 __all__ = ["ALLOCATE", "FILL", "QueueFullError", "Scheduler", "SchedulerOutput", "ScheduledSeq"]
@@ -207,7 +207,7 @@ class Scheduler(DecodeRuns):
             self._admit(room, seqs)
         return SchedulerOutput(tuple(seqs), tuple(preempted), tuple(self.kv.take_loads()))
 
-    def _room(self, budget: int) -> _Room:
+    def _room(self, budget: int) -> StepRoom:
         """The step's room (rule 4). Under a policy that runs tighter SLOs first (edf), the
         prefill tokens that requests with the tightest SLO have pending now are set aside
         from the cap first, so a capped chunk ranked before them (a loose-SLO request whose
@@ -217,7 +217,7 @@ class Scheduler(DecodeRuns):
         urgent = [r for r in self.waiting if self._uncapped(r)]
         cap = self.prefill_cap()
         if not getattr(self.policy, "yields_to_tighter_slos", False):
-            return _Room(budget, cap, len(urgent), shared=True)
+            return StepRoom(budget, cap, len(urgent), shared=True)
         seats = max(0, self.config.max_num_seqs - len(self.running))  # who can start now
         reserved = sum(max(1, r.num_pending_tokens - r.num_cached_hint)
                        for r in urgent[:seats])
@@ -225,7 +225,7 @@ class Scheduler(DecodeRuns):
                         if r.num_pending_tokens > 1 and self._uncapped(r))
         capped = cap if not reserved else max(self.kv.block_size,
                                               cap - min(budget, reserved))
-        return _Room(budget, min(cap, capped), len(urgent), shared=False)
+        return StepRoom(budget, min(cap, capped), len(urgent), shared=False)
 
     def _uncapped(self, req: Request) -> bool:
         """Whether `req`'s prefill may take the whole budget (rule 4)."""
@@ -280,7 +280,7 @@ class Scheduler(DecodeRuns):
             (pending if victim in pending else held).remove(victim)
         return True
 
-    def _admit(self, room: _Room, seqs: list[ScheduledSeq],
+    def _admit(self, room: StepRoom, seqs: list[ScheduledSeq],
                before: tuple[float, ...] | None = None) -> None:
         """Admit waiting requests in policy order (only those ranked before `before`, when
         given) while `room` lasts; one still fetching its prefix, or held back by the
@@ -441,37 +441,3 @@ class Scheduler(DecodeRuns):
             )
         assert len(self.running) <= self.config.max_num_seqs
         getattr(self.policy, "check_integrity", lambda: None)()
-
-
-class _Room:
-    """What is left of one step: its token budget, and of that, the prefill tokens that the
-    SLO cap still allows the capped requests, and how many uncapped ones (the tightest
-    SLO) are still waiting. Their chunks count against the cap when it is `shared`; else
-    `Scheduler._room` set their tokens aside already."""
-
-    __slots__ = ("capped", "closed", "shared", "tokens", "uncapped_waiting")
-
-    def __init__(self, tokens: int, prefill_cap: int, uncapped_waiting: int, shared: bool):
-        self.tokens = tokens
-        self.capped = prefill_cap
-        self.uncapped_waiting = uncapped_waiting
-        self.shared = shared
-        self.closed = False  # no more prefill this step
-
-    def hold(self) -> None:
-        """A capped prefill found the cap spent. Under a policy that keeps its order (the
-        cap is `shared`: fcfs, priority, fair), nobody behind it goes this step either, so
-        the cap never turns the policy's order around; under edf, tightest-SLO work
-        behind it still may."""
-        if self.shared:
-            self.closed = True
-
-    def for_prefill(self, uncapped: bool) -> int:
-        if self.closed:
-            return 0
-        return self.tokens if uncapped else max(0, min(self.tokens, self.capped))
-
-    def take(self, num_tokens: int, prefill: bool, uncapped: bool) -> None:
-        self.tokens -= num_tokens
-        if prefill and (self.shared or not uncapped):
-            self.capped -= num_tokens

@@ -60,3 +60,37 @@ class StepBudget:
         cap = tokens_per_s * self.tightest * self.config.slo_step_fraction
         floor = max(self.block_size, int(budget * self.config.slo_step_fraction))
         return min(budget, max(floor, int(cap)))
+
+
+class StepRoom:
+    """What is left of one step: its token budget, and of that, the prefill tokens that the
+    SLO cap still allows the capped requests, and how many uncapped ones (the tightest
+    SLO) are still waiting. Their chunks count against the cap when it is `shared`; else
+    `Scheduler._room` set their tokens aside already."""
+
+    __slots__ = ("capped", "closed", "shared", "tokens", "uncapped_waiting")
+
+    def __init__(self, tokens: int, prefill_cap: int, uncapped_waiting: int, shared: bool):
+        self.tokens = tokens
+        self.capped = prefill_cap
+        self.uncapped_waiting = uncapped_waiting
+        self.shared = shared
+        self.closed = False  # no more prefill this step
+
+    def hold(self) -> None:
+        """A capped prefill found the cap spent. Under a policy that keeps its order (the
+        cap is `shared`: fcfs, priority, fair), nobody behind it goes this step either, so
+        the cap never turns the policy's order around; under edf, tightest-SLO work
+        behind it still may."""
+        if self.shared:
+            self.closed = True
+
+    def for_prefill(self, uncapped: bool) -> int:
+        if self.closed:
+            return 0
+        return self.tokens if uncapped else max(0, min(self.tokens, self.capped))
+
+    def take(self, num_tokens: int, prefill: bool, uncapped: bool) -> None:
+        self.tokens -= num_tokens
+        if prefill and (self.shared or not uncapped):
+            self.capped -= num_tokens
