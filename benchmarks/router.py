@@ -7,28 +7,41 @@
    instances as they would in front of another engine) and `kvmesh router` on
    loopback, under `kvmesh bench`'s runner: multi-turn
    chat sessions whose system prompts come from a few shared groups. By default each
-   instance holds 200 KV blocks (3,200 tokens), less than the sessions' working set, as a
-   real deployment's cache is: with an unbounded cache every policy ends up hitting most
-   prefixes somewhere and routing matters less (`--num-blocks 0` gives that workload).
+   instance holds 128 KV blocks (2,048 tokens), about half the working set of the
+   sessions open at once (so all of it fits in the three instances together, not in
+   one), as a real deployment's cache is smaller than its users' histories: with an
+   unbounded cache every policy ends up hitting most prefixes somewhere and routing
+   matters less (`--num-blocks 0` gives that workload).
    The session rate is set so that on the slower of this project's CPUs (a 2-core Zen 1
    EPYC) the offered prefill is past what round robin's recomputation can serve but
    within what the instances serve once histories are reused: a routing gain is a
    capacity gain, and its TTFT figures should come from that regime rather than from a
    queue that grows without bound under every policy (24 sessions at 0.2/s, the default
    before, had round robin's TTFT p50 at 52 s on Zen 1 and every cache turning over
-   before its session came back). Each policy
+   before its session came back). A user pauses `--think-s` (20 s) between a reply and
+   the next turn, so several sessions are open at once and their turns interleave, as
+   a chat service's do; with back-to-back turns one session at a time runs alone, and
+   round robin's strict rotation sends every third turn back to where its history is
+   (its hit tokens then reached 71% of the ceiling, and kv's gain over it 1.35x, in a
+   run at this rate, commit f54623c). The shared system prompts are `--system-words`
+   (50) long, so that about 15% of the reusable tokens are theirs and the rest are the
+   sessions' own histories: in the Mooncake conversation trace (Kimi's chat service,
+   ../shared/traces) 86% of the prefix-hit blocks are held by fewer than 20 requests
+   (histories) and 11% by 100 or more (shared prompts). Prompts shared by every session
+   favour round robin, which finds them on every instance. Each policy
    (round_robin, prefix, kv) gets fresh instances (cold caches) and the same sessions,
    in the same run; the order of policies rotates per repeat. Hit tokens are the
    instances' own `cached_tokens`.
 2. Added latency. One instance; streamed requests alternate between a direct
    connection and the router (policy kv, so tokenizing and key hashing are included),
    each prompt new to the cache. TTFT and inter-token latency, p50 and p99, both sides.
-3. Proxy throughput and the added latency itself. A stub upstream that answers at once
-   (benchmarks/stub_openai.py): `--stub-pairs` sequential streamed requests alternating
-   direct and through the router (policy prefix), then requests/s at 64 concurrent
-   clients, both ways. Client, router and stub share this machine's cores. The headline
-   `router_added_*` figures come from here: with the model upstream, TTFT itself varies
-   by about 100 ms, far more than what the router adds.
+3. Proxy throughput and the added latency itself (`router_latency.py`). A stub
+   upstream that answers at once (benchmarks/stub_openai.py): `--stub-pairs`
+   sequential streamed requests alternating direct and through the router (policy
+   prefix), then requests/s at 64 concurrent clients, both ways. Client, router and
+   stub share this machine's cores. The headline `router_added_*` figures come from
+   here: with the model upstream, TTFT itself varies by about 100 ms, far more than
+   what the router adds.
 
 Writes benchmarks/results/router.json (`--name` for another workload's file).
 """
@@ -41,7 +54,6 @@ import contextlib
 import json
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,7 +64,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 from common import RESULTS, save  # noqa: E402
-from tests.server_process import free_port, free_ports, serve  # noqa: E402
+from router_latency import percentiles, proxy_throughput, stream_once  # noqa: E402
+from tests.server_process import free_ports, serve  # noqa: E402
 
 from kvmesh.bench.client import Endpoint  # noqa: E402
 from kvmesh.bench.datasets import Session, Turn, words  # noqa: E402
@@ -63,13 +76,14 @@ POLICIES = ("round_robin", "prefix", "kv")
 INSTANCE_ARGS = ["--num-threads", "1"]
 
 
-def sessions(n: int, turns: int, groups: int, output_len: int, seed: int) -> list[Session]:
+def sessions(n: int, turns: int, groups: int, output_len: int, seed: int,
+             think_s: float, system_words: int) -> list[Session]:
     """Chat sessions: a system prompt shared by each group, then `turns` user turns; each
-    turn's prompt is the whole conversation so far."""
+    turn's prompt is the whole conversation so far, sent `think_s` after the last reply."""
     rng = random.Random(seed)
-    systems = [words(rng, 150) for _ in range(groups)]
+    systems = [words(rng, system_words) for _ in range(groups)]
     return [Session([Turn(words(rng, 60), output_len) for _ in range(turns)],
-                    system=systems[i % groups], think_s=0.5) for i in range(n)]
+                    system=systems[i % groups], think_s=think_s) for i in range(n)]
 
 
 @contextlib.contextmanager
@@ -139,14 +153,15 @@ def routing_run(tmp: Path, policy: str, work: list[Session], rate: float,
 
 
 def routing_gain(tmp: Path, args) -> dict:
-    work = sessions(args.sessions, args.turns, args.groups, args.output_len, seed=1)
+    work = sessions(args.sessions, args.turns, args.groups, args.output_len, seed=1,
+                    think_s=args.think_s, system_words=args.system_words)
     runs: dict[str, list[dict]] = {p: [] for p in POLICIES}
     for rep in range(args.repeats):
         order = POLICIES[rep % 3:] + POLICIES[: rep % 3]
         for policy in order:
             runs[policy].append(routing_run(tmp, policy, work, args.rate, instance_extra(args)))
-            print(policy, {k: runs[policy][-1][k] for k in ("hit_tokens", "ttft_p50_s",
-                                                            "ttft_p99_s", "failed")})
+            print(policy, {k: runs[policy][-1][k] for k in (
+                "hit_tokens", "ceiling_hit_tokens", "ttft_p50_s", "ttft_p99_s", "failed")})
     return runs
 
 
@@ -160,19 +175,6 @@ def _median(rows: list[dict], key: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def _stream_once(client: httpx.Client, url: str, prompt: str) -> tuple[float, list[float]]:
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 32,
-            "temperature": 0, "stream": True, "ignore_eos": True}
-    start = time.perf_counter()
-    times = []
-    with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
-        resp.raise_for_status()
-        for line in resp.iter_lines():
-            if line.startswith("data: {"):
-                times.append(time.perf_counter())
-    return times[0] - start, [b - a for a, b in zip(times, times[1:], strict=False)]
-
-
 def overhead(tmp: Path, n: int) -> dict:
     rng = random.Random(7)
     with mesh(tmp, "kv", num_instances=1) as (router, insts), httpx.Client(timeout=120) as c:
@@ -181,102 +183,13 @@ def overhead(tmp: Path, n: int) -> dict:
             s: {"ttft": [], "itl": []} for s in ("direct", "router")}
         for i in range(n + 2):
             for side, url in (("direct", direct_url), ("router", router.url))[:: 1 - 2 * (i % 2)]:
-                ttft, itl = _stream_once(c, url, words(rng, 60))
+                ttft, itl = stream_once(c, url, words(rng, 60))
                 if i >= 2:  # the first two pairs warm up
                     sides[side]["ttft"].append(ttft)
                     sides[side]["itl"].extend(itl)
     out: dict = {"num_requests_per_side": n, "upstream": "kvmesh serve, default model"}
-    _percentiles(out, sides)
+    percentiles(out, sides)
     return out
-
-
-def _percentiles(out: dict, sides: dict[str, dict[str, list[float]]]) -> None:
-    for side, d in sides.items():
-        for kind, vals in d.items():
-            for p in (50, 99):
-                out[f"{side}_{kind}_p{p}_ms"] = percentile(vals, p) * 1000
-    for kind in ("ttft", "itl"):
-        for p in (50, 99):
-            out[f"added_{kind}_p{p}_ms"] = (out[f"router_{kind}_p{p}_ms"]
-                                            - out[f"direct_{kind}_p{p}_ms"])
-    pairs = [r - d for d, r in zip(sides["direct"]["ttft"], sides["router"]["ttft"],
-                                   strict=True)]
-    out["added_ttft_paired_median_ms"] = statistics.median(pairs) * 1000
-
-
-def stub_latency(url: str, router_url: str, n: int) -> dict:
-    """Sequential streamed requests to an upstream that answers at once, alternating
-    direct and through the router: what the router itself adds."""
-    sides: dict[str, dict[str, list[float]]] = {
-        s: {"ttft": [], "itl": []} for s in ("direct", "router")}
-    with httpx.Client(timeout=30) as c:
-        for i in range(n + 20):
-            for side, u in (("direct", url), ("router", router_url))[:: 1 - 2 * (i % 2)]:
-                ttft, itl = _stream_once(c, u, "hello")
-                if i >= 20:
-                    sides[side]["ttft"].append(ttft)
-                    sides[side]["itl"].extend(itl)
-    out: dict = {"num_requests_per_side": n, "upstream": "benchmarks/stub_openai.py"}
-    _percentiles(out, sides)
-    return out
-
-
-async def _hammer(url: str, n: int, concurrency: int) -> tuple[float, dict[str, int]]:
-    """Completed requests per second, and what failed (by error kind)."""
-    body = {"messages": [{"role": "user", "content": "hello " * 50}], "stream": True}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    sem = asyncio.Semaphore(concurrency)
-    errors: dict[str, int] = {}
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        async def one() -> bool:
-            try:
-                async with sem, client.stream("POST", url + "/v1/chat/completions",
-                                              json=body) as resp:
-                    async for _ in resp.aiter_raw():
-                        pass
-                    if resp.status_code == 200:
-                        return True
-                    kind = f"HTTP {resp.status_code}"
-            except httpx.HTTPError as exc:
-                kind = type(exc).__name__
-            errors[kind] = errors.get(kind, 0) + 1
-            return False
-
-        await asyncio.gather(*(one() for _ in range(50)))  # warm up
-        errors.clear()
-        start = time.perf_counter()
-        ok = sum(await asyncio.gather(*(one() for _ in range(n))))
-        return ok / (time.perf_counter() - start), errors
-
-
-def proxy_throughput(tmp: Path, n: int, repeats: int, pairs: int) -> dict:
-    port = free_port()
-    stub = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "stub_openai.py"),
-                             str(port)])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            time.sleep(0.1)
-        with serve(["--instances", url, "--policy", "prefix"], tmp, wait="/health",
-                   command="router") as router:
-            latency = stub_latency(url, router.url, pairs)
-            direct, routed, errors = [], [], []
-            for _ in range(repeats):
-                for side, target in ((direct, url), (routed, router.url)):
-                    rps, errs = asyncio.run(_hammer(target, n, 64))
-                    side.append(rps)
-                    errors.append({"side": "direct" if side is direct else "router", **errs})
-    finally:
-        stub.terminate()
-        stub.wait()
-    return {"direct_rps": direct, "router_rps": routed,
-            "router_rps_median": statistics.median(routed),
-            "direct_rps_median": statistics.median(direct),
-            "requests_per_run": n, "concurrency": 64, "latency": latency,
-            "errors_per_run": errors}
 
 
 _RATIOS = tuple(f"{kind}_{p}_vs_round_robin{runs}" for p in ("kv", "prefix")
@@ -320,7 +233,11 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--rate", type=float, default=0.05, help="sessions started per second")
-    ap.add_argument("--num-blocks", type=int, default=200,
+    ap.add_argument("--system-words", type=int, default=50,
+                    help="length of each group's shared system prompt, in words")
+    ap.add_argument("--think-s", type=float, default=20.0,
+                    help="a user's pause between a reply and the next turn")
+    ap.add_argument("--num-blocks", type=int, default=128,
                     help="device KV blocks per instance in the gain runs (0: engine default)")
     ap.add_argument("--overhead-requests", type=int, default=60)
     ap.add_argument("--proxy-requests", type=int, default=2000)
@@ -359,7 +276,9 @@ def main() -> None:
             figures[f"hit_tokens_ratio_{p}_vs_round_robin_runs"] = ratios_hit
             figures[f"ttft_p99_ratio_{p}_vs_round_robin_runs"] = ratios_p99
         notes["gain"] = (f"{args.sessions} sessions x {args.turns} turns, {args.groups} shared "
-                         f"system prompts, {args.rate} sessions/s; medians over "
+                         f"system prompts of {args.system_words} words, {args.rate} "
+                         f"sessions/s, {args.think_s} s between a reply and the next "
+                         f"turn; medians over "
                          f"{args.repeats} repeats; round_robin hit tokens {rr['hit_tokens']}")
         notes["instances"] = (
             "kvmesh serve, default model, one thread each; KV events on (--kv-events-port) "

@@ -82,6 +82,10 @@ def test_tenant_keys_limits_salts_and_kv_events(tmp_path, tiny_llama):
             assert _metric(s, "tenant_slo_met_total", 'tenant="strict"', 'slo="ttft"') == 0
             assert _metric(s, "tenant_slo_met_total", 'tenant="strict"', 'slo="tpot"') == 1
             assert _metric(s, "tenant_slo_met_total", 'tenant="strict"', 'slo="all"') == 0
+            _leave_early(s.url, "key-a")  # a request whose client leaves meets no SLO
+            _wait_metric(s, 3, "tenant_requests_total", 'tenant="a"')
+            assert _metric(s, "tenant_slo_met_total", 'tenant="a"', 'slo="all"') == 2
+            assert _metric(s, "request_success_total", 'finished_reason="abort"') == 1
             load = httpx.get(s.url + "/load").json()
             assert load["kv_events_port"] == port and load["block_size"] == 4
             snap = msgspec.msgpack.decode(httpx.get(s.url + "/kv/snapshot").content,
@@ -98,6 +102,22 @@ def test_tenant_keys_limits_salts_and_kv_events(tmp_path, tiny_llama):
         monitor.close(linger=0)
         sub.close(linger=0)
         ctx.term()
+
+
+def _leave_early(url: str, key: str) -> None:
+    """A streamed request whose client closes the connection as soon as the response
+    starts, long before its last token."""
+    body = {"prompt": PROMPT, "max_tokens": 250, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {key}"}) as resp:
+        assert resp.status_code == 200
+
+
+def _wait_metric(server, value: float, name: str, *labels: str) -> None:
+    deadline = time.monotonic() + 30
+    while _metric(server, name, *labels) != value:
+        assert time.monotonic() < deadline, f"{name} {labels} never reached {value}"
+        time.sleep(0.1)
 
 
 def _wait_subscribed(monitor: zmq.Socket) -> None:
