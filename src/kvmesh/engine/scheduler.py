@@ -53,7 +53,7 @@ from kvmesh.types import FinishReason
 __all__ = ["ALLOCATE", "FILL", "QueueFullError", "Scheduler", "SchedulerOutput", "ScheduledSeq"]
 
 
-class Scheduler(StepResults, DecodeRuns):
+class Scheduler(StepResults, DecodeRuns):  # StepResults first: its _check_stop is the one
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
         self.config = config
         self.kv = kv

@@ -11,9 +11,11 @@ only); from then on they are probed like the instances it was given. One whose
 `/load` names an `instance_id` the router already knows (a seed under another spelling
 of its URL) is not added twice. A member that leaves the mesh drops out of rotation when
 its probes fail; a discovered one (never an instance given with `--instances`) that has
-been out of rotation for `forget_after_s` (12 reads of /mesh, at least 60 s) and that no
-healthy instance lists any more is forgotten, so a mesh whose members come and go does
-not leave the router probing every URL it ever saw. It is found again if it comes back.
+been out of rotation for `forget_after_s` (12 /mesh intervals, at least 60 s) and that no
+healthy instance lists in the latest read of /mesh, under any URL the router knows it by,
+is forgotten (its probes, KV feed, index entries and metrics go), so a mesh whose members
+come and go does not leave the router probing every URL it ever saw. It is found again
+if it comes back. `on_change(instance, joined)` tells the router's metrics.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -76,7 +79,8 @@ class Upstreams:
                  discover_interval_s: float | None = None):
         self.instances = [Instance(i, u.rstrip("/")) for i, u in enumerate(urls)]
         self._next_number = len(self.instances)
-        self._aliases: set[str] = set()  # other spellings of a known instance's URL
+        self._aliases: dict[str, int] = {}  # other spellings of a known instance's URL
+        self.on_change: Callable[[Instance, bool], None] | None = None  # (it, joined)
         self.state = state
         self.session = session
         self.poll_interval_s = poll_interval_s
@@ -123,7 +127,7 @@ class Upstreams:
         """Add the mesh members that the healthy instances list and the router does not
         know yet, and forget the discovered ones long gone (module docstring); returns the
         added ones."""
-        known = {i.url for i in self.instances} | self._aliases
+        known = {i.url for i in self.instances} | self._aliases.keys()
         added: list[Instance] = []
         listed: set[str] | None = None  # None: no instance answered, so nothing is known
         for inst in self.healthy():
@@ -143,6 +147,8 @@ class Upstreams:
         for new in added:
             await self._join(new)
         if listed is not None and self.discover_interval_s is not None:
+            listed |= {i.url for i in self.instances  # listed under another spelling
+                       if any(self._aliases.get(u) == i.number for u in listed)}
             for gone in forgettable(self.instances, listed, time.monotonic(),
                                     forget_after_s(self.discover_interval_s)):
                 self._forget(gone)
@@ -153,7 +159,7 @@ class Upstreams:
         same = next((i for i in self.instances if new.instance_id is not None
                      and i.instance_id == new.instance_id), None)
         if same is not None:  # a known instance under another URL: not a second one
-            self._aliases.add(new.url)
+            self._aliases[new.url] = same.number
             feed = self._feeds.pop(new.number, None)
             if feed is not None:
                 feed.cancel()
@@ -161,6 +167,8 @@ class Upstreams:
         log.warning("instance %s joins from the mesh", new.url)
         self.instances.append(new)
         self._polls[new.number] = asyncio.create_task(self._poll(new))
+        if self.on_change is not None:
+            self.on_change(new, True)
 
     def _forget(self, inst: Instance) -> None:
         log.warning("instance %s has left the mesh: forgotten", inst.url)
@@ -170,6 +178,9 @@ class Upstreams:
                 task.cancel()
         self.state.prefix.forget(inst.number)
         self.state.kv.forget(inst.number)
+        self._aliases = {u: n for u, n in self._aliases.items() if n != inst.number}
+        if self.on_change is not None:
+            self.on_change(inst, False)
 
     async def get(self, url: str, timeout: aiohttp.ClientTimeout) -> tuple[int, bytes]:
         """GET `url` whole: its status and body."""
