@@ -334,7 +334,9 @@ class RouterConfig:
     discover_mesh: bool = _help(
         "Also route to every member of the instances' peer mesh: each healthy instance's "
         "GET /mesh is read every discover_interval_s, and a member the router does not know "
-        "yet (by its HTTP URL) joins the rotation. The --instances are then only the seeds.",
+        "yet (by its HTTP URL) joins the rotation; a discovered member out of rotation for 12 "
+        "intervals (at least 60 s) and no longer listed is forgotten. The --instances are "
+        "then only the seeds.",
         default=False)
     discover_interval_s: float = _help("Seconds between reads of /mesh (--discover-mesh).",
                                        default=5.0)

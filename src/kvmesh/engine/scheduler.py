@@ -47,12 +47,13 @@ from kvmesh.engine.preemption import restore_cost_tokens
 from kvmesh.engine.request import Request, RequestStatus
 from kvmesh.engine.schedule import ScheduledSeq, SchedulerOutput
 from kvmesh.engine.step_budget import StepBudget, StepRoom
+from kvmesh.engine.step_results import StepResults
 from kvmesh.types import FinishReason
 
 __all__ = ["ALLOCATE", "FILL", "QueueFullError", "Scheduler", "SchedulerOutput", "ScheduledSeq"]
 
 
-class Scheduler(DecodeRuns):
+class Scheduler(StepResults, DecodeRuns):  # StepResults first: its _check_stop is the one
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
         self.config = config
         self.kv = kv
@@ -351,78 +352,12 @@ class Scheduler(DecodeRuns):
     def _key(self, req: Request) -> tuple[float, ...]:
         return self.policy.sort_key(req)
 
-    # results ---------------------------------------------------------------------------
-
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int],
-                           verified: dict[str, list[int]] | None = None) -> list[Request]:
-        """Advance computed counts, append sampled tokens, and finish what must stop.
-        A speculative sequence's `verified` tokens are its accepted draft, then the token
-        sampled after it; the rest of its draft (and that KV) is dropped.
-
-        Returns the requests that got a new token (finished ones included).
-        """
-        updated: list[Request] = []
-        for seq in out.seqs:
-            req = self.requests.get(seq.request_id)
-            if req is None or req.status is not RequestStatus.RUNNING:
-                continue
-            if seq.num_spec:
-                req.spec_token_ids = []
-                run = (verified or {}).get(seq.request_id)
-                if run is None:  # an executor that does not verify: the draft is rejected
-                    token = sampled.get(seq.request_id)
-                    run = None if token is None else [token]
-                if run is not None and self._accept_verified(run, req):
-                    updated.append(req)
-                continue
-            req.num_computed_tokens += seq.num_new_tokens
-            self.kv.cache_blocks(req)
-            token = sampled.get(seq.request_id)
-            if token is None:
-                continue
-            req.token_ids.append(token)
-            updated.append(req)
-            self._check_stop(req, token)
-        return updated
-
-    def _accept_verified(self, tokens: list[int], req: Request) -> bool:
-        """Append a verified run (accepted draft, then one sampled token). The accepted
-        draft's KV is computed (the step fed it), the rest of the draft's is not."""
-        *accepted, last = tokens
-        for token in accepted:
-            req.token_ids.append(token)
-            self._check_stop(req, token)
-            if req.is_finished:
-                return True
-        req.num_computed_tokens += 1 + len(accepted)
-        self.kv.cache_blocks(req)
-        req.token_ids.append(last)
-        self._check_stop(req, last)
-        return True
-
     # decode runs (the simulator's fast path) ---------------------------------------------
 
     def scheduled_decodes(self) -> SchedulerOutput:
         """Every running request for one decode token, in policy order (a run's batch)."""
         return SchedulerOutput(tuple(self._scheduled(req, 1)
                                      for req in sorted(self.running, key=self._key)), ())
-
-    def _check_stop(self, req: Request, token: int) -> None:
-        params = req.params
-        num_out = req.num_output_tokens
-        if num_out >= params.min_tokens:
-            if not params.ignore_eos and token in req.eos_token_ids:
-                self.finish_request(req, "stop", token)
-                return
-            if token in params.stop_token_ids:
-                self.finish_request(req, "stop", token)
-                return
-        if (
-            params.max_tokens is not None
-            and num_out >= params.max_tokens
-            or req.num_tokens >= self.max_model_len
-        ):
-            self.finish_request(req, "length")
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -34,9 +35,19 @@ class RouterMetrics:
         self.healthy.set_function(lambda: len(ups.healthy()))
         self.resyncs.set_function(lambda: router.state.kv.num_resyncs)
         for inst in ups.instances:
+            self.instance_changed(router, inst, True)
+        ups.on_change = lambda inst, joined: self.instance_changed(router, inst, joined)
+
+    def instance_changed(self, router: Any, inst: Any, joined: bool) -> None:
+        """Per-instance series for an instance that joins, and none for one forgotten."""
+        if joined:
             self.in_flight.labels(inst.url).set_function(_counter(inst))
             self.kv_index_blocks.labels(inst.url).set_function(
                 _index_size(router.state.kv, inst.number))
+            return
+        for gauge in (self.in_flight, self.kv_index_blocks):
+            with contextlib.suppress(KeyError):
+                gauge.remove(inst.url)
 
 
 def _counter(inst: Any) -> Any:

@@ -9,8 +9,13 @@ With mesh discovery on, the router also reads each healthy instance's `GET /mesh
 `discover_interval_s` and adds the members it does not know yet (by HTTP URL, alive ones
 only); from then on they are probed like the instances it was given. One whose
 `/load` names an `instance_id` the router already knows (a seed under another spelling
-of its URL) is not added twice. A member that leaves the mesh stays listed and drops out
-of rotation when its probes fail.
+of its URL) is not added twice. A member that leaves the mesh drops out of rotation when
+its probes fail; a discovered one (never an instance given with `--instances`) that has
+been out of rotation for `forget_after_s` (12 /mesh intervals, at least 60 s) and that no
+healthy instance lists in the latest read of /mesh, under any URL the router knows it by,
+is forgotten (its probes, KV feed, index entries and metrics go), so a mesh whose members
+come and go does not leave the router probing every URL it ever saw. It is found again
+if it comes back. `on_change(instance, joined)` tells the router's metrics.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -53,6 +59,7 @@ class Instance:
     kv_events_port: int | None = None
     key_scheme: tuple[str, str, str, int] | None = None
     last_change_s: float = 0.0
+    discovered: bool = False  # found through /mesh, not given with --instances
 
     def load(self) -> InstanceLoad:
         return InstanceLoad(self.num_running, self.num_waiting, self.kv_usage, self.number,
@@ -72,12 +79,14 @@ class Upstreams:
                  discover_interval_s: float | None = None):
         self.instances = [Instance(i, u.rstrip("/")) for i, u in enumerate(urls)]
         self._next_number = len(self.instances)
-        self._aliases: set[str] = set()  # other spellings of a known instance's URL
+        self._aliases: dict[str, int] = {}  # other spellings of a known instance's URL
+        self.on_change: Callable[[Instance, bool], None] | None = None  # (it, joined)
         self.state = state
         self.session = session
         self.poll_interval_s = poll_interval_s
         self.discover_interval_s = discover_interval_s
         self._tasks: list[asyncio.Task] = []
+        self._polls: dict[int, asyncio.Task] = {}
         self._feeds: dict[int, asyncio.Task] = {}
         self._ctx = zmq.asyncio.Context()
         self._decoder = msgspec.msgpack.Decoder(KVEventBatch)
@@ -90,15 +99,16 @@ class Upstreams:
 
     async def start(self) -> None:
         await asyncio.gather(*(self.probe(i) for i in self.instances))
-        self._tasks = [asyncio.create_task(self._poll(i)) for i in self.instances]
+        self._polls = {i.number: asyncio.create_task(self._poll(i)) for i in self.instances}
         if self.discover_interval_s is not None:
             await self.discover()
             self._tasks.append(asyncio.create_task(self._discover_loop(self.discover_interval_s)))
 
     async def close(self) -> None:
-        for task in [*self._tasks, *self._feeds.values()]:
+        tasks = [*self._tasks, *self._polls.values(), *self._feeds.values()]
+        for task in tasks:
             task.cancel()
-        for task in [*self._tasks, *self._feeds.values()]:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._ctx.destroy(linger=0)
@@ -115,9 +125,11 @@ class Upstreams:
 
     async def discover(self) -> list[Instance]:
         """Add the mesh members that the healthy instances list and the router does not
-        know yet; returns them."""
-        known = {i.url for i in self.instances} | self._aliases
+        know yet, and forget the discovered ones long gone (module docstring); returns the
+        added ones."""
+        known = {i.url for i in self.instances} | self._aliases.keys()
         added: list[Instance] = []
+        listed: set[str] | None = None  # None: no instance answered, so nothing is known
         for inst in self.healthy():
             try:
                 status, body = await self.get(inst.url + "/mesh", PROBE_TIMEOUT)
@@ -125,25 +137,50 @@ class Upstreams:
             except Exception as exc:  # noqa: BLE001 - a bad answer: try again next time
                 log.debug("GET %s/mesh failed: %s", inst.url, exc)
                 continue
+            listed = (listed or set()) | set(urls)
             for url in urls:
                 if url not in known:
                     known.add(url)
-                    added.append(Instance(self._next_number, url))
+                    added.append(Instance(self._next_number, url, discovered=True,
+                                          last_change_s=time.monotonic()))
                     self._next_number += 1
         for new in added:
-            await self.probe(new)
-            same = next((i for i in self.instances if new.instance_id is not None
-                         and i.instance_id == new.instance_id), None)
-            if same is not None:  # a known instance under another URL: not a second one
-                self._aliases.add(new.url)
-                feed = self._feeds.pop(new.number, None)
-                if feed is not None:
-                    feed.cancel()
-                continue
-            log.warning("instance %s joins from the mesh", new.url)
-            self.instances.append(new)
-            self._tasks.append(asyncio.create_task(self._poll(new)))
+            await self._join(new)
+        if listed is not None and self.discover_interval_s is not None:
+            listed |= {i.url for i in self.instances  # listed under another spelling
+                       if any(self._aliases.get(u) == i.number for u in listed)}
+            for gone in forgettable(self.instances, listed, time.monotonic(),
+                                    forget_after_s(self.discover_interval_s)):
+                self._forget(gone)
         return [i for i in added if i in self.instances]
+
+    async def _join(self, new: Instance) -> None:
+        await self.probe(new)
+        same = next((i for i in self.instances if new.instance_id is not None
+                     and i.instance_id == new.instance_id), None)
+        if same is not None:  # a known instance under another URL: not a second one
+            self._aliases[new.url] = same.number
+            feed = self._feeds.pop(new.number, None)
+            if feed is not None:
+                feed.cancel()
+            return
+        log.warning("instance %s joins from the mesh", new.url)
+        self.instances.append(new)
+        self._polls[new.number] = asyncio.create_task(self._poll(new))
+        if self.on_change is not None:
+            self.on_change(new, True)
+
+    def _forget(self, inst: Instance) -> None:
+        log.warning("instance %s has left the mesh: forgotten", inst.url)
+        self.instances.remove(inst)
+        for task in (self._polls.pop(inst.number, None), self._feeds.pop(inst.number, None)):
+            if task is not None:
+                task.cancel()
+        self.state.prefix.forget(inst.number)
+        self.state.kv.forget(inst.number)
+        self._aliases = {u: n for u, n in self._aliases.items() if n != inst.number}
+        if self.on_change is not None:
+            self.on_change(inst, False)
 
     async def get(self, url: str, timeout: aiohttp.ClientTimeout) -> tuple[int, bytes]:
         """GET `url` whole: its status and body."""
@@ -231,6 +268,19 @@ class Upstreams:
             except (*UPSTREAM_ERRORS, ValueError, msgspec.DecodeError) as exc:
                 log.debug("KV snapshot from %s failed: %s", inst.url, exc)
                 await asyncio.sleep(self.poll_interval_s)
+
+
+def forget_after_s(discover_interval_s: float) -> float:
+    """How long a discovered member stays listed once it is out of rotation and unlisted."""
+    return max(60.0, 12 * discover_interval_s)
+
+
+def forgettable(instances: list[Instance], listed: set[str], now: float,
+                after_s: float) -> list[Instance]:
+    """The discovered instances out of rotation for `after_s` that no healthy instance
+    lists (`listed`, the URLs in the latest /mesh answers)."""
+    return [i for i in instances if i.discovered and not i.is_healthy
+            and i.url not in listed and now - i.last_change_s >= after_s]
 
 
 def mesh_urls(view: Any) -> list[str]:
