@@ -147,8 +147,8 @@ class Upstreams:
         for new in added:
             await self._join(new)
         if listed is not None and self.discover_interval_s is not None:
-            listed |= {i.url for i in self.instances  # listed under another spelling
-                       if any(self._aliases.get(u) == i.number for u in listed)}
+            aliased = {self._aliases[u] for u in listed if u in self._aliases}
+            listed |= {i.url for i in self.instances if i.number in aliased}
             for gone in forgettable(self.instances, listed, time.monotonic(),
                                     forget_after_s(self.discover_interval_s)):
                 self._forget(gone)
@@ -176,11 +176,15 @@ class Upstreams:
         for task in (self._polls.pop(inst.number, None), self._feeds.pop(inst.number, None)):
             if task is not None:
                 task.cancel()
-        self.state.prefix.forget(inst.number)
-        self.state.kv.forget(inst.number)
+        self._forget_blocks(inst.number)
         self._aliases = {u: n for u, n in self._aliases.items() if n != inst.number}
         if self.on_change is not None:
             self.on_change(inst, False)
+
+    def _forget_blocks(self, number: int) -> None:
+        """What the indexes believed instance `number` held."""
+        self.state.prefix.forget(number)
+        self.state.kv.forget(number)
 
     async def get(self, url: str, timeout: aiohttp.ClientTimeout) -> tuple[int, bytes]:
         """GET `url` whole: its status and body."""
@@ -218,8 +222,7 @@ class Upstreams:
             inst.key_scheme = (model_id, kv_dtype, layout, int(load.get("block_size", 16)))
         if load.get("instance_id") != inst.instance_id:
             if inst.instance_id is not None:  # restarted: what we knew of it is gone
-                self.state.prefix.forget(inst.number)
-                self.state.kv.forget(inst.number)
+                self._forget_blocks(inst.number)
             inst.instance_id = load.get("instance_id")
         port = load.get("kv_events_port")
         feed = self._feeds.get(inst.number)
