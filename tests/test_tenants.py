@@ -74,3 +74,20 @@ def test_rate_limits_refill_and_report_the_wait():
     assert math.isinf(rl.admit(t, 601, now_s=1000.0))  # bigger than a minute's budget
     free = Tenant("free")
     assert all(rl.admit(free, 10**9, now_s=0.0) is None for _ in range(100))
+
+
+def test_settling_refunds_unused_tokens_and_takes_what_was_used_beyond_the_charge():
+    t = Tenant("t", tokens_per_min=600)  # 10 tokens/s
+    rl = RateLimiter()
+    assert rl.admit(t, 500, now_s=0.0) is None  # 100 left
+    rl.settle(t, charged=500, used=200, now_s=0.0)  # 300 unused come back: 400
+    assert rl.admit(t, 400, now_s=0.0) is None  # 0 left
+    rl.settle(t, charged=400, used=400, now_s=0.0)  # used what it was charged
+    assert rl.admit(t, 1, now_s=0.0) == pytest.approx(0.1)
+    # no max_tokens: charged its prompt (10), used 310 with its output; 300 below zero
+    rl.settle(t, charged=10, used=310, now_s=0.0)
+    assert rl.admit(t, 100, now_s=0.0) == pytest.approx(40.0)  # refills from -300
+    rl.settle(t, charged=10_000, used=0, now_s=100.0)  # a refund never tops the bucket up
+    assert rl.admit(t, 600, now_s=100.0) is None
+    assert rl.admit(t, 1, now_s=100.0) is not None
+    rl.settle(Tenant("free"), charged=0, used=10**9, now_s=0.0)  # no token limit: no-op

@@ -345,6 +345,10 @@ class RouterConfig:
     connect_timeout_s: float = _help("Connect timeout to an instance.", default=2.0)
     request_timeout_s: float = _help(
         "Longest wait for an instance's first byte, and between later bytes.", default=600.0)
+    client_stall_timeout_s: float = _help(
+        "A client that takes nothing of its answer for this long (connected, but not "
+        "reading) is dropped, and its request ended on the instance (0: wait forever).",
+        default=60.0)
     log_level: str = _help("Log level: debug, info, warning, error.", default="info")
 
     def __post_init__(self) -> None:
@@ -363,6 +367,8 @@ class RouterConfig:
                              "discover_interval_s > 0")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.client_stall_timeout_s < 0:
+            raise ValueError("client_stall_timeout_s must be >= 0")
 
 
 ENGINE_CLASSES: tuple[type[Any], ...] = (ModelConfig, CacheConfig, SchedulerConfig, TierConfig)

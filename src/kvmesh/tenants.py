@@ -171,6 +171,17 @@ class RateLimiter:
                 self._buckets[(tenant.name, kind)].level -= cost
         return None
 
+    def settle(self, tenant: Tenant, charged: int, used: int, now_s: float) -> None:
+        """A request ended having used `used` tokens where `charged` were taken up front:
+        the difference goes back to (or comes out of) the tenant's token bucket. A request
+        that set no max_tokens is charged its prompt only, then its output here; the
+        bucket may go below zero, and the tenant's next requests wait until it refills."""
+        if tenant.tokens_per_min is None or used == charged:
+            return
+        self._wait(tenant.name, "tokens", tenant.tokens_per_min, 0.0, now_s)  # refill to now
+        bucket = self._buckets[(tenant.name, "tokens")]
+        bucket.level = min(float(tenant.tokens_per_min), bucket.level + charged - used)
+
     def _wait(self, name: str, kind: str, per_min: float, cost: float, now_s: float) -> float:
         bucket = self._buckets.setdefault((name, kind), _Bucket(per_min, now_s))
         rate = per_min / 60.0

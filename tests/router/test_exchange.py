@@ -78,3 +78,62 @@ def test_a_body_over_the_limit_is_refused():
         assert sent[0]["status"] == 413 and b"over 100 bytes" in sent[1]["body"]
 
     asyncio.run(main())
+
+
+def _blocking_exchange(stall_timeout_s: float) -> tuple[Exchange, asyncio.Event]:
+    """An exchange whose ASGI send waits until `flowing` is set, as a server's flow control
+    makes it wait for a client that does not read."""
+    flowing = asyncio.Event()
+    flowing.set()
+
+    async def receive() -> dict:
+        await asyncio.Event().wait()  # connected for good
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        await flowing.wait()
+
+    scope = {"path": "/v1/completions", "headers": []}
+    return Exchange(scope, receive, send, stall_timeout_s), flowing
+
+
+def test_a_send_that_waits_past_the_stall_timeout_drops_the_client():
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ex, flowing = _blocking_exchange(0.1)
+        await ex.write(b"a")  # sends that go through arm the guard; idle time is no stall
+        await asyncio.sleep(0.3)
+        await ex.write(b"b")
+        assert not ex.is_stalled
+        flowing.clear()
+        start = loop.time()
+        with pytest.raises(ClientGone):
+            await ex.write(b"c")
+        assert ex.is_stalled and 0.1 <= loop.time() - start < 1.0
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0
+        ex.close()
+
+    asyncio.run(main())
+
+
+def test_a_stall_with_another_cancellation_stays_a_cancellation_and_zero_never_drops():
+    async def main() -> None:
+        ex, flowing = _blocking_exchange(0.05)
+        flowing.clear()
+        writer = asyncio.create_task(ex.write(b"x"))
+        await asyncio.sleep(0.01)
+        writer.cancel()  # a shutdown, before the stall
+        with pytest.raises(asyncio.CancelledError):
+            await writer
+        assert not ex.is_stalled
+        ex.close()
+        patient, flowing = _blocking_exchange(0.0)
+        flowing.clear()
+        waiter = asyncio.create_task(patient.write(b"x"))
+        await asyncio.sleep(0.2)
+        assert not waiter.done() and not patient.is_stalled
+        flowing.set()
+        await waiter
+
+    asyncio.run(main())

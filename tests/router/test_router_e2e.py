@@ -271,6 +271,58 @@ def test_a_client_that_leaves_a_stalled_instance_frees_it(tmp_path, path):
             _wait(lambda: _router_gauge(router, "kvmesh_router_in_flight", url) == 0)
 
 
+class _Flooding(socketserver.StreamRequestHandler):
+    """An upstream that streams SSE events without end, as fast as it is read; it notes
+    when the router closes the connection."""
+
+    server: _StalledServer
+
+    def handle(self) -> None:
+        line = self.rfile.readline()
+        while self.rfile.readline() not in (b"\r\n", b""):
+            pass
+        if line.startswith(b"GET"):
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                             b"Connection: close\r\n\r\n{}")
+            return
+        event = b'data: {"choices": [{"text": "%s"}]}\n\n' % (b"x" * 65000)
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+        try:
+            for _ in range(10_000):  # 650 MB at most: far beyond every buffer on the way
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+        except OSError:
+            self.server.closed.set()
+
+
+@pytest.mark.timeout(120)
+def test_a_client_that_stops_reading_is_dropped_and_frees_the_instance(tmp_path):
+    """Connected, but reading nothing: once the buffers on the way are full the router's
+    send waits, and after --client-stall-timeout-s the router drops the client, closes the
+    instance's connection and ends its lease."""
+    with _StalledServer(("127.0.0.1", 0), _Flooding) as upstream:
+        upstream.closed = threading.Event()
+        threading.Thread(target=upstream.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{upstream.server_address[1]}"
+        with contextlib.ExitStack() as stop:
+            stop.callback(upstream.shutdown)
+            router = stop.enter_context(_router_at(tmp_path, [url], "--policy", "round_robin",
+                                                   "--client-stall-timeout-s", "1"))
+            payload = json.dumps({"prompt": "hi", "stream": True}).encode()
+            sock = stop.enter_context(socket.socket())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", router.port))
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: r\r\n"
+                         + b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+            _wait(lambda: _router_gauge(router, "kvmesh_router_in_flight", url) == 1)
+            assert upstream.closed.wait(30), "the router kept the instance busy for nobody"
+            _wait(lambda: _router_gauge(router, "kvmesh_router_in_flight", url) == 0)
+            sock.settimeout(10)
+            while sock.recv(1 << 20):  # what the buffers held, then the end: dropped
+                pass
+            assert httpx.get(router.url + "/health").status_code == 200
+
+
 TENANTS = """
 tenants:
   capped:

@@ -104,6 +104,39 @@ def test_tenant_keys_limits_salts_and_kv_events(tmp_path, tiny_llama):
         ctx.term()
 
 
+METERED = """
+tenants:
+  m:
+    api_keys: [key-m]
+    tokens_per_min: 300
+"""
+
+
+@pytest.mark.timeout(120)
+def test_output_without_max_tokens_counts_against_the_token_budget(tmp_path, tiny_llama):
+    """A request that sets no max_tokens is charged its prompt up front, not the rest of
+    the context (which may be more than a minute's budget), and its output when it ends:
+    leaving the cap out neither gets it refused nor lets it slip past tokens_per_min."""
+    path = tmp_path / "tenants.yaml"
+    path.write_text(METERED)
+    args = ["--model", str(tiny_llama), "--tenants", str(path), "--max-model-len", "400"]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
+    with serve(args, tmp_path) as s:
+        r = httpx.post(s.url + "/v1/chat/completions", json=chat,
+                       headers={"Authorization": "Bearer key-m"}, timeout=60)
+        assert r.status_code == 200, r.text  # the whole context is more than 300
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == 400  # to the end
+        # 300 - 400 left, plus 5/s of refill: even a one-token request waits. Without
+        # settling the output, 300 minus the prompt would be left.
+        refused = _post(s.url, "key-m", prompt="hi", max_tokens=1)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["type"] == "rate_limit_exceeded"
+        assert int(refused.headers["retry-after"]) >= 1
+        too_big = _post(s.url, "key-m", prompt="hi", max_tokens=350)  # a cap over 300
+        assert too_big.status_code == 400 and "tokens_per_min" in too_big.text, too_big.text
+
+
 def _leave_early(url: str, key: str) -> None:
     """A streamed request whose client closes the connection as soon as the response
     starts, long before its last token."""

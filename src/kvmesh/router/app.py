@@ -275,7 +275,9 @@ class RouterASGI:
                 HTTPStatus.METHOD_NOT_ALLOWED, f"{scope['path']} takes POST",
                 err_type="invalid_request_error", headers={"allow": "POST"}))
         else:
-            await self.holder["router"].serve(Exchange(scope, receive, send))
+            router = self.holder["router"]
+            await router.serve(Exchange(scope, receive, send,
+                                        router.config.client_stall_timeout_s))
 
 
 def create_router_app(config: RouterConfig, tokenizer: Tokenizer | None = None) -> RouterASGI:

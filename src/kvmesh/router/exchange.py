@@ -8,6 +8,13 @@ router together. The two proxied endpoints skip it; `/health`, `/metrics` and
 After the request body has been read, one task waits on the ASGI `receive` for the
 client's disconnect; inside `watching()` it cancels the request's task, so a wait for an
 instance or for the next chunk of a stream ends as soon as the client leaves (no polling).
+
+A client that stays connected but stops reading makes a send wait (the server's flow
+control) without end, and its request would hold an instance's slot for good. With
+`stall_timeout_s`, a send that has waited that long ends as `ClientGone` (the caller then
+closes the instance's connection, which aborts the request there). One timer per
+exchange, armed by a send and at most once per `stall_timeout_s`: a send itself only
+reads the clock and notes that it is under way.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 CANCEL_MSG = "kvmesh: the client disconnected"
+STALL_MSG = "kvmesh: the client stopped reading"
 
 
 def _close_awaitable(aw: Awaitable[object]) -> None:
@@ -41,14 +49,20 @@ class ClientGone(Exception):
 
 
 class Exchange:
-    def __init__(self, scope: Scope, receive: Receive, send: Send):
+    def __init__(self, scope: Scope, receive: Receive, send: Send,
+                 stall_timeout_s: float = 0.0):
+        """`stall_timeout_s`: the longest one send to the client may wait (0: no limit)."""
         self.path: str = scope["path"]
         self.headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                         for k, v in scope["headers"]}
         self._receive = receive
-        self._send = send
+        self._send_asgi = send
         self._gone: asyncio.Future[None] | None = None
         self.is_started = False
+        self.stall_timeout_s = stall_timeout_s
+        self.is_stalled = False  # a send waited past stall_timeout_s: the client is dropped
+        self._sending: tuple[float, asyncio.Task[Any]] | None = None  # since, by whom
+        self._guard: asyncio.TimerHandle | None = None
 
     async def read_body(self, limit: int) -> bytes:
         parts: list[bytes] = []
@@ -118,6 +132,43 @@ class Exchange:
         with self.watching():
             return await aw
 
+    async def _send(self, message: MutableMapping[str, Any]) -> None:
+        if self.stall_timeout_s <= 0:
+            await self._send_asgi(message)
+            return
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        if self._guard is None:
+            self._guard = loop.call_later(self.stall_timeout_s, self._check_stall)
+        self._sending = (loop.time(), task)
+        try:
+            await self._send_asgi(message)
+        except asyncio.CancelledError:
+            # ours alone: the client stopped reading; with another cancellation as well
+            # (a shutdown), that one goes on
+            if self.is_stalled and task.uncancel() == 0:
+                raise ClientGone from None
+            raise
+        finally:
+            self._sending = None
+
+    def _check_stall(self) -> None:
+        """The guard's timer: drop the client if the send in progress started
+        `stall_timeout_s` ago, else wait for the rest of its time. No send in progress:
+        the next one arms the timer again."""
+        self._guard = None
+        if self._sending is None or self.is_stalled:
+            return
+        since, task = self._sending
+        loop = asyncio.get_running_loop()
+        waited = loop.time() - since
+        if waited >= self.stall_timeout_s:
+            self.is_stalled = True
+            task.cancel(STALL_MSG)
+        else:
+            self._guard = loop.call_later(self.stall_timeout_s - waited, self._check_stall)
+
     async def start(self, status: int, headers: Mapping[str, str]) -> None:
         self.is_started = True
         await self._send({"type": "http.response.start", "status": status, "headers": [
@@ -141,6 +192,9 @@ class Exchange:
     def close(self) -> None:
         if self._gone is not None:
             self._gone.cancel()
+        if self._guard is not None:
+            self._guard.cancel()
+            self._guard = None
 
 
 __all__ = ["ClientGone", "Exchange", "Receive", "Scope", "Send"]

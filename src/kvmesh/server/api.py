@@ -261,13 +261,15 @@ def _add_routes(app: FastAPI, state: AppState, metrics: ServerMetrics, auth: Key
         engine = state.require_engine()
         _check_model(state, body.model)
         job = await asyncio.to_thread(make_job, engine.inputs, state.model_name, body, tenant)
+        charged = job.num_charged_tokens
         try:
-            auth.charge(tenant, job.num_charged_tokens)
+            auth.charge(tenant, charged)
         except APIError as exc:
             metrics.on_refused(tenant.name if tenant else None, exc)
             raise
         return await respond(request, engine, job, metrics, engine.tokenizer,
-                             state.server_config.retry_after_s, state.result_cache)
+                             state.server_config.retry_after_s, state.result_cache,
+                             lambda used: auth.settle(tenant, charged, used))
 
     @app.post("/v1/completions", responses=STREAMING_OK)
     async def completions(body: CompletionRequest, request: Request,

@@ -49,3 +49,8 @@ class KeyAuth:
                        f"tenant {tenant.name!r} is over its rate limit",
                        err_type="rate_limit_exceeded", reason="rate_limit",
                        headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
+
+    def settle(self, tenant: Tenant | None, charged: int, used: int) -> None:
+        """Square a request's up-front charge with what it used (`RateLimiter.settle`)."""
+        if tenant is not None:
+            self._limiter.settle(tenant, charged, used, time.monotonic())

@@ -51,6 +51,7 @@ class Job:
     tenant: TenantClass | None = None
     tools: ToolPlan | None = None
     result_cache: bool = True  # the client may opt out
+    is_output_capped: bool = True  # False: the client set no max_tokens (the default fills)
 
     @property
     def is_deterministic(self) -> bool:
@@ -67,8 +68,11 @@ class Job:
 
     @property
     def num_charged_tokens(self) -> int:
-        """What a tenant's tokens_per_min is charged: prompts plus the most output."""
-        n = self.params.n * (self.params.max_tokens or 0)
+        """What a tenant's tokens_per_min is charged up front: the prompts plus the most
+        output the client asked for (none when it set no max_tokens: the rest of the
+        context is no estimate). The charge is settled with what the request used when it
+        ends (`Collector`'s `on_end`)."""
+        n = self.params.n * (self.params.max_tokens or 0) if self.is_output_capped else 0
         return sum(len(p) + n for p in self.prompts)
 
     @property
@@ -173,11 +177,15 @@ class Collector:
     the deltas and hands them over once every choice has ended normally."""
 
     def __init__(self, job: Job, metrics: ServerMetrics | None, start: float,
-                 on_complete: Callable[[CachedResult], object] | None = None):
-        """`metrics` None: a replayed answer, kept out of the latency and token metrics."""
+                 on_complete: Callable[[CachedResult], object] | None = None,
+                 on_end: Callable[[int], object] | None = None):
+        """`metrics` None: a replayed answer, kept out of the latency and token metrics.
+        `on_end` is told, once, the tokens the request used: its prompts and the output
+        generated, however it ended (the tenant's token budget is settled with it)."""
         self.job = job
         self.usage = Usage()
         self._on_complete = on_complete
+        self._on_end = on_end
         self._recorded: list[list[RequestDelta]] = [[] for _ in job.prompts]
         self.timer: RequestTimer | _NoTimer = (
             RequestTimer(metrics, start, job.tenant, len(job.prompts) * job.params.n)
@@ -192,8 +200,13 @@ class Collector:
         fails, or whose client leaves, is counted (`abort`, `error`) as well as one that
         ends normally."""
         if not self._ended:
-            self._ended = True
-            self.timer.on_finish(time.monotonic(), reason)
+            self._finish(time.monotonic(), reason)
+
+    def _finish(self, now: float, reason: str) -> None:
+        self._ended = True
+        self.timer.on_finish(now, reason)
+        if self._on_end is not None:
+            self._on_end(sum(len(p) for p in self.job.prompts) + self.usage.completion_tokens)
 
     def add(self, prompt_index: int, delta: RequestDelta) -> Choice:
         if delta.error:
@@ -216,8 +229,7 @@ class Collector:
         if delta.finished:
             choice.finish(finish_reason(delta))
             if all(c.finish_reason for c in self.choices):
-                self._ended = True
-                self.timer.on_finish(now, choice.finish_reason or "stop")
+                self._finish(now, choice.finish_reason or "stop")
                 self._complete()
         return choice
 
@@ -241,7 +253,9 @@ async def respond(
     tokenizer: Tokenizer,
     retry_after: int,
     cache: ResultCache | None = None,
+    on_end: Callable[[int], object] | None = None,
 ) -> Any:
+    """Serve `job`. `on_end` (see `Collector`) hears 0 when the engine refuses it."""
     start = time.monotonic()
     use_cache = cache is not None and job.result_cache and job.is_deterministic
     key = job.result_key() if use_cache else None
@@ -249,17 +263,20 @@ async def respond(
     streams: list[Any]
     if hit is not None:
         streams = [ReplayStream(deltas) for deltas in hit.deltas]
-        collector = Collector(job, None, start)
+        collector = Collector(job, None, start, on_end=on_end)
         collector.usage.result_cache_hit = True
     else:
         try:
             streams = await submit_all(engine, job, retry_after)
-        except APIError as exc:
-            metrics.on_refused(job.tenant.name if job.tenant else None, exc)
+        except BaseException as exc:
+            if on_end is not None:
+                on_end(0)  # refused: nothing used
+            if isinstance(exc, APIError):
+                metrics.on_refused(job.tenant.name if job.tenant else None, exc)
             raise
         store = ((lambda result: cache.put(key, result))
                  if cache is not None and key is not None else None)
-        collector = Collector(job, metrics, start, store)
+        collector = Collector(job, metrics, start, store, on_end)
     fmt = LogprobFormatter(tokenizer) if job.params.logprobs is not None else None
     if job.stream:
         return StreamingResponse(

@@ -70,4 +70,5 @@ def chat_job(inputs: InputProcessor, model: str, body: ChatCompletionRequest,
         raise _bad(exc) from exc
     return Job("chat", model, [ids], params, _priority(body.priority, tenant),
                _salt(body.cache_salt, tenant), body.stream, body.include_usage, top,
-               tenant=_class(tenant), tools=tools, result_cache=body.result_cache)
+               tenant=_class(tenant), tools=tools, result_cache=body.result_cache,
+               is_output_capped=limit is not None)
