@@ -18,14 +18,21 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "python": platform.python_version(),
     }
+    fields = {"model name": "cpu", "cpu family": "cpu_family", "model": "cpu_model_number"}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                name = fields.pop(key.strip(), None)
+                if name is not None:
+                    info[name] = value.strip()
+                if not fields or not line.strip():  # the first processor is enough
                     break
     except OSError:
         pass
+    from kvmesh.model.cpu_isa import describe
+
+    info.update(describe())  # its ISA level and SIMD flags
     try:
         import torch
 
