@@ -8,7 +8,7 @@
         tpot_slo_s: 0.1          # reported (goodput); not enforced per step
         weight: 1.0              # share under the `fair` policy
         requests_per_min: 600    # rate limits (429 + Retry-After); unset: unlimited
-        tokens_per_min: 200000   # prompt + max_tokens, charged when a request is admitted
+        tokens_per_min: 200000   # prompt + max_tokens on admission, settled with what it used
         cache_salt: chat         # KV namespace (default: the tenant's name)
 
 A tenant's cache salt is folded into its block keys, so tenants never share KV unless they

@@ -14,7 +14,7 @@ import pytest
 from kvmesh.engine.kv_events import KVSnapshot
 from kvmesh.mesh.directory import Directory
 from kvmesh.mesh.node import MeshConfig, MeshNode
-from tests.mesh.test_node import SECRET, DictBlocks
+from tests.mesh.nodes import SECRET, DictBlocks
 from tests.server_process import free_ports
 
 N = 32

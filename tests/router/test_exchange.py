@@ -119,15 +119,27 @@ def test_a_send_that_waits_past_the_stall_timeout_drops_the_client():
 
 def test_a_stall_with_another_cancellation_stays_a_cancellation_and_zero_never_drops():
     async def main() -> None:
-        ex, flowing = _blocking_exchange(0.05)
+        ex, flowing = _blocking_exchange(5.0)
         flowing.clear()
         writer = asyncio.create_task(ex.write(b"x"))
         await asyncio.sleep(0.01)
-        writer.cancel()  # a shutdown, before the stall
+        writer.cancel()  # a shutdown, long before the stall
         with pytest.raises(asyncio.CancelledError):
             await writer
         assert not ex.is_stalled
         ex.close()
+        both, flowing = _blocking_exchange(5.0)
+        flowing.clear()
+        writer = asyncio.create_task(both.write(b"x"))
+        await asyncio.sleep(0.01)
+        assert both._sending is not None
+        both._sending = (both._sending[0] - 10.0, both._sending[1])  # waited past 5 s
+        writer.cancel()  # a shutdown in the same tick as the stall
+        both._check_stall()
+        assert both.is_stalled
+        with pytest.raises(asyncio.CancelledError):  # the shutdown goes on
+            await writer
+        both.close()
         patient, flowing = _blocking_exchange(0.0)
         flowing.clear()
         waiter = asyncio.create_task(patient.write(b"x"))

@@ -307,7 +307,7 @@ def test_a_client_that_stops_reading_is_dropped_and_frees_the_instance(tmp_path)
         with contextlib.ExitStack() as stop:
             stop.callback(upstream.shutdown)
             router = stop.enter_context(_router_at(tmp_path, [url], "--policy", "round_robin",
-                                                   "--client-stall-timeout-s", "1"))
+                                                   "--client-stall-timeout-s", "3"))
             payload = json.dumps({"prompt": "hi", "stream": True}).encode()
             sock = stop.enter_context(socket.socket())
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

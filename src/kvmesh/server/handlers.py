@@ -279,12 +279,33 @@ async def respond(
         collector = Collector(job, metrics, start, store, on_end)
     fmt = LogprobFormatter(tokenizer) if job.params.logprobs is not None else None
     if job.stream:
-        return StreamingResponse(
+        def settle() -> None:
+            _close(streams)
+            collector.end("abort")  # a no-op once the request has ended
+
+        return _Settled(
+            settle,
             _sse(job, streams, collector, fmt),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
     return await _whole(request, job, streams, collector, fmt)
+
+
+class _Settled(StreamingResponse):
+    """A stream whose request is ended (its engine streams closed, its metrics and token
+    budget settled) however the response ends: also when the client left before the
+    body began, so the body's own `finally` never ran."""
+
+    def __init__(self, on_close: Callable[[], object], content: Any, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 async def _whole(request: Request, job: Job, streams, collector: Collector, fmt) -> JSONResponse:
