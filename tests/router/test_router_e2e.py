@@ -214,10 +214,9 @@ class _StalledServer(socketserver.ThreadingTCPServer):
     closed: threading.Event
 
 
-class _Stalled(socketserver.StreamRequestHandler):
-    """An upstream that is healthy but stalls every request: a completion before its
-    first byte, a chat completion after its first SSE event. It notes when the router
-    closes a stalled connection."""
+class _RawUpstream(socketserver.StreamRequestHandler):
+    """A hand-written HTTP upstream: healthy on GET /health, 404 on other GETs, and
+    `post` answers the rest (its request line given, the body still unread)."""
 
     server: _StalledServer
 
@@ -232,14 +231,39 @@ class _Stalled(socketserver.StreamRequestHandler):
             self.wfile.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
                              b"Connection: close\r\n\r\n")
         else:
-            if line.startswith(b"POST /v1/chat/completions"):
-                event = b'data: {"choices": []}\n\n'
-                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                                 b"Transfer-Encoding: chunked\r\n\r\n"
-                                 b"%x\r\n%s\r\n" % (len(event), event))
-            while self.rfile.read1(65536):  # the body, then nothing until the router closes
-                pass
-            self.server.closed.set()
+            self.post(line)
+
+    def post(self, line: bytes) -> None:
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def _raw_upstream(handler: type[_RawUpstream]):
+    """`handler` serving on a loopback port: the server (`closed` is set by the handler
+    when the router closes its connection) and its URL."""
+    with _StalledServer(("127.0.0.1", 0), handler) as upstream:
+        upstream.closed = threading.Event()
+        threading.Thread(target=upstream.serve_forever, daemon=True).start()
+        try:
+            yield upstream, f"http://127.0.0.1:{upstream.server_address[1]}"
+        finally:
+            upstream.shutdown()
+
+
+class _Stalled(_RawUpstream):
+    """An upstream that is healthy but stalls every request: a completion before its
+    first byte, a chat completion after its first SSE event. It notes when the router
+    closes a stalled connection."""
+
+    def post(self, line: bytes) -> None:
+        if line.startswith(b"POST /v1/chat/completions"):
+            event = b'data: {"choices": []}\n\n'
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n"
+                             b"%x\r\n%s\r\n" % (len(event), event))
+        while self.rfile.read1(65536):  # the body, then nothing until the router closes
+            pass
+        self.server.closed.set()
 
 
 @pytest.mark.timeout(120)
@@ -247,44 +271,30 @@ class _Stalled(socketserver.StreamRequestHandler):
 def test_a_client_that_leaves_a_stalled_instance_frees_it(tmp_path, path):
     """Before the first byte (a queued request) or between chunks (a stalled stream):
     the router closes the instance's connection at once, and its lease ends."""
-    with _StalledServer(("127.0.0.1", 0), _Stalled) as upstream:
-        upstream.closed = threading.Event()
-        threading.Thread(target=upstream.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{upstream.server_address[1]}"
-        with contextlib.ExitStack() as stop:
-            stop.callback(upstream.shutdown)
-            router = stop.enter_context(_router_at(tmp_path, [url], "--policy", "round_robin"))
-            payload = json.dumps({"prompt": "hi", "max_tokens": 4}).encode()
-            with socket.create_connection(("127.0.0.1", router.port)) as sock:
-                sock.sendall(b"POST %s HTTP/1.1\r\nHost: r\r\n" % path.encode()
-                             + b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
-                if "chat" in path:  # the first event reached this client
-                    sock.settimeout(10)
-                    seen = b""
-                    while b"choices" not in seen:  # headers and event may come apart
-                        chunk = sock.recv(4096)
-                        assert chunk, f"stream closed before its first event: {seen!r}"
-                        seen += chunk
-                _wait(lambda: _router_gauge(router, "kvmesh_router_in_flight", url) == 1)
-                assert not upstream.closed.is_set()
-            assert upstream.closed.wait(5), "the router kept the instance busy for nobody"
-            _wait(lambda: _router_gauge(router, "kvmesh_router_in_flight", url) == 0)
+    with _raw_upstream(_Stalled) as (upstream, url), contextlib.ExitStack() as stop:
+        router = stop.enter_context(_router_at(tmp_path, [url], "--policy", "round_robin"))
+        payload = json.dumps({"prompt": "hi", "max_tokens": 4}).encode()
+        with socket.create_connection(("127.0.0.1", router.port)) as sock:
+            sock.sendall(b"POST %s HTTP/1.1\r\nHost: r\r\n" % path.encode()
+                         + b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+            if "chat" in path:  # the first event reached this client
+                sock.settimeout(10)
+                seen = b""
+                while b"choices" not in seen:  # headers and event may come apart
+                    chunk = sock.recv(4096)
+                    assert chunk, f"stream closed before its first event: {seen!r}"
+                    seen += chunk
+            _wait(lambda: _router_gauge(router, "kvmesh_router_in_flight", url) == 1)
+            assert not upstream.closed.is_set()
+        assert upstream.closed.wait(5), "the router kept the instance busy for nobody"
+        _wait(lambda: _router_gauge(router, "kvmesh_router_in_flight", url) == 0)
 
 
-class _Flooding(socketserver.StreamRequestHandler):
+class _Flooding(_RawUpstream):
     """An upstream that streams SSE events without end, as fast as it is read; it notes
     when the router closes the connection."""
 
-    server: _StalledServer
-
-    def handle(self) -> None:
-        line = self.rfile.readline()
-        while self.rfile.readline() not in (b"\r\n", b""):
-            pass
-        if line.startswith(b"GET"):
-            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
-                             b"Connection: close\r\n\r\n{}")
-            return
+    def post(self, line: bytes) -> None:
         event = b'data: {"choices": [{"text": "%s"}]}\n\n' % (b"x" * 65000)
         self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n")
@@ -300,27 +310,22 @@ def test_a_client_that_stops_reading_is_dropped_and_frees_the_instance(tmp_path)
     """Connected, but reading nothing: once the buffers on the way are full the router's
     send waits, and after --client-stall-timeout-s the router drops the client, closes the
     instance's connection and ends its lease."""
-    with _StalledServer(("127.0.0.1", 0), _Flooding) as upstream:
-        upstream.closed = threading.Event()
-        threading.Thread(target=upstream.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{upstream.server_address[1]}"
-        with contextlib.ExitStack() as stop:
-            stop.callback(upstream.shutdown)
-            router = stop.enter_context(_router_at(tmp_path, [url], "--policy", "round_robin",
-                                                   "--client-stall-timeout-s", "3"))
-            payload = json.dumps({"prompt": "hi", "stream": True}).encode()
-            sock = stop.enter_context(socket.socket())
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect(("127.0.0.1", router.port))
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: r\r\n"
-                         + b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
-            _wait(lambda: _router_gauge(router, "kvmesh_router_in_flight", url) == 1)
-            assert upstream.closed.wait(30), "the router kept the instance busy for nobody"
-            _wait(lambda: _router_gauge(router, "kvmesh_router_in_flight", url) == 0)
-            sock.settimeout(10)
-            while sock.recv(1 << 20):  # what the buffers held, then the end: dropped
-                pass
-            assert httpx.get(router.url + "/health").status_code == 200
+    with _raw_upstream(_Flooding) as (upstream, url), contextlib.ExitStack() as stop:
+        router = stop.enter_context(_router_at(tmp_path, [url], "--policy", "round_robin",
+                                               "--client-stall-timeout-s", "3"))
+        payload = json.dumps({"prompt": "hi", "stream": True}).encode()
+        sock = stop.enter_context(socket.socket())
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", router.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: r\r\n"
+                     + b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+        _wait(lambda: _router_gauge(router, "kvmesh_router_in_flight", url) == 1)
+        assert upstream.closed.wait(30), "the router kept the instance busy for nobody"
+        _wait(lambda: _router_gauge(router, "kvmesh_router_in_flight", url) == 0)
+        sock.settimeout(10)
+        while sock.recv(1 << 20):  # what the buffers held, then the end: dropped
+            pass
+        assert httpx.get(router.url + "/health").status_code == 200
 
 
 TENANTS = """

@@ -13,26 +13,14 @@ from typing import Any
 def machine() -> dict[str, Any]:
     import os
 
+    from kvmesh.model.cpu_isa import cpu_model, describe
+
     info: dict[str, Any] = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
+        **describe(),  # family, model number, ISA level and SIMD flags
     }
-    fields = {"model name": "cpu", "cpu family": "cpu_family", "model": "cpu_model_number"}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                name = fields.pop(key.strip(), None)
-                if name is not None:
-                    info[name] = value.strip()
-                if not fields or not line.strip():  # the first processor is enough
-                    break
-    except OSError:
-        pass
-    from kvmesh.model.cpu_isa import describe
-
-    info.update(describe())  # its ISA level and SIMD flags
     try:
         import torch
 

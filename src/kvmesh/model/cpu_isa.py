@@ -42,27 +42,30 @@ _NARROWING = {
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
+        return fields
     for line in text.splitlines():
-        if line.split(":")[0].strip() in ("flags", "Features"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
 
 
 @functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    info = _cpuinfo()
+    return frozenset((info.get("flags") or info.get("Features") or "").split())
+
+
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 def native_level(flags: frozenset[str] | None = None) -> str:
@@ -112,5 +115,7 @@ def describe() -> dict[str, object]:
     """What benchmarks record about the CPU."""
     flags = cpu_flags()
     simd = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
-    return {"cpu_model": cpu_model(), "cpu_isa": level(), "cpu_native_isa": native_level(),
-            "cpu_flags": simd}
+    info = _cpuinfo()
+    return {"cpu_model": cpu_model(), "cpu_family": info.get("cpu family"),
+            "cpu_model_number": info.get("model"), "cpu_isa": level(),
+            "cpu_native_isa": native_level(), "cpu_flags": simd}

@@ -353,28 +353,25 @@ def _choice_chunk(job: Job, choice: Choice, delta: RequestDelta, fmt, first: boo
 
 
 async def _sse(job: Job, streams, collector: Collector, fmt) -> AsyncIterator[str]:
+    """The SSE body. `_Settled` ends the request however the body stops."""
     kind = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
-    try:
-        async for i, delta in merged(streams):
-            try:
-                choice = collector.add(i, delta)
-            except APIError as exc:
-                yield sse(
-                    {
-                        "error": {
-                            "message": exc.message,
-                            "type": "server_error",
-                            "code": int(exc.status),
-                        }
+    async for i, delta in merged(streams):
+        try:
+            choice = collector.add(i, delta)
+        except APIError as exc:
+            yield sse(
+                {
+                    "error": {
+                        "message": exc.message,
+                        "type": "server_error",
+                        "code": int(exc.status),
                     }
-                )
-                break
-            first = len(choice.token_ids) == len(delta.new_token_ids)
-            body = _choice_chunk(job, choice, delta, fmt, first)
-            yield sse(chunk(job.rid, job.model, kind, [body], with_usage_field=job.include_usage))
-        if job.include_usage:
-            yield sse(chunk(job.rid, job.model, kind, [], usage=collector.usage.body()))
-        yield sse("[DONE]")
-    finally:
-        _close(streams)
-        collector.end("abort")  # a no-op once every choice has finished
+                }
+            )
+            break
+        first = len(choice.token_ids) == len(delta.new_token_ids)
+        body = _choice_chunk(job, choice, delta, fmt, first)
+        yield sse(chunk(job.rid, job.model, kind, [body], with_usage_field=job.include_usage))
+    if job.include_usage:
+        yield sse(chunk(job.rid, job.model, kind, [], usage=collector.usage.body()))
+    yield sse("[DONE]")
