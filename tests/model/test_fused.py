@@ -8,6 +8,7 @@ import pytest
 
 from kvmesh import LLM, SamplingParams
 from kvmesh.model import cpu_isa
+from kvmesh.model.cpu_kernels import load as load_kernels
 from kvmesh.model.fused import BF16_FUSED_ROWS, FusedDecoder
 from tests.builders import build_grid_model, build_tiny_model
 
@@ -122,16 +123,20 @@ def test_fused_decode_hands_batches_over_its_limit_to_torch(tmp_path, monkeypatc
     """A decode step with more sequences than the fused kernel takes runs the torch layers
     (it used to reach the kernel and fail), with the same tokens as the unfused path."""
     model_dir = build_grid_model(tmp_path)
+    limit = load_kernels().quant_linear_max_rows()  # 512 with AVX2 alone, else 64
+    assert limit == (512 if cpu_isa.level() == "avx2" else 64)
+    seqs = limit + 6
     outs = []
     for fused in (True, False):
         monkeypatch.setenv("KVMESH_FUSED_DECODE", "1" if fused else "0")
-        llm = LLM(str(model_dir), device="cpu", dtype="float32", block_size=8, num_blocks=512,
-                  max_num_seqs=80, max_num_batched_tokens=512)
+        llm = LLM(str(model_dir), device="cpu", dtype="float32", block_size=8,
+                  num_blocks=2 * seqs + 8, max_num_seqs=seqs + 10,
+                  max_num_batched_tokens=max(512, seqs))
         decoder = llm.engine.loaded.model.fused
         assert (decoder is not None) == fused
         if decoder is not None:
-            assert decoder.max_rows == 64
-        prompts = [[(3 * i + j) % 300 + 3 for j in range(5)] for i in range(70)]
+            assert decoder.max_rows == limit
+        prompts = [[(3 * i + j) % 300 + 3 for j in range(5)] for i in range(seqs)]
         params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
         outs.append([o.token_ids for o in llm.generate(prompts, params)])
     assert outs[0] == outs[1] and all(len(t) == 4 for t in outs[0])

@@ -53,7 +53,8 @@ def _levels_here() -> list[str]:
 def test_kernel_matches_f_linear_at_each_level(level, monkeypatch):
     """Every level this CPU can run (KVMESH_CPU_ISA) builds the kernels it should, and the
     quantized linear equals F.linear on the dequantized weight, for decode-sized batches
-    (the kernel) and prefill-sized ones (dequantize + matmul)."""
+    (the kernel) and batches over its limit (dequantize + matmul: above 64 rows, or 512
+    with AVX2 alone)."""
     if level not in _levels_here():
         pytest.skip(f"this CPU's richest level is {cpu_isa.native_level()}")
     monkeypatch.setenv(cpu_isa.ENV, level)
@@ -69,7 +70,7 @@ def test_kernel_matches_f_linear_at_each_level(level, monkeypatch):
         layer = QuantLinear(quantize(w, bits), b)
         assert layer.lib is lib
         ref_w = dequantize(layer.qw)
-        for rows in (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 16, 64, 65, 130):
+        for rows in (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 16, 64, 65, 130, 512, 520):
             x = torch.randn(rows, k, generator=gen)
             torch.testing.assert_close(layer.forward(x), F.linear(x, ref_w, b),
                                        atol=1e-4, rtol=1e-4)
