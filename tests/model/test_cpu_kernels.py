@@ -59,6 +59,25 @@ def test_kernel_matches_sdpa(dtype, tol, heads, kv_heads, dim, block_size):
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("level", cpu_isa.LEVELS)
+def test_float32_kernel_at_each_level(level, monkeypatch):
+    """The float32 cache at every level this CPU can build (the 8-float paths with AVX and
+    up, plain loops without; head dims on and off a multiple of 32), against SDPA."""
+    native = cpu_isa.native_level()
+    if cpu_isa.LEVELS.index(level) > cpu_isa.LEVELS.index(native):
+        pytest.skip(f"this CPU's richest level is {native}")
+    monkeypatch.setenv(cpu_isa.ENV, level)
+    for heads, kv_heads, dim in ((9, 3, 64), (4, 2, 256), (6, 2, 48)):
+        lengths = [1, 16, 17, 97, 250]
+        k_cache, v_cache, tables, lens, q = _case(torch.float32, heads, kv_heads, dim, 16,
+                                                   lengths, seed=dim)
+        kernel = cpu_kernels.decode_kernel(torch.float32, CPU)
+        assert kernel is not None
+        out = kernel(q, k_cache, v_cache, tables, lens, dim**-0.5)
+        ref = _reference(q, k_cache, v_cache, tables, lens, dim**-0.5)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_kernel_rejects_bad_inputs():
     kernel = cpu_kernels.decode_kernel(torch.bfloat16, CPU)
     assert kernel is not None

@@ -119,24 +119,36 @@ def test_fused_path_only_where_it_applies(tmp_path, tiny_qwen3, monkeypatch):
     assert qwen3.engine.loaded.model.fused is None  # q/k norms: the torch path
 
 
+def _recording(can_run, widths: list[int]):
+    """`FusedDecoder.can_run` that also notes each step's decode count."""
+    def wrapped(meta, num_tokens, kv_caches):
+        widths.append(meta.num_decodes)
+        return can_run(meta, num_tokens, kv_caches)
+    return wrapped
+
+
 def test_fused_decode_hands_batches_over_its_limit_to_torch(tmp_path, monkeypatch):
     """A decode step with more sequences than the fused kernel takes runs the torch layers
     (it used to reach the kernel and fail), with the same tokens as the unfused path."""
     model_dir = build_grid_model(tmp_path)
-    limit = load_kernels().quant_linear_max_rows()  # 512 with AVX2 alone, else 64
-    assert limit == (512 if cpu_isa.level() == "avx2" else 64)
+    limit = load_kernels().quant_linear_max_rows()  # 256 with AVX2 alone, else 64
+    assert limit == (256 if cpu_isa.level() == "avx2" else 64)
     seqs = limit + 6
     outs = []
     for fused in (True, False):
         monkeypatch.setenv("KVMESH_FUSED_DECODE", "1" if fused else "0")
+        # every prompt prefilled in one step, so the decode steps carry all `seqs`
         llm = LLM(str(model_dir), device="cpu", dtype="float32", block_size=8,
-                  num_blocks=2 * seqs + 8, max_num_seqs=seqs + 10,
-                  max_num_batched_tokens=max(512, seqs))
+                  num_blocks=2 * seqs + 8, max_num_seqs=seqs, max_num_batched_tokens=5 * seqs)
         decoder = llm.engine.loaded.model.fused
         assert (decoder is not None) == fused
+        widest: list[int] = []
         if decoder is not None:
             assert decoder.max_rows == limit
+            monkeypatch.setattr(decoder, "can_run", _recording(decoder.can_run, widest))
         prompts = [[(3 * i + j) % 300 + 3 for j in range(5)] for i in range(seqs)]
         params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
         outs.append([o.token_ids for o in llm.generate(prompts, params)])
+        if decoder is not None:
+            assert max(widest) == seqs  # a decode step over the limit was handed over
     assert outs[0] == outs[1] and all(len(t) == 4 for t in outs[0])

@@ -14,8 +14,9 @@ Profiles (`--quantization`):
   keeps the exact path.
 
 Activations and accumulation stay float32: the kernel (kernels/quant_linear.c) converts
-weights on load and serves batches of up to 64 rows (512 with AVX2 alone, where it beats
-torch's matmul); larger batches dequantize the layer to float32 and use torch's matmul. Or, with int8 inputs (`--quant-activations int8`,
+weights on load and serves batches of up to 64 rows (256 with AVX2 alone, where it keeps
+up with torch's matmul that far); larger batches dequantize the layer to float32 and use
+torch's matmul. Or, with int8 inputs (`--quant-activations int8`,
 float32 compute, AVX2 and up), int4 layers round their inputs to int8 per group of
 32 and multiply as integers (kernels/quant_a8.c, llama.cpp's Q4 x Q8 arithmetic: see
 `round_activations`), with float16 scales; that kernel serves every batch size, so a

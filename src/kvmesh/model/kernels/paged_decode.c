@@ -10,8 +10,10 @@
  * are merged at the end. Accumulation is float32 whatever the storage type. Built by
  * kvmesh/model/cpu_kernels.py with -O3 -march=native -fopenmp. With AVX-512 BF16, bf16
  * scores are dot-product instructions on the stored values and the V sums of a KV head's
- * query group stay in registers; elsewhere the loops are plain C written so the compiler
- * vectorises them (omp simd), with a polynomial exp.
+ * query group stay in registers. A float32 cache is read in place at every level; with
+ * AVX and up and a head dim that is a multiple of 32, its scores take four partial sums
+ * and each head's V sums stay in registers across a block. Elsewhere the loops are plain
+ * C written so the compiler vectorises them (omp simd), with a polynomial exp.
  */
 #include <stdint.h>
 #include <stdlib.h>
