@@ -43,11 +43,6 @@ def test_round_trip_error_is_bounded(bits):
     assert (again - back).abs().max() <= 1e-6 * back.abs().max()
 
 
-def _levels_here() -> list[str]:
-    native = cpu_isa.native_level()
-    return list(cpu_isa.LEVELS[: cpu_isa.LEVELS.index(native) + 1])
-
-
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler")
 @pytest.mark.parametrize("level", cpu_isa.LEVELS)
 def test_kernel_matches_f_linear_at_each_level(level, monkeypatch):
@@ -55,7 +50,7 @@ def test_kernel_matches_f_linear_at_each_level(level, monkeypatch):
     quantized linear equals F.linear on the dequantized weight, for decode-sized batches
     (the kernel) and batches over its limit (dequantize + matmul: above 64 rows, or 256
     with AVX2 alone)."""
-    if level not in _levels_here():
+    if level not in cpu_isa.runnable_levels():
         pytest.skip(f"this CPU's richest level is {cpu_isa.native_level()}")
     monkeypatch.setenv(cpu_isa.ENV, level)
     lib = cpu_kernels.load()

@@ -79,6 +79,11 @@ def native_level(flags: frozenset[str] | None = None) -> str:
     return "generic"
 
 
+def runnable_levels(flags: frozenset[str] | None = None) -> tuple[str, ...]:
+    """The levels this CPU can run: generic up to its native one."""
+    return LEVELS[: LEVELS.index(native_level(flags)) + 1]
+
+
 def level(flags: frozenset[str] | None = None, forced: str | None = None) -> str:
     """The level in force: `KVMESH_CPU_ISA` (or `forced`) if set, else the native one."""
     native = native_level(flags)
@@ -87,7 +92,7 @@ def level(flags: frozenset[str] | None = None, forced: str | None = None) -> str
         return native
     if wanted not in LEVELS:
         raise ValueError(f"{ENV} must be one of {('native', *LEVELS)}, got {wanted!r}")
-    if LEVELS.index(wanted) > LEVELS.index(native):
+    if wanted not in runnable_levels(flags):
         raise ValueError(
             f"{ENV}={wanted} asks for more than this CPU has (its richest level is {native})"
         )

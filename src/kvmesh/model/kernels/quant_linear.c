@@ -210,13 +210,22 @@ INLINE_DECL void row1(const struct qargs *a, const uint8_t *blk, int64_t nb, int
  * two k-streams per row so that enough FMA chains are in flight (3 rows on AVX2, two
  * vectors per block, keep one: the registers would not hold them); 4 rows have enough. */
 #define TILE3_U (H == 1 ? 2 : 1)
-INLINE_DECL void block(const struct qargs *a, const uint8_t *blk, int64_t nb, int64_t rows,
-                       const int bits) {
+INLINE_DECL int64_t tiles(const struct qargs *a, const uint8_t *src, int64_t nb, int64_t rows,
+                          const int bits) { /* returns the rows done: all but a last one */
     int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) tile(a, blk, nb, r, bits, 4, 1);
-    if (rows - r == 3) tile(a, blk, nb, r, bits, 3, TILE3_U);
-    else if (rows - r == 2) tile(a, blk, nb, r, bits, 2, 2);
-    else if (rows - r == 1) row1(a, blk, nb, r, bits);
+    for (; r + 4 <= rows; r += 4) tile(a, src, nb, r, bits, 4, 1);
+    if (rows - r == 3) tile(a, src, nb, r, bits, 3, TILE3_U), r += 3;
+    else if (rows - r == 2) tile(a, src, nb, r, bits, 2, 2), r += 2;
+    return r;
+}
+
+/* One 16-column block for every row: the tiles read the scaled floats `wf` where the
+ * caller made them (scaled_block, below), else the packed ints; a last row runs row1. */
+INLINE_DECL void block(const struct qargs *a, const uint8_t *blk, const float *wf, int64_t nb,
+                       int64_t rows, const int bits) {
+    const int64_t r = wf != NULL ? tiles(a, (const uint8_t *)wf, nb, rows, 32)
+                                 : tiles(a, blk, nb, rows, bits);
+    if (r < rows) row1(a, blk, nb, r, bits);
 }
 
 /* Batches of BATCH_ROWS rows or more: each block's weights are converted once into a
@@ -246,16 +255,6 @@ static void scaled_block(const struct qargs *a, const uint8_t *blk, int64_t nb, 
                 VSTORE(out + (k + 1) * COLS + h * W, VMUL(hi, s[h]));
             }
     }
-}
-
-INLINE_DECL void block_scaled(const struct qargs *a, const uint8_t *blk, const float *wf,
-                              int64_t nb, int64_t rows, const int bits) {
-    const uint8_t *w = (const uint8_t *)wf;
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) tile(a, w, nb, r, 32, 4, 1);
-    if (rows - r == 3) tile(a, w, nb, r, 32, 3, TILE3_U);
-    else if (rows - r == 2) tile(a, w, nb, r, 32, 2, 2);
-    else if (rows - r == 1) row1(a, blk, nb, r, bits);
 }
 
 static float *group_sums(const float *x, int64_t rows, int64_t x_stride, int64_t k,
@@ -293,15 +292,9 @@ int quant_linear_f32(const float *x, int64_t rows, int64_t x_stride, const uint8
 #pragma omp for schedule(static)
         for (int64_t nb = 0; nb < n / COLS; nb++) {
             const uint8_t *blk = q + nb * k * bytes_per_k;
-            if (scaled != NULL) {
-                scaled_block(&a, blk, nb, (int)bits, scaled);
-                if (bits == 8) block_scaled(&a, blk, scaled, nb, rows, 8);
-                else block_scaled(&a, blk, scaled, nb, rows, 4);
-            } else if (bits == 8) {
-                block(&a, blk, nb, rows, 8);
-            } else {
-                block(&a, blk, nb, rows, 4);
-            }
+            if (scaled != NULL) scaled_block(&a, blk, nb, (int)bits, scaled);
+            if (bits == 8) block(&a, blk, scaled, nb, rows, 8); /* literal bits: inlined */
+            else block(&a, blk, scaled, nb, rows, 4);
         }
         free(scaled);
     }
