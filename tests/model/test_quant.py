@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -82,24 +83,39 @@ def test_kernel_matches_f_linear_at_each_level(level, monkeypatch):
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler")
 def test_bf16_pair_kernel_matches_f_linear():
     """int4 as bf16(128 + q) pairs (bf16 models, AVX-512 BF16): equal to F.linear on the
-    dequantized weight and bf16-rounded activations, to float32 accumulation; elsewhere the
-    kernel says it is not there and refuses to run."""
+    dequantized weight and bf16-rounded activations, to float32 accumulation, on the
+    AVX-512 path and, where the CPU has AMX, the tile path (3+ rows); elsewhere the kernel
+    says it is not there and refuses to run."""
     lib = cpu_kernels.load()
     assert lib is not None
+    amx = lib.quant_i4bf16_use_amx(1)  # the path this CPU should take
+    assert amx == (cpu_isa.level() == "avx512_bf16" and {"amx_tile", "amx_bf16"}
+                   <= cpu_isa.cpu_flags())
+    try:
+        for use_amx in sorted({0, amx}):  # both paths where AMX is here
+            assert lib.quant_i4bf16_use_amx(use_amx) == use_amx
+            _check_pair_kernel(lib)
+    finally:
+        lib.quant_i4bf16_use_amx(int(os.environ.get(cpu_kernels.AMX_ENV, "1") != "0"))
+
+
+def _check_pair_kernel(lib) -> None:
     gen = torch.Generator().manual_seed(3)
-    for group, bias in ((32, True), (64, False), (8, True)):
-        w = torch.randn(48, 256, generator=gen)
+    # k 288 in groups of 32: an odd number of groups (the tile path runs them in pairs)
+    for group, bias, k in ((32, True, 256), (64, False, 256), (8, True, 256),
+                           (16, False, 256), (32, False, 288)):
+        w = torch.randn(48, k, generator=gen)
         b = torch.randn(48, generator=gen) if bias else None
         layer = QuantLinear(quantize(w, 4, group=group), b)
         layer.bf16_pairs = bf16_pairs(layer.qw)
         if not lib.quant_i4bf16_available():
             assert cpu_isa.level() != "avx512_bf16"
             with pytest.raises(RuntimeError, match="code 3"):
-                layer._bf16_kernel(torch.randn(1, 256))
+                layer._bf16_kernel(torch.randn(1, k))
             return
         ref_w = dequantize(layer.qw)
         for rows in (0, 1, 2, 3, 4, 5, 7, 8, 11, 12, 15, 16, 17):  # 17: over its limit
-            x = torch.randn(rows, 300, generator=gen)[:, :256]  # row stride 300
+            x = torch.randn(rows, 300, generator=gen)[:, :k]  # row stride 300
             ref = F.linear(x.bfloat16().float() if rows <= 16 else x, ref_w, b)
             torch.testing.assert_close(layer._bf16_kernel(x), ref, atol=2e-4, rtol=1e-4)
 

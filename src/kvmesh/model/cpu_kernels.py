@@ -48,6 +48,7 @@ _SYMBOLS = {
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGTYPES = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR,
              _I64, _I64, _I64, _I64, _I64, ctypes.c_float]
+AMX_ENV = "KVMESH_AMX"  # "0": the int4 kernels of bf16 models keep off the AMX tiles
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
@@ -145,8 +146,10 @@ def load() -> ctypes.CDLL | None:
                 lib.small_linear_bf16.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
                 lib.small_linear_bf16.restype = ctypes.c_int
                 _quant_signatures(lib)
+                amx = lib.quant_i4bf16_use_amx(int(os.environ.get(AMX_ENV, "1") != "0"))
                 _loaded[isa] = lib
-                log.info("native CPU kernels built for ISA level %s", isa)
+                log.info("native CPU kernels built for ISA level %s%s", isa,
+                         " (int4 batches on AMX tiles)" if amx else "")
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                 log.warning("native CPU kernels unavailable, using SDPA and oneDNN: %s", exc)
                 _loaded[isa] = None
@@ -165,6 +168,8 @@ def _quant_signatures(lib: ctypes.CDLL) -> None:
     lib.quant_linear_i4bf16.restype = ctypes.c_int
     lib.quant_i4bf16_available.restype = ctypes.c_int
     lib.quant_i4bf16_max_rows.restype = ctypes.c_int
+    lib.quant_i4bf16_use_amx.argtypes = [ctypes.c_int]
+    lib.quant_i4bf16_use_amx.restype = ctypes.c_int
     lib.quant_linear_i4a8.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR,
                                       _I64, _I64, _I64, _PTR, _I64]
     lib.quant_linear_i4a8.restype = ctypes.c_int

@@ -14,6 +14,13 @@
  * nibble i (bits 4i..4i+3) = q[8c + 2i][j] and nibble 4 + i = q[8c + 2i + 1][j], i < 4.
  * scale and min128 (= min - 128 scale): [N/16][K/group][16] float.
  * Returns non-zero on a shape it does not support, or where it was built without BF16.
+ *
+ * AMX (Sapphire Rapids and later, built where the compiler targets AMX-BF16): from
+ * AMX_MIN_ROWS rows, each group's 16 columns are unpacked the same way into a 16-pair-row
+ * B tile in L1 and multiplied by the rows' bf16 inputs with one tile dot product, whose
+ * cost does not grow with the rows; the group's float32 sums are then scaled as above.
+ * Same products, float32 sums (in another order). Linux must grant the tile state first
+ * (arch_prctl); `quant_i4bf16_use_amx` asks, or turns the path off (KVMESH_AMX=0).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -31,6 +38,33 @@ int quant_i4bf16_available(void) {
 #else
     return 0;
 #endif
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AMX_TILE__) && \
+    defined(__AMX_BF16__) && defined(__linux__)
+#define AMX_BUILT 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define AMX_BUILT 0
+#endif
+#define AMX_MIN_ROWS 3 /* measured on a Xeon with AMX: at 2 rows AVX-512 is faster */
+
+static int use_amx = 0;
+
+/* want 1: use AMX where it is built and Linux grants the tile state; 0: don't. Returns
+ * whether it is on now. Call before the kernels run (not while they do). */
+int quant_i4bf16_use_amx(int want) {
+#if AMX_BUILT
+    static int granted = -1;
+    if (want && granted < 0) /* ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA */
+        granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    use_amx = want && granted > 0;
+#else
+    (void)want;
+    use_amx = 0;
+#endif
+    return use_amx;
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -87,6 +121,128 @@ static inline __attribute__((always_inline)) void tile(const struct bargs *a, in
     }
 }
 
+#if AMX_BUILT
+struct tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+/* Tiles: C 0 and 1 (rows x 16 float), A 2 and 3 (rows x kk bf16), B 4 and 5 (kk/2
+ * pair-rows x 16 columns); even groups use the first of each pair, odd ones the second. */
+static void amx_configure(int64_t rows, int64_t kk) {
+    struct tile_config c = {0};
+    c.palette = 1;
+    for (int t = 0; t < 2; t++) {
+        c.rows[t] = c.rows[2 + t] = (uint8_t)rows;
+        c.colsb[t] = 64;
+        c.colsb[2 + t] = (uint16_t)(2 * kk);
+        c.rows[4 + t] = (uint8_t)(kk / 2);
+        c.colsb[4 + t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+struct amx_work {
+    const struct bargs *a;
+    const uint32_t *blk;  /* this column block's packed ints */
+    int64_t nb, rows, kk, tiles;
+    uint32_t *b;          /* 2 x 16 pair-rows x 16 lanes: one B buffer per tile set */
+    float *c, *tot;       /* 2 x rows x 16 C floats; rows x 16 running sums */
+};
+
+/* Unpack the k-pairs [c0 * 4, c0 * 4 + kk / 2) of the block into B buffer `which`. */
+static inline void amx_unpack(const struct amx_work *w, int64_t c0, int which) {
+    const __m512i mask = _mm512_set1_epi32(0x000F000F);
+    const __m512i hi_bits = _mm512_set1_epi32(0x43004300);
+    uint32_t *bt = w->b + which * 16 * COLS;
+    for (int64_t ch = 0; ch < w->kk / 8; ch++) {
+        const __m512i lane = _mm512_loadu_si512(w->blk + (c0 + ch) * COLS);
+        for (int p = 0; p < 4; p++)
+            _mm512_store_si512(bt + (4 * ch + p) * COLS,
+                               _mm512_ternarylogic_epi32(_mm512_srli_epi32(lane, 4 * p), mask,
+                                                         hi_bits, 0xEA));
+    }
+}
+
+/* Issue group g's tile products into C tile (g & 1), with its A and B tiles. */
+#define AMX_ISSUE(W, G, CT, AT, BT)                                                        \
+    do {                                                                                   \
+        _tile_zero(CT);                                                                    \
+        for (int64_t t_ = 0; t_ < (W)->tiles; t_++) {                                      \
+            const int64_t c0_ = (G) * ((W)->a->group / 8) + t_ * ((W)->kk / 8);           \
+            amx_unpack(W, c0_, (CT));                                                      \
+            _tile_loadd(AT, (W)->a->xb + c0_ * 4, (W)->a->k * 2);                          \
+            _tile_loadd(BT, (W)->b + (CT) * 16 * COLS, 64);                                \
+            _tile_dpbf16ps(CT, AT, BT);                                                    \
+        }                                                                                  \
+    } while (0)
+
+/* Fold group g's C tile (already stored to c + which) into the running sums. */
+static inline void amx_scale(const struct amx_work *w, int64_t g, int which) {
+    const struct bargs *a = w->a;
+    const float *c = w->c + which * MAX_ROWS * COLS;
+    const __m512 s = _mm512_loadu_ps(a->scale + (w->nb * a->groups + g) * COLS);
+    const __m512 m = _mm512_loadu_ps(a->min128 + (w->nb * a->groups + g) * COLS);
+    for (int64_t r = 0; r < w->rows; r++) {
+        __m512 acc = _mm512_fmadd_ps(_mm512_load_ps(c + r * COLS), s,
+                                     _mm512_load_ps(w->tot + r * COLS));
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(a->xsum[r * a->groups + g]), m, acc);
+        _mm512_store_ps(w->tot + r * COLS, acc);
+    }
+}
+
+/* All rows x one 16-column block through the tile unit, two groups in flight: group g+1's
+ * unpacking and products overlap group g's, whose sums are scaled after. */
+static void amx_block(struct amx_work *w) {
+    const struct bargs *a = w->a;
+    for (int64_t r = 0; r < w->rows; r++)
+        _mm512_store_ps(w->tot + r * COLS, _mm512_setzero_ps());
+    int64_t g = 0;
+    for (; g + 2 <= a->groups; g += 2) {
+        AMX_ISSUE(w, g, 0, 2, 4);
+        if (g > 0) amx_scale(w, g - 1, 1);
+        AMX_ISSUE(w, g + 1, 1, 3, 5);
+        _tile_stored(0, w->c, 64);
+        amx_scale(w, g, 0);
+        _tile_stored(1, w->c + MAX_ROWS * COLS, 64);
+    }
+    if (g > 0) amx_scale(w, g - 1, 1);
+    if (g < a->groups) {
+        AMX_ISSUE(w, g, 0, 2, 4);
+        _tile_stored(0, w->c, 64);
+        amx_scale(w, g, 0);
+    }
+    for (int64_t r = 0; r < w->rows; r++) {
+        __m512 out = _mm512_load_ps(w->tot + r * COLS);
+        if (a->bias) out = _mm512_add_ps(out, _mm512_loadu_ps(a->bias + w->nb * COLS));
+        _mm512_storeu_ps(a->y + r * a->y_stride + w->nb * COLS, out);
+    }
+}
+
+/* The AMX path for this call, or 0 where it does not apply (then the AVX-512 one runs). */
+static int amx_run(const struct bargs *a, int64_t n, int64_t rows) {
+    const int64_t kk = a->group <= 32 ? a->group : 32;
+    if (!use_amx || rows < AMX_MIN_ROWS || a->group % kk || kk % 8) return 0;
+#pragma omp parallel
+    {
+        uint32_t b[2 * 16 * COLS] __attribute__((aligned(64)));
+        float c[2 * MAX_ROWS * COLS] __attribute__((aligned(64)));
+        float tot[MAX_ROWS * COLS] __attribute__((aligned(64)));
+        struct amx_work w = {a, NULL, 0, rows, kk, a->group / kk, b, c, tot};
+        amx_configure(rows, kk);
+#pragma omp for schedule(static)
+        for (int64_t nb = 0; nb < n / COLS; nb++) {
+            w.nb = nb;
+            w.blk = a->q + nb * (a->k / 8) * COLS;
+            amx_block(&w);
+        }
+        _tile_release();
+    }
+    return 1;
+}
+#endif
+
 static void block(const struct bargs *a, int64_t nb, int64_t rows) {
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) tile(a, nb, r, 4, 1);
@@ -126,8 +282,13 @@ int quant_linear_i4bf16(const float *x, int64_t rows, int64_t x_stride, const ui
         }
     }
     const struct bargs a = {q, xb, scale, min128, bias, xsum, y, k, group, groups, y_stride};
+#if AMX_BUILT
+    if (!amx_run(&a, n, rows))
+#endif
+    {
 #pragma omp parallel for schedule(static)
-    for (int64_t nb = 0; nb < n / COLS; nb++) block(&a, nb, rows);
+        for (int64_t nb = 0; nb < n / COLS; nb++) block(&a, nb, rows);
+    }
     free(xb);
     free(xsum);
     return 0;
