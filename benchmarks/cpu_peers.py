@@ -17,8 +17,8 @@ streams over the memory read bandwidth measured in the same run.
     make peers-vllm         # optional: vLLM's CPU build in .peers/vllm
     python benchmarks/cpu_peers.py [--concurrency 1,16,64] [--repeats 2]
 Writes benchmarks/results/cpu_peers.json, and the same document as
-cpu_peers_<isa>.json (isa: the CPU's native level, e.g. avx2 or avx512_bf16), so the
-figures of each kind of CPU stay side by side.
+cpu_peers_<isa>.json (isa: the CPU's native level, e.g. avx2 or avx512_bf16, with an
+`_amx` suffix on a CPU with AMX tiles), so the figures of each kind of CPU stay side by side.
 """
 
 from __future__ import annotations
@@ -272,7 +272,8 @@ def main() -> None:
            "llama_cpp": version.read_text().strip() if version.exists() else None}
     print({k: v for k, v in figures.items() if k != "runs"})
     print("wrote", save("cpu_peers", cfg, figures, notes))
-    print("wrote", save(f"cpu_peers_{figures['cpu_native_isa']}", cfg, figures, notes))
+    amx = "_amx" if {"amx_tile", "amx_bf16"} <= set(figures["cpu_flags"]) else ""
+    print("wrote", save(f"cpu_peers_{figures['cpu_native_isa']}{amx}", cfg, figures, notes))
 
 
 if __name__ == "__main__":

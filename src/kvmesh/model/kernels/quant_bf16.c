@@ -192,27 +192,29 @@ static inline void amx_scale(const struct amx_work *w, int64_t g, int which) {
     }
 }
 
-/* All rows x one 16-column block through the tile unit, two groups in flight: group g+1's
- * unpacking and products overlap group g's, whose sums are scaled after. */
+/* All rows x one 16-column block through the tile unit. A pipeline over the groups: group
+ * g's products are issued, then group g-1's C tile is stored and group g-2's stored sums
+ * are scaled, so no step waits on the one just before it. */
 static void amx_block(struct amx_work *w) {
     const struct bargs *a = w->a;
+    const int64_t groups = a->groups;
     for (int64_t r = 0; r < w->rows; r++)
         _mm512_store_ps(w->tot + r * COLS, _mm512_setzero_ps());
-    int64_t g = 0;
-    for (; g + 2 <= a->groups; g += 2) {
-        AMX_ISSUE(w, g, 0, 2, 4);
-        if (g > 0) amx_scale(w, g - 1, 1);
-        AMX_ISSUE(w, g + 1, 1, 3, 5);
-        _tile_stored(0, w->c, 64);
-        amx_scale(w, g, 0);
-        _tile_stored(1, w->c + MAX_ROWS * COLS, 64);
+    float *c0 = w->c, *c1 = w->c + MAX_ROWS * COLS;
+    for (int64_t g = 0; g < groups; g++) {
+        if (g % 2 == 0) {
+            AMX_ISSUE(w, g, 0, 2, 4);
+            if (g >= 1) _tile_stored(1, c1, 64);
+        } else {
+            AMX_ISSUE(w, g, 1, 3, 5);
+            _tile_stored(0, c0, 64);
+        }
+        if (g >= 2) amx_scale(w, g - 2, g % 2);
     }
-    if (g > 0) amx_scale(w, g - 1, 1);
-    if (g < a->groups) {
-        AMX_ISSUE(w, g, 0, 2, 4);
-        _tile_stored(0, w->c, 64);
-        amx_scale(w, g, 0);
-    }
+    if (groups >= 2) amx_scale(w, groups - 2, groups % 2);
+    if ((groups - 1) % 2 == 0) _tile_stored(0, c0, 64);
+    else _tile_stored(1, c1, 64);
+    amx_scale(w, groups - 1, (groups - 1) % 2);
     for (int64_t r = 0; r < w->rows; r++) {
         __m512 out = _mm512_load_ps(w->tot + r * COLS);
         if (a->bias) out = _mm512_add_ps(out, _mm512_loadu_ps(a->bias + w->nb * COLS));
