@@ -8,7 +8,8 @@ concurrent. Output tok/s, TTFT p50/p99 and TPOT per system and concurrency, each
 and take their rounds in turn, so the machine's drift weighs on all alike. kvmesh runs
 with its defaults and with each quantization profile (under the CPU's default dtype),
 with int8 inputs to its int4 layers (llama.cpp's arithmetic) where float32 is the default
-dtype, and on the exact float32 path;
+dtype, on the exact float32 path, and on a CPU with AMX tiles with them off
+(`KVMESH_AMX=0`, `kvmesh_no_amx`);
 llama-server runs the GGUF file itself (Q4_1) with one slot per
 client and continuous batching. The decode floor is the bytes of weights one decode step
 streams over the memory read bandwidth measured in the same run.
@@ -57,7 +58,9 @@ KVMESH_SYSTEMS = {  # name -> extra `kvmesh serve` flags; dtype auto unless name
     "kvmesh_int4": ["--quantization", "int4"],
     "kvmesh_int8_inputs": ["--quant-activations", "int8"],
     "kvmesh_float32_exact": ["--dtype", "float32", "--quantization", "none"],
+    "kvmesh_no_amx": [],  # defaults, with the int4 kernels off the AMX tiles (AMX CPUs only)
 }
+KVMESH_ENV = {"kvmesh_no_amx": ("env", "KVMESH_AMX=0")}  # command prefixes
 KV_BYTES = 1024**3
 
 
@@ -94,12 +97,25 @@ def peer_server(name: str, cmd: list[str], port: int, env: dict | None = None,
         log.close()
 
 
-def llama_server(gguf: Path, slots: int, threads: int):
+def llama_server(gguf: Path, slots: int, threads: int, extra: tuple[str, ...] = ()):
     port = free_port()
     return peer_server("llama-server", [
         str(LLAMA_SERVER), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-        "-np", str(slots), "-c", str(slots * 512), "-t", str(threads), "-cb", "--no-warmup"],
-        port)
+        "-np", str(slots), "-c", str(slots * 512), "-t", str(threads), "-cb", "--no-warmup",
+        *extra], port)
+
+
+def start_llama_server(stack: ExitStack, gguf: Path, slots: int, threads: int,
+                       notes: dict) -> str:
+    """llama-server as built; where it dies at load (its AMX / repacked-weight buffers
+    crash on some AMX CPUs), again with --no-repack, said in the notes."""
+    try:
+        return stack.enter_context(llama_server(gguf, slots, threads))
+    except RuntimeError as exc:
+        notes["llama_server_no_repack"] = (f"llama-server failed to start ({exc}); it runs "
+                                           "with --no-repack (no AMX/repacked weight buffers)")
+        print(notes["llama_server_no_repack"], flush=True)
+        return stack.enter_context(llama_server(gguf, slots, threads, ("--no-repack",)))
 
 
 def vllm_dtype() -> str:
@@ -194,6 +210,7 @@ def main() -> None:
     from kvmesh.model.registry import MODELS, packaged_file, resolve_model
 
     a8 = int8_activations_available() and not cpu_isa.has_fast_bf16()
+    amx = cpu_isa.has_fast_bf16() and cpu_isa.has_amx()
 
     threads = len(os.sched_getaffinity(0))
     gguf = packaged_file(MODELS["smollm2-135m-instruct"])
@@ -204,14 +221,17 @@ def main() -> None:
         for name in systems:
             if name == "kvmesh_int8_inputs" and not a8:
                 notes[name] = "skipped: int8 inputs need float32 compute and AVX2"
+            elif name == "kvmesh_no_amx" and not amx:
+                notes[name] = "skipped: this CPU has no AMX tiles"
             elif name in KVMESH_SYSTEMS:
                 flags = [*KVMESH_SYSTEMS[name], "--max-num-seqs", str(max(concs)),
                          "--served-model-name", "default",
                          "--kv-cache-memory-bytes", str(KV_BYTES)]
                 urls[name] = stack.enter_context(
-                    serve(flags, Path("/tmp"), pin_float32=False)).url
+                    serve(flags, Path("/tmp"), pin_float32=False,
+                          prefix=KVMESH_ENV.get(name, ()))).url
             elif name == "llama_server" and LLAMA_SERVER.exists():
-                urls[name] = stack.enter_context(llama_server(gguf, max(concs), threads))
+                urls[name] = start_llama_server(stack, gguf, max(concs), threads, notes)
             elif name != "vllm_cpu" or not VLLM_PY.exists():
                 notes[name] = "not installed (make peers-llamacpp / make peers-vllm)"
                 print(f"{name}: {notes[name]}", flush=True)
@@ -272,8 +292,8 @@ def main() -> None:
            "llama_cpp": version.read_text().strip() if version.exists() else None}
     print({k: v for k, v in figures.items() if k != "runs"})
     print("wrote", save("cpu_peers", cfg, figures, notes))
-    amx = "_amx" if {"amx_tile", "amx_bf16"} <= set(figures["cpu_flags"]) else ""
-    print("wrote", save(f"cpu_peers_{figures['cpu_native_isa']}{amx}", cfg, figures, notes))
+    suffix = "_amx" if cpu_isa.has_amx() else ""
+    print("wrote", save(f"cpu_peers_{figures['cpu_native_isa']}{suffix}", cfg, figures, notes))
 
 
 if __name__ == "__main__":

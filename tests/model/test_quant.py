@@ -88,22 +88,35 @@ def test_bf16_pair_kernel_matches_f_linear():
     says it is not there and refuses to run."""
     lib = cpu_kernels.load()
     assert lib is not None
+    amx_here = cpu_isa.level() == "avx512_bf16" and cpu_isa.has_amx()
+    built = bool(lib.quant_i4bf16_amx_built())
+    assert not built or amx_here  # built only for a CPU with the tiles
     amx = lib.quant_i4bf16_use_amx(1)  # the path this CPU should take
-    assert amx == (cpu_isa.level() == "avx512_bf16" and {"amx_tile", "amx_bf16"}
-                   <= cpu_isa.cpu_flags())
+    if built:
+        assert amx == 1 or amx < 0  # on, or Linux refused the tile state (-errno)
+    else:
+        assert amx == 0
     try:
-        for use_amx in sorted({0, amx}):  # both paths where AMX is here
+        for use_amx in [0, 1] if amx == 1 else [0]:
             assert lib.quant_i4bf16_use_amx(use_amx) == use_amx
+            calls = lib.quant_i4bf16_amx_calls()
             _check_pair_kernel(lib)
+            assert (lib.quant_i4bf16_amx_calls() > calls) == bool(use_amx)  # it ran
     finally:
         lib.quant_i4bf16_use_amx(int(os.environ.get(cpu_kernels.AMX_ENV, "1") != "0"))
+    if amx_here and amx != 1:
+        pytest.skip("AMX tile path not run: " + ("Linux refused the tile state" if amx < 0
+                                                 else "the C compiler does not target AMX"))
 
 
 def _check_pair_kernel(lib) -> None:
     gen = torch.Generator().manual_seed(3)
-    # k 288 in groups of 32: an odd number of groups (the tile path runs them in pairs)
+    # (group, bias, k): 1, 2, 3 and 9 groups (the tile path pipelines pairs of groups);
+    # groups of 64 and 96 take 2 and 3 tile products each; 24 and 48 tiles of 24
     for group, bias, k in ((32, True, 256), (64, False, 256), (8, True, 256),
-                           (16, False, 256), (32, False, 288)):
+                           (16, False, 256), (32, False, 288), (32, True, 32),
+                           (32, False, 64), (32, True, 96), (64, True, 192),
+                           (24, False, 240), (48, True, 240), (96, False, 288)):
         w = torch.randn(48, k, generator=gen)
         b = torch.randn(48, generator=gen) if bias else None
         layer = QuantLinear(quantize(w, 4, group=group), b)

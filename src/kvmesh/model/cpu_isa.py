@@ -116,6 +116,11 @@ def has_fast_bf16_native(flags: frozenset[str] | None = None) -> bool:
     return "avx512_bf16" in have or "amx_bf16" in have
 
 
+def has_amx(flags: frozenset[str] | None = None) -> bool:
+    """The CPU has AMX tiles with bf16 products (Sapphire Rapids and later)."""
+    return {"amx_tile", "amx_bf16"} <= (cpu_flags() if flags is None else flags)
+
+
 def describe() -> dict[str, object]:
     """What benchmarks record about the CPU."""
     flags = cpu_flags()

@@ -146,7 +146,7 @@ def load() -> ctypes.CDLL | None:
                 lib.small_linear_bf16.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
                 lib.small_linear_bf16.restype = ctypes.c_int
                 _quant_signatures(lib)
-                amx = lib.quant_i4bf16_use_amx(int(os.environ.get(AMX_ENV, "1") != "0"))
+                amx = _use_amx(lib, isa)
                 _loaded[isa] = lib
                 log.info("native CPU kernels built for ISA level %s%s", isa,
                          " (int4 batches on AMX tiles)" if amx else "")
@@ -154,6 +154,20 @@ def load() -> ctypes.CDLL | None:
                 log.warning("native CPU kernels unavailable, using SDPA and oneDNN: %s", exc)
                 _loaded[isa] = None
         return _loaded[isa]
+
+
+def _use_amx(lib: ctypes.CDLL, isa: str) -> bool:
+    """Turn the AMX tile path on unless KVMESH_AMX=0; say why where the CPU has AMX and
+    the path stays off."""
+    rc = lib.quant_i4bf16_use_amx(int(os.environ.get(AMX_ENV, "1") != "0"))
+    if rc < 0:
+        log.warning("Linux refused the AMX tile state (%s): int4 batches of bf16 models stay "
+                    "on AVX-512", os.strerror(-rc))
+    elif (rc == 0 and isa == "avx512_bf16" and cpu_isa.has_amx()
+          and not lib.quant_i4bf16_amx_built()):
+        log.info("this CPU has AMX, but the C compiler does not target it (needs GCC 11+ "
+                 "or clang 12+): int4 batches of bf16 models stay on AVX-512")
+    return rc == 1
 
 
 def _quant_signatures(lib: ctypes.CDLL) -> None:
@@ -170,6 +184,8 @@ def _quant_signatures(lib: ctypes.CDLL) -> None:
     lib.quant_i4bf16_max_rows.restype = ctypes.c_int
     lib.quant_i4bf16_use_amx.argtypes = [ctypes.c_int]
     lib.quant_i4bf16_use_amx.restype = ctypes.c_int
+    lib.quant_i4bf16_amx_built.restype = ctypes.c_int
+    lib.quant_i4bf16_amx_calls.restype = ctypes.c_int64
     lib.quant_linear_i4a8.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR,
                                       _I64, _I64, _I64, _PTR, _I64]
     lib.quant_linear_i4a8.restype = ctypes.c_int

@@ -43,6 +43,7 @@ int quant_i4bf16_available(void) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AMX_TILE__) && \
     defined(__AMX_BF16__) && defined(__linux__)
 #define AMX_BUILT 1
+#include <errno.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #else
@@ -50,21 +51,31 @@ int quant_i4bf16_available(void) {
 #endif
 #define AMX_MIN_ROWS 3 /* measured on a Xeon with AMX: at 2 rows AVX-512 is faster */
 
-static int use_amx = 0;
+static int use_amx = 0;        /* read once per call: toggling it mid-run is safe */
+static int64_t amx_calls = 0;  /* calls that took the tile path (tests ask) */
 
-/* want 1: use AMX where it is built and Linux grants the tile state; 0: don't. Returns
- * whether it is on now. Call before the kernels run (not while they do). */
+int quant_i4bf16_amx_built(void) { return AMX_BUILT; }
+
+int64_t quant_i4bf16_amx_calls(void) { return __atomic_load_n(&amx_calls, __ATOMIC_RELAXED); }
+
+/* want 1: use AMX where it is built and Linux grants the tile state (asked once per
+ * process; every thread inherits it); 0: don't. Returns 1 if it is on now, 0 if off by
+ * request or not built, -errno where Linux refused the tile state. */
 int quant_i4bf16_use_amx(int want) {
 #if AMX_BUILT
-    static int granted = -1;
-    if (want && granted < 0) /* ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA */
-        granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-    use_amx = want && granted > 0;
+    static int granted = 1; /* 1: not asked yet, 0: granted, < 0: -errno */
+    if (want && __atomic_load_n(&granted, __ATOMIC_ACQUIRE) == 1) {
+        /* ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA */
+        const int rc = syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 0 : -errno;
+        __atomic_store_n(&granted, rc, __ATOMIC_RELEASE);
+    }
+    const int on = want && __atomic_load_n(&granted, __ATOMIC_ACQUIRE) == 0;
+    __atomic_store_n(&use_amx, on, __ATOMIC_RELAXED);
+    return want && !on ? __atomic_load_n(&granted, __ATOMIC_ACQUIRE) : on;
 #else
     (void)want;
-    use_amx = 0;
+    return 0;
 #endif
-    return use_amx;
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -224,8 +235,10 @@ static void amx_block(struct amx_work *w) {
 
 /* The AMX path for this call, or 0 where it does not apply (then the AVX-512 one runs). */
 static int amx_run(const struct bargs *a, int64_t n, int64_t rows) {
-    const int64_t kk = a->group <= 32 ? a->group : 32;
-    if (!use_amx || rows < AMX_MIN_ROWS || a->group % kk || kk % 8) return 0;
+    int64_t kk = 32; /* k per tile product: the largest of 32, 24, 16, 8 in the group */
+    while (a->group % kk) kk -= 8;
+    if (!__atomic_load_n(&use_amx, __ATOMIC_RELAXED) || rows < AMX_MIN_ROWS) return 0;
+    __atomic_fetch_add(&amx_calls, 1, __ATOMIC_RELAXED);
 #pragma omp parallel
     {
         uint32_t b[2 * 16 * COLS] __attribute__((aligned(64)));
@@ -260,7 +273,8 @@ int quant_linear_i4bf16(const float *x, int64_t rows, int64_t x_stride, const ui
                         const float *scale, const float *min128, const float *bias, int64_t n,
                         int64_t k, int64_t group, float *y, int64_t y_stride) {
     if (rows == 0) return 0;
-    if (rows < 0 || rows > MAX_ROWS || n % COLS || group % 8 || group < 8 || k % group)
+    if (rows < 0 || rows > MAX_ROWS || n % COLS || group % 8 || group < 8 || k < group ||
+        k % group)
         return 1;
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
     const int64_t groups = k / group, half = k / 2;
