@@ -88,6 +88,27 @@ struct bargs {
     int64_t k, group, groups, y_stride;
 };
 
+/* One group of inputs rounded to bf16 (stored in order: the pairs' layout) and the sum of
+ * the rounded values. */
+static float round_group(const float *x, int64_t group, uint16_t *out) {
+    if (group % 16) {
+        float s = 0.0f;
+        for (int64_t i = 0; i < group; i++) {
+            out[i] = f32_to_bf16(x[i]);
+            s += bf16_to_f32(out[i]);
+        }
+        return s;
+    }
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < group; i += 16) {
+        const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i));
+        _mm256_storeu_si256((__m256i *)(out + i), h);
+        sum = _mm512_add_ps(sum, _mm512_castsi512_ps(
+                                     _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
 /* R rows x one 16-column block; U accumulators per row (U k-pair streams). */
 static inline __attribute__((always_inline)) void tile(const struct bargs *a, int64_t nb,
                                                         int64_t row0, const int R,
@@ -285,18 +306,10 @@ int quant_linear_i4bf16(const float *x, int64_t rows, int64_t x_stride, const ui
         free(xsum);
         return 2;
     }
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * x_stride;
-        for (int64_t g = 0; g < groups; g++) {
-            float s = 0.0f;
-            for (int64_t i = g * group; i < (g + 1) * group; i += 2) {
-                const uint16_t lo = f32_to_bf16(xr[i]), hi = f32_to_bf16(xr[i + 1]);
-                xb[r * half + i / 2] = (uint32_t)lo | ((uint32_t)hi << 16);
-                s += bf16_to_f32(lo) + bf16_to_f32(hi);
-            }
-            xsum[r * groups + g] = s;
-        }
-    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t g = 0; g < groups; g++)
+            xsum[r * groups + g] = round_group(x + r * x_stride + g * group, group,
+                                               (uint16_t *)(xb + r * half) + g * group);
     const struct bargs a = {q, xb, scale, min128, bias, xsum, y, k, group, groups, y_stride};
 #if AMX_BUILT
     if (!amx_run(&a, n, rows))
