@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
 
 from kvmesh import LLM, SamplingParams
 from kvmesh.model import cpu_isa
+from kvmesh.model.cpu_kernels import AMX_ENV
 from kvmesh.model.cpu_kernels import load as load_kernels
 from kvmesh.model.fused import BF16_FUSED_ROWS, FusedDecoder
 from tests.builders import build_grid_model, build_tiny_model
@@ -92,17 +94,26 @@ def test_fused_decode_bf16_is_no_worse_than_torch_bf16(tmp_path, monkeypatch, he
 @pytest.mark.skipif(not cpu_isa.has_fast_bf16_native(),
                     reason="bf16 models are quantized (and fused) only with native bf16")
 def test_fused_decode_bf16_leaves_large_batches_to_dense_bf16(tmp_path, monkeypatch):
+    """Up to 16 sequences (64 where the int4 kernel has AMX tiles) take the fused path;
+    larger decode batches the torch layers with the dense bf16 copies."""
     monkeypatch.setenv("KVMESH_FUSED_DECODE", "1")
+    lib = load_kernels()
+    assert lib is not None
+    amx = lib.quant_i4bf16_max_rows() == 64  # the tiles are on (16 rows without them)
+    limit = 64 if amx else BF16_FUSED_ROWS
+    assert amx == (cpu_isa.has_amx() and bool(lib.quant_i4bf16_amx_built())
+                   and os.environ.get(AMX_ENV, "1") != "0")
     llm = LLM(str(build_grid_model(tmp_path)), device="cpu", dtype="bfloat16", block_size=8,
-              num_blocks=512, max_num_seqs=40, max_num_batched_tokens=512)
+              num_blocks=512, max_num_seqs=limit + 8, max_num_batched_tokens=512)
     runs = _count_runs(monkeypatch)
-    prompts = [[(3 * i + j) % 300 + 3 for j in range(5)] for i in range(BF16_FUSED_ROWS + 8)]
+    prompts = [[(3 * i + j) % 300 + 3 for j in range(5)] for i in range(limit + 8)]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6,
                                                 ignore_eos=True))
     assert all(len(o.token_ids) == 6 for o in outs)
     assert not runs  # every decode step had more sequences than the fused limit
-    llm.generate(prompts[:3], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
-    assert runs and max(runs) <= BF16_FUSED_ROWS
+    llm.generate(prompts[:limit], SamplingParams(temperature=0.0, max_tokens=4,
+                                                 ignore_eos=True))
+    assert runs and max(runs) == limit
 
 
 def test_fused_path_only_where_it_applies(tmp_path, tiny_qwen3, monkeypatch):

@@ -100,7 +100,7 @@ def test_bf16_pair_kernel_matches_f_linear():
         for use_amx in [0, 1] if amx == 1 else [0]:
             assert lib.quant_i4bf16_use_amx(use_amx) == use_amx
             calls = lib.quant_i4bf16_amx_calls()
-            _check_pair_kernel(lib)
+            _check_pair_kernel(lib, bool(use_amx))
             assert (lib.quant_i4bf16_amx_calls() > calls) == bool(use_amx)  # it ran
     finally:
         lib.quant_i4bf16_use_amx(int(os.environ.get(cpu_kernels.AMX_ENV, "1") != "0"))
@@ -109,7 +109,7 @@ def test_bf16_pair_kernel_matches_f_linear():
                                                  else "the C compiler does not target AMX"))
 
 
-def _check_pair_kernel(lib) -> None:
+def _check_pair_kernel(lib, amx_on: bool) -> None:
     gen = torch.Generator().manual_seed(3)
     # (group, bias, k): 1, 2, 3 and 9 groups (the tile path pipelines pairs of groups);
     # groups of 64 and 96 take 2 and 3 tile products each; 24 and 48 tiles of 24
@@ -127,9 +127,11 @@ def _check_pair_kernel(lib) -> None:
                 layer._bf16_kernel(torch.randn(1, k))
             return
         ref_w = dequantize(layer.qw)
-        for rows in (0, 1, 2, 3, 4, 5, 7, 8, 11, 12, 15, 16, 17):  # 17: over its limit
+        limit = lib.quant_i4bf16_max_rows()  # 16, or 64 on AMX tiles (16 rows a tile)
+        assert limit == (64 if amx_on else 16)
+        for rows in (0, 1, 2, 3, 4, 5, 7, 8, 11, 12, 15, 16, 17, 19, 35, 64):
             x = torch.randn(rows, 300, generator=gen)[:, :k]  # row stride 300
-            ref = F.linear(x.bfloat16().float() if rows <= 16 else x, ref_w, b)
+            ref = F.linear(x.bfloat16().float() if rows <= limit else x, ref_w, b)
             torch.testing.assert_close(layer._bf16_kernel(x), ref, atol=2e-4, rtol=1e-4)
 
 

@@ -97,7 +97,8 @@ class FusedDecoder:
         # the most sequences a step may have: the kernel's batch limit; a bf16 model's
         # larger batches do better on its dense bf16 copies (model/quant.py)
         limit = lib.quant_linear_max_rows()
-        self.max_rows = min(limit, BF16_FUSED_ROWS) if dtype == torch.bfloat16 else limit
+        bf16_rows = max(BF16_FUSED_ROWS, lib.quant_i4bf16_max_rows())  # 64 on AMX tiles
+        self.max_rows = min(limit, bf16_rows) if dtype == torch.bfloat16 else limit
 
     @classmethod
     def build(cls, model: LlamaForCausalLM) -> FusedDecoder | None:

@@ -30,7 +30,13 @@
 #define COLS 16
 #define MAX_ROWS 16
 
-int quant_i4bf16_max_rows(void) { return MAX_ROWS; }
+#define AMX_MAX_ROWS 64 /* with AMX: batches in tiles of up to 16 rows */
+
+static int use_amx = 0; /* read once per call: toggling it mid-run is safe */
+
+int quant_i4bf16_max_rows(void) {
+    return __atomic_load_n(&use_amx, __ATOMIC_RELAXED) ? AMX_MAX_ROWS : MAX_ROWS;
+}
 
 int quant_i4bf16_available(void) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -51,7 +57,6 @@ int quant_i4bf16_available(void) {
 #endif
 #define AMX_MIN_ROWS 3 /* measured on a Xeon with AMX: at 2 rows AVX-512 is faster */
 
-static int use_amx = 0;        /* read once per call: toggling it mid-run is safe */
 static int64_t amx_calls = 0;  /* calls that took the tile path (tests ask) */
 
 int quant_i4bf16_amx_built(void) { return AMX_BUILT; }
@@ -294,8 +299,8 @@ int quant_linear_i4bf16(const float *x, int64_t rows, int64_t x_stride, const ui
                         const float *scale, const float *min128, const float *bias, int64_t n,
                         int64_t k, int64_t group, float *y, int64_t y_stride) {
     if (rows == 0) return 0;
-    if (rows < 0 || rows > MAX_ROWS || n % COLS || group % 8 || group < 8 || k < group ||
-        k % group)
+    if (rows < 0 || rows > quant_i4bf16_max_rows() || n % COLS || group % 8 || group < 8 ||
+        k < group || k % group)
         return 1;
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
     const int64_t groups = k / group, half = k / 2;
@@ -310,13 +315,15 @@ int quant_linear_i4bf16(const float *x, int64_t rows, int64_t x_stride, const ui
         for (int64_t g = 0; g < groups; g++)
             xsum[r * groups + g] = round_group(x + r * x_stride + g * group, group,
                                                (uint16_t *)(xb + r * half) + g * group);
-    const struct bargs a = {q, xb, scale, min128, bias, xsum, y, k, group, groups, y_stride};
+    for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) { /* over 16 rows: AMX, 16 at a time */
+        const int64_t part = rows - r0 < MAX_ROWS ? rows - r0 : MAX_ROWS;
+        const struct bargs a = {q,     xb + r0 * half, scale, min128, bias, xsum + r0 * groups,
+                                y + r0 * y_stride, k, group, groups, y_stride};
 #if AMX_BUILT
-    if (!amx_run(&a, n, rows))
+        if (amx_run(&a, n, part)) continue;
 #endif
-    {
 #pragma omp parallel for schedule(static)
-        for (int64_t nb = 0; nb < n / COLS; nb++) block(&a, nb, rows);
+        for (int64_t nb = 0; nb < n / COLS; nb++) block(&a, nb, part);
     }
     free(xb);
     free(xsum);
