@@ -112,8 +112,12 @@ def start_llama_server(stack: ExitStack, gguf: Path, slots: int, threads: int,
     try:
         return stack.enter_context(llama_server(gguf, slots, threads))
     except RuntimeError as exc:
-        notes["llama_server_no_repack"] = (f"llama-server failed to start ({exc}); it runs "
-                                           "with --no-repack (no AMX/repacked weight buffers)")
+        if "exited with -" not in str(exc):  # a crash (a signal), not a refused flag
+            raise
+        notes["llama_server_no_repack"] = (f"llama-server crashed at load ({exc}); it runs "
+                                           "with --no-repack (no AMX/repacked weight "
+                                           "buffers), so its figures are without llama.cpp's "
+                                           "AMX path")
         print(notes["llama_server_no_repack"], flush=True)
         return stack.enter_context(llama_server(gguf, slots, threads, ("--no-repack",)))
 
@@ -266,6 +270,9 @@ def main() -> None:
     one = results.get("kvmesh", {}).get("1")
     figures["decode_floor_ratio_1"] = (one["tpot_p50_s"] / floor["floor_s_per_token"]
                                        if one and one["tpot_p50_s"] else None)
+    notes["amx"] = ("kvmesh's servers inherit KVMESH_AMX from this process's environment "
+                    f"({os.environ.get('KVMESH_AMX', 'unset: on')}); kvmesh_no_amx sets it "
+                    "to 0")
     notes.update({
         "workload": f"random words, {PROMPT_WORDS} words (~128 tokens with the chat template) "
                     f"+ {OUTPUT_LEN} output tokens, EOS ignored, streaming chat completions; "

@@ -19,8 +19,10 @@ own counters, and `greedy_identical` counts the prompts whose output equals the 
         [--draft-quantization int4]
 
 Writes speculative.json (speculative_<dtype>.json for a --dtype other than auto; a
-`_draft` suffix with --method draft). The draft-model run that the README quotes is the
-exact float32 path drafting with an int4 copy of its own model:
+`_draft` suffix with --method draft), and the same document with the CPU kind appended
+(e.g. speculative_avx512_bf16_amx.json), so each kind's latest figures stay side by
+side. The draft-model run that the README quotes is the exact float32 path drafting with
+an int4 copy of its own model:
 
     python benchmarks/speculative.py --method draft --dtype float32 --quantization none --k 6
 """
@@ -179,7 +181,23 @@ def main() -> None:
                                  "round differently from plain decode steps; float32 "
                                  "identity is a test (tests/engine/test_speculative.py)"}
     name = "speculative" + ("" if args.dtype == "auto" else f"_{args.dtype}")
-    print(save(name + ("_draft" if args.method == "draft" else ""), config, figures, notes))
+    name += "_draft" if args.method == "draft" else ""
+    config["cpu"] = cpu_kind()
+    print(save(name, config, figures, notes))
+    print(save(f"{name}_{config['cpu']}", config, figures, notes))  # each CPU kind's latest
+
+
+def cpu_kind() -> str:
+    """The CPU's native ISA level, with `_amx` (or `_amx_off` under KVMESH_AMX=0) where it
+    has AMX tiles: what a verify step's cost depends on."""
+    import os
+
+    from kvmesh.model import cpu_isa
+
+    amx = ""
+    if cpu_isa.has_amx():
+        amx = "_amx_off" if os.environ.get("KVMESH_AMX", "1") == "0" else "_amx"
+    return cpu_isa.native_level() + amx
 
 
 if __name__ == "__main__":

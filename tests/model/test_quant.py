@@ -133,6 +133,12 @@ def _check_pair_kernel(lib, amx_on: bool) -> None:
             x = torch.randn(rows, 300, generator=gen)[:, :k]  # row stride 300
             ref = F.linear(x.bfloat16().float() if rows <= limit else x, ref_w, b)
             torch.testing.assert_close(layer._bf16_kernel(x), ref, atol=2e-4, rtol=1e-4)
+        x = torch.randn(65, k, generator=gen)  # over what the kernel ever takes: refused
+        y = torch.empty(65, 48)
+        pairs, min128 = layer.bf16_pairs
+        assert lib.quant_linear_i4bf16(
+            x.data_ptr(), 65, k, pairs.data_ptr(), layer.qw.scale.data_ptr(),
+            min128.data_ptr(), None, 48, k, group, y.data_ptr(), 48) == 1
 
 
 def test_auto_takes_only_exact_layers():

@@ -97,7 +97,10 @@ class FusedDecoder:
         # the most sequences a step may have: the kernel's batch limit; a bf16 model's
         # larger batches do better on its dense bf16 copies (model/quant.py)
         limit = lib.quant_linear_max_rows()
-        bf16_rows = max(BF16_FUSED_ROWS, lib.quant_i4bf16_max_rows())  # 64 on AMX tiles
+        # 64 where every linear is int4 with bf16 pairs and those run on AMX tiles
+        pairs = all(q.pairs for c in layers
+                    for q in (c.qkv, c.o, c.gate_up, c.down))
+        bf16_rows = max(BF16_FUSED_ROWS, lib.quant_i4bf16_max_rows() if pairs else 0)
         self.max_rows = min(limit, bf16_rows) if dtype == torch.bfloat16 else limit
 
     @classmethod

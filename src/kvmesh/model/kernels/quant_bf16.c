@@ -94,7 +94,8 @@ struct bargs {
 };
 
 /* One group of inputs rounded to bf16 (stored in order: the pairs' layout) and the sum of
- * the rounded values. */
+ * the rounded values. (The vector conversion flushes float32 denormals to zero, the scalar
+ * one for groups that are not a multiple of 16 keeps them: a difference below 1e-38.) */
 static float round_group(const float *x, int64_t group, uint16_t *out) {
     if (group % 16) {
         float s = 0.0f;
@@ -299,8 +300,10 @@ int quant_linear_i4bf16(const float *x, int64_t rows, int64_t x_stride, const ui
                         const float *scale, const float *min128, const float *bias, int64_t n,
                         int64_t k, int64_t group, float *y, int64_t y_stride) {
     if (rows == 0) return 0;
-    if (rows < 0 || rows > quant_i4bf16_max_rows() || n % COLS || group % 8 || group < 8 ||
-        k < group || k % group)
+    /* any number of rows up to AMX_MAX_ROWS gives right results, 16 at a time on either
+     * path (callers ask quant_i4bf16_max_rows() for the batches worth sending) */
+    if (rows < 0 || rows > AMX_MAX_ROWS || n % COLS || group % 8 || group < 8 || k < group ||
+        k % group)
         return 1;
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
     const int64_t groups = k / group, half = k / 2;
