@@ -152,6 +152,9 @@ class QuantLinear(nn.Module):
         # int4 with inputs rounded to int8 (kernels/quant_a8.c): float16 scales and
         # minimums, see `round_inputs_to_int8`
         self.fp16_scales: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # bf16 inputs: the kernel's float32 output is returned as is, not rounded to bf16
+        # (the lm_head: logits 16-32 apart by 0.125 in bf16 tie where float32 does not)
+        self.float_out = False
 
     @property
     def a8(self) -> bool:
@@ -187,8 +190,11 @@ class QuantLinear(nn.Module):
         if rows == 0:
             y = x2.new_empty((0, self.out_features))
         elif self.dense is not None and x2.dtype == torch.bfloat16:
-            y = (self.dense(x2) if rows > self.kernel_rows
-                 else self._bf16_kernel(x2.float().contiguous()).to(torch.bfloat16))
+            if rows > self.kernel_rows:
+                y = self.dense(x2)
+            else:
+                y = self._bf16_kernel(x2.float().contiguous())
+                y = y if self.float_out else y.to(torch.bfloat16)
         elif rows > self.max_rows and not self.a8:  # the int8-input kernel takes any batch
             y = F.linear(x2, self.weight(), self.bias)
         else:
@@ -301,6 +307,7 @@ def quantize_model(model: nn.Module, profile: str, int8_activations: bool = Fals
             label = "float" if qw is None else f"int{qw.bits}"
             if qw is not None:
                 layer = QuantLinear(qw, child.bias)
+                layer.float_out = child is head  # logits: no bf16 rounding (no false ties)
                 if (int8_activations and qw.bits == 4 and qw.group == GROUP
                         and layer.round_inputs_to_int8()):
                     label += "a8"
