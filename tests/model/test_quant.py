@@ -15,6 +15,7 @@ from kvmesh.model import cpu_isa, cpu_kernels
 from kvmesh.model.quant import (
     GROUP,
     QuantLinear,
+    attach_dense,
     bf16_pairs,
     dequantize,
     quantize,
@@ -318,3 +319,28 @@ def _defaults_path(llm: LLM, close_not_equal: bool, quantization: str) -> None:
     agree = sum(o.token_ids[0] == t for o, t in zip(forced, targets, strict=True))
     assert agree >= 0.9 * len(targets)
     assert sum(a[0] == b[0] for a, b in zip(free, refs, strict=True)) >= 2
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler")
+def test_bf16_model_head_returns_float32_logits():
+    """A bf16 model's quantized lm_head hands its kernel's float32 sums on unrounded (the
+    logits); every other layer returns bf16."""
+    gen = torch.Generator().manual_seed(5)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(64, 64)
+            self.lm_head = torch.nn.Linear(64, 48, bias=False)
+
+    model = Tiny()
+    assert quantize_model(model, "int8") == "int8x2"
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.float_out
+    assert isinstance(model.body, QuantLinear) and not model.body.float_out
+    attach_dense(model, lambda w, b: (lambda x: F.linear(x, w, b)))
+    x = torch.randn(3, 64, generator=gen).bfloat16()
+    logits = model.lm_head(x)
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, model.lm_head._kernel(x.float()))
+    assert not torch.equal(logits, logits.bfloat16().float())  # not bf16 values
+    assert model.body(x).dtype == torch.bfloat16

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from kvmesh import LLM, SamplingParams
 from kvmesh.model import cpu_isa, cpu_kernels
@@ -81,3 +82,27 @@ def test_chat_template_and_eos(llm):
     assert tok.decode(out.prompt_token_ids[:3], skip_special_tokens=False).startswith(
         "<|im_start|>system"
     )
+
+
+@pytest.mark.skipif(not cpu_isa.has_fast_bf16(), reason="bf16 is the default only with "
+                    "native bf16 dot products (AVX-512 BF16 or AMX)")
+def test_bf16_default_logits_are_not_rounded_to_bf16(default_gguf):
+    """The default on a CPU with native bf16 (bf16 + int4): the first token's logprobs for
+    a chat prompt (with the template's system prompt) stay within 0.15 of transformers'
+    float32, and its two near-equal leaders stay apart (float32 gap 0.08). Rounded to bf16,
+    logits of 16-32 are 0.125 apart: those two tied and greedy took the wrong one."""
+    llm = LLM()
+    assert llm.engine.loaded.dtype == torch.bfloat16
+    tok = llm.get_tokenizer()
+    prompt = tok.encode(tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}]))
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1, logprobs=5))
+    got = {int(k): float(getattr(v, "logprob", v))
+           for k, v in out[0].outputs[0].logprobs[0].items()}
+    hf = load_hf(default_gguf.parent, gguf_file=default_gguf.name)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0, -1].float().log_softmax(-1)
+    top2 = ref.topk(2).indices.tolist()
+    for t in top2:
+        assert t in got and abs(got[t] - float(ref[t])) < 0.15, (t, got, float(ref[t]))
+    assert got[top2[0]] != got[top2[1]]
