@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shlex
 import sys
@@ -66,6 +67,19 @@ def read_gbps(size_bytes: int = 512 * 1024**2, repeats: int = 5) -> float:
     for _ in range(repeats):
         src.sum()
     return size_bytes * repeats / (time.perf_counter() - start) / 1e9
+
+
+def cpu_kind(follow_switch: bool = True) -> str:
+    """The CPU's native ISA level, with `_amx` where it has AMX tiles (`_amx_off` under
+    KVMESH_AMX=0 when `follow_switch`): the suffix of each CPU kind's results file."""
+    from kvmesh.model import cpu_isa
+    from kvmesh.model.cpu_kernels import AMX_ENV
+
+    amx = ""
+    if cpu_isa.has_amx():
+        off = follow_switch and os.environ.get(AMX_ENV, "1") == "0"
+        amx = "_amx_off" if off else "_amx"
+    return cpu_isa.native_level() + amx
 
 
 def save(name: str, config: dict[str, Any], figures: dict[str, Any],

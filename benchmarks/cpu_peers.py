@@ -39,7 +39,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
-from common import read_gbps, save  # noqa: E402
+from common import cpu_kind, read_gbps, save  # noqa: E402
 from engine_throughput import cold_start  # noqa: E402
 from tests.server_process import free_port, serve  # noqa: E402
 
@@ -47,6 +47,7 @@ from kvmesh.bench.client import Endpoint  # noqa: E402
 from kvmesh.bench.datasets import random_dataset  # noqa: E402
 from kvmesh.bench.metrics import SLO, summarize  # noqa: E402
 from kvmesh.bench.runner import LoadProfile, run_load  # noqa: E402
+from kvmesh.model.cpu_kernels import AMX_ENV  # noqa: E402
 
 PROMPT_WORDS, OUTPUT_LEN = 100, 128  # ~128 prompt tokens with the chat template
 LLAMA_SERVER = ROOT / ".peers" / "llamacpp" / "bin" / "llama-server"
@@ -60,7 +61,7 @@ KVMESH_SYSTEMS = {  # name -> extra `kvmesh serve` flags; dtype auto unless name
     "kvmesh_float32_exact": ["--dtype", "float32", "--quantization", "none"],
     "kvmesh_no_amx": [],  # defaults, with the int4 kernels off the AMX tiles (AMX CPUs only)
 }
-KVMESH_ENV = {"kvmesh_no_amx": ("env", "KVMESH_AMX=0")}  # command prefixes
+KVMESH_ENV = {"kvmesh_no_amx": ("env", f"{AMX_ENV}=0")}  # command prefixes
 KV_BYTES = 1024**3
 
 
@@ -271,7 +272,7 @@ def main() -> None:
     figures["decode_floor_ratio_1"] = (one["tpot_p50_s"] / floor["floor_s_per_token"]
                                        if one and one["tpot_p50_s"] else None)
     notes["amx"] = ("kvmesh's servers inherit KVMESH_AMX from this process's environment "
-                    f"({os.environ.get('KVMESH_AMX', 'unset: on')}); kvmesh_no_amx sets it "
+                    f"({os.environ.get(AMX_ENV, 'unset: on')}); kvmesh_no_amx sets it "
                     "to 0")
     notes.update({
         "workload": f"random words, {PROMPT_WORDS} words (~128 tokens with the chat template) "
@@ -302,8 +303,7 @@ def main() -> None:
            "llama_cpp": version.read_text().strip() if version.exists() else None}
     print({k: v for k, v in figures.items() if k != "runs"})
     print("wrote", save("cpu_peers", cfg, figures, notes))
-    suffix = "_amx" if cpu_isa.has_amx() else ""
-    print("wrote", save(f"cpu_peers_{figures['cpu_native_isa']}{suffix}", cfg, figures, notes))
+    print("wrote", save(f"cpu_peers_{cpu_kind(follow_switch=False)}", cfg, figures, notes))
 
 
 if __name__ == "__main__":

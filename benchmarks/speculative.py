@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
+from common import cpu_kind, save  # noqa: E402
 
 TEXTS = [
     "The committee met on Tuesday to review the budget. The budget includes funding for "
@@ -186,18 +186,6 @@ def main() -> None:
     print(save(name, config, figures, notes))
     print(save(f"{name}_{config['cpu']}", config, figures, notes))  # each CPU kind's latest
 
-
-def cpu_kind() -> str:
-    """The CPU's native ISA level, with `_amx` (or `_amx_off` under KVMESH_AMX=0) where it
-    has AMX tiles: what a verify step's cost depends on."""
-    import os
-
-    from kvmesh.model import cpu_isa
-
-    amx = ""
-    if cpu_isa.has_amx():
-        amx = "_amx_off" if os.environ.get("KVMESH_AMX", "1") == "0" else "_amx"
-    return cpu_isa.native_level() + amx
 
 
 if __name__ == "__main__":
