@@ -3,23 +3,26 @@ attention time goes at many streams.
 
 Runs kvmesh's native decode kernel (`PagedDecodeKernel`, kernels/paged_decode.c) as one
 decode step of the default model would: `--layers` layers of `--seqs` sequences of
-`--context` tokens, 9 query heads over 3 KV heads of 64 dims, blocks of 16 tokens. Three
-layouts of the same bytes, rounds interleaved:
+`--context` tokens (194 by default: the mean context of `cpu_peers.py`'s 64-stream
+rounds, 130 prompt tokens and 128 generated), 9 query heads over 3 KV heads of 64 dims,
+blocks of 16 tokens, in a pool laid out as the engine's. Three layouts of the same bytes,
+rounds interleaved:
 
-- `cold_shuffled`: every sequence has its own blocks, in a random order, and every layer
-  its own cache (what a long-running server's pool looks like): the KV streams from DRAM;
+- `cold_shuffled`: every sequence has its own blocks, in a random order (a long-running
+  server's pool): the KV streams from memory;
 - `cold_sequential`: the same, with each sequence's blocks in ascending order (a fresh
   pool);
-- `hot`: every sequence reads the same blocks (a few hundred KB per layer, cache-resident):
-  the kernel's arithmetic alone.
+- `hot`: every sequence reads the same blocks (5 MB for the step, cache-resident): the
+  kernel's arithmetic alone.
 
 Reports ms per step, the KV bytes read per step and their rate, and that rate over the
 machine's streaming read bandwidth (a large tensor sum). The gap between `hot` and `cold`
 is time spent waiting on memory that prefetching did not hide.
 
-    python benchmarks/cpu_attention.py [--seqs 64] [--context 220] [--rounds 5]
+    python benchmarks/cpu_attention.py [--seqs 64] [--context 194] [--rounds 5]
 
-Writes benchmarks/results/cpu_attention_<cpu kind>.json. bfloat16 is measured where the
+Writes benchmarks/results/cpu_attention_<cpu kind>.json (`_as_<level>` added under a
+KVMESH_CPU_ISA that forces a lower level). bfloat16 is measured where the
 CPU has AVX-512 BF16 (elsewhere bf16 is not a dtype kvmesh picks), float32 everywhere.
 """
 
@@ -39,13 +42,21 @@ LAYOUTS = ("cold_shuffled", "cold_sequential", "hot")
 
 
 def build(layout: str, dtype, seqs: int, context: int, layers: int, gen) -> tuple:
-    """(per-layer (k, v) caches, block tables, lengths, queries) for one layout."""
+    """(per-layer (k, v) views, block tables, lengths, queries) for one layout. The cache
+    is the engine's pool, allocated as it allocates it (`lazy_zeros`: the same pages) and
+    laid out as it is: one tensor [blocks, layers, 2, block, kv_heads, dim], so a block's
+    K and V for every layer sit together and a layer's views step over the other layers'
+    bytes from block to block."""
     import torch
+
+    from kvmesh.engine.model_runner import lazy_zeros
 
     per_seq = -(-context // BLOCK)
     blocks = per_seq * (1 if layout == "hot" else seqs)
-    caches = [tuple(torch.randn(blocks, BLOCK, KV_HEADS, DIM, generator=gen).to(dtype)
-                    for _ in range(2)) for _ in range(layers)]
+    pool = lazy_zeros((blocks, layers, 2, BLOCK, KV_HEADS, DIM), dtype, torch.device("cpu"))
+    for layer in range(layers):  # a layer at a time: no float32 copy of the whole pool
+        pool[:, layer].copy_(torch.randn(blocks, 2, BLOCK, KV_HEADS, DIM, generator=gen))
+    caches = [(pool[:, layer, 0], pool[:, layer, 1]) for layer in range(layers)]
     if layout == "hot":
         tables = torch.arange(per_seq).repeat(seqs, 1)
     elif layout == "cold_sequential":
@@ -75,7 +86,7 @@ def step_s(kernel, case: tuple, iters: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqs", type=int, default=64)
-    ap.add_argument("--context", type=int, default=220)
+    ap.add_argument("--context", type=int, default=194)
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=5)
@@ -117,6 +128,8 @@ def main() -> None:
                   f"KV = {per[layout]['kv_gbps_over_read']:.2f} x read bandwidth", flush=True)
         figures["by_dtype"][name] = {"kv_bytes_per_step": kv_bytes, **per,
                                      "memory_floor_ms": kv_bytes / read / 1e6}
+    if not figures["by_dtype"]:
+        sys.exit("no native decode kernel could be built here: nothing measured, no file written")
     config = {"seqs": args.seqs, "context": args.context, "layers": args.layers,
               "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM, "block_size": BLOCK,
               "rounds": args.rounds, "iters": args.iters}
@@ -125,7 +138,10 @@ def main() -> None:
              "memory_floor_ms": "KV bytes per step / memory_read_gbps: the time a step "
                                 "could take if attention streamed its KV at the machine's "
                                 "read bandwidth"}
-    print(save(f"cpu_attention_{cpu_kind(follow_switch=False)}", config, figures, notes))
+    kind = cpu_kind(follow_switch=False)
+    if cpu_isa.level() != cpu_isa.native_level():  # KVMESH_CPU_ISA forced a lower level
+        kind += f"_as_{cpu_isa.level()}"
+    print(save(f"cpu_attention_{kind}", config, figures, notes))
 
 
 if __name__ == "__main__":

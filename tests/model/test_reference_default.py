@@ -90,19 +90,34 @@ def test_bf16_default_logits_are_not_rounded_to_bf16(default_gguf):
     """The default on a CPU with native bf16 (bf16 + int4): the first token's logprobs for
     a chat prompt (with the template's system prompt) stay within 0.15 of transformers'
     float32, and its two near-equal leaders stay apart (float32 gap 0.08). Rounded to bf16,
-    logits of 16-32 are 0.125 apart: those two tied and greedy took the wrong one."""
+    logits of 16-32 are 0.125 apart: those two tied and greedy took the wrong one. Alone,
+    the quantized head's kernel gives float32 logits; in a batch of 12 (above its kernel's
+    rows: the dense bf16 copy) the leaders are recomputed in float32 (model/logits.py), so
+    every copy gets the lone request's token and the same gap between the leaders (rounded
+    to bf16, the copies answered 'L', not 'The')."""
     llm = LLM()
     assert llm.engine.loaded.dtype == torch.bfloat16
     tok = llm.get_tokenizer()
     prompt = tok.encode(tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}]))
-    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1, logprobs=5))
-    got = {int(k): float(getattr(v, "logprob", v))
-           for k, v in out[0].outputs[0].logprobs[0].items()}
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
+    alone = llm.generate([prompt], params)[0].outputs[0]
+    batch = [o.outputs[0] for o in llm.generate([prompt] * 12, params)]
     hf = load_hf(default_gguf.parent, gguf_file=default_gguf.name)
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0, -1].float().log_softmax(-1)
     top2 = ref.topk(2).indices.tolist()
+    single = _logprobs(alone)
     for t in top2:
-        assert t in got and abs(got[t] - float(ref[t])) < 0.15, (t, got, float(ref[t]))
-    assert got[top2[0]] != got[top2[1]]
+        assert t in single and abs(single[t] - float(ref[t])) < 0.15, (t, single, float(ref[t]))
+    assert single[top2[0]] != single[top2[1]]
+    gap = single[top2[0]] - single[top2[1]]
+    for out in batch:  # the leaders' logits in float32: their gap is the lone request's;
+        got = _logprobs(out)  # the normaliser sums bf16 values further down (< 0.02)
+        assert out.token_ids == alone.token_ids
+        assert all(t in got and abs(got[t] - single[t]) < 0.02 for t in top2), (got, single)
+        assert abs((got[top2[0]] - got[top2[1]]) - gap) < 1e-4, (got, single)
+
+
+def _logprobs(out) -> dict[int, float]:
+    return {int(k): float(getattr(v, "logprob", v)) for k, v in out.logprobs[0].items()}

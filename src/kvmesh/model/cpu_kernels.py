@@ -4,7 +4,8 @@
 (causal prefill attention, bf16), `kernels/small_linear.c` (bf16 linears for decode-sized
 batches; both need AVX-512 BF16), `kernels/quant_linear.c` (int8/int4 weight-only linears,
 every ISA), `kernels/quant_bf16.c` (int4 linears of bf16 models, AVX-512 BF16) and
-`kernels/decode_layer.c` (a whole decoder layer per call) are plain C with no torch headers,
+`kernels/decode_layer.c` (a whole decoder layer per call) and `kernels/near_top.c` (bf16
+logits to float32 with each row's leaders found, model/logits.py) are plain C with no torch headers,
 so they build in about a second with `cc -O3 -march=native -fopenmp`, narrowed to the ISA
 level that `cpu_isa` selects
 (`KVMESH_CPU_ISA=avx2` builds the AVX2 variants on an AVX-512 machine). The shared object is
@@ -38,7 +39,7 @@ from kvmesh.model.registry import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCES = ("vec_math.h", "paged_decode.c", "paged_prefill.c", "small_linear.c",
-           "quant_linear.c", "quant_a8.c", "quant_bf16.c", "decode_layer.c")
+           "quant_linear.c", "quant_a8.c", "quant_bf16.c", "decode_layer.c", "near_top.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-Wno-psabi"]
 _SYMBOLS = {
     torch.bfloat16: "paged_decode_bf16",
@@ -190,6 +191,8 @@ def _quant_signatures(lib: ctypes.CDLL) -> None:
                                       _I64, _I64, _I64, _PTR, _I64]
     lib.quant_linear_i4a8.restype = ctypes.c_int
     lib.quant_a8_available.restype = ctypes.c_int
+    lib.near_top_bf16.argtypes = [_PTR, _I64, _I64, ctypes.c_float, _PTR, _PTR, _I64]
+    lib.near_top_bf16.restype = ctypes.c_int64
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, dtype: torch.dtype) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 from kvmesh.model.arch import ModelArch
 from kvmesh.model.attention import AttentionMetadata, paged_attention
 from kvmesh.model.layers import RMSNorm, RotaryEmbedding, apply_rope
+from kvmesh.model.logits import exact_near_top
 
 if TYPE_CHECKING:
     from kvmesh.model.fused import FusedDecoder
@@ -108,7 +109,10 @@ class LlamaForCausalLM(nn.Module):
             for layer, cache in zip(self.layers, kv_caches, strict=True):
                 x = layer.forward(x, cos, sin, cache, meta)
         x = self.norm.forward(x[logits_indices])
-        return self.lm_head.forward(x).float()
+        logits = self.lm_head.forward(x)
+        if logits.dtype == torch.float32:
+            return logits
+        return exact_near_top(self.lm_head, x, logits)  # no ties from bf16 rounding
 
     def load_hf_state(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named weights in, fusing q/k/v and gate/up."""

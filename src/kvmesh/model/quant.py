@@ -128,6 +128,21 @@ def dequantize(qw: Quantized) -> torch.Tensor:
     return w.transpose(1, 2).reshape(qw.n, qw.k)
 
 
+def dequantize_rows(qw: Quantized, rows: torch.Tensor) -> torch.Tensor:
+    """Output rows `rows` (int64 indices) of the float32 weight, [len(rows), K]: the
+    values of `dequantize(qw)[rows]` without building the whole matrix."""
+    nb, lane = rows // COLS, rows % COLS  # a row's column block and its lane in it
+    if qw.bits == 8:
+        q = qw.q.view(torch.int8).reshape(qw.n // COLS, qw.k, COLS)[nb, :, lane].float()
+    else:
+        b = qw.q.reshape(qw.n // COLS, qw.k // 2, COLS)[nb, :, lane]
+        q = torch.stack((b & 15, b >> 4), dim=2).reshape(len(rows), qw.k).float()
+    w = q * qw.scale[nb, :, lane].repeat_interleave(qw.group, dim=1)
+    if qw.min is not None:
+        w = w + qw.min[nb, :, lane].repeat_interleave(qw.group, dim=1)
+    return w
+
+
 class QuantLinear(nn.Module):
     """y = x W^T + b with a Quantized W.
 
