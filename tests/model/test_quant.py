@@ -118,8 +118,9 @@ def _check_pair_kernel(lib, amx_on: bool) -> None:
                            (16, False, 256), (32, False, 288), (32, True, 32),
                            (32, False, 64), (32, True, 96), (64, True, 192),
                            (24, False, 240), (48, True, 240), (96, False, 288)):
-        w = torch.randn(48, k, generator=gen)
-        b = torch.randn(48, generator=gen) if bias else None
+        n = 48 if group % 16 else 64  # 3 column blocks, or 4: the tiles' paired path
+        w = torch.randn(n, k, generator=gen)
+        b = torch.randn(n, generator=gen) if bias else None
         layer = QuantLinear(quantize(w, 4, group=group), b)
         layer.bf16_pairs = bf16_pairs(layer.qw)
         if not lib.quant_i4bf16_available():
