@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from kvmesh.model.logits import MARGIN, exact_near_top
+from kvmesh.model.packed import PackedLinear, can_pack, pack_linears
 from kvmesh.model.quant import QuantLinear, dequantize, dequantize_rows, quantize
 
 
@@ -112,3 +114,37 @@ def test_native_search_finds_the_same_leaders_as_torch(monkeypatch):
     got = logits._leaders(flat)
     assert len(got[1]) == 128 and torch.equal(got[0], flat.float())
     assert cpu_kernels.load() is None or cpu_kernels.load().near_top_bf16 is not None
+
+
+@pytest.mark.skipif(not can_pack(torch.bfloat16, torch.device("cpu")),
+                    reason="bf16 weights are packed for oneDNN only where the CPU has native "
+                    "bf16 (AVX512_BF16 or AMX)")
+def test_packed_head_keeps_its_weight_for_the_leaders():
+    """Where bf16 linears are packed for oneDNN (pack_linears), the lm_head keeps its plain
+    weight (the embedding's, where tied) so its leaders can be recomputed."""
+    head, x, lo, hi = _tied_head()
+    model = nn.Module()
+    model.lm_head = head
+    assert pack_linears(model) == 1
+    packed = model.lm_head
+    assert isinstance(packed, PackedLinear) and packed.source_weight is not None
+    assert packed.source_weight.data_ptr() == head.weight.data_ptr()  # shared, not a copy
+    with torch.no_grad():
+        rounded = packed(x)
+        out = exact_near_top(packed, x, rounded)
+    assert rounded[0, lo] == rounded[0, hi] and int(rounded.float().argmax()) == lo
+    assert int(out.argmax()) == hi
+
+
+def test_many_leaders_are_recomputed_in_chunks(monkeypatch):
+    """A flat row makes every logit a leader: recomputed CHUNK at a time, all of them."""
+    from kvmesh.model import logits
+
+    head = nn.Linear(16, 4096, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        head.weight.zero_()
+    x = torch.ones(3, 16, dtype=torch.bfloat16)
+    monkeypatch.setattr(logits, "CHUNK", 1000)
+    with torch.no_grad():
+        out = exact_near_top(head, x, head(x) + 1)  # every logit 1.0 in bf16, 0.0 exactly
+    assert torch.equal(out, torch.zeros(3, 4096))

@@ -86,7 +86,8 @@ def test_chat_template_and_eos(llm):
 
 @pytest.mark.skipif(not cpu_isa.has_fast_bf16(), reason="bf16 is the default only with "
                     "native bf16 dot products (AVX-512 BF16 or AMX)")
-def test_bf16_default_logits_are_not_rounded_to_bf16(default_gguf):
+@pytest.mark.parametrize("quantization", ["auto", "none"])
+def test_bf16_default_logits_are_not_rounded_to_bf16(default_gguf, quantization):
     """The default on a CPU with native bf16 (bf16 + int4): the first token's logprobs for
     a chat prompt (with the template's system prompt) stay within 0.15 of transformers'
     float32, and its two near-equal leaders stay apart (float32 gap 0.08). Rounded to bf16,
@@ -94,8 +95,9 @@ def test_bf16_default_logits_are_not_rounded_to_bf16(default_gguf):
     the quantized head's kernel gives float32 logits; in a batch of 12 (above its kernel's
     rows: the dense bf16 copy) the leaders are recomputed in float32 (model/logits.py), so
     every copy gets the lone request's token and the same gap between the leaders (rounded
-    to bf16, the copies answered 'L', not 'The')."""
-    llm = LLM()
+    to bf16, the copies answered 'L', not 'The'). Unquantized (`none`), the head is a bf16
+    matmul (oneDNN-packed) at any batch: its leaders are recomputed alone too."""
+    llm = LLM(quantization=quantization)
     assert llm.engine.loaded.dtype == torch.bfloat16
     tok = llm.get_tokenizer()
     prompt = tok.encode(tok.apply_chat_template(

@@ -10,9 +10,13 @@ kernel's rows), so a request's tokens could depend on how many others shared its
 enough to its row's maximum that rounding could have moved it past or below it: within
 2^-6 (|max| + 1), several times the rounding error of either value (at most 2^-8 of it).
 The greedy choice and the top of the distribution are then float32's; logits further
-down keep their bf16 values (off by at most 2^-8 of themselves). On the CPU the
+down keep their bf16 values (off by at most 2^-8 of themselves). For a head whose weights
+are bf16 (unquantized, packed or not) the margin is a bound. A quantized head's dense copy
+also rounds its weights to bf16, an error that is not bounded by the logit's size (it
+grows with sum |x w|): the margin covers it in practice, not provably. On the CPU the
 conversion to float32 and the search for the leaders are one native pass
-(kernels/near_top.c, about 0.5 ms for 64 rows of 49k); elsewhere torch ops.
+(kernels/near_top.c, about 1 ms for 64 rows of 49k); elsewhere torch ops. The leaders are
+recomputed CHUNK at a time, so a flat row (an untrained model) costs time, not memory.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ import torch
 from torch import nn
 
 from kvmesh.model.cpu_kernels import load
+from kvmesh.model.packed import PackedLinear
 from kvmesh.model.quant import QuantLinear, dequantize_rows
 
 MARGIN = 2.0**-6
 MAX_LEADERS = 1 << 16  # the native search's buffer; beyond it, torch ops find them
+CHUNK = 4096  # leaders recomputed at a time: bounded temporaries
 
 
 def _rows_and_bias(head: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor],
@@ -36,6 +42,9 @@ def _rows_and_bias(head: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tens
         return (lambda idx: dequantize_rows(head.qw, idx)), head.bias
     if isinstance(head, nn.Linear):
         return (lambda idx: head.weight[idx].float()), head.bias
+    if isinstance(head, PackedLinear) and head.source_weight is not None:
+        weight = head.source_weight
+        return (lambda idx: weight[idx].float()), head.bias
     return None
 
 
@@ -45,12 +54,14 @@ def exact_near_top(head: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> to
     found = _rows_and_bias(head)
     if found is None or logits.numel() == 0:
         return logits.float()
-    out, r, t = _leaders(logits)
+    out, rows, cols = _leaders(logits)
     rows_of, bias = found
-    exact = (x[r].float() * rows_of(t)).sum(-1)
-    if bias is not None:
-        exact += bias.float()[t]
-    out[r, t] = exact
+    for start in range(0, len(cols), CHUNK):
+        r, t = rows[start:start + CHUNK], cols[start:start + CHUNK]
+        exact = (x[r].float() * rows_of(t)).sum(-1)
+        if bias is not None:
+            exact += bias.float()[t]
+        out[r, t] = exact
     return out
 
 

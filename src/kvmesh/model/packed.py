@@ -32,6 +32,9 @@ class PackedLinear(nn.Module):
         self.bias = bias
         self.out_features = weight.shape[0]
         self.small: SmallLinear | None = None  # set by pack_linears where it applies
+        # the lm_head's plain weight (its embedding's where tied: no copy), for the float32
+        # leaders of its bf16 logits (model/logits.py); None for the other layers
+        self.source_weight: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.small is not None and x.dim() == 2 and x.shape[0] <= SmallLinear.MAX_ROWS:
@@ -80,7 +83,9 @@ def pack_linears(model: nn.Module, batch_hint: int = 16) -> int:
                 except RuntimeError as exc:
                     log.info("weight packing unavailable: %s", exc)
                     return count
-                if use_small and child is not getattr(model, "lm_head", None):
+                if child is getattr(model, "lm_head", None):
+                    packed.source_weight = child.weight.detach()
+                elif use_small:
                     _attach_small(packed, child.weight, child.bias)
                 setattr(parent, name, packed)
                 count += 1

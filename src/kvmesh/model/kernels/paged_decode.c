@@ -438,8 +438,11 @@ INLINE void attend(enum kind kind, const struct args *a, int64_t s, int64_t b0, 
         const int64_t off = table[b] * a->block_stride;
         const int64_t next = b + 1 < b1 ? table[b + 1] * a->block_stride : -1;
         const int64_t lines = next >= 0 && spread ? slab * (int64_t)elem / 64 : 0;
-        struct pref kf = {(const char *)a->k + (size_t)(next * (int64_t)elem), lines};
-        struct pref vf = {(const char *)a->v + (size_t)(next * (int64_t)elem), lines};
+        struct pref kf = {NULL, 0}, vf = {NULL, 0};
+        if (lines > 0) {
+            kf = (struct pref){(const char *)a->k + (size_t)(next * (int64_t)elem), lines};
+            vf = (struct pref){(const char *)a->v + (size_t)(next * (int64_t)elem), lines};
+        }
         if (next >= 0 && !spread) prefetch_block(a->k, next, slab * (int64_t)elem, elem);
         block_scores(kind, a, off, count, qf, q_raw, scores, &kf);
         if (next >= 0 && !spread) prefetch_block(a->v, next, slab * (int64_t)elem, elem);
