@@ -117,20 +117,13 @@ def dequantize(qw: Quantized) -> torch.Tensor:
         if rc != 0:
             raise RuntimeError(f"dequantize kernel rejected its inputs (code {rc})")
         return w
-    nb = qw.n // COLS
-    if qw.bits == 8:
-        cols = qw.q.view(torch.int8).reshape(nb, qw.k, COLS).float()
-    else:
-        b = qw.q.reshape(nb, qw.k // 2, 1, COLS)
-        cols = torch.cat((b & 15, b >> 4), dim=2).reshape(nb, qw.k, COLS).float()
-    scale = qw.scale.repeat_interleave(qw.group, dim=1)
-    w = cols * scale + (0 if qw.min is None else qw.min.repeat_interleave(qw.group, dim=1))
-    return w.transpose(1, 2).reshape(qw.n, qw.k)
+    return dequantize_rows(qw, torch.arange(qw.n))
 
 
 def dequantize_rows(qw: Quantized, rows: torch.Tensor) -> torch.Tensor:
-    """Output rows `rows` (int64 indices) of the float32 weight, [len(rows), K]: the
-    values of `dequantize(qw)[rows]` without building the whole matrix."""
+    """Output rows `rows` (int64 indices) of the float32 weight, [len(rows), K], with torch
+    ops: `dequantize`'s values for those rows without building the whole matrix (and,
+    over every row, its path where the native kernels are missing)."""
     nb, lane = rows // COLS, rows % COLS  # a row's column block and its lane in it
     if qw.bits == 8:
         q = qw.q.view(torch.int8).reshape(qw.n // COLS, qw.k, COLS)[nb, :, lane].float()

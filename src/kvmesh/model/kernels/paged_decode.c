@@ -344,25 +344,6 @@ INLINE void block_values(enum kind kind, const struct args *a, int64_t off, int6
 /* Online softmax over one block's scores: rescale the running sums when the max grows,
  * and turn the scores into weights relative to the running max. */
 #if HAVE_AVX512_BF16
-/* exp_neg (vec_math.h) on 16 lanes: the same polynomial and steps. */
-INLINE __m512 exp_neg16(__m512 x) {
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 big = _mm512_set1_ps(12582912.0f);
-    const __m512 n = _mm512_sub_ps(_mm512_add_ps(t, big), big);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    const __m512i e = _mm512_slli_epi32(
-        _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    const __mmask16 keep = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
-    return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(e));
-}
-
 /* block_softmax for a block of at most 16 tokens, each head's scores one vector. */
 INLINE void block_softmax16(const struct args *a, int64_t count, float *scores, float *mx,
                             float *sum, float *acc) {

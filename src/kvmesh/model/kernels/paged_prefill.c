@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vec_math.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 
@@ -28,28 +30,6 @@ struct pargs {
     int64_t q_stride, block_stride, table_width, heads, kv_heads, block_size;
     float scale;
 };
-
-/* e^x for x <= 0, 16 lanes: 2^(x log2 e) = 2^n * 2^f, a degree-6 polynomial for 2^f. */
-static inline __m512 exp_neg16(__m512 x) {
-    const __m512 t = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                   _mm512_set1_ps(-150.0f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
-static inline uint16_t to_bf16(float f) { /* round to nearest even */
-    union { uint32_t u; float f; } c = {.f = f};
-    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40u);
-    return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
-}
 
 /* Key tile [t0, t0 + count): K as (d pair) x token uint32 pairs, V widened to float32. */
 static inline __attribute__((always_inline)) void load_tile(
@@ -155,7 +135,7 @@ static inline __attribute__((always_inline)) void attend_tile(
             const int64_t r = i * group + g;
             const float inv = 1.0f / sum[r];
             uint16_t *o = a->out + ((first + r0 + i) * a->heads + h * group + g) * dim;
-            for (int d = 0; d < dim; d++) o[d] = to_bf16(acc[r * dim + d] * inv);
+            for (int d = 0; d < dim; d++) o[d] = f32_to_bf16(acc[r * dim + d] * inv);
         }
 }
 

@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "vec_math.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define HAVE_BF16_DOT 1
@@ -34,12 +36,6 @@ int small_linear_pack_bf16(const uint16_t *w, int64_t n, int64_t k, uint16_t *pa
 }
 
 #if HAVE_BF16_DOT
-static inline uint16_t to_bf16(float f) {
-    union { uint32_t u; float f; } c = {.f = f};
-    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40u);
-    return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
-}
-
 /* One block of 16 outputs for `rows` input rows (a literal at each call site). */
 static inline __attribute__((always_inline)) void block16(
     const uint32_t *x, int64_t x_stride, const uint16_t *wb, int64_t k, const float *bias,
@@ -57,7 +53,7 @@ static inline __attribute__((always_inline)) void block16(
     for (int m = 0; m < rows; m++) {
         float out[16];
         _mm512_storeu_ps(out, _mm512_add_ps(acc[m], b));
-        for (int j = 0; j < 16; j++) y[m * y_stride + j] = to_bf16(out[j]);
+        for (int j = 0; j < 16; j++) y[m * y_stride + j] = f32_to_bf16(out[j]);
     }
 }
 
