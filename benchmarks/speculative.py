@@ -14,7 +14,7 @@ time, prefill included) is reported beside it. Figures are medians over rounds, 
 spread; the speculative side's acceptance rate and tokens per verifying step come from its
 own counters, and `greedy_identical` counts the prompts whose output equals the plain one.
 
-    python benchmarks/speculative.py [--tokens 128] [--rounds 3] [--k 3] [--dtype auto]
+    python benchmarks/speculative.py [--tokens 128] [--rounds 3] [--k 8] [--dtype auto]
         [--quantization auto] [--method ngram|draft] [--draft-model M]
         [--draft-quantization int4]
 
@@ -37,6 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_kind, save  # noqa: E402
+
+from kvmesh.config import SchedulerConfig  # noqa: E402
 
 TEXTS = [
     "The committee met on Tuesday to review the budget. The budget includes funding for "
@@ -139,7 +141,8 @@ def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--k", type=int, default=3, help="--num-speculative-tokens")
+    ap.add_argument("--k", type=int, default=SchedulerConfig.num_speculative_tokens,
+                    help="--num-speculative-tokens")
     ap.add_argument("--dtype", default="auto", help="as kvmesh serve --dtype")
     ap.add_argument("--quantization", default="auto", help="the target's, as --quantization")
     ap.add_argument("--method", choices=("ngram", "draft"), default="ngram")

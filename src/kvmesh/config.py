@@ -170,8 +170,9 @@ class SchedulerConfig:
         "Weight-only quantization of the draft model, as --quantization (int4 makes a "
         "cheap draft of a float32 target, even of the same model).", default="auto")
     num_speculative_tokens: int = _help(
-        "Most tokens drafted per sequence and step (a verify step of k + 1 rows costs about "
-        "2x a plain step at k = 4 on a 2-core CPU).", default=3)
+        "Most tokens drafted per sequence and step. Each sequence's draft length adapts "
+        "within 1..k: it starts at 4, doubles while drafts are accepted whole and drops to "
+        "one past the accepted tokens after a miss.", default=8)
     speculative_max_seqs: int = _help(
         "Speculate only while at most this many sequences run: on a CPU a large batch is "
         "compute-bound and verifying drafts costs more than it saves.", default=4)

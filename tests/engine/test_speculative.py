@@ -171,3 +171,45 @@ def test_rejection_sampling_keeps_the_target_distribution(params):
         else:
             m = float(second.sum())
             assert (second / m - target[1]).abs().max() < 4 * (0.25 / m) ** 0.5
+
+
+class _Echo:
+    """A drafter that always proposes as many tokens as it may (the ones at the start of
+    the sequence): what is accepted is the test's to say."""
+
+    def propose(self, wants):
+        return [list(w.tokens[:w.max_tokens]) for w in wants]
+
+    def forget(self, seq_ids):
+        pass
+
+
+def test_draft_length_adapts_to_what_is_accepted():
+    from kvmesh.config import SchedulerConfig
+    from kvmesh.engine.speculation import START_LENGTH, Speculator
+    from tests.builders import make_request
+
+    k = 8
+    spec = Speculator(SchedulerConfig(num_speculative_tokens=k), 10_000, drafter=_Echo())
+    req = make_request("r", 40, max_tokens=1000)
+    req.num_computed_tokens = req.num_tokens - 1  # decoding: one token pending
+
+    def step(accept: int | None = None) -> int:
+        spec.draft([req])
+        n = len(req.spec_token_ids)
+        if n:
+            spec.observe("r", n, n if accept is None else accept)
+        return n
+
+    assert step() == min(k, START_LENGTH)  # whole: the next may be twice as long
+    assert step() == k and step() == k  # capped at k
+    assert step(accept=2) == k  # cut short after 2 of k...
+    assert step() == 3  # ...so the next holds 2 + 1, and grows again when it is whole
+    assert step() == 6 and step() == k
+    assert step(accept=0) == k  # wholly rejected: a back-off of 2 plain steps
+    assert step() == 0 and step() == 0
+    assert step() == 1  # then a one-token probe, doubling while it is accepted
+    assert step() == 2 and step() == 4
+    short = Speculator(SchedulerConfig(num_speculative_tokens=2), 10_000, drafter=_Echo())
+    short.draft([req])
+    assert len(req.spec_token_ids) == 2  # never past k, from the first draft on

@@ -18,6 +18,7 @@ from kvmesh.model.quant import (
     attach_dense,
     bf16_pairs,
     dequantize,
+    int8_activations_available,
     quantize,
     quantize_model,
 )
@@ -345,3 +346,56 @@ def test_bf16_model_head_returns_float32_logits():
     assert torch.equal(logits, model.lm_head._kernel(x.float()))
     assert not torch.equal(logits, logits.bfloat16().float())  # not bf16 values
     assert model.body(x).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler")
+def test_weight_prefetch_changes_no_result_bit():
+    """The linears' software prefetch (KVMESH_PREFETCH, kernels_set_prefetch) is a hint:
+    every kernel this CPU runs gives bit-identical results with it off, at the default and
+    at a distance past the end of the weights."""
+    lib = cpu_kernels.load()
+    assert lib is not None
+    default = lib.kernels_set_prefetch(2048)
+    assert default == int(os.environ.get(cpu_kernels.PREFETCH_ENV, "2048"))
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(64, 256, generator=gen)
+    layers = [QuantLinear(quantize(w, 8), None), QuantLinear(quantize(w, 4), None)]
+    if int8_activations_available():
+        a8 = QuantLinear(quantize(w, 4), None)
+        assert a8.round_inputs_to_int8()
+        layers.append(a8)
+    if lib.quant_i4bf16_available():
+        pairs = QuantLinear(quantize(w, 4), None)
+        pairs.bf16_pairs = bf16_pairs(pairs.qw)
+        layers.append(pairs)
+    try:
+        for rows in (1, 2, 4, 9):
+            x = torch.randn(rows, 256, generator=gen)
+            runs = []
+            for dist in (0, 2048, 1 << 20):
+                lib.kernels_set_prefetch(dist)
+                runs.append([layer._bf16_kernel(x) if layer.bf16_pairs is not None
+                             else layer._kernel(x) for layer in layers])
+            for other in runs[1:]:
+                assert all(torch.equal(a, b) for a, b in zip(runs[0], other, strict=True))
+        assert lib.kernels_set_prefetch(-5) == 1 << 20 and lib.kernels_set_prefetch(0) == 0
+    finally:
+        lib.kernels_set_prefetch(default)
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler")
+def test_prefetch_env_sets_the_distance(tmp_path):
+    """KVMESH_PREFETCH=N reaches the kernels at load; a value that is not a number leaves
+    the default and says so."""
+    import subprocess
+    import sys
+
+    code = ("import logging; logging.basicConfig(level=logging.WARNING)\n"
+            "from kvmesh.model import cpu_kernels\n"
+            "print(cpu_kernels.load().kernels_set_prefetch(0))")
+    for value, want in (("0", "0"), ("4096", "4096"), ("lots", "2048")):
+        env = {**os.environ, cpu_kernels.PREFETCH_ENV: value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=120, check=True)
+        assert out.stdout.split()[-1] == want, out
+        assert ("is not a number" in out.stderr) == (value == "lots")

@@ -72,10 +72,14 @@ class NgramIndex:
 
 
 class NgramDrafter:
-    """Prompt lookup per sequence. A match needs at least `min_n` tokens: a one-token
-    match is mostly chance in chat."""
+    """Prompt lookup per sequence, from the longest match of up to `max_n` tokens down to
+    `min_n`. One-token matches are chance more often, but the speculator's back-off and
+    adaptive draft length keep their misses cheap, and they carry a copy across the places
+    where the output's tokens split differently from the source's (measured at k 8 on a
+    Xeon: chat 1.13x with min_n 2, 1.17x and 1.22x with 1; copy-heavy 1.48x to 1.50x
+    either way)."""
 
-    def __init__(self, max_n: int = 3, min_n: int = 2):
+    def __init__(self, max_n: int = 3, min_n: int = 1):
         self.max_n, self.min_n = max_n, min_n
         self._indexes: dict[str, NgramIndex] = {}
 

@@ -11,6 +11,13 @@ average of the share of its drafts accepted and stops drafting while that is und
 `MIN_ACCEPTANCE`, and after a step whose draft was wholly rejected it waits 2, 4, ... 32
 steps before drafting again. A drafter that raises costs a step's drafts, never a request;
 after MAX_DRAFT_FAILURES in a row, speculation stays off.
+
+How long a draft may be adapts per sequence, within 1..k (`num_speculative_tokens`): it
+starts at min(k, START_LENGTH), doubles after a draft accepted whole and drops to one past
+the accepted tokens after a draft cut short. A verify step's rows cost little each on top
+of the step (the weights are read once for all), so a sequence that copies its context
+(an edit, a repeated passage) verifies long drafts, while one whose drafts miss early pays
+for short ones only.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ MAX_BACKOFF_STEPS = 32
 MAX_DRAFT_FAILURES = 3  # drafter exceptions in a row before speculation turns off
 MIN_ACCEPTANCE = 0.3  # a verify step costs about what 1 + 0.3 * k plain tokens would
 EMA_WEIGHT = 0.3  # of the latest step in a sequence's acceptance average
+START_LENGTH = 4  # a sequence's first draft length (then adapted within 1..k)
 
 
 def can_speculate(p: SamplingParams) -> bool:
@@ -52,6 +60,7 @@ class Speculator:
         self._failures = 0  # drafter failures in a row
         self._backoff: dict[str, tuple[int, int]] = {}  # seq -> (steps to skip, next skip)
         self._rate: dict[str, float] = {}  # seq -> moving average of its acceptance
+        self._length: dict[str, int] = {}  # seq -> the most it may draft next (1..k)
         self.num_drafted = 0
         self.num_accepted = 0
         self.num_verify_steps = 0  # sequence-steps that verified a draft
@@ -109,12 +118,14 @@ class Speculator:
         room = self.max_model_len - req.num_tokens - 1
         if p.max_tokens is not None:
             room = min(room, p.max_tokens - req.num_output_tokens - 1)
-        return max(0, min(self.k, room))
+        length = self._length.get(req.request_id, min(self.k, START_LENGTH))
+        return max(0, min(length, room))
 
     def observe(self, seq_id: str, num_drafted: int, num_accepted: int) -> None:
         self.num_drafted += num_drafted
         self.num_accepted += num_accepted
         self.num_verify_steps += 1
+        self._adapt_length(seq_id, num_drafted, num_accepted)
         last = num_accepted / num_drafted if num_drafted else 0.0
         rate = self._rate.get(seq_id)
         self._rate[seq_id] = last if rate is None else (
@@ -125,12 +136,23 @@ class Speculator:
         _, step = self._backoff.get(seq_id, (0, 2))
         self._backoff[seq_id] = (step, min(2 * step, MAX_BACKOFF_STEPS))
 
+    def _adapt_length(self, seq_id: str, num_drafted: int, num_accepted: int) -> None:
+        """Double the next draft's length after one accepted whole, else cut it to one past
+        what was accepted (the draft missed there: the next is likely to miss early too)."""
+        length = self._length.get(seq_id, min(self.k, START_LENGTH))
+        if num_drafted and num_accepted == num_drafted:
+            length = max(length, 2 * num_drafted)
+        else:
+            length = num_accepted + 1
+        self._length[seq_id] = max(1, min(self.k, length))
+
     def forget(self, seq_ids: Iterable[str]) -> None:
         seq_ids = list(seq_ids)
         self.drafter.forget(seq_ids)
         for seq_id in seq_ids:
             self._backoff.pop(seq_id, None)
             self._rate.pop(seq_id, None)
+            self._length.pop(seq_id, None)
 
     def counts(self) -> SpecCounts:
         """The counters now. Safe off the engine thread: `observe` grows drafted before

@@ -50,6 +50,7 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGTYPES = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR,
              _I64, _I64, _I64, _I64, _I64, ctypes.c_float]
 AMX_ENV = "KVMESH_AMX"  # "0": the int4 kernels of bf16 models keep off the AMX tiles
+PREFETCH_ENV = "KVMESH_PREFETCH"  # bytes the linears prefetch ahead of their weights; 0: off
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
@@ -148,6 +149,7 @@ def load() -> ctypes.CDLL | None:
                 lib.small_linear_bf16.restype = ctypes.c_int
                 _quant_signatures(lib)
                 amx = _use_amx(lib, isa)
+                _set_prefetch(lib)
                 _loaded[isa] = lib
                 log.info("native CPU kernels built for ISA level %s%s", isa,
                          " (int4 batches on AMX tiles)" if amx else "")
@@ -171,7 +173,23 @@ def _use_amx(lib: ctypes.CDLL, isa: str) -> bool:
     return rc == 1
 
 
+def _set_prefetch(lib: ctypes.CDLL) -> None:
+    """KVMESH_PREFETCH=N: the linears prefetch N bytes ahead of their weights (default 2048,
+    0 off; for A/B runs, see benchmarks/decode_step.py)."""
+    value = os.environ.get(PREFETCH_ENV)
+    if value is None:
+        return
+    try:
+        dist = int(value)
+    except ValueError:
+        log.warning("%s=%r is not a number of bytes: the default stays", PREFETCH_ENV, value)
+        return
+    lib.kernels_set_prefetch(max(0, dist))
+
+
 def _quant_signatures(lib: ctypes.CDLL) -> None:
+    lib.kernels_set_prefetch.argtypes = [_I64]
+    lib.kernels_set_prefetch.restype = _I64
     lib.quant_linear_f32.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR,
                                      _I64, _I64, _I64, _I64, _PTR, _I64]
     lib.quant_linear_f32.restype = ctypes.c_int

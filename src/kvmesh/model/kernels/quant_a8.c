@@ -30,6 +30,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vec_math.h" /* prefetch_lines */
+
 #define A8_GROUP 32
 #define A8_MAX_ROWS 256 /* rows per pass; quant_linear_i4a8 takes any number */
 
@@ -93,6 +95,7 @@ static inline __m256 half8(const uint16_t *p) {
 /* R rows (a literal at each call) times one 16-column block. */
 static inline __attribute__((always_inline)) void tile(const struct a8args *a, int64_t nb,
                                                        int64_t row0, const int R) {
+    const int64_t pf = prefetch_distance();
     const uint8_t *blk = a->q + nb * a->k * 8;
     const uint16_t *sc = a->scale + nb * a->groups * 16;
     const uint16_t *mn = a->min ? a->min + nb * a->groups * 16 : NULL;
@@ -104,6 +107,9 @@ static inline __attribute__((always_inline)) void tile(const struct a8args *a, i
     __m256 tot[R][2];
     for (int r = 0; r < R; r++) tot[r][0] = tot[r][1] = _mm256_setzero_ps();
     for (int64_t g = 0; g < a->groups; g++) {
+        prefetch_lines(blk + g * (A8_GROUP / 4) * 32, (A8_GROUP / 4) * 32, pf);
+        prefetch_lines(sc + g * 16, 32, pf / 4);
+        if (mn != NULL) prefetch_lines(mn + g * 16, 32, pf / 4);
         __m256i acc[R][2];
         for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
         for (int j = 0; j < A8_GROUP / 4; j++) {

@@ -123,6 +123,7 @@ static float round_group(const float *x, int64_t group, uint16_t *out) {
 static inline __attribute__((always_inline)) void tile(const struct bargs *a, int64_t nb,
                                                         int64_t row0, const int R,
                                                         const int U) {
+    const int64_t pf = prefetch_distance();
     const __m512i mask = _mm512_set1_epi32(0x000F000F);
     const __m512i hi_bits = _mm512_set1_epi32(0x43004300); /* bf16(128) in both halves */
     const uint32_t *blk = a->q + nb * (a->k / 8) * COLS;
@@ -130,10 +131,13 @@ static inline __attribute__((always_inline)) void tile(const struct bargs *a, in
     __m512 tot[R];
     for (int r = 0; r < R; r++) tot[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < a->groups; g++) {
+        prefetch_lines(a->scale + (nb * a->groups + g) * COLS, 64, pf / 4);
+        prefetch_lines(a->min128 + (nb * a->groups + g) * COLS, 64, pf / 4);
         __m512 acc[R][U];
         for (int r = 0; r < R; r++)
             for (int u = 0; u < U; u++) acc[r][u] = _mm512_setzero_ps();
         for (int64_t c = g * chunks; c < (g + 1) * chunks; c++) {
+            prefetch_lines(blk + c * COLS, 64, pf);
             const __m512i lane = _mm512_loadu_si512(blk + c * COLS);
             for (int p = 0; p < 4; p++) {
                 const __m512i v = _mm512_ternarylogic_epi32(_mm512_srli_epi32(lane, 4 * p),
@@ -191,13 +195,16 @@ struct amx_work {
     int64_t nb, rows, kk, tiles;
     uint32_t *b;          /* 2 x 16 pair-rows x 16 lanes: one B buffer per tile set */
     float *c, *tot;       /* 2 x rows x 16 C floats; rows x 16 running sums */
+    int64_t pf;           /* prefetch distance (vec_math.h) */
 };
 
 /* The k-pairs [c0 * 4, c0 * 4 + kk / 2) of a column block's packed ints into B buffer bt. */
-static inline void unpack_b(const uint32_t *blk, int64_t c0, int64_t kk, uint32_t *bt) {
+static inline void unpack_b(const uint32_t *blk, int64_t c0, int64_t kk, uint32_t *bt,
+                            int64_t pf) {
     const __m512i mask = _mm512_set1_epi32(0x000F000F);
     const __m512i hi_bits = _mm512_set1_epi32(0x43004300);
     for (int64_t ch = 0; ch < kk / 8; ch++) {
+        prefetch_lines(blk + (c0 + ch) * COLS, 64, pf);
         const __m512i lane = _mm512_loadu_si512(blk + (c0 + ch) * COLS);
         for (int p = 0; p < 4; p++)
             _mm512_store_si512(bt + (4 * ch + p) * COLS,
@@ -208,7 +215,7 @@ static inline void unpack_b(const uint32_t *blk, int64_t c0, int64_t kk, uint32_
 
 /* Unpack the k-pairs [c0 * 4, c0 * 4 + kk / 2) of the block into B buffer `which`. */
 static inline void amx_unpack(const struct amx_work *w, int64_t c0, int which) {
-    unpack_b(w->blk, c0, w->kk, w->b + which * 16 * COLS);
+    unpack_b(w->blk, c0, w->kk, w->b + which * 16 * COLS, w->pf);
 }
 
 /* Issue group g's tile products into C tile (g & 1), with its A and B tiles. */
@@ -286,7 +293,7 @@ static void amx_configure22(int64_t rows, int64_t kk) {
  * folded into the running sums. */
 static void amx_block22(const struct bargs *a, int64_t nb, int64_t r0, int64_t rows, int64_t R,
                         int RT, int64_t kk, uint32_t *b, float *c, float *tot) {
-    const int64_t half = a->k / 2, tiles = a->group / kk;
+    const int64_t half = a->k / 2, tiles = a->group / kk, pf = prefetch_distance();
     const uint32_t *blk0 = a->q + nb * (a->k / 8) * COLS, *blk1 = blk0 + (a->k / 8) * COLS;
     for (int rt = 0; rt < RT; rt++)
         for (int cb = 0; cb < 2; cb++)
@@ -301,8 +308,8 @@ static void amx_block22(const struct bargs *a, int64_t nb, int64_t r0, int64_t r
         }
         for (int64_t t = 0; t < tiles; t++) {
             const int64_t c0 = g * (a->group / 8) + t * (kk / 8);
-            unpack_b(blk0, c0, kk, b);
-            unpack_b(blk1, c0, kk, b + 16 * COLS);
+            unpack_b(blk0, c0, kk, b, pf);
+            unpack_b(blk1, c0, kk, b + 16 * COLS, pf);
             _tile_loadd(6, b, 64);
             _tile_loadd(7, b + 16 * COLS, 64);
             _tile_loadd(4, a->xb + r0 * half + c0 * 4, a->k * 2);
@@ -322,6 +329,8 @@ static void amx_block22(const struct bargs *a, int64_t nb, int64_t r0, int64_t r
             _tile_stored(3, cs + 3 * MAX_ROWS * COLS, 64);
         }
         for (int cb = 0; cb < 2; cb++) {
+            prefetch_lines(a->scale + ((nb + cb) * a->groups + g) * COLS, 64, pf / 4);
+            prefetch_lines(a->min128 + ((nb + cb) * a->groups + g) * COLS, 64, pf / 4);
             const __m512 s = _mm512_loadu_ps(a->scale + ((nb + cb) * a->groups + g) * COLS);
             const __m512 m = _mm512_loadu_ps(a->min128 + ((nb + cb) * a->groups + g) * COLS);
             for (int rt = 0; rt < RT; rt++) {
@@ -388,7 +397,8 @@ static int amx_run(const struct bargs *a, int64_t n, int64_t rows) {
         uint32_t b[2 * 16 * COLS] __attribute__((aligned(64)));
         float c[2 * MAX_ROWS * COLS] __attribute__((aligned(64)));
         float tot[MAX_ROWS * COLS] __attribute__((aligned(64)));
-        struct amx_work w = {a, NULL, 0, rows, kk, a->group / kk, b, c, tot};
+        struct amx_work w = {a, NULL, 0, rows, kk, a->group / kk, b, c, tot,
+                             prefetch_distance()};
         amx_configure(rows, kk);
 #pragma omp for schedule(static)
         for (int64_t nb = 0; nb < n / COLS; nb++) {

@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "vec_math.h" /* prefetch_lines */
+
 #define INLINE_DECL static inline __attribute__((always_inline))
 
 #if defined(__AVX512F__)
@@ -86,6 +88,14 @@ INLINE_DECL void q4(const uint8_t *p, vf *lo, vf *hi) {
 #define MAX_ROWS 64
 #endif
 
+int64_t kv_prefetch_dist = 2048; /* see vec_math.h */
+
+/* Set how far ahead the linears prefetch their weights, in bytes (0: not at all); returns
+ * the previous distance. */
+int64_t kernels_set_prefetch(int64_t dist) {
+    return __atomic_exchange_n(&kv_prefetch_dist, dist < 0 ? 0 : dist, __ATOMIC_RELAXED);
+}
+
 struct qargs {
     const float *x;
     int64_t x_stride, n, k, group;
@@ -100,6 +110,7 @@ struct qargs {
  * weight vector once per k and shared by the R rows; R and U are literals at each call. */
 INLINE_DECL void tile(const struct qargs *a, const uint8_t *blk, int64_t nb, int64_t row0,
                       const int bits, const int R, const int U) {
+    const int64_t pf = prefetch_distance();
     const float *sc = a->scale + nb * a->groups * COLS;
     const float *mn = a->min ? a->min + nb * a->groups * COLS : NULL;
     const float *x = a->x + row0 * a->x_stride;
@@ -109,6 +120,11 @@ INLINE_DECL void tile(const struct qargs *a, const uint8_t *blk, int64_t nb, int
             for (int h = 0; h < H; h++) acc[u][r][h] = VZERO();
     for (int64_t g = 0; g < a->groups; g++) {
         const int64_t k0 = g * a->group;
+        if (bits != 32) { /* the scaled floats are in cache: scaled_block just wrote them */
+            prefetch_lines(blk + k0 * COLS * bits / 8, a->group * COLS * bits / 8, pf);
+            prefetch_lines(sc + g * COLS, 64, pf / 4);
+            if (mn != NULL) prefetch_lines(mn + g * COLS, 64, pf / 4);
+        }
         vf s[H];
         for (int h = 0; h < H; h++) s[h] = VLOAD(sc + g * COLS + h * W);
         if (bits == 32) { /* weights already scaled to float: scaled_block() */
@@ -166,6 +182,7 @@ INLINE_DECL void tile(const struct qargs *a, const uint8_t *blk, int64_t nb, int
  * at the group's end, so no multiply per weight vector. */
 INLINE_DECL void row1(const struct qargs *a, const uint8_t *blk, int64_t nb, int64_t row,
                       const int bits) {
+    const int64_t pf = prefetch_distance();
     const float *sc = a->scale + nb * a->groups * COLS;
     const float *mn = a->min ? a->min + nb * a->groups * COLS : NULL;
     const float *x = a->x + row * a->x_stride;
@@ -173,6 +190,9 @@ INLINE_DECL void row1(const struct qargs *a, const uint8_t *blk, int64_t nb, int
     for (int h = 0; h < H; h++) tot[h] = VZERO();
     for (int64_t g = 0; g < a->groups; g++) {
         const int64_t k0 = g * a->group;
+        prefetch_lines(blk + k0 * COLS * bits / 8, a->group * COLS * bits / 8, pf);
+        prefetch_lines(sc + g * COLS, 64, pf / 4);
+        if (mn != NULL) prefetch_lines(mn + g * COLS, 64, pf / 4);
         vf acc[4][H];
         for (int u = 0; u < 4; u++)
             for (int h = 0; h < H; h++) acc[u][h] = VZERO();
@@ -238,8 +258,11 @@ INLINE_DECL void block(const struct qargs *a, const uint8_t *blk, const float *w
 
 static void scaled_block(const struct qargs *a, const uint8_t *blk, int64_t nb, int bits,
                          float *out) {
+    const int64_t pf = prefetch_distance();
     const float *sc = a->scale + nb * a->groups * COLS;
     for (int64_t g = 0; g < a->groups; g++) {
+        prefetch_lines(blk + g * a->group * COLS * bits / 8, a->group * COLS * bits / 8, pf);
+        prefetch_lines(sc + g * COLS, 64, pf / 4);
         vf s[H];
         for (int h = 0; h < H; h++) s[h] = VLOAD(sc + g * COLS + h * W);
         for (int64_t k = g * a->group; k < (g + 1) * a->group; k += 2)

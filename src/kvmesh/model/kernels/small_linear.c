@@ -43,9 +43,10 @@ static inline __attribute__((always_inline)) void block16(
     __m512 acc[MAX_ROWS];
     for (int m = 0; m < rows; m++) acc[m] = _mm512_setzero_ps();
     const __m512i *wv = (const __m512i *)wb;
+    const int64_t pf = prefetch_distance();
     for (int64_t kp = 0; kp < k / 2; kp++) {
         const __m512bh w = (__m512bh)_mm512_loadu_si512((const void *)(wv + kp));
-        _mm_prefetch((const char *)(wv + kp + 16), _MM_HINT_T0);
+        prefetch_lines(wv + kp, 64, pf);
         for (int m = 0; m < rows; m++)
             acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_set1_epi32((int)x[m * x_stride + kp]), w);
     }

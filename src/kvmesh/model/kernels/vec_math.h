@@ -23,6 +23,26 @@ static inline float exp_neg(float x) {
     return p * s.f;
 }
 
+/* Software prefetch for the linears' weight streams: kv_prefetch_dist bytes ahead of the
+ * packed weights being read, a quarter as far ahead of their scales (which advance a
+ * quarter as fast or less); 0 turns it off (kernels_set_prefetch, KVMESH_PREFETCH). With
+ * the hardware prefetchers alone, a one-row int4 layer streamed its weights at 13.5 GB/s
+ * on a 2-core Xeon (AMX) whose memory reads 23 GB/s; 2048 bytes ahead, at 19-21 GB/s
+ * (benchmarks/decode_step.py has the whole step, on and off). */
+extern int64_t kv_prefetch_dist;
+
+/* Prefetch the `bytes` from p + dist on, a line at a time (a hint: it never faults, even
+ * past the end of an array). */
+static inline void prefetch_lines(const void *p, int64_t bytes, int64_t dist) {
+    if (dist <= 0) return;
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)p + dist + i, 0, 3);
+}
+
+/* The distance in force: read once per call of a kernel, outside its loops. */
+static inline int64_t prefetch_distance(void) {
+    return __atomic_load_n(&kv_prefetch_dist, __ATOMIC_RELAXED);
+}
+
 static inline float bf16_to_f32(uint16_t h) {
     union { uint32_t u; float f; } c = {.u = (uint32_t)h << 16};
     return c.f;
