@@ -1,5 +1,8 @@
 """The int4 linear kernels of bf16 models, by batch rows: AVX-512 BF16 against AMX tiles.
 
+(AMX is timed twice: as it runs, and with one row tile not pipelined over the groups,
+`amx_unpiped`, the path before amx_pipe21.)
+
 Times `QuantLinear` on the bf16-pair kernel (kernels/quant_bf16.c) for the default model's
 layer shapes (qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536), random int4
 weights in groups of 32, at 1 to 64 rows, with the AMX tile path off and (where this CPU
@@ -53,7 +56,7 @@ def main() -> None:
         print(f"no bf16-pair kernel at ISA level {cpu_isa.level()}: nothing to measure")
         return
     amx = lib.quant_i4bf16_use_amx(1) == 1
-    modes = ["avx512", "amx"] if amx else ["avx512"]
+    modes = ["avx512", "amx", "amx_unpiped"] if amx else ["avx512"]
     gen = torch.Generator().manual_seed(0)
     samples: dict[str, dict[str, dict[int, list[float]]]] = {}
     for name, (n, k) in SHAPES.items():
@@ -67,7 +70,8 @@ def main() -> None:
             for rows in ROWS:
                 x = torch.randn(rows, k, generator=gen)
                 for mode in modes:
-                    lib.quant_i4bf16_use_amx(int(mode == "amx"))
+                    lib.quant_i4bf16_use_amx(int(mode.startswith("amx")))
+                    lib.quant_i4bf16_use_pipe(int(mode != "amx_unpiped"))
                     if rows > lib.quant_i4bf16_max_rows():
                         continue
                     per[mode][rows].append(_time_us(partial(layer._bf16_kernel, x), args.iters))
@@ -75,6 +79,7 @@ def main() -> None:
                 with torch.no_grad():
                     per["onednn_bf16"][rows].append(_time_us(partial(dense, xb), args.iters))
         lib.quant_i4bf16_use_amx(int(amx))
+        lib.quant_i4bf16_use_pipe(1)
         best = {m: {r: round(min(v), 1) for r, v in d.items() if v} for m, d in per.items()}
         print(name, best, flush=True)
     figures: dict = {**cpu_isa.describe(), "amx": amx, "us_best": {}, "us_median": {},
@@ -91,7 +96,9 @@ def main() -> None:
               "group": 32, "threads": torch.get_num_threads()}
     notes = {"method": "QuantLinear._bf16_kernel (inputs rounded to bf16, float32 sums) "
                        "with the AMX path off and on via quant_i4bf16_use_amx, the same "
-                       "weights and inputs; onednn_bf16 is torch's bf16 Linear on the "
+                       "weights and inputs; amx_unpiped: the AMX path with one row tile "
+                       "run as the two-tile path runs (quant_i4bf16_use_pipe(0)); "
+                       "onednn_bf16 is torch's bf16 Linear on the "
                        "dequantized weight; weights stay in cache across calls",
              "vs_one_row": "best time at R rows / best AVX-512 time at 1 row"}
     print(save("cpu_kernels", config, figures, notes))

@@ -135,7 +135,14 @@ def _check_pair_kernel(lib, amx_on: bool) -> None:
         for rows in (0, 1, 2, 3, 4, 5, 7, 8, 11, 12, 15, 16, 17, 19, 35, 64):
             x = torch.randn(rows, 300, generator=gen)[:, :k]  # row stride 300
             ref = F.linear(x.bfloat16().float() if rows <= limit else x, ref_w, b)
-            torch.testing.assert_close(layer._bf16_kernel(x), ref, atol=2e-4, rtol=1e-4)
+            y = layer._bf16_kernel(x)
+            torch.testing.assert_close(y, ref, atol=2e-4, rtol=1e-4)
+            if amx_on and 3 <= rows <= 16:  # one row tile: pipelined, or as two tiles run
+                lib.quant_i4bf16_use_pipe(0)
+                try:
+                    assert torch.equal(layer._bf16_kernel(x), y), (group, k, rows)
+                finally:
+                    lib.quant_i4bf16_use_pipe(1)
         x = torch.randn(65, k, generator=gen)  # over what the kernel ever takes: refused
         y = torch.empty(65, 48)
         pairs, min128 = layer.bf16_pairs

@@ -204,6 +204,8 @@ def _quant_signatures(lib: ctypes.CDLL) -> None:
     lib.quant_i4bf16_use_amx.argtypes = [ctypes.c_int]
     lib.quant_i4bf16_use_amx.restype = ctypes.c_int
     lib.quant_i4bf16_amx_built.restype = ctypes.c_int
+    lib.quant_i4bf16_use_pipe.argtypes = [ctypes.c_int]
+    lib.quant_i4bf16_use_pipe.restype = ctypes.c_int
     lib.quant_i4bf16_amx_calls.restype = ctypes.c_int64
     lib.quant_linear_i4a8.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR,
                                       _I64, _I64, _I64, _PTR, _I64]

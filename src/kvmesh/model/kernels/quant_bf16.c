@@ -62,6 +62,13 @@ int quant_i4bf16_available(void) {
 #define AMX_MIN_ROWS 3 /* measured on a Xeon with AMX: at 2 rows AVX-512 is faster */
 
 static int64_t amx_calls = 0;  /* calls that took the tile path (tests ask) */
+static int use_pipe = 1;       /* the pipelined one-row-tile path (amx_pipe21); 0 for A/B */
+
+/* want 1: one row tile of the paired AMX path runs pipelined over the groups (the
+ * default), 0: as the two-row-tile path does. Same results; returns the previous value. */
+int quant_i4bf16_use_pipe(int want) {
+    return __atomic_exchange_n(&use_pipe, want != 0, __ATOMIC_RELAXED);
+}
 
 int quant_i4bf16_amx_built(void) { return AMX_BUILT; }
 
@@ -287,6 +294,50 @@ static void amx_configure22(int64_t rows, int64_t kk) {
     _tile_loadconfig(&c);
 }
 
+/* Fold group g's stored C tiles (cs: [row tile][column block] of MAX_ROWS x 16 floats)
+ * into the running sums of blocks nb and nb + 1, rows [r0, r0 + RT * R). */
+static inline void fold22(const struct bargs *a, int64_t nb, int64_t g, int64_t r0, int64_t R,
+                          int RT, const float *cs, float *tot, int64_t pf) {
+    for (int cb = 0; cb < 2; cb++) {
+        prefetch_lines(a->scale + ((nb + cb) * a->groups + g) * COLS, 64, pf / 4);
+        prefetch_lines(a->min128 + ((nb + cb) * a->groups + g) * COLS, 64, pf / 4);
+        const __m512 s = _mm512_loadu_ps(a->scale + ((nb + cb) * a->groups + g) * COLS);
+        const __m512 m = _mm512_loadu_ps(a->min128 + ((nb + cb) * a->groups + g) * COLS);
+        for (int rt = 0; rt < RT; rt++) {
+            const float *ct = cs + (rt * 2 + cb) * MAX_ROWS * COLS;
+            float *tt = tot + (rt * 2 + cb) * MAX_ROWS * COLS;
+            const float *xs = a->xsum + (r0 + rt * R) * a->groups + g;
+            for (int64_t r = 0; r < R; r++) {
+                __m512 acc = _mm512_fmadd_ps(_mm512_load_ps(ct + r * COLS), s,
+                                             _mm512_load_ps(tt + r * COLS));
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(xs[r * a->groups]), m, acc);
+                _mm512_store_ps(tt + r * COLS, acc);
+            }
+        }
+    }
+}
+
+static inline void zero22(int64_t R, int RT, float *tot) {
+    for (int rt = 0; rt < RT; rt++)
+        for (int cb = 0; cb < 2; cb++)
+            for (int64_t r = 0; r < R; r++)
+                _mm512_store_ps(tot + ((rt * 2 + cb) * MAX_ROWS + r) * COLS, _mm512_setzero_ps());
+}
+
+/* The running sums (+ bias) out to y, real rows only. */
+static inline void out22(const struct bargs *a, int64_t nb, int64_t r0, int64_t rows, int64_t R,
+                         int RT, const float *tot) {
+    for (int rt = 0; rt < RT; rt++)
+        for (int cb = 0; cb < 2; cb++) {
+            const float *tt = tot + (rt * 2 + cb) * MAX_ROWS * COLS;
+            for (int64_t r = 0; r < R && r0 + rt * R + r < rows; r++) {
+                __m512 out = _mm512_load_ps(tt + r * COLS);
+                if (a->bias) out = _mm512_add_ps(out, _mm512_loadu_ps(a->bias + (nb + cb) * COLS));
+                _mm512_storeu_ps(a->y + (r0 + rt * R + r) * a->y_stride + (nb + cb) * COLS, out);
+            }
+        }
+}
+
 /* Rows [r0, r0 + RT * R) (RT row tiles of R rows; xb and xsum padded with zeros to whole
  * tiles) x column blocks nb and nb + 1. Per group: both blocks unpacked, both row tiles'
  * inputs loaded, four tile products, the four C tiles stored (alternating buffers) and
@@ -295,10 +346,7 @@ static void amx_block22(const struct bargs *a, int64_t nb, int64_t r0, int64_t r
                         int RT, int64_t kk, uint32_t *b, float *c, float *tot) {
     const int64_t half = a->k / 2, tiles = a->group / kk, pf = prefetch_distance();
     const uint32_t *blk0 = a->q + nb * (a->k / 8) * COLS, *blk1 = blk0 + (a->k / 8) * COLS;
-    for (int rt = 0; rt < RT; rt++)
-        for (int cb = 0; cb < 2; cb++)
-            for (int64_t r = 0; r < R; r++)
-                _mm512_store_ps(tot + ((rt * 2 + cb) * MAX_ROWS + r) * COLS, _mm512_setzero_ps());
+    zero22(R, RT, tot);
     for (int64_t g = 0; g < a->groups; g++) {
         _tile_zero(0);
         _tile_zero(1);
@@ -328,33 +376,82 @@ static void amx_block22(const struct bargs *a, int64_t nb, int64_t r0, int64_t r
             _tile_stored(2, cs + 2 * MAX_ROWS * COLS, 64);
             _tile_stored(3, cs + 3 * MAX_ROWS * COLS, 64);
         }
-        for (int cb = 0; cb < 2; cb++) {
-            prefetch_lines(a->scale + ((nb + cb) * a->groups + g) * COLS, 64, pf / 4);
-            prefetch_lines(a->min128 + ((nb + cb) * a->groups + g) * COLS, 64, pf / 4);
-            const __m512 s = _mm512_loadu_ps(a->scale + ((nb + cb) * a->groups + g) * COLS);
-            const __m512 m = _mm512_loadu_ps(a->min128 + ((nb + cb) * a->groups + g) * COLS);
-            for (int rt = 0; rt < RT; rt++) {
-                const float *ct = cs + (rt * 2 + cb) * MAX_ROWS * COLS;
-                float *tt = tot + (rt * 2 + cb) * MAX_ROWS * COLS;
-                const float *xs = a->xsum + (r0 + rt * R) * a->groups + g;
-                for (int64_t r = 0; r < R; r++) {
-                    __m512 acc = _mm512_fmadd_ps(_mm512_load_ps(ct + r * COLS), s,
-                                                 _mm512_load_ps(tt + r * COLS));
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(xs[r * a->groups]), m, acc);
-                    _mm512_store_ps(tt + r * COLS, acc);
-                }
-            }
-        }
+        fold22(a, nb, g, r0, R, RT, cs, tot, pf);
     }
-    for (int rt = 0; rt < RT; rt++)
-        for (int cb = 0; cb < 2; cb++) {
-            const float *tt = tot + (rt * 2 + cb) * MAX_ROWS * COLS;
-            for (int64_t r = 0; r < R && r0 + rt * R + r < rows; r++) {
-                __m512 out = _mm512_load_ps(tt + r * COLS);
-                if (a->bias) out = _mm512_add_ps(out, _mm512_loadu_ps(a->bias + (nb + cb) * COLS));
-                _mm512_storeu_ps(a->y + (r0 + rt * R + r) * a->y_stride + (nb + cb) * COLS, out);
+    out22(a, nb, r0, rows, R, RT, tot);
+}
+
+#define PIPE_TILES 4 /* most tile products per group in the pipelined path (groups <= 128) */
+
+/* Group g's tile products for one row tile: B from the buffer unpacked the group before,
+ * into C tiles CA and CB (0 and 1 for even groups, 2 and 3 for odd ones). */
+#define PIPE_ISSUE(CA, CB)                                                                  \
+    do {                                                                                    \
+        _tile_zero(CA);                                                                     \
+        _tile_zero(CB);                                                                     \
+        for (int64_t t = 0; t < tiles; t++) {                                               \
+            const int64_t c0 = g * (a->group / 8) + t * (kk / 8);                          \
+            _tile_loadd(6, bg + 2 * t * 16 * COLS, 64);                                     \
+            _tile_loadd(7, bg + (2 * t + 1) * 16 * COLS, 64);                               \
+            _tile_loadd(4, a->xb + r0 * half + c0 * 4, a->k * 2);                           \
+            _tile_dpbf16ps(CA, 4, 6);                                                       \
+            _tile_dpbf16ps(CB, 4, 7);                                                       \
+        }                                                                                   \
+    } while (0)
+
+/* One row tile (R rows) x column blocks nb and nb + 1, software-pipelined over the groups:
+ * while group g's tile products run (C tiles alternating between pairs 0-1 and 2-3), group
+ * g + 1 is unpacked into the other B buffer, group g - 1's C tiles are stored and group
+ * g - 2's folded into the sums. amx_block22 instead waits on each group's unpacked B
+ * (stores, then tile loads of them) and its C (tile stores, then loads): at the few rows of
+ * a verify step or a small batch, that waiting was most of the time. Same products and
+ * sums, in the same order, as amx_block22. b: 2 x PIPE_TILES x 2 x 16 x 16 uint32. */
+static void amx_pipe21(const struct bargs *a, int64_t nb, int64_t r0, int64_t rows, int64_t R,
+                       int64_t kk, uint32_t *b, float *c, float *tot) {
+    const int64_t half = a->k / 2, tiles = a->group / kk, groups = a->groups;
+    const int64_t pf = prefetch_distance(), buf = PIPE_TILES * 2 * 16 * COLS;
+    const uint32_t *blk0 = a->q + nb * (a->k / 8) * COLS, *blk1 = blk0 + (a->k / 8) * COLS;
+    zero22(R, 1, tot);
+    for (int64_t t = 0; t < tiles; t++) {
+        unpack_b(blk0, t * (kk / 8), kk, b + 2 * t * 16 * COLS, pf);
+        unpack_b(blk1, t * (kk / 8), kk, b + (2 * t + 1) * 16 * COLS, pf);
+    }
+    for (int64_t g = 0; g < groups; g++) {
+        const uint32_t *bg = b + (g & 1) * buf;
+        if (g & 1) PIPE_ISSUE(2, 3);
+        else PIPE_ISSUE(0, 1);
+        if (g + 1 < groups) {
+            uint32_t *bn = b + ((g + 1) & 1) * buf;
+            for (int64_t t = 0; t < tiles; t++) {
+                const int64_t c0 = (g + 1) * (a->group / 8) + t * (kk / 8);
+                unpack_b(blk0, c0, kk, bn + 2 * t * 16 * COLS, pf);
+                unpack_b(blk1, c0, kk, bn + (2 * t + 1) * 16 * COLS, pf);
             }
         }
+        if (g >= 1) {
+            float *cs = c + ((g - 1) & 1) * 4 * MAX_ROWS * COLS;
+            if ((g - 1) & 1) {
+                _tile_stored(2, cs, 64);
+                _tile_stored(3, cs + MAX_ROWS * COLS, 64);
+            } else {
+                _tile_stored(0, cs, 64);
+                _tile_stored(1, cs + MAX_ROWS * COLS, 64);
+            }
+        }
+        if (g >= 2) fold22(a, nb, g - 2, r0, R, 1, c + (g & 1) * 4 * MAX_ROWS * COLS, tot, pf);
+    }
+    float *cs = c + ((groups - 1) & 1) * 4 * MAX_ROWS * COLS;
+    if ((groups - 1) & 1) {
+        _tile_stored(2, cs, 64);
+        _tile_stored(3, cs + MAX_ROWS * COLS, 64);
+    } else {
+        _tile_stored(0, cs, 64);
+        _tile_stored(1, cs + MAX_ROWS * COLS, 64);
+    }
+    if (groups >= 2) fold22(a, nb, groups - 2, r0, R, 1, c + (groups & 1) * 4 * MAX_ROWS * COLS,
+                            tot, pf);
+    fold22(a, nb, groups - 1, r0, R, 1, cs, tot, pf);
+    out22(a, nb, r0, rows, R, 1, tot);
 }
 
 /* The paired AMX path for all `rows` (xb, xsum padded to whole tiles of R rows), or 0
@@ -367,9 +464,10 @@ static int amx_run22(const struct bargs *a, int64_t n, int64_t rows, int64_t R) 
         return 0;
     __atomic_fetch_add(&amx_calls, 1, __ATOMIC_RELAXED);
     const int64_t pass = 2 * R, passes = (rows + pass - 1) / pass;
+    const int pipe = __atomic_load_n(&use_pipe, __ATOMIC_RELAXED);
 #pragma omp parallel
     {
-        uint32_t b[2 * 16 * COLS] __attribute__((aligned(64)));
+        uint32_t b[2 * PIPE_TILES * 2 * 16 * COLS] __attribute__((aligned(64)));
         float c[2 * 4 * MAX_ROWS * COLS] __attribute__((aligned(64)));
         float tot[4 * MAX_ROWS * COLS] __attribute__((aligned(64)));
         amx_configure22(R, kk);
@@ -378,7 +476,10 @@ static int amx_run22(const struct bargs *a, int64_t n, int64_t rows, int64_t R) 
             for (int64_t p = 0; p < passes; p++) {
                 const int64_t r0 = p * pass;
                 const int RT = rows - r0 > R ? 2 : 1;
-                amx_block22(a, 2 * nb2, r0, rows, R, RT, kk, b, c, tot);
+                if (RT == 1 && pipe && a->group / kk <= PIPE_TILES)
+                    amx_pipe21(a, 2 * nb2, r0, rows, R, kk, b, c, tot);
+                else
+                    amx_block22(a, 2 * nb2, r0, rows, R, RT, kk, b, c, tot);
             }
         _tile_release();
     }
