@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from kvmesh import LLM, SamplingParams
 from kvmesh.model import cpu_isa, cpu_kernels
 from kvmesh.model.quant import (
+    BF16_HEAD_KERNEL_ROWS_AMX,
+    BF16_KERNEL_ROWS,
     GROUP,
     QuantLinear,
     attach_dense,
@@ -353,6 +355,10 @@ def test_bf16_model_head_returns_float32_logits():
     assert torch.equal(logits, model.lm_head._kernel(x.float()))
     assert not torch.equal(logits, logits.bfloat16().float())  # not bf16 values
     assert model.body(x).dtype == torch.bfloat16
+    # where oneDNN's bf16 runs on AMX, the head's dense copy takes batches from 5 rows
+    rows = BF16_HEAD_KERNEL_ROWS_AMX if cpu_isa.has_amx() else BF16_KERNEL_ROWS
+    assert model.lm_head.kernel_rows == min(rows, model.lm_head.max_rows)
+    assert model.body.kernel_rows == min(BF16_KERNEL_ROWS, model.body.max_rows)
 
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler")
