@@ -58,7 +58,7 @@ def main() -> None:
     if args.rounds < 1 or args.steps < 4 or not all(1 <= r <= 64 for r in rows):
         ap.error("--rounds >= 1, --steps >= 4, rows in 1..64")
     from kvmesh import LLM
-    from kvmesh.model.cpu_kernels import load
+    from kvmesh.model.cpu_kernels import DEFAULT_PREFETCH, load
     from kvmesh.model.quant import linear_weight_bytes
 
     lib = load()
@@ -66,8 +66,8 @@ def main() -> None:
         print("no native CPU kernels here: nothing to compare")
         return
     llm = LLM()
-    default = lib.kernels_set_prefetch(0)
-    lib.kernels_set_prefetch(default)
+    before = lib.kernels_set_prefetch(DEFAULT_PREFETCH)  # the default, whatever the env says
+    default = DEFAULT_PREFETCH
     step_ms(llm, 1, 4)  # warm-up
     sides = {"prefetch": default, "no_prefetch": 0}
     runs: dict[str, dict[int, list[float]]] = {s: {r: [] for r in rows} for s in sides}
@@ -76,7 +76,7 @@ def main() -> None:
             for side, dist in sides.items():
                 lib.kernels_set_prefetch(dist)
                 runs[side][r].append(step_ms(llm, r, args.steps))
-    lib.kernels_set_prefetch(default)
+    lib.kernels_set_prefetch(before)
     read = max(read_gbps() for _ in range(3))
     weight_bytes = linear_weight_bytes(llm.engine.loaded.model)
     floor_ms = weight_bytes / (read * 1e9) * 1e3

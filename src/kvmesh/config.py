@@ -171,7 +171,7 @@ class SchedulerConfig:
         "cheap draft of a float32 target, even of the same model).", default="auto")
     num_speculative_tokens: int = _help(
         "Most tokens drafted per sequence and step. Each sequence's draft length adapts "
-        "within 1..k: it starts at 4, doubles while drafts are accepted whole and drops to "
+        "within 1..k: it starts at min(k, 4), doubles while drafts are accepted whole and drops to "
         "one past the accepted tokens after a miss.", default=8)
     speculative_max_seqs: int = _help(
         "Speculate only while at most this many sequences run: on a CPU a large batch is "

@@ -116,11 +116,13 @@ def test_bf16_pair_kernel_matches_f_linear():
 def _check_pair_kernel(lib, amx_on: bool) -> None:
     gen = torch.Generator().manual_seed(3)
     # (group, bias, k): 1, 2, 3 and 9 groups (the tile path pipelines pairs of groups);
-    # groups of 64 and 96 take 2 and 3 tile products each; 24 and 48 tiles of 24
+    # groups of 64, 96 and 128 take 2, 3 and 4 tile products each (4: the most the
+    # pipelined path takes); 24 and 48 tiles of 24
     for group, bias, k in ((32, True, 256), (64, False, 256), (8, True, 256),
                            (16, False, 256), (32, False, 288), (32, True, 32),
                            (32, False, 64), (32, True, 96), (64, True, 192),
-                           (24, False, 240), (48, True, 240), (96, False, 288)):
+                           (24, False, 240), (48, True, 240), (96, False, 288),
+                           (128, True, 256)):
         n = 48 if group % 16 else 64  # 3 column blocks, or 4: the tiles' paired path
         w = torch.randn(n, k, generator=gen)
         b = torch.randn(n, generator=gen) if bias else None
@@ -139,7 +141,7 @@ def _check_pair_kernel(lib, amx_on: bool) -> None:
             ref = F.linear(x.bfloat16().float() if rows <= limit else x, ref_w, b)
             y = layer._bf16_kernel(x)
             torch.testing.assert_close(y, ref, atol=2e-4, rtol=1e-4)
-            if amx_on and 3 <= rows <= 16:  # one row tile: pipelined, or as two tiles run
+            if amx_on and rows >= 3:  # a one-row-tile pass: pipelined, or amx_block22's way
                 lib.quant_i4bf16_use_pipe(0)
                 try:
                     assert torch.equal(layer._bf16_kernel(x), y), (group, k, rows)
@@ -369,7 +371,7 @@ def test_weight_prefetch_changes_no_result_bit():
     lib = cpu_kernels.load()
     assert lib is not None
     default = lib.kernels_set_prefetch(2048)
-    assert default == int(os.environ.get(cpu_kernels.PREFETCH_ENV, "2048"))
+    assert default >= 0
     gen = torch.Generator().manual_seed(11)
     w = torch.randn(64, 256, generator=gen)
     layers = [QuantLinear(quantize(w, 8), None), QuantLinear(quantize(w, 4), None)]
@@ -397,7 +399,7 @@ def test_weight_prefetch_changes_no_result_bit():
 
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler")
-def test_prefetch_env_sets_the_distance(tmp_path):
+def test_prefetch_env_sets_the_distance():
     """KVMESH_PREFETCH=N reaches the kernels at load; a value that is not a number leaves
     the default and says so."""
     import subprocess
@@ -406,8 +408,11 @@ def test_prefetch_env_sets_the_distance(tmp_path):
     code = ("import logging; logging.basicConfig(level=logging.WARNING)\n"
             "from kvmesh.model import cpu_kernels\n"
             "print(cpu_kernels.load().kernels_set_prefetch(0))")
-    for value, want in (("0", "0"), ("4096", "4096"), ("lots", "2048")):
-        env = {**os.environ, cpu_kernels.PREFETCH_ENV: value}
+    default = str(cpu_kernels.DEFAULT_PREFETCH)
+    for value, want in ((None, default), ("0", "0"), ("4096", "4096"), ("lots", default)):
+        env = {k: v for k, v in os.environ.items() if k != cpu_kernels.PREFETCH_ENV}
+        if value is not None:
+            env[cpu_kernels.PREFETCH_ENV] = value
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                              text=True, timeout=120, check=True)
         assert out.stdout.split()[-1] == want, out

@@ -14,7 +14,8 @@ after MAX_DRAFT_FAILURES in a row, speculation stays off.
 
 How long a draft may be adapts per sequence, within 1..k (`num_speculative_tokens`): it
 starts at min(k, START_LENGTH), doubles after a draft accepted whole and drops to one past
-the accepted tokens after a draft cut short. A verify step's rows cost little each on top
+the accepted tokens after a draft cut short (after a wholly rejected one, the draft that
+follows the back-off is a one-token probe). A verify step's rows cost little each on top
 of the step (the weights are read once for all), so a sequence that copies its context
 (an edit, a repeated passage) verifies long drafts, while one whose drafts miss early pays
 for short ones only.
@@ -33,7 +34,7 @@ from kvmesh.types import SamplingParams
 
 MAX_BACKOFF_STEPS = 32
 MAX_DRAFT_FAILURES = 3  # drafter exceptions in a row before speculation turns off
-MIN_ACCEPTANCE = 0.3  # a verify step costs about what 1 + 0.3 * k plain tokens would
+MIN_ACCEPTANCE = 0.3  # under this share of drafted tokens accepted, drafting backs off
 EMA_WEIGHT = 0.3  # of the latest step in a sequence's acceptance average
 START_LENGTH = 4  # a sequence's first draft length (then adapted within 1..k)
 

@@ -51,6 +51,7 @@ _ARGTYPES = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR,
              _I64, _I64, _I64, _I64, _I64, ctypes.c_float]
 AMX_ENV = "KVMESH_AMX"  # "0": the int4 kernels of bf16 models keep off the AMX tiles
 PREFETCH_ENV = "KVMESH_PREFETCH"  # bytes the linears prefetch ahead of their weights; 0: off
+DEFAULT_PREFETCH = 2048  # the kernels' own default (kv_prefetch_dist in quant_linear.c)
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 

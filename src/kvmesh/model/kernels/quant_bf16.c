@@ -381,7 +381,7 @@ static void amx_block22(const struct bargs *a, int64_t nb, int64_t r0, int64_t r
     out22(a, nb, r0, rows, R, RT, tot);
 }
 
-#define PIPE_TILES 4 /* most tile products per group in the pipelined path (groups <= 128) */
+#define PIPE_TILES 4 /* most tile products per group (group / kk) in the pipelined path */
 
 /* Group g's tile products for one row tile: B from the buffer unpacked the group before,
  * into C tiles CA and CB (0 and 1 for even groups, 2 and 3 for odd ones). */
