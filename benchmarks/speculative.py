@@ -13,6 +13,8 @@ prefill left out: it is the same on both sides); end-to-end tok/s (all tokens ov
 time, prefill included) is reported beside it. Figures are medians over rounds, with the
 spread; the speculative side's acceptance rate and tokens per verifying step come from its
 own counters, and `greedy_identical` counts the prompts whose output equals the plain one.
+`per_prompt` has each prompt's median decode tok/s on both sides and its output length,
+to show which prompts the workload's speedup comes from.
 
     python benchmarks/speculative.py [--tokens 128] [--rounds 3] [--k 8] [--dtype auto]
         [--quantization auto] [--method ngram|draft] [--draft-model M]
@@ -78,15 +80,16 @@ WORKLOADS = {
 }
 
 
-def run(llm, prompts: list[str], tokens: int) -> tuple[float, float, list[list[int]]]:
+def run(llm, prompts: list[str], tokens: int
+        ) -> tuple[float, float, list[list[int]], list[float]]:
     """One stream: each prompt alone, driven step by step. Returns decode tok/s (tokens
     after the first / time from the first token to the last: prefill left out), end-to-end
-    tok/s (all tokens / all time) and the token ids."""
+    tok/s (all tokens / all time), the token ids and each prompt's own decode tok/s."""
     from kvmesh import SamplingParams
 
     engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=tokens)
-    decode_tokens, decode_s, made, total_s, outs = 0, 0.0, 0, 0.0, []
+    decode_tokens, decode_s, made, total_s, outs, each = 0, 0.0, 0, 0.0, [], []
     for prompt in prompts:
         start = time.perf_counter()
         rid = engine.add_request(None, prompt, params)
@@ -108,8 +111,10 @@ def run(llm, prompts: list[str], tokens: int) -> tuple[float, float, list[list[i
         if first is not None and len(ids) > 1:
             decode_tokens += len(ids) - 1
             decode_s += now - first
+        each.append((len(ids) - 1) / (now - first) if first is not None and now > first
+                    else 0.0)
         outs.append(ids)
-    return decode_tokens / decode_s, made / total_s, outs
+    return decode_tokens / decode_s, made / total_s, outs, each
 
 
 def measure(plain, spec, prompts: list[str], args: argparse.Namespace) -> dict:
@@ -117,9 +122,14 @@ def measure(plain, spec, prompts: list[str], args: argparse.Namespace) -> dict:
     before = spec.engine.core.speculator.counts()
     rates: dict[str, list[float]] = {"plain": [], "spec": [], "plain_e2e": [], "spec_e2e": []}
     same = len(prompts)  # the fewest identical outputs in any round
+    each: dict[str, list[list[float]]] = {"plain": [], "spec": []}
+    lengths: list[int] = []
     for _ in range(args.rounds):
-        rate_p, e2e_p, outs_p = run(plain, prompts, args.tokens)
-        rate_s, e2e_s, outs_s = run(spec, prompts, args.tokens)
+        rate_p, e2e_p, outs_p, each_p = run(plain, prompts, args.tokens)
+        rate_s, e2e_s, outs_s, each_s = run(spec, prompts, args.tokens)
+        each["plain"].append(each_p)
+        each["spec"].append(each_s)
+        lengths = [len(o) for o in outs_s]
         for key, value in (("plain", rate_p), ("spec", rate_s), ("plain_e2e", e2e_p),
                            ("spec_e2e", e2e_s)):
             rates[key].append(value)
@@ -134,7 +144,23 @@ def measure(plain, spec, prompts: list[str], args: argparse.Namespace) -> dict:
         "e2e_tok_per_s_spec": statistics.median(rates["spec_e2e"]),
         "acceptance_rate": counts.acceptance_rate,
         "tokens_per_verify_step": counts.tokens_per_step,
-        "greedy_identical": f"{same}/{len(prompts)}"}
+        "greedy_identical": f"{same}/{len(prompts)}",
+        "per_prompt": _per_prompt(prompts, each, lengths)}
+
+
+def _per_prompt(prompts: list[str], each: dict[str, list[list[float]]],
+                lengths: list[int]) -> list[dict]:
+    """Each prompt's median decode tok/s on both sides and its output length: which
+    prompts the aggregate's speedup comes from."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        p = statistics.median(r[i] for r in each["plain"])
+        s = statistics.median(r[i] for r in each["spec"])
+        text = prompt.split("\n", 2)[1] if prompt.count("\n") >= 2 else prompt
+        out.append({"prompt": text[:48], "output_tokens": lengths[i],
+                    "decode_tok_per_s_plain": p, "decode_tok_per_s_spec": s,
+                    "speedup": s / p if p else None})
+    return out
 
 
 def _args() -> argparse.Namespace:
@@ -172,7 +198,11 @@ def main() -> None:
     for name, prompts in WORKLOADS.items():
         figures[name] = measure(plain, spec, prompts, args)
         print(name, {k: round(v, 3) if isinstance(v, float) else v
-                     for k, v in figures[name].items()})
+                     for k, v in figures[name].items() if k != "per_prompt"})
+        for row in figures[name]["per_prompt"]:
+            print(f"  {row['prompt']!r:52} {row['output_tokens']:4} tokens "
+                  f"{row['decode_tok_per_s_plain']:6.1f} -> {row['decode_tok_per_s_spec']:6.1f}"
+                  f" ({row['speedup'] or 0:.2f}x)")
     figures["speedup_copy_heavy"] = figures["copy_heavy"]["speedup"]
     figures["speedup_chat"] = figures["chat"]["speedup"]
     figures["acceptance_rate"] = spec.engine.core.speculator.acceptance_rate
