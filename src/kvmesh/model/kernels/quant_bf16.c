@@ -399,6 +399,30 @@ static void amx_block22(const struct bargs *a, int64_t nb, int64_t r0, int64_t r
         }                                                                                   \
     } while (0)
 
+/* Group g's k of column blocks nb and nb + 1 (blk0, and the block after it) unpacked into
+ * the B buffer bn: tile product t's two B tiles at 2t and 2t + 1. */
+static inline void pipe_unpack(const struct bargs *a, const uint32_t *blk0, int64_t g,
+                               int64_t kk, uint32_t *bn, int64_t pf) {
+    const uint32_t *blk1 = blk0 + (a->k / 8) * COLS;
+    for (int64_t t = 0; t < a->group / kk; t++) {
+        const int64_t c0 = g * (a->group / 8) + t * (kk / 8);
+        unpack_b(blk0, c0, kk, bn + 2 * t * 16 * COLS, pf);
+        unpack_b(blk1, c0, kk, bn + (2 * t + 1) * 16 * COLS, pf);
+    }
+}
+
+/* Group g's two C tiles (0-1 for even groups, 2-3 for odd ones) into its half of c. */
+static inline void pipe_store(int64_t g, float *c) {
+    float *cs = c + (g & 1) * 4 * MAX_ROWS * COLS;
+    if (g & 1) {
+        _tile_stored(2, cs, 64);
+        _tile_stored(3, cs + MAX_ROWS * COLS, 64);
+    } else {
+        _tile_stored(0, cs, 64);
+        _tile_stored(1, cs + MAX_ROWS * COLS, 64);
+    }
+}
+
 /* One row tile (R rows) x column blocks nb and nb + 1, software-pipelined over the groups:
  * while group g's tile products run (C tiles alternating between pairs 0-1 and 2-3), group
  * g + 1 is unpacked into the other B buffer, group g - 1's C tiles are stored and group
@@ -410,47 +434,21 @@ static void amx_pipe21(const struct bargs *a, int64_t nb, int64_t r0, int64_t ro
                        int64_t kk, uint32_t *b, float *c, float *tot) {
     const int64_t half = a->k / 2, tiles = a->group / kk, groups = a->groups;
     const int64_t pf = prefetch_distance(), buf = PIPE_TILES * 2 * 16 * COLS;
-    const uint32_t *blk0 = a->q + nb * (a->k / 8) * COLS, *blk1 = blk0 + (a->k / 8) * COLS;
+    const uint32_t *blk0 = a->q + nb * (a->k / 8) * COLS;
     zero22(R, 1, tot);
-    for (int64_t t = 0; t < tiles; t++) {
-        unpack_b(blk0, t * (kk / 8), kk, b + 2 * t * 16 * COLS, pf);
-        unpack_b(blk1, t * (kk / 8), kk, b + (2 * t + 1) * 16 * COLS, pf);
-    }
+    pipe_unpack(a, blk0, 0, kk, b, pf);
     for (int64_t g = 0; g < groups; g++) {
         const uint32_t *bg = b + (g & 1) * buf;
         if (g & 1) PIPE_ISSUE(2, 3);
         else PIPE_ISSUE(0, 1);
-        if (g + 1 < groups) {
-            uint32_t *bn = b + ((g + 1) & 1) * buf;
-            for (int64_t t = 0; t < tiles; t++) {
-                const int64_t c0 = (g + 1) * (a->group / 8) + t * (kk / 8);
-                unpack_b(blk0, c0, kk, bn + 2 * t * 16 * COLS, pf);
-                unpack_b(blk1, c0, kk, bn + (2 * t + 1) * 16 * COLS, pf);
-            }
-        }
-        if (g >= 1) {
-            float *cs = c + ((g - 1) & 1) * 4 * MAX_ROWS * COLS;
-            if ((g - 1) & 1) {
-                _tile_stored(2, cs, 64);
-                _tile_stored(3, cs + MAX_ROWS * COLS, 64);
-            } else {
-                _tile_stored(0, cs, 64);
-                _tile_stored(1, cs + MAX_ROWS * COLS, 64);
-            }
-        }
+        if (g + 1 < groups) pipe_unpack(a, blk0, g + 1, kk, b + ((g + 1) & 1) * buf, pf);
+        if (g >= 1) pipe_store(g - 1, c);
         if (g >= 2) fold22(a, nb, g - 2, r0, R, 1, c + (g & 1) * 4 * MAX_ROWS * COLS, tot, pf);
     }
-    float *cs = c + ((groups - 1) & 1) * 4 * MAX_ROWS * COLS;
-    if ((groups - 1) & 1) {
-        _tile_stored(2, cs, 64);
-        _tile_stored(3, cs + MAX_ROWS * COLS, 64);
-    } else {
-        _tile_stored(0, cs, 64);
-        _tile_stored(1, cs + MAX_ROWS * COLS, 64);
-    }
+    pipe_store(groups - 1, c);
     if (groups >= 2) fold22(a, nb, groups - 2, r0, R, 1, c + (groups & 1) * 4 * MAX_ROWS * COLS,
                             tot, pf);
-    fold22(a, nb, groups - 1, r0, R, 1, cs, tot, pf);
+    fold22(a, nb, groups - 1, r0, R, 1, c + ((groups - 1) & 1) * 4 * MAX_ROWS * COLS, tot, pf);
     out22(a, nb, r0, rows, R, 1, tot);
 }
 
