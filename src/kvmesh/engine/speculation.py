@@ -52,6 +52,7 @@ class Speculator:
     def __init__(self, config: SchedulerConfig, max_model_len: int,
                  drafter: Drafter | None = None):
         self.k = config.num_speculative_tokens
+        self.start_length = min(self.k, START_LENGTH)
         self.max_seqs = config.speculative_max_seqs
         self.max_model_len = max_model_len
         if drafter is None and config.speculative_method != "ngram":
@@ -119,7 +120,7 @@ class Speculator:
         room = self.max_model_len - req.num_tokens - 1
         if p.max_tokens is not None:
             room = min(room, p.max_tokens - req.num_output_tokens - 1)
-        length = self._length.get(req.request_id, min(self.k, START_LENGTH))
+        length = self._length.get(req.request_id, self.start_length)
         return max(0, min(length, room))
 
     def observe(self, seq_id: str, num_drafted: int, num_accepted: int) -> None:
@@ -140,7 +141,7 @@ class Speculator:
     def _adapt_length(self, seq_id: str, num_drafted: int, num_accepted: int) -> None:
         """Double the next draft's length after one accepted whole, else cut it to one past
         what was accepted (the draft missed there: the next is likely to miss early too)."""
-        length = self._length.get(seq_id, min(self.k, START_LENGTH))
+        length = self._length.get(seq_id, self.start_length)
         if num_drafted and num_accepted == num_drafted:
             length = max(length, 2 * num_drafted)
         else:

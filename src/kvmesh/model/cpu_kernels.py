@@ -51,7 +51,7 @@ _ARGTYPES = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR,
              _I64, _I64, _I64, _I64, _I64, ctypes.c_float]
 AMX_ENV = "KVMESH_AMX"  # "0": the int4 kernels of bf16 models keep off the AMX tiles
 PREFETCH_ENV = "KVMESH_PREFETCH"  # bytes the linears prefetch ahead of their weights; 0: off
-DEFAULT_PREFETCH = 2048  # the kernels' own default (kv_prefetch_dist in quant_linear.c)
+DEFAULT_PREFETCH = 2048  # set at load (kv_prefetch_dist in quant_linear.c starts the same)
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
@@ -178,14 +178,12 @@ def _set_prefetch(lib: ctypes.CDLL) -> None:
     """KVMESH_PREFETCH=N: the linears prefetch N bytes ahead of their weights (default 2048,
     0 off; for A/B runs, see benchmarks/decode_step.py)."""
     value = os.environ.get(PREFETCH_ENV)
-    if value is None:
-        return
+    dist = DEFAULT_PREFETCH
     try:
-        dist = int(value)
+        dist = DEFAULT_PREFETCH if value is None else max(0, int(value))
     except ValueError:
         log.warning("%s=%r is not a number of bytes: the default stays", PREFETCH_ENV, value)
-        return
-    lib.kernels_set_prefetch(max(0, dist))
+    lib.kernels_set_prefetch(dist)
 
 
 def _quant_signatures(lib: ctypes.CDLL) -> None:
