@@ -323,9 +323,13 @@ class RouterConfig:
     model: str = _help(
         "Model whose tokenizer and chat template the `kv` policy uses to compute block "
         "keys (the instances' model).", default=DEFAULT_MODEL)
-    load_cost_tokens: float = _help(
-        "Cost of one more request queued on an instance, in prefill tokens (the cache-aware "
-        "policies' trade-off; docs/router.md).", default=512.0)
+    load_cost_tokens: float | None = _help(
+        "Cost of one more request in flight on an instance, in prefill tokens (the "
+        "cache-aware policies' trade-off; docs/router.md). Unset: 256 for kv and session, "
+        "512 for prefix.", default=None)
+    queue_weight: float = _help(
+        "Cost of one prefill token queued on an instance (its /load num_prefill_tokens, "
+        "plus what the router sent since), in prefill tokens.", default=1.0)
     chars_per_token: float = _help("prefix: characters per token of matched text.",
                                    default=4.0)
     session_max_imbalance: int = _help(

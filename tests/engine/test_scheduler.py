@@ -32,11 +32,15 @@ def test_decodes_share_a_step_with_a_chunked_prefill():
     s = make_scheduler(budget=16)
     for i in range(3):
         s.add_request(make_request(f"d{i}", 4, max_tokens=50, arrival=i))
+    assert s.num_prefill_tokens == 12  # three waiting prompts
     run_step(s)  # three 4-token prefills
+    assert s.num_prefill_tokens == 0  # decoding only
     s.add_request(make_request("long", 100, arrival=10, base=200))
+    assert s.num_prefill_tokens == 100
     out = run_step(s)
     by_id = {q.request_id: q.num_new_tokens for q in out.seqs}
     assert by_id == {"d0": 1, "d1": 1, "d2": 1, "long": 13}
+    assert s.num_prefill_tokens == 87  # what the partial prefill has left
     out = run_step(s)  # the partial prefill continues, decodes go first again
     assert [q.request_id for q in out.seqs] == ["d0", "d1", "d2", "long"]
     assert out.seqs[-1].num_computed_tokens == 13 and not out.seqs[-1].is_sampling

@@ -48,6 +48,33 @@ def test_cost_trades_saved_prefill_against_queue():
         RouteWeights(load_cost_tokens=-1)
 
 
+def test_default_request_cost_follows_how_exact_the_hits_are():
+    w = RouteWeights()
+    assert w.load_cost(exact_hits=True) == 256 and w.load_cost(exact_hits=False) == 512
+    assert RouteWeights(load_cost_tokens=300).load_cost(exact_hits=False) == 300
+    # 1000-token prompt, 800 held by instance 0, which has 2 requests in flight:
+    # exact (kv): 200 + 2*256 = 712 < 1000 -> 0; guessed (prefix): 200 + 1024 > 1000 -> 1
+    loads = _loads(2, 0)
+    assert cheapest(1000, [800, 0], loads, w) == 0
+    assert cheapest(1000, [800, 0], loads, w, exact_hits=False) == 1
+
+
+def test_cost_counts_the_prefill_queued_ahead():
+    w = RouteWeights(load_cost_tokens=0, queue_weight=1)
+    busy = [InstanceLoad(0, 1, 0.1, 0, num_prefill_tokens=900), InstanceLoad(0, 1, 0.1, 1)]
+    # instance 0 holds 800 of 1000 tokens but 900 prefill tokens wait there:
+    # cost0 = 200 + 900 = 1100, cost1 = 1000 -> 1
+    assert cheapest(1000, [800, 0], busy, w) == 1
+    # 700 waiting: cost0 = 900 < 1000 -> 0; weight 0 ignores the queue
+    short = [InstanceLoad(0, 1, 0.1, 0, num_prefill_tokens=700), busy[1]]
+    assert cheapest(1000, [800, 0], short, w) == 0
+    assert cheapest(1000, [800, 0], busy, RouteWeights(load_cost_tokens=0, queue_weight=0)) == 0
+    # half weight: 200 + 450 = 650 < 1000 -> 0
+    assert cheapest(1000, [800, 0], busy, RouteWeights(0, queue_weight=0.5)) == 0
+    with pytest.raises(ValueError):
+        RouteWeights(queue_weight=-0.1)
+
+
 def _batch(iid: str, seq: int, *events) -> KVEventBatch:
     return KVEventBatch(iid, seq, 0.0, list(events))
 

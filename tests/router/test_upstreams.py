@@ -91,3 +91,43 @@ def test_a_member_gone_long_enough_is_forgotten_and_found_again_when_it_returns(
             await ups.close()
 
     asyncio.run(scenario())
+
+
+def test_queued_prefill_is_the_report_beyond_the_routers_own_plus_its_own_now():
+    async def scenario():
+        ups = _FakeMesh(("http://a:1",), RouterState(), session=None, poll_interval_s=3600)
+        inst = ups.instances[0]
+        inst.own_prefill_tokens = 500  # this router's requests still waiting for a byte
+        ups.answers = {"http://a:1/load": (200, _load("A") | {"num_prefill_tokens": 800})}
+        await ups.probe(inst)  # 800 queued there, 500 of them ours: 300 from others
+        assert inst.is_healthy and inst.others_prefill_tokens == 300
+        assert inst.load().num_prefill_tokens == 800
+        inst.own_prefill_tokens = 0  # ours got their first bytes
+        assert inst.load().num_prefill_tokens == 300
+        inst.own_prefill_tokens = 200
+        ups.answers["http://a:1/load"] = (200, _load("A") | {"num_prefill_tokens": 100})
+        await ups.probe(inst)  # fewer than ours (not yet arrived there): none from others
+        assert inst.others_prefill_tokens == 0 and inst.load().num_prefill_tokens == 200
+        inst.own_prefill_tokens = 400
+        ups.answers["http://a:1/load"] = (200, _load("A"))  # an instance that reports none
+        await ups.probe(inst)
+        assert inst.load().num_prefill_tokens == 400
+
+    asyncio.run(scenario())
+
+
+def test_a_lease_counts_its_prefill_until_the_first_byte_and_releases_once():
+    from kvmesh.router.app import _Lease
+
+    inst = Instance(0, "http://a:1")
+    first, second = _Lease(inst, 300), _Lease(inst, -5)  # a hit above the estimate: 0
+    assert inst.num_in_flight == 2 and inst.load().num_prefill_tokens == 300
+    first.prefilled()
+    assert inst.load().num_prefill_tokens == 0 and inst.num_in_flight == 2
+    first.release()
+    first.release()
+    assert inst.num_in_flight == 1 and inst.own_prefill_tokens == 0
+    third = _Lease(inst, 120)
+    third.release()  # failed before its first byte: its prefill goes with it
+    second.release()
+    assert inst.num_in_flight == 0 and inst.own_prefill_tokens == 0

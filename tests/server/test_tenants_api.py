@@ -88,6 +88,7 @@ def test_tenant_keys_limits_salts_and_kv_events(tmp_path, tiny_llama):
             assert _metric(s, "request_success_total", 'finished_reason="abort"') == 1
             load = httpx.get(s.url + "/load").json()
             assert load["kv_events_port"] == port and load["block_size"] == 4
+            assert load["num_prefill_tokens"] == 0  # idle: nothing queued to prefill
             snap = msgspec.msgpack.decode(httpx.get(s.url + "/kv/snapshot").content,
                                           type=KVSnapshot)
             assert snap.instance_id == load["instance_id"] and snap.seq >= 1

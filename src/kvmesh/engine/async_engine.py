@@ -49,6 +49,7 @@ class EngineStats:
     spec_num_accepted_tokens: int = 0
     spec_acceptance_rate: float = 0.0
     spec_tokens_per_step: float = 0.0
+    num_prefill_tokens: int = 0  # prompt tokens queued to prefill (Scheduler)
 
 
 class AsyncEngine:
@@ -149,7 +150,8 @@ class AsyncEngine:
         spec = core.speculator.counts() if core.speculator is not None else SpecCounts()
         return EngineStats(core.num_running, core.num_waiting, core.pool.usage,
                            core.scheduler.num_preemptions, tiers, spec.drafted, spec.accepted,
-                           spec.acceptance_rate, spec.tokens_per_step)
+                           spec.acceptance_rate, spec.tokens_per_step,
+                           core.num_prefill_tokens)
 
     async def submit(
         self,

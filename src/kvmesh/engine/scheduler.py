@@ -105,9 +105,7 @@ class Scheduler(StepResults, DecodeRuns):  # StepResults first: its _check_stop 
         work is done, what its `prefill_ahead` says). Under edf, for a request with the
         tightest SLO, only the uncapped work among them: capped work ranked first runs
         beside it, in what the cap leaves (`_room`)."""
-        work = [(r, r.num_prompt_tokens - r.num_computed_tokens) for r in self.running
-                if r.num_computed_tokens < r.num_prompt_tokens]
-        work += [(r, max(0, r.num_pending_tokens - r.num_cached_hint)) for r in self.waiting]
+        work = self._prefill_work()
         ahead = getattr(self.policy, "prefill_ahead", None)
         if ahead is not None:
             return int(ahead(req, work, self.prefill_cap()))
@@ -116,6 +114,20 @@ class Scheduler(StepResults, DecodeRuns):  # StepResults first: its _check_stop 
             work = [(r, n) for r, n in work if self._uncapped(r)]
         key = self._key(req)
         return sum(n for r, n in work if self._key(r) < key)
+
+    def _prefill_work(self) -> list[tuple[Request, int]]:
+        """Each request with prompt tokens still to prefill, and how many: a running
+        prefill's uncomputed prompt, a waiting request's tokens beyond its cache hit."""
+        work = [(r, r.num_prompt_tokens - r.num_computed_tokens) for r in self.running
+                if r.num_computed_tokens < r.num_prompt_tokens]
+        work += [(r, max(0, r.num_pending_tokens - r.num_cached_hint)) for r in self.waiting]
+        return work
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Prefill tokens queued here (running prefills and waiting requests): what a new
+        request's first token waits behind, whatever its place (a router reads it)."""
+        return sum(n for _, n in self._prefill_work())
 
     def observe_step(self, out: SchedulerOutput, step_s: float) -> None:
         """A step's measured time: feeds the prefill rate that admission predicts with.

@@ -71,8 +71,8 @@ class Router:
     def __init__(self, config: RouterConfig, session: aiohttp.ClientSession,
                  tokenizer: Tokenizer | None):
         self.config = config
-        weights = RouteWeights(config.load_cost_tokens, config.chars_per_token,
-                               config.session_max_imbalance)
+        weights = RouteWeights(config.load_cost_tokens, config.queue_weight,
+                               config.chars_per_token, config.session_max_imbalance)
         self.state = RouterState(weights)
         self.policy = make_route_policy(config.policy, self.state)
         self.upstreams = Upstreams(config.instances, self.state, session,
@@ -132,10 +132,12 @@ class Router:
                 break
             inst = candidates[self.policy.choose(route, [c.load() for c in candidates])]
             tried.add(inst.number)
+            hit = 0
             if route.block_keys:
                 hit = self.state.kv.match(inst.number, route.block_keys) * route.block_size
                 self.metrics.predicted_hit_tokens.inc(hit)
-            result = await self._open(ex, inst, raw, headers)
+            lease = _Lease(inst, route.num_prompt_tokens - hit)
+            result = await self._open(ex, lease, raw, headers)
             if isinstance(result, int):
                 self.metrics.requests.labels(inst.url, str(result)).inc()
                 return
@@ -143,12 +145,13 @@ class Router:
             self.metrics.retries.inc()
         await self._no_instance(ex, refused)
 
-    async def _open(self, ex: Exchange, inst: Instance, raw: bytes,
+    async def _open(self, ex: Exchange, lease: _Lease, raw: bytes,
                     headers: dict[str, str]) -> int | _Refused:
-        """Send to `inst` and wait for its first byte; a refusal or failure before it is a
-        `_Refused` (the caller tries elsewhere), else the answer goes to the client and its
-        status comes back. The lease on `inst` is released exactly once, on every path."""
-        lease = _Lease(inst)
+        """Send to the lease's instance and wait for its first byte; a refusal or failure
+        before it is a `_Refused` (the caller tries elsewhere), else the answer goes to the
+        client and its status comes back. The lease is released exactly once, on every
+        path."""
+        inst = lease.inst
         try:
             resp = lease.resp = await ex.unless_gone(
                 self.session.post(inst.url + ex.path, data=raw, headers=headers,
@@ -160,6 +163,7 @@ class Router:
             first = await ex.unless_gone(resp.content.readany())
             if not first:
                 raise aiohttp.ClientPayloadError("the stream ended before its first byte")
+            lease.prefilled()
         except UPSTREAM_ERRORS as exc:
             lease.release()
             inst.set_healthy(False, f"{type(exc).__name__}: {exc}")
@@ -212,20 +216,28 @@ class Router:
 
 
 class _Lease:
-    """One request's claim on an instance (its in-flight count), released exactly once.
-    A response not read to its end is closed, not pooled: the instance sees the
-    disconnect and stops generating."""
+    """One request's claim on an instance (its in-flight count, and its predicted prefill
+    until the first byte comes back), released exactly once. A response not read to its
+    end is closed, not pooled: the instance sees the disconnect and stops generating."""
 
-    def __init__(self, inst: Instance):
+    def __init__(self, inst: Instance, prefill_tokens: int):
         self.inst = inst
         self.resp: aiohttp.ClientResponse | None = None
         self._is_released = False
+        self._prefill = max(0, prefill_tokens)
         inst.num_in_flight += 1
+        inst.own_prefill_tokens += self._prefill
+
+    def prefilled(self) -> None:
+        """The first byte is back (a first token, or a whole answer): no prefill left."""
+        self.inst.own_prefill_tokens -= self._prefill
+        self._prefill = 0
 
     def release(self) -> None:
         if self._is_released:
             return
         self._is_released = True
+        self.prefilled()
         self.inst.num_in_flight -= 1
         if self.resp is not None:
             if self.resp.content.at_eof():

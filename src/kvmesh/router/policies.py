@@ -7,14 +7,25 @@ the same objects.
 The cache-aware policies (`prefix`, `kv`, and `session` when it falls back) minimise one
 cost, in prefill-token equivalents:
 
-    cost_i = (prompt_tokens - hit_tokens_i) + load_cost_tokens * load_i
+    cost_i = (prompt_tokens - hit_tokens_i) + queue_weight * queued_i
+             + load_cost_tokens * load_i
 
 - `hit_tokens_i`: the prompt tokens instance i already holds (exactly, from its KV events,
   for `kv`; estimated from the router's own record of routed prompts for `prefix`);
+- `queued_i`: the prefill tokens queued there, which this request's first token waits
+  behind: the instance's last report (`/load`), plus the predicted misses of what the
+  router sent it since; 0 for an instance that reports none;
 - `load_i = in_flight_i + others_i`: the router's own count of requests in flight there,
   plus what the instance last reported beyond those (other clients' requests);
-- `load_cost_tokens` (`RouteWeights`): what one more request ahead costs, in prefill
-  tokens. Large values approach `least_load`; 0 always follows the cache.
+- `queue_weight` and `load_cost_tokens` (`RouteWeights`): the price of a queued prefill
+  token, and of one more request in flight (mostly decoding: it slows each step, and
+  stands for work the queue does not show yet), in prefill tokens. Large values approach
+  `least_load`; both at 0 always follow the cache. Unset, `load_cost_tokens` is 256 for
+  `kv`, whose hits are exact, and 512 for `prefix`, whose hits are a guess that misses
+  evictions and so needs the load to pull harder (`benchmarks/router_sim.py`).
+
+The first two terms are the prefill done before this request's first token, so with the
+weight at 1 the cost reads as a predicted TTFT in prefill-token units.
 
 Ties go to the lower load, then the lower position.
 """
@@ -41,6 +52,7 @@ class InstanceLoad:
     kv_usage: float  # fraction of device KV blocks in use
     instance: int = 0  # the instance's stable number (what the indexes are keyed by)
     num_in_flight: int = 0  # requests the router has sent there and not seen finish
+    num_prefill_tokens: int = 0  # prefill tokens queued there (reported + sent since)
 
     @property
     def load(self) -> int:
@@ -61,15 +73,28 @@ class RouteRequest:
 class RouteWeights:
     """The named settings of the cache-aware cost (see the module docstring)."""
 
-    load_cost_tokens: float = 512.0
+    load_cost_tokens: float | None = None  # None: EXACT_LOAD_COST or GUESSED_LOAD_COST
+    queue_weight: float = 1.0  # per queued prefill token
     chars_per_token: float = 4.0  # `prefix`: matched characters -> tokens
     session_max_imbalance: int = 4  # `session`: move when home load exceeds the least by this
 
     def __post_init__(self) -> None:
-        if self.load_cost_tokens < 0 or self.chars_per_token <= 0:
-            raise ValueError("load_cost_tokens must be >= 0 and chars_per_token > 0")
+        if (self.load_cost_tokens or 0) < 0 or self.queue_weight < 0 or self.chars_per_token <= 0:
+            raise ValueError("load_cost_tokens and queue_weight must be >= 0 and "
+                             "chars_per_token > 0")
         if self.session_max_imbalance < 0:
             raise ValueError("session_max_imbalance must be >= 0")
+
+
+    def load_cost(self, exact_hits: bool) -> float:
+        """The price of a request in flight: as set, else by how exact the hits are."""
+        if self.load_cost_tokens is not None:
+            return self.load_cost_tokens
+        return EXACT_LOAD_COST if exact_hits else GUESSED_LOAD_COST
+
+
+EXACT_LOAD_COST = 256.0  # `kv`: hits from the instances' own events
+GUESSED_LOAD_COST = 512.0  # `prefix`: hits from what the router sent, evictions unseen
 
 
 class RoutePolicy(Protocol):
@@ -95,11 +120,15 @@ class LeastLoad:
 
 
 def cheapest(prompt_tokens: float, hits: Sequence[float], loads: Sequence[InstanceLoad],
-             weights: RouteWeights) -> int:
+             weights: RouteWeights, exact_hits: bool = True) -> int:
     """The position minimising the documented cost."""
+    per_request = weights.load_cost(exact_hits)
+
     def cost(i: int) -> tuple[float, int, int]:
+        load = loads[i]
         miss = max(0.0, prompt_tokens - hits[i])
-        return (miss + weights.load_cost_tokens * loads[i].load, loads[i].load, i)
+        return (miss + weights.queue_weight * load.num_prefill_tokens
+                + per_request * load.load, load.load, i)
 
     return min(range(len(loads)), key=cost)
 
@@ -131,7 +160,7 @@ class PrefixAware:
         w = self.weights
         hits = [self.index.match(load.instance, request.text_hashes) * CHUNK_CHARS
                 / w.chars_per_token for load in loads]
-        best = cheapest(request.num_prompt_tokens, hits, loads, w)
+        best = cheapest(request.num_prompt_tokens, hits, loads, w, exact_hits=False)
         self.index.insert(loads[best].instance, request.text_hashes)
         return best
 

@@ -55,6 +55,8 @@ class Instance:
     num_waiting: int = 0
     kv_usage: float = 0.0
     num_in_flight: int = 0
+    own_prefill_tokens: int = 0  # predicted misses of this router's requests before 1st byte
+    others_prefill_tokens: int = 0  # reported queued prefill beyond those
     instance_id: str | None = None
     kv_events_port: int | None = None
     key_scheme: tuple[str, str, str, int] | None = None
@@ -63,7 +65,8 @@ class Instance:
 
     def load(self) -> InstanceLoad:
         return InstanceLoad(self.num_running, self.num_waiting, self.kv_usage, self.number,
-                            self.num_in_flight)
+                            self.num_in_flight,
+                            self.own_prefill_tokens + self.others_prefill_tokens)
 
     def set_healthy(self, healthy: bool, reason: str = "") -> None:
         if healthy != self.is_healthy:
@@ -216,6 +219,8 @@ class Upstreams:
         inst.num_waiting = min(waiting, others)
         inst.num_running = others - inst.num_waiting
         inst.kv_usage = float(load.get("kv_usage") or 0.0)
+        reported = int(load.get("num_prefill_tokens") or 0)
+        inst.others_prefill_tokens = max(0, reported - inst.own_prefill_tokens)
         scheme = load.get("key_scheme")
         if isinstance(scheme, list) and len(scheme) == 3:
             model_id, kv_dtype, layout = (str(x) for x in scheme)

@@ -206,11 +206,13 @@ def _add_routes(app: FastAPI, state: AppState, metrics: ServerMetrics, auth: Key
 
     @app.get("/load", include_in_schema=False)
     async def load() -> dict[str, Any]:
-        """What a router needs to place requests: queue, running, KV usage, events port."""
+        """What a router needs to place requests: queue, running, prefill tokens queued, KV
+        usage, events port."""
         engine = state.require_engine()
         stats = engine.stats()
         pub = state.publisher
         return {"num_running": stats.num_running, "num_waiting": stats.num_waiting,
+                "num_prefill_tokens": stats.num_prefill_tokens,
                 "kv_usage": stats.kv_cache_usage, "model": state.model_name,
                 "block_size": engine.block_size,
                 "key_scheme": list(engine.engine.core.key_scheme()),

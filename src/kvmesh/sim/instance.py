@@ -167,5 +167,6 @@ class SimInstance:
         return TieredStore(tiers, host, sources, self.block_size, self.clock.now)
 
     def load(self) -> InstanceLoad:
-        return InstanceLoad(self.core.num_running, self.core.num_waiting, self.core.pool.usage,
-                            self.index)
+        core = self.core
+        return InstanceLoad(core.num_running, core.num_waiting, core.pool.usage, self.index,
+                            num_prefill_tokens=core.num_prefill_tokens)

@@ -21,7 +21,7 @@ from kvmesh.bench.records import RequestRecord
 from kvmesh.engine.core import IDLE_WAIT_S, SeqUpdate
 from kvmesh.engine.input_processor import check_lengths
 from kvmesh.engine.scheduler import QueueFullError
-from kvmesh.router.policies import InstanceLoad, RoutePolicy, RouteRequest
+from kvmesh.router.policies import InstanceLoad, RoutePolicy, RouteRequest, RouteWeights
 from kvmesh.sim.cost_model import CostModel
 from kvmesh.sim.instance import FILLER_TOKENS, InstanceSpec, SimInstance
 from kvmesh.sim.routing import SimRouter
@@ -67,12 +67,13 @@ class Simulator:
     def __init__(self, spec: InstanceSpec, cost: CostModel, num_instances: int,
                  router: RoutePolicy | str, max_duration_s: float | None = None,
                  on_progress: Callable[[int], None] | None = None,
-                 filler: tuple[int, ...] = FILLER_TOKENS, decode_runs: bool = True):
+                 filler: tuple[int, ...] = FILLER_TOKENS, decode_runs: bool = True,
+                 weights: RouteWeights | None = None):
         if num_instances < 1:
             raise ValueError(f"num_instances must be >= 1, got {num_instances}")
         self.cost = cost
         self.instances = [SimInstance(i, spec, cost, filler) for i in range(num_instances)]
-        self.router = (SimRouter(router, self.instances) if isinstance(router, str)
+        self.router = (SimRouter(router, self.instances, weights) if isinstance(router, str)
                        else _PlainRouter(router))
         self.max_duration_s = max_duration_s
         self.on_progress = on_progress
