@@ -66,10 +66,12 @@ def one_run(policy: str, weights: RouteWeights, args: argparse.Namespace, seed: 
 
 def parse_weights(spec: str) -> list[RouteWeights]:
     """`load_cost_tokens:queue_weight`, comma-separated; `-` for the policy's default."""
-    names = ("load_cost_tokens", "queue_weight")
-    return [RouteWeights(**{n: None if v == "-" else float(v)
-                            for n, v in zip(names, item.split(":"), strict=False)})
-            for item in spec.split(",")]
+    out = []
+    for item in spec.split(","):
+        load, _, queue = item.partition(":")
+        out.append(RouteWeights(load_cost_tokens=None if load == "-" else float(load),
+                                queue_weight=float(queue or 1.0)))
+    return out
 
 
 def main() -> None:
@@ -98,14 +100,16 @@ def main() -> None:
         "ttft_p99_s_median": statistics.median(b["ttft_p99_s"] for b in base.values())}}
     for policy in args.policies.split(","):
         for w in parse_weights(args.weights):
-            hits, p99 = [], []
+            hits, p99, absolute = [], [], []
             for s in seeds:
                 r = one_run(policy, w, args, s, cost, tok)
+                absolute.append(r["hit_tokens"])
                 hits.append(r["hit_tokens"] / max(1, base[s]["hit_tokens"]))
                 p99.append(r["ttft_p99_s"] / base[s]["ttft_p99_s"])
             load = "default" if w.load_cost_tokens is None else f"{w.load_cost_tokens:g}"
             name = f"{policy} load={load} queue={w.queue_weight:g}"
             figures[name] = {
+                "hit_tokens_median": statistics.median(absolute),
                 "hit_ratio_median": statistics.median(hits), "hit_ratio_min": min(hits),
                 "p99_ratio_median": statistics.median(p99), "p99_ratio_max": max(p99),
                 "seeds_p99_ratio_le_0.7": sum(x <= 0.7 for x in p99),

@@ -74,6 +74,11 @@ def test_preemption_picks_latest_arrival_and_everything_finishes():
         out = run_step(s)
         if out.preempted_ids and first_preempted is None:
             first_preempted = out.preempted_ids[0]
+            victim = next(r for r in reqs if r.request_id == first_preempted)
+            # its prompt and the tokens it made are prefilled again (no cache left for it
+            # in 6 blocks: the hint is what the pool still held when it was preempted)
+            assert victim.num_pending_tokens > 8
+            assert s.num_prefill_tokens >= victim.num_pending_tokens - victim.num_cached_hint
     assert not s.has_unfinished()
     assert first_preempted == "r2"
     assert all(r.finish_reason == "length" and r.num_output_tokens == 8 for r in reqs)

@@ -59,6 +59,21 @@ def test_default_request_cost_follows_how_exact_the_hits_are():
     assert cheapest(1000, [800, 0], loads, w, exact_hits=False) == 1
 
 
+def test_prefix_guesses_hits_with_its_own_request_cost_and_says_what_it_guessed():
+    state = RouterState()
+    prefix = make_route_policy("prefix", state)
+    text = "x" * (CHUNK_CHARS * 8)  # 8 chunks: 128 tokens at 4 characters a token
+    req = RouteRequest(None, (), 200, text_hashes=text_chunk_hashes(text))
+    assert prefix.choose(req, _loads(0, 0)) == 0 and prefix.last_hit_tokens == 0
+    # instance 0 is believed to hold 128 of 200 tokens; one request in flight there:
+    # 72 + 512 = 584 > 200 -> 1 (kv's 256 would keep it: 72 + 256 = 328, still > 200)
+    busy = [InstanceLoad(0, 0, 0.1, 0, num_in_flight=1), InstanceLoad(0, 0, 0.1, 1)]
+    assert prefix.choose(req, busy) == 1 and prefix.last_hit_tokens == 0
+    long_req = RouteRequest(None, (), 1000, text_hashes=text_chunk_hashes(text))
+    # 1000 tokens, 128 held by both now: instance 1 costs 872, instance 0 872 + 512
+    assert prefix.choose(long_req, busy) == 1 and prefix.last_hit_tokens == 128
+
+
 def test_cost_counts_the_prefill_queued_ahead():
     w = RouteWeights(load_cost_tokens=0, queue_weight=1)
     busy = [InstanceLoad(0, 1, 0.1, 0, num_prefill_tokens=900), InstanceLoad(0, 1, 0.1, 1)]

@@ -93,25 +93,33 @@ def test_a_member_gone_long_enough_is_forgotten_and_found_again_when_it_returns(
     asyncio.run(scenario())
 
 
-def test_queued_prefill_is_the_report_beyond_the_routers_own_plus_its_own_now():
+def test_queued_prefill_is_the_report_plus_what_was_sent_after_it_was_asked_for():
     async def scenario():
         ups = _FakeMesh(("http://a:1",), RouterState(), session=None, poll_interval_s=3600)
         inst = ups.instances[0]
-        inst.own_prefill_tokens = 500  # this router's requests still waiting for a byte
+        early = inst.add_prefill(500)  # sent before the probe: the report counts it
         ups.answers = {"http://a:1/load": (200, _load("A") | {"num_prefill_tokens": 800})}
-        await ups.probe(inst)  # 800 queued there, 500 of them ours: 300 from others
-        assert inst.is_healthy and inst.others_prefill_tokens == 300
-        assert inst.load().num_prefill_tokens == 800
-        inst.own_prefill_tokens = 0  # ours got their first bytes
-        assert inst.load().num_prefill_tokens == 300
-        inst.own_prefill_tokens = 200
-        ups.answers["http://a:1/load"] = (200, _load("A") | {"num_prefill_tokens": 100})
-        await ups.probe(inst)  # fewer than ours (not yet arrived there): none from others
-        assert inst.others_prefill_tokens == 0 and inst.load().num_prefill_tokens == 200
-        inst.own_prefill_tokens = 400
-        ups.answers["http://a:1/load"] = (200, _load("A"))  # an instance that reports none
         await ups.probe(inst)
-        assert inst.load().num_prefill_tokens == 400
+        assert inst.is_healthy and inst.load().num_prefill_tokens == 800
+        inst.drop_prefill(early, 500)  # its first byte: nothing left to drop
+        assert inst.load().num_prefill_tokens == 800
+        late = inst.add_prefill(300)  # sent after: on top of the report, until answered
+        inst.add_prefill(0)
+        assert inst.load().num_prefill_tokens == 1100
+        inst.drop_prefill(late, 300)
+        assert inst.load().num_prefill_tokens == 800 and not inst.sent_prefill
+        unanswered = inst.add_prefill(200)  # a non-streamed answer: no byte until the end
+        ups.answers["http://a:1/load"] = (200, _load("A") | {"num_prefill_tokens": 150})
+        await ups.probe(inst)  # the next report has it (or its prefill is done)
+        assert inst.load().num_prefill_tokens == 150
+        inst.drop_prefill(unanswered, 200)
+        assert inst.load().num_prefill_tokens == 150
+        inst.add_prefill(400)
+        ups.answers["http://a:1/load"] = (200, _load("A"))  # an engine that reports none
+        await ups.probe(inst)
+        assert inst.load().num_prefill_tokens == 0
+        inst.add_prefill(70)  # ...but what the router sent since still counts
+        assert inst.load().num_prefill_tokens == 70
 
     asyncio.run(scenario())
 
@@ -126,8 +134,9 @@ def test_a_lease_counts_its_prefill_until_the_first_byte_and_releases_once():
     assert inst.load().num_prefill_tokens == 0 and inst.num_in_flight == 2
     first.release()
     first.release()
-    assert inst.num_in_flight == 1 and inst.own_prefill_tokens == 0
-    third = _Lease(inst, 120)
+    assert inst.num_in_flight == 1 and not inst.sent_prefill
+    third = _Lease(inst, 120.7)
+    assert inst.load().num_prefill_tokens == 120
     third.release()  # failed before its first byte: its prefill goes with it
     second.release()
-    assert inst.num_in_flight == 0 and inst.own_prefill_tokens == 0
+    assert inst.num_in_flight == 0 and not inst.sent_prefill

@@ -116,10 +116,10 @@ class Scheduler(StepResults, DecodeRuns):  # StepResults first: its _check_stop 
         return sum(n for r, n in work if self._key(r) < key)
 
     def _prefill_work(self) -> list[tuple[Request, int]]:
-        """Each request with prompt tokens still to prefill, and how many: a running
-        prefill's uncomputed prompt, a waiting request's tokens beyond its cache hit."""
-        work = [(r, r.num_prompt_tokens - r.num_computed_tokens) for r in self.running
-                if r.num_computed_tokens < r.num_prompt_tokens]
+        """Each request with tokens still to prefill, and how many: a running prefill's
+        uncomputed tokens (a resumed request's output too), a waiting request's beyond its
+        cache hit."""
+        work = [(r, r.num_pending_tokens) for r in self.running if r.num_pending_tokens > 1]
         work += [(r, max(0, r.num_pending_tokens - r.num_cached_hint)) for r in self.waiting]
         return work
 

@@ -132,10 +132,12 @@ class Router:
                 break
             inst = candidates[self.policy.choose(route, [c.load() for c in candidates])]
             tried.add(inst.number)
-            hit = 0
             if route.block_keys:
-                hit = self.state.kv.match(inst.number, route.block_keys) * route.block_size
+                hit = float(self.state.kv.match(inst.number, route.block_keys)
+                            * route.block_size)
                 self.metrics.predicted_hit_tokens.inc(hit)
+            else:  # `prefix` guesses its hits: the one it chose by
+                hit = float(getattr(self.policy, "last_hit_tokens", 0.0))
             lease = _Lease(inst, route.num_prompt_tokens - hit)
             result = await self._open(ex, lease, raw, headers)
             if isinstance(result, int):
@@ -220,17 +222,17 @@ class _Lease:
     until the first byte comes back), released exactly once. A response not read to its
     end is closed, not pooled: the instance sees the disconnect and stops generating."""
 
-    def __init__(self, inst: Instance, prefill_tokens: int):
+    def __init__(self, inst: Instance, prefill_tokens: float):
         self.inst = inst
         self.resp: aiohttp.ClientResponse | None = None
         self._is_released = False
-        self._prefill = max(0, prefill_tokens)
+        self._prefill = max(0, int(prefill_tokens))
+        self._epoch = inst.add_prefill(self._prefill)
         inst.num_in_flight += 1
-        inst.own_prefill_tokens += self._prefill
 
     def prefilled(self) -> None:
         """The first byte is back (a first token, or a whole answer): no prefill left."""
-        self.inst.own_prefill_tokens -= self._prefill
+        self.inst.drop_prefill(self._epoch, self._prefill)
         self._prefill = 0
 
     def release(self) -> None:

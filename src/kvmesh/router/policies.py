@@ -13,14 +13,16 @@ cost, in prefill-token equivalents:
 - `hit_tokens_i`: the prompt tokens instance i already holds (exactly, from its KV events,
   for `kv`; estimated from the router's own record of routed prompts for `prefix`);
 - `queued_i`: the prefill tokens queued there, which this request's first token waits
-  behind: the instance's last report (`/load`), plus the predicted misses of what the
-  router sent it since; 0 for an instance that reports none;
+  behind: the instance's last report (`/load`; none from an engine that does not report
+  it), plus the predicted misses of the requests the router sent it after asking for that
+  report and has not had a first byte back from;
 - `load_i = in_flight_i + others_i`: the router's own count of requests in flight there,
   plus what the instance last reported beyond those (other clients' requests);
 - `queue_weight` and `load_cost_tokens` (`RouteWeights`): the price of a queued prefill
   token, and of one more request in flight (mostly decoding: it slows each step, and
-  stands for work the queue does not show yet), in prefill tokens. Large values approach
-  `least_load`; both at 0 always follow the cache. Unset, `load_cost_tokens` is 256 for
+  stands for work the queue does not show yet), in prefill tokens. A large
+  `load_cost_tokens` approaches `least_load`, a large `queue_weight` the least queued
+  prefill; both at 0 always follow the cache. Unset, `load_cost_tokens` is 256 for
   `kv`, whose hits are exact, and 512 for `prefix`, whose hits are a guess that misses
   evictions and so needs the load to pull harder (`benchmarks/router_sim.py`).
 
@@ -52,7 +54,7 @@ class InstanceLoad:
     kv_usage: float  # fraction of device KV blocks in use
     instance: int = 0  # the instance's stable number (what the indexes are keyed by)
     num_in_flight: int = 0  # requests the router has sent there and not seen finish
-    num_prefill_tokens: int = 0  # prefill tokens queued there (reported + sent since)
+    num_prefill_tokens: int = 0  # prefill tokens queued there (reported + sent since asked)
 
     @property
     def load(self) -> int:
@@ -155,6 +157,7 @@ class PrefixAware:
     def __init__(self, index: PrefixIndex, weights: RouteWeights):
         self.index = index
         self.weights = weights
+        self.last_hit_tokens = 0.0  # the guessed hit of the last choice (the proxy reads it)
 
     def choose(self, request: RouteRequest, loads: Sequence[InstanceLoad]) -> int:
         w = self.weights
@@ -162,6 +165,7 @@ class PrefixAware:
                 / w.chars_per_token for load in loads]
         best = cheapest(request.num_prompt_tokens, hits, loads, w, exact_hits=False)
         self.index.insert(loads[best].instance, request.text_hashes)
+        self.last_hit_tokens = min(hits[best], float(request.num_prompt_tokens))
         return best
 
 

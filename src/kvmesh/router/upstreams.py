@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -55,8 +55,10 @@ class Instance:
     num_waiting: int = 0
     kv_usage: float = 0.0
     num_in_flight: int = 0
-    own_prefill_tokens: int = 0  # predicted misses of this router's requests before 1st byte
-    others_prefill_tokens: int = 0  # reported queued prefill beyond those
+    reported_prefill_tokens: int = 0  # queued prefill, as the last /load said
+    probe_epoch: int = 0  # /load probes sent so far
+    # predicted prefill of requests sent since, not yet answered: epoch at send -> tokens
+    sent_prefill: dict[int, int] = field(default_factory=dict)
     instance_id: str | None = None
     kv_events_port: int | None = None
     key_scheme: tuple[str, str, str, int] | None = None
@@ -66,7 +68,29 @@ class Instance:
     def load(self) -> InstanceLoad:
         return InstanceLoad(self.num_running, self.num_waiting, self.kv_usage, self.number,
                             self.num_in_flight,
-                            self.own_prefill_tokens + self.others_prefill_tokens)
+                            self.reported_prefill_tokens + sum(self.sent_prefill.values()))
+
+    def add_prefill(self, tokens: int) -> int:
+        """A request sent now, whose prefill is `tokens`: counted until it is answered or a
+        report taken after it arrives. Returns the epoch to `drop_prefill` it with."""
+        if tokens > 0:
+            self.sent_prefill[self.probe_epoch] = (
+                self.sent_prefill.get(self.probe_epoch, 0) + tokens)
+        return self.probe_epoch
+
+    def drop_prefill(self, epoch: int, tokens: int) -> None:
+        """The request's first byte is back (or it failed): its prefill is done."""
+        left = self.sent_prefill.get(epoch, 0) - tokens
+        if left > 0:
+            self.sent_prefill[epoch] = left
+        else:
+            self.sent_prefill.pop(epoch, None)
+
+    def report_prefill(self, tokens: int, epoch: int) -> None:
+        """A /load answer to probe `epoch`: it counts the requests sent before the probe."""
+        self.reported_prefill_tokens = max(0, tokens)
+        for e in [e for e in self.sent_prefill if e < epoch]:
+            del self.sent_prefill[e]
 
     def set_healthy(self, healthy: bool, reason: str = "") -> None:
         if healthy != self.is_healthy:
@@ -195,6 +219,8 @@ class Upstreams:
             return r.status, await r.read()
 
     async def probe(self, inst: Instance) -> None:
+        inst.probe_epoch += 1
+        epoch = inst.probe_epoch
         try:
             status, body = await self.get(inst.url + "/load", PROBE_TIMEOUT)
             if status == 404:  # not kvmesh: any server with /health
@@ -208,19 +234,18 @@ class Upstreams:
             load = json.loads(body)
             if not isinstance(load, dict):
                 raise ValueError("/load did not answer a JSON object")
-            self._update(inst, load)
+            self._update(inst, load, epoch)
         except Exception as exc:  # noqa: BLE001 - any failed probe: out, and keep probing
             inst.set_healthy(False, f"{type(exc).__name__}: {exc}")
 
-    def _update(self, inst: Instance, load: dict[str, Any]) -> None:
+    def _update(self, inst: Instance, load: dict[str, Any], epoch: int) -> None:
         inst.is_kvmesh = True
         running, waiting = int(load.get("num_running") or 0), int(load.get("num_waiting") or 0)
         others = max(0, running + waiting - inst.num_in_flight)  # not sent by this router
         inst.num_waiting = min(waiting, others)
         inst.num_running = others - inst.num_waiting
         inst.kv_usage = float(load.get("kv_usage") or 0.0)
-        reported = int(load.get("num_prefill_tokens") or 0)
-        inst.others_prefill_tokens = max(0, reported - inst.own_prefill_tokens)
+        inst.report_prefill(int(load.get("num_prefill_tokens") or 0), epoch)
         scheme = load.get("key_scheme")
         if isinstance(scheme, list) and len(scheme) == 3:
             model_id, kv_dtype, layout = (str(x) for x in scheme)
