@@ -290,3 +290,20 @@ def test_membership_vouching_tombstone_expiry_and_revival():
     m.tick()
     assert not m.tombstones  # expired: gossip may introduce them again
     m.check_integrity()
+
+
+def test_a_directory_snapshot_too_big_for_one_frame_goes_in_parts(monkeypatch):
+    monkeypatch.setattr(wire, "SNAPSHOT_PART_KEYS", 7)  # 40 keys: 6 parts
+    a, la = make_node()
+    b = None
+    try:
+        la.put(KEYS[:40])  # before b links: b learns them from a's snapshot
+        b, _ = make_node(seeds=[port_of(a)])
+        wait_until(lambda: all(b.holders(k) == [a.me.node_id] for k in KEYS[:40]))
+        la.drop(KEYS[:3])  # batches after the parts apply in order
+        wait_until(lambda: not b.holders(KEYS[0]))
+        assert b.holders(KEYS[3]) == [a.me.node_id] and not b.holders(KEYS[40])
+    finally:
+        if b is not None:
+            b.stop(handoff=False)
+        a.stop(handoff=False)

@@ -13,6 +13,7 @@ import time
 import msgspec
 import pytest
 
+from kvmesh.engine.kv_events import KVSnapshot, split_snapshot
 from kvmesh.mesh import handshake, wire
 from tests.mesh.nodes import (
     BLOCK,
@@ -204,3 +205,31 @@ def test_wire_bounds():
         wire.decode(frame[wire.PREFIX.size:], 0)
     with pytest.raises(wire.FrameError):
         wire.decode(msgspec.msgpack.encode({"x": 1}), 0)
+    for bad in (wire.Directory(True, b"", -1), wire.Directory(False, b"", 2)):
+        with pytest.raises(wire.FrameError, match="directory part"):
+            wire.decode(wire.encode(bad)[wire.PREFIX.size:], 0)
+    # a directory frame from a sender without parts decodes as a whole snapshot (part 0)
+    old = msgspec.msgpack.encode(["dir", True, b"x"])
+    assert wire.decode(old, 0) == wire.Directory(True, b"x", 0)
+    # a snapshot of the most keys a part holds fits a frame header, with room to spare
+    part = KVSnapshot("i" * 32, 1, {"disk": [b"k" * 32] * wire.SNAPSHOT_PART_KEYS})
+    frame = wire.encode(wire.Directory(True, msgspec.msgpack.encode(part)))
+    assert len(frame) < wire.MAX_HEADER_BYTES // 2
+
+
+def test_a_snapshot_splits_into_bounded_parts_that_add_up_to_it():
+    snap = KVSnapshot("i", 5, {"host": [bytes([i]) for i in range(10)], "disk": [],
+                               "device": [b"x", b"y", b"z"]})
+    for size in (1, 3, 4, 13, 100):
+        parts = split_snapshot(snap, size)
+        assert len(parts) == max(1, -(-13 // size))
+        assert all(p.seq == 5 and p.instance_id == "i" for p in parts)
+        assert all(sum(map(len, p.media.values())) <= size for p in parts)
+        joined: dict[str, list[bytes]] = {m: [] for m in snap.media}
+        for p in parts:
+            for m, keys in p.media.items():
+                joined[m] += keys
+        assert joined == snap.media
+    assert split_snapshot(KVSnapshot("i", 1, {}), 4) == [KVSnapshot("i", 1, {})]
+    with pytest.raises(ValueError):
+        split_snapshot(snap, 0)

@@ -335,6 +335,9 @@ tenants:
     requests_per_min: 2
   other:
     api_keys: [k-other]
+  metered:
+    api_keys: [k-metered]
+    tokens_per_min: 400
 """
 
 
@@ -359,6 +362,20 @@ def test_router_tenants_and_bad_input(tmp_path, tiny_pair):
         assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
         other = httpx.post(url, json=body, headers={"Authorization": "Bearer k-other"})
         assert other.status_code == 200
+        # The router charges an estimate up front (the prompt + 256 tokens when max_tokens
+        # is unset) and settles with the answer's usage (16 tokens made here): without the
+        # settling, 400 tokens a minute would admit one such request, not four.
+        metered = {"Authorization": "Bearer k-metered"}
+        plain = {"prompt": "hello"}
+        assert httpx.post(url, json=plain, headers=metered).json()["usage"]["total_tokens"] < 40
+        for options in ({}, {"stream_options": {"include_usage": True}}, {}):
+            with httpx.stream("POST", url, json=plain | {"stream": True} | options,
+                              headers=metered) as r:
+                assert r.status_code == 200 and "[DONE]" in "".join(r.iter_text())
+        # an answer the instance refuses (400) used nothing: its charge comes back too
+        refused = httpx.post(url, json=plain | {"temperature": -1}, headers=metered)
+        assert refused.status_code == 400 and "temperature" in refused.text
+        assert httpx.post(url, json=plain, headers=metered).status_code == 200
         models = httpx.get(router.url + "/v1/models", headers=key)
         assert models.status_code == 200 and models.json()["data"]
 

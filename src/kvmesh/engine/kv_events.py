@@ -79,6 +79,30 @@ def to_wire(events: Sequence[BlockEvent]) -> list[WireEvent]:
     return out
 
 
+def split_snapshot(snap: KVSnapshot, max_keys: int) -> list[KVSnapshot]:
+    """`snap` as parts of at most `max_keys` keys each (at least one part), all with its
+    instance and seq: the first stands for the snapshot, the rest add to it."""
+    if max_keys < 1:
+        raise ValueError("max_keys must be >= 1")
+    parts: list[dict[str, list[bytes]]] = []
+    current: dict[str, list[bytes]] = {}
+    count = 0
+    for medium, keys in snap.media.items():
+        current.setdefault(medium, [])
+        start = 0
+        while True:
+            take = keys[start:start + max_keys - count]
+            current[medium].extend(take)
+            count += len(take)
+            start += len(take)
+            if start >= len(keys):
+                break
+            parts.append(current)
+            current, count = {medium: []}, 0
+    parts.append(current)
+    return [KVSnapshot(snap.instance_id, snap.seq, media, snap.version) for media in parts]
+
+
 class KeySets:
     """Per medium, the keys one instance holds, kept from batches and snapshots."""
 
@@ -105,4 +129,4 @@ class KeySets:
 
 
 __all__ = ["BlockRemoved", "BlocksRemoved", "BlocksStored", "KVEventBatch", "KVSnapshot",
-           "KeySets", "MediumCleared", "to_wire"]
+           "KeySets", "MediumCleared", "split_snapshot", "to_wire"]

@@ -9,7 +9,13 @@ checked against their key's checksum. Entries from a dead or restarted peer are 
 
 from __future__ import annotations
 
-from kvmesh.engine.kv_events import KeySets, KVEventBatch, KVSnapshot, MediumCleared
+from kvmesh.engine.kv_events import (
+    BlocksStored,
+    KeySets,
+    KVEventBatch,
+    KVSnapshot,
+    MediumCleared,
+)
 
 # What a peer can hand out: its device cache (copied out between steps), host and disk.
 SERVABLE = ("device", "host", "disk")
@@ -33,6 +39,16 @@ class Directory:
         self._seq[node_id] = snap.seq
         touched = _servable(sets) | (_servable(old) if old is not None else set())
         self._reindex(node_id, sets, touched)
+
+    def extend(self, node_id: str, part: KVSnapshot) -> bool:
+        """A later part of the snapshot `reset` began: its keys join the peer's sets.
+        False (and nothing done) if it belongs to another snapshot than the one held."""
+        if self._seq.get(node_id) != part.seq:
+            return False
+        sets = self._sets[node_id]
+        sets.apply([BlocksStored(m, keys) for m, keys in part.media.items()])
+        self._reindex(node_id, sets, {k for keys in part.media.values() for k in keys})
+        return True
 
     def apply(self, node_id: str, batch: KVEventBatch) -> bool:
         """Apply one batch; False if it is out of order (the link is then resynced)."""

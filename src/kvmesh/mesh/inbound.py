@@ -121,9 +121,12 @@ class InboundLinks:
         data = wire.decode_directory(msg)
         with self.lock:
             if isinstance(data, KVSnapshot):
-                self.directory.reset(node_id, data)
-                return
-            in_order = self.directory.apply(node_id, data)
+                if msg.part == 0:
+                    self.directory.reset(node_id, data)
+                    return
+                in_order = self.directory.extend(node_id, data)  # False: not its snapshot
+            else:
+                in_order = self.directory.apply(node_id, data)
         if not in_order:
             link.post(wire.Resync(data.seq))
 

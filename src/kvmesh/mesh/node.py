@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from kvmesh.engine.kv_events import KVEventBatch, KVSnapshot
+from kvmesh.engine.kv_events import KVEventBatch, KVSnapshot, split_snapshot
 from kvmesh.mesh import greet, wire
 from kvmesh.mesh.directory import Directory
 from kvmesh.mesh.fetcher import Fetcher, Fetches, Resolvable
@@ -333,7 +333,8 @@ class MeshNode(InboundLinks):
             except Exception:  # noqa: BLE001 - the engine is gone: nothing to announce
                 log.exception("directory snapshot failed")
                 return
-            await self._send(out, wire.Directory(True, msgspec.msgpack.encode(snap)))
+            for i, part in enumerate(split_snapshot(snap, wire.SNAPSHOT_PART_KEYS)):
+                await self._send(out, wire.Directory(True, msgspec.msgpack.encode(part), i))
             while out.backlog:  # batches that come meanwhile join the backlog, in order
                 backlog, out.backlog = out.backlog, []
                 for batch in backlog:

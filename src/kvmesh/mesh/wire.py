@@ -16,7 +16,8 @@ from kvmesh.engine.kv_events import KVEventBatch, KVSnapshot
 
 PROTOCOL_VERSION = 1
 PREFIX = struct.Struct("<II")
-MAX_HEADER_BYTES = 16 << 20  # a directory snapshot of ~900k keys
+MAX_HEADER_BYTES = 16 << 20  # a directory snapshot part of SNAPSHOT_PART_KEYS keys fits
+SNAPSHOT_PART_KEYS = 200_000  # keys per directory snapshot part (about 4-7 MB of header)
 MAX_PAYLOAD_BYTES = 64 << 20  # one KV block
 MAX_HANDSHAKE_BYTES = 1024  # before the peer proved the secret
 MAX_KEYS_PER_FETCH = 4096
@@ -65,10 +66,13 @@ class Ack(msgspec.Struct, tag="ack", array_like=True):
 
 
 class Directory(msgspec.Struct, tag="dir", array_like=True):
-    """The sender's KV-event batch or snapshot (kvmesh.engine.kv_events), as bytes."""
+    """The sender's KV-event batch or snapshot (kvmesh.engine.kv_events), as bytes. A
+    snapshot too big for one header goes in parts (`kv_events.split_snapshot`): part 0
+    replaces what the receiver held, parts 1.. add to it."""
 
     is_snapshot: bool
     data: bytes
+    part: int = 0
 
 
 class Resync(msgspec.Struct, tag="resync", array_like=True):
@@ -136,6 +140,8 @@ def decode(header: bytes, payload_len: int) -> Message:
         raise FrameError(f"{type(msg).__name__} carries no payload")
     if isinstance(msg, Fetch) and len(msg.keys) > MAX_KEYS_PER_FETCH:
         raise FrameError(f"fetch of {len(msg.keys)} keys")
+    if isinstance(msg, Directory) and (msg.part < 0 or (msg.part and not msg.is_snapshot)):
+        raise FrameError(f"directory part {msg.part}")
     return msg
 
 

@@ -36,6 +36,7 @@ from kvmesh.router.metrics import RouterMetrics
 from kvmesh.router.policies import RouteRequest, RouterState, RouteWeights, make_route_policy
 from kvmesh.router.prompt import KeyMaker, view
 from kvmesh.router.upstreams import UPSTREAM_ERRORS, Instance, Upstreams
+from kvmesh.router.usage import UsageTap
 from kvmesh.server.auth import KeyAuth
 from kvmesh.server.errors import APIError, api_error_handler, error_body
 from kvmesh.tenants import TenantTable, cache_salt
@@ -118,10 +119,16 @@ class Router:
             route = await asyncio.to_thread(self.keys.route_request, v, salt, scheme)
         else:  # short, or nothing to tokenize: a thread hop would cost more than it saves
             route = self.keys.route_request(v, salt, scheme)
-        self.auth.charge(tenant, route.num_prompt_tokens + v.max_tokens * v.num_choices)
-        await self._dispatch(ex, raw, route)
+        charged = route.num_prompt_tokens + v.max_tokens * v.num_choices
+        self.auth.charge(tenant, charged)
+        used = await self._dispatch(ex, raw, route)
+        if used is not None:  # what the answer says it used (router/usage.py)
+            self.auth.settle(tenant, charged, used)
 
-    async def _dispatch(self, ex: Exchange, raw: bytes, route: RouteRequest) -> None:
+    async def _dispatch(self, ex: Exchange, raw: bytes, route: RouteRequest) -> int | None:
+        """Answer with an instance's answer, or with why none could. Returns the tokens the
+        request used: 0 if no instance took it or one refused it, the answer's usage if it
+        carries one, None if unknown (the estimate stands)."""
         tried: set[int] = set()
         refused: list[_Refused] = []
         headers = {k: v for k, v in ex.headers.items() if k in FORWARD_HEADERS}
@@ -142,10 +149,11 @@ class Router:
             result = await self._open(ex, lease, raw, headers)
             if isinstance(result, int):
                 self.metrics.requests.labels(inst.url, str(result)).inc()
-                return
+                return lease.used if result == HTTPStatus.OK else 0
             refused.append(result)
             self.metrics.retries.inc()
         await self._no_instance(ex, refused)
+        return 0
 
     async def _open(self, ex: Exchange, lease: _Lease, raw: bytes,
                     headers: dict[str, str]) -> int | _Refused:
@@ -186,11 +194,15 @@ class Router:
         assert lease.resp is not None
         resp = lease.resp
         is_sse = "text/event-stream" in resp.headers.get("content-type", "")
+        tap = UsageTap(is_sse)
         try:
             with ex.watching():
+                tap.feed(first)
                 await ex.write(first)
                 async for chunk in resp.content.iter_any():
+                    tap.feed(chunk)
                     await ex.write(chunk)
+            lease.used = tap.used()
         except UPSTREAM_ERRORS as exc:
             lease.inst.set_healthy(False, f"failed mid-stream: {type(exc).__name__}")
             self.metrics.broken_streams.inc()
@@ -226,6 +238,7 @@ class _Lease:
         self.inst = inst
         self.resp: aiohttp.ClientResponse | None = None
         self._is_released = False
+        self.used: int | None = None  # tokens its answer says it used, once relayed whole
         self._prefill = max(0, int(prefill_tokens))
         self._epoch = inst.add_prefill(self._prefill)
         inst.num_in_flight += 1

@@ -29,6 +29,7 @@ from kvmesh.server.responses import (
     completion_body,
     finish_reason,
     sse,
+    usage_comment,
 )
 from kvmesh.server.result_cache import CachedResult, ResultCache, make_result
 from kvmesh.server.tools import ToolParser, ToolPlan
@@ -374,4 +375,6 @@ async def _sse(job: Job, streams, collector: Collector, fmt) -> AsyncIterator[st
         yield sse(chunk(job.rid, job.model, kind, [body], with_usage_field=job.include_usage))
     if job.include_usage:
         yield sse(chunk(job.rid, job.model, kind, [], usage=collector.usage.body()))
+    else:  # a comment line, which clients skip: a router settles the tenant's budget by it
+        yield usage_comment(collector.usage.body())
     yield sse("[DONE]")

@@ -17,6 +17,12 @@ def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
+def usage_comment(usage: dict[str, Any]) -> str:
+    """A stream's usage as an SSE comment (`: usage {...}`), for a client that did not ask
+    for the usage chunk: clients skip comment lines; `kvmesh router` reads it."""
+    return f": usage {json.dumps(usage, separators=(',', ':'))}\n\n"
+
+
 @dataclass
 class Choice:
     """One choice as it builds up. `text` is all generated text; with tools, `content` is
