@@ -320,6 +320,10 @@ class RouterConfig:
     tenants: str | None = _help("Tenants file (YAML), the same one the instances read.",
                                 default=None)
     api_keys: tuple[str, ...] = _help("Accepted API keys, as KEY or KEY:TENANT.", default=())
+    upstream_api_key: str | None = _help(
+        "An API key the instances accept, sent with the router's own requests to them "
+        "(/load, /kv/snapshot, /mesh: behind the instances' API keys when they have any). "
+        "Clients' requests pass on with the clients' own keys.", default=None)
     model: str = _help(
         "Model whose tokenizer and chat template the `kv` policy uses to compute block "
         "keys (the instances' model).", default=DEFAULT_MODEL)

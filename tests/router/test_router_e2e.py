@@ -175,6 +175,27 @@ def test_failover_before_the_first_byte_and_readmission(tmp_path, tiny_pair):
 
 
 @pytest.mark.timeout(240)
+def test_instances_with_api_keys_answer_the_routers_probes_only_with_its_key(tmp_path,
+                                                                           tiny_llama):
+    args = ["--model", str(tiny_llama), "--num-blocks", "64", "--api-keys", "inst-key"]
+    with serve(args, tmp_path) as inst:
+        assert httpx.get(inst.url + "/load").status_code == 401
+        with serve(["--instances", inst.url, "--poll-interval-s", "0.2"], tmp_path,
+                   wait=None, command="router") as keyless:
+            _wait(lambda: "--upstream-api-key" in keyless.log.read_text(), 30)
+            assert httpx.get(keyless.url + "/health").status_code == 503  # its probes: 401
+        with _router(tmp_path, [inst], "--policy", "least_load",
+                     "--upstream-api-key", "inst-key") as router:
+            assert httpx.get(router.url + "/health").json()["healthy"] == [inst.url]
+            # clients' requests pass on with the clients' own keys, not the router's
+            assert _client(router.url, "inst-key").completions.create(
+                model="", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+            with pytest.raises(openai.AuthenticationError):
+                _client(router.url, "wrong").completions.create(model="", prompt="hi",
+                                                                max_tokens=2)
+
+
+@pytest.mark.timeout(240)
 def test_instance_dying_mid_stream_ends_with_an_error_event(tmp_path, tiny_llama):
     args = ["--model", str(tiny_llama), "--max-num-seqs", "1"]
     with serve(args, tmp_path) as inst, _router(tmp_path, [inst], "--policy", "least_load") \

@@ -86,10 +86,14 @@ def test_tenant_keys_limits_salts_and_kv_events(tmp_path, tiny_llama):
             _wait_metric(s, 3, "tenant_requests_total", 'tenant="a"')
             assert _metric(s, "tenant_slo_met_total", 'tenant="a"', 'slo="all"') == 2
             assert _metric(s, "request_success_total", 'finished_reason="abort"') == 1
-            load = httpx.get(s.url + "/load").json()
+            for path in ("/load", "/kv/snapshot"):  # what it caches is behind the keys
+                assert httpx.get(s.url + path).status_code == 401
+            key_a = {"Authorization": "Bearer key-a"}
+            load = httpx.get(s.url + "/load", headers=key_a).json()
             assert load["kv_events_port"] == port and load["block_size"] == 4
             assert load["num_prefill_tokens"] == 0  # idle: nothing queued to prefill
-            snap = msgspec.msgpack.decode(httpx.get(s.url + "/kv/snapshot").content,
+            snap = msgspec.msgpack.decode(httpx.get(s.url + "/kv/snapshot",
+                                                    headers=key_a).content,
                                           type=KVSnapshot)
             assert snap.instance_id == load["instance_id"] and snap.seq >= 1
             assert len(snap.media["device"]) > 0

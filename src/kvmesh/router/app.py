@@ -78,7 +78,8 @@ class Router:
         self.policy = make_route_policy(config.policy, self.state)
         self.upstreams = Upstreams(config.instances, self.state, session,
                                    config.poll_interval_s,
-                                   config.discover_interval_s if config.discover_mesh else None)
+                                   config.discover_interval_s if config.discover_mesh else None,
+                                   config.upstream_api_key)
         self.session = session
         self.keys = KeyMaker(tokenizer if config.policy in ("kv", "session") else None)
         table = (TenantTable.load(config.tenants, config.api_keys) if config.tenants

@@ -64,6 +64,7 @@ class Instance:
     key_scheme: tuple[str, str, str, int] | None = None
     last_change_s: float = 0.0
     discovered: bool = False  # found through /mesh, not given with --instances
+    out_reason: str = ""  # why it is out of rotation (the last reason logged)
 
     def load(self) -> InstanceLoad:
         return InstanceLoad(self.num_running, self.num_waiting, self.kv_usage, self.number,
@@ -93,18 +94,24 @@ class Instance:
             del self.sent_prefill[e]
 
     def set_healthy(self, healthy: bool, reason: str = "") -> None:
-        if healthy != self.is_healthy:
+        """Into or out of rotation; logged on a change, and on a new reason to stay out
+        (so an instance that never came in says why)."""
+        if healthy != self.is_healthy or (not healthy and reason != self.out_reason):
             log.warning("instance %s %s%s", self.url, "is back" if healthy else "is out",
                         f": {reason}" if reason else "")
+        if healthy != self.is_healthy:
             self.is_healthy = healthy
             self.last_change_s = time.monotonic()
+        self.out_reason = "" if healthy else reason
 
 
 class Upstreams:
     def __init__(self, urls: tuple[str, ...], state: RouterState,
                  session: aiohttp.ClientSession, poll_interval_s: float,
-                 discover_interval_s: float | None = None):
+                 discover_interval_s: float | None = None, api_key: str | None = None):
         self.instances = [Instance(i, u.rstrip("/")) for i, u in enumerate(urls)]
+        # for the router's own GETs (/load, /kv/snapshot, /mesh) of instances with API keys
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._next_number = len(self.instances)
         self._aliases: dict[str, int] = {}  # other spellings of a known instance's URL
         self.on_change: Callable[[Instance, bool], None] | None = None  # (it, joined)
@@ -215,7 +222,8 @@ class Upstreams:
 
     async def get(self, url: str, timeout: aiohttp.ClientTimeout) -> tuple[int, bytes]:
         """GET `url` whole: its status and body."""
-        async with self.session.get(url, timeout=timeout, allow_redirects=False) as r:
+        async with self.session.get(url, timeout=timeout, allow_redirects=False,
+                                    headers=self._headers) as r:
             return r.status, await r.read()
 
     async def probe(self, inst: Instance) -> None:
@@ -229,7 +237,9 @@ class Upstreams:
                 inst.set_healthy(status == 200, f"HTTP {status}")
                 return
             if status != 200:
-                inst.set_healthy(False, f"HTTP {status}")
+                why = (" (the instance wants an API key: --upstream-api-key)"
+                       if status == 401 else "")
+                inst.set_healthy(False, f"HTTP {status}{why}")
                 return
             load = json.loads(body)
             if not isinstance(load, dict):

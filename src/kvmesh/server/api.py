@@ -205,9 +205,11 @@ def _add_routes(app: FastAPI, state: AppState, metrics: ServerMetrics, auth: Key
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/load", include_in_schema=False)
-    async def load() -> dict[str, Any]:
+    async def load(authorization: Auth = None) -> dict[str, Any]:
         """What a router needs to place requests: queue, running, prefill tokens queued, KV
-        usage, events port."""
+        usage, events port. Behind the API keys when there are any, like /kv/snapshot and
+        /mesh (what this instance caches is a tenant's business)."""
+        auth.tenant(authorization)
         engine = state.require_engine()
         stats = engine.stats()
         pub = state.publisher
@@ -220,7 +222,8 @@ def _add_routes(app: FastAPI, state: AppState, metrics: ServerMetrics, auth: Key
                 "instance_id": pub.instance_id if pub else None}
 
     @app.get("/kv/snapshot", include_in_schema=False, responses={404: {}, 503: ERRORS[503]})
-    async def kv_snapshot() -> Response:
+    async def kv_snapshot(authorization: Auth = None) -> Response:
+        auth.tenant(authorization)
         engine = state.require_engine()
         pub = state.publisher
         if pub is None:
@@ -230,8 +233,9 @@ def _add_routes(app: FastAPI, state: AppState, metrics: ServerMetrics, auth: Key
         return Response(msgspec.msgpack.encode(snap), media_type="application/x-msgpack")
 
     @app.get("/mesh", include_in_schema=False, responses={404: {}})
-    async def mesh() -> dict[str, Any]:
+    async def mesh(authorization: Auth = None) -> dict[str, Any]:
         """The mesh as this instance sees it: members, their state, what each holds."""
+        auth.tenant(authorization)
         if state.mesh is None:
             raise APIError(HTTPStatus.NOT_FOUND, "the mesh is off (no --p2p-port)")
         return state.mesh.view()
