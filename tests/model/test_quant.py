@@ -147,6 +147,15 @@ def _check_pair_kernel(lib, amx_on: bool) -> None:
                     assert torch.equal(layer._bf16_kernel(x), y), (group, k, rows)
                 finally:
                     lib.quant_i4bf16_use_pipe(1)
+        if amx_on:  # row tiles sized to the batch (5 rows: one tile of 5; 20: two of 10):
+            # a row's result is the same in a batch of any size on the tiles (beyond 16
+            # rows only where the column blocks pair up: else 16 at a time, and a rest of
+            # 1 or 2 rows takes the AVX-512 path)
+            x = torch.randn(64, k, generator=torch.Generator().manual_seed(group))
+            paired = (n // 16) % 2 == 0
+            y = layer._bf16_kernel(x if paired else x[:16])
+            for rows in (3, 4, 5, 6, 9, 10, 13, 16) + ((17, 20, 33, 50) if paired else ()):
+                assert torch.equal(layer._bf16_kernel(x[:rows]), y[:rows]), (group, rows)
         x = torch.randn(65, k, generator=gen)  # over what the kernel ever takes: refused
         y = torch.empty(65, 48)
         pairs, min128 = layer.bf16_pairs

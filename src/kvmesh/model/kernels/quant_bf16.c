@@ -533,8 +533,12 @@ int quant_linear_i4bf16(const float *x, int64_t rows, int64_t x_stride, const ui
         return 1;
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
     const int64_t groups = k / group, half = k / 2;
-    /* tiles of R rows (4, 8 or 16) for the paired AMX path: xb and xsum padded with zeros */
-    const int64_t R = rows <= 4 ? 4 : rows <= 8 ? 8 : MAX_ROWS;
+    /* row tiles of R rows for the paired AMX path, as few as fit and as even as they can
+     * be (5 rows: one tile of 5, not of 8; 20: two of 10): a tile product and its C-tile
+     * fold cost by the tile's rows, padding rows included. xb and xsum are padded with
+     * zeros to whole tiles. */
+    const int64_t row_tiles = (rows + MAX_ROWS - 1) / MAX_ROWS;
+    const int64_t R = rows < 1 ? 1 : (rows + row_tiles - 1) / row_tiles;
     const int64_t padded = (rows + 2 * R - 1) / (2 * R) * (2 * R);
     uint32_t *xb = calloc((size_t)(padded * half), sizeof(uint32_t));
     float *xsum = calloc((size_t)(padded * groups), sizeof(float));
