@@ -293,13 +293,21 @@ def test_membership_vouching_tombstone_expiry_and_revival():
 
 
 def test_a_directory_snapshot_too_big_for_one_frame_goes_in_parts(monkeypatch):
-    monkeypatch.setattr(wire, "SNAPSHOT_PART_KEYS", 7)  # 40 keys: 6 parts
+    from kvmesh.mesh.directory import Directory
+
+    monkeypatch.setattr(wire, "SNAPSHOT_FRAME_BYTES", 200)  # 40 keys of 16 bytes: too big
+    monkeypatch.setattr(wire, "SNAPSHOT_PART_KEYS", 7)  # 6 parts
+    extended: list[int] = []
+    extend = Directory.extend
+    monkeypatch.setattr(Directory, "extend", lambda self, node, part: (
+        extended.append(sum(map(len, part.media.values()))), extend(self, node, part))[1])
     a, la = make_node()
     b = None
     try:
         la.put(KEYS[:40])  # before b links: b learns them from a's snapshot
         b, _ = make_node(seeds=[port_of(a)])
         wait_until(lambda: all(b.holders(k) == [a.me.node_id] for k in KEYS[:40]))
+        assert extended[:5] == [7, 7, 7, 7, 5]  # parts 1-5 added to part 0 (7 keys)
         la.drop(KEYS[:3])  # batches after the parts apply in order
         wait_until(lambda: not b.holders(KEYS[0]))
         assert b.holders(KEYS[3]) == [a.me.node_id] and not b.holders(KEYS[40])

@@ -25,6 +25,16 @@ def test_a_json_answer_says_its_usage():
     assert _fed(False, b'{"usage": null}', 4).used() is None
     assert _fed(False, b'{"choices": [', 4).used() is None  # cut short
     assert UsageTap(False).used() is None
+    # a long answer: only its tail is kept, and the usage at its end is read from it
+    long = json.dumps({"choices": [{"text": "y" * 100_000}],
+                       "usage": {"prompt_tokens": 3, "completion_tokens": 4}}).encode()
+    tap = _fed(False, long, 1000)
+    assert tap.used() == 7 and tap._size < TAIL_BYTES + 1000
+    # hostile bodies: deep nesting, or no object after the key, say nothing
+    deep = b"{\"usage\": " + b"[" * 5000 + b"]" * 5000 + b"}"  # in the tail, too deep
+    assert _fed(False, deep, 4096).used() is None
+    assert _fed(False, b'{"usage" "x"}', 3).used() is None
+    assert _fed(True, _sse(": usage " + "[" * 5000 + "]" * 5000), 4096).used() is None
 
 
 def test_a_stream_says_it_in_its_usage_chunk_or_its_usage_comment():

@@ -87,8 +87,12 @@ def test_sse_wire_format(server):
     parsed = [json.loads(e[6:]) for e in events[:-1]]
     assert parsed[-1]["choices"] == [] and parsed[-1]["usage"]["completion_tokens"] == 3
     assert all(p["object"] == "text_completion" for p in parsed)
-    body["stream_options"] = {"include_usage": False}  # no usage chunk: a usage comment
+    body["stream_options"] = {"include_usage": False}  # no usage chunk...
     with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
+        plain = [e for e in "".join(r.iter_text()).split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in plain)  # ...and nothing else either
+    with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                      headers={"X-Kvmesh-Usage": "1"}) as r:  # as a router asks: a comment
         events = [e for e in "".join(r.iter_text()).split("\n\n") if e]
     assert [e[:8] for e in events[-2:]] == [": usage ", "data: [D"]
     usage = json.loads(events[-2][len(": usage "):])

@@ -333,8 +333,12 @@ class MeshNode(InboundLinks):
             except Exception:  # noqa: BLE001 - the engine is gone: nothing to announce
                 log.exception("directory snapshot failed")
                 return
-            for i, part in enumerate(split_snapshot(snap, wire.SNAPSHOT_PART_KEYS)):
-                await self._send(out, wire.Directory(True, msgspec.msgpack.encode(part), i))
+            whole = msgspec.msgpack.encode(snap)
+            if len(whole) <= wire.SNAPSHOT_FRAME_BYTES:  # one frame, as every node reads it
+                await self._send(out, wire.Directory(True, whole))
+            else:  # too big for a header: in parts (a node older than parts cannot join)
+                for i, part in enumerate(split_snapshot(snap, wire.SNAPSHOT_PART_KEYS)):
+                    await self._send(out, wire.Directory(True, msgspec.msgpack.encode(part), i))
             while out.backlog:  # batches that come meanwhile join the backlog, in order
                 backlog, out.backlog = out.backlog, []
                 for batch in backlog:

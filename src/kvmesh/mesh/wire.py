@@ -17,6 +17,7 @@ from kvmesh.engine.kv_events import KVEventBatch, KVSnapshot
 PROTOCOL_VERSION = 1
 PREFIX = struct.Struct("<II")
 MAX_HEADER_BYTES = 16 << 20  # a directory snapshot part of SNAPSHOT_PART_KEYS keys fits
+SNAPSHOT_FRAME_BYTES = MAX_HEADER_BYTES - (64 << 10)  # a bigger snapshot goes in parts
 SNAPSHOT_PART_KEYS = 200_000  # keys per directory snapshot part (about 4-7 MB of header)
 MAX_PAYLOAD_BYTES = 64 << 20  # one KV block
 MAX_HANDSHAKE_BYTES = 1024  # before the peer proved the secret

@@ -20,6 +20,7 @@ import gc
 import json
 import logging
 import math
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -36,7 +37,7 @@ from kvmesh.router.metrics import RouterMetrics
 from kvmesh.router.policies import RouteRequest, RouterState, RouteWeights, make_route_policy
 from kvmesh.router.prompt import KeyMaker, view
 from kvmesh.router.upstreams import UPSTREAM_ERRORS, Instance, Upstreams
-from kvmesh.router.usage import UsageTap
+from kvmesh.router.usage import USAGE_HEADER, UsageTap
 from kvmesh.server.auth import KeyAuth
 from kvmesh.server.errors import APIError, api_error_handler, error_body
 from kvmesh.tenants import TenantTable, cache_salt
@@ -122,18 +123,20 @@ class Router:
             route = self.keys.route_request(v, salt, scheme)
         charged = route.num_prompt_tokens + v.max_tokens * v.num_choices
         self.auth.charge(tenant, charged)
-        used = await self._dispatch(ex, raw, route)
-        if used is not None:  # what the answer says it used (router/usage.py)
-            self.auth.settle(tenant, charged, used)
+        await self._dispatch(ex, raw, route,
+                             lambda used: self.auth.settle(tenant, charged, used))
 
-    async def _dispatch(self, ex: Exchange, raw: bytes, route: RouteRequest) -> int | None:
-        """Answer with an instance's answer, or with why none could. Returns the tokens the
-        request used: 0 if no instance took it or one refused it, the answer's usage if it
-        carries one, None if unknown (the estimate stands)."""
+    async def _dispatch(self, ex: Exchange, raw: bytes, route: RouteRequest,
+                        settle: Callable[[int], None]) -> None:
+        """Answer with an instance's answer, or with why none could. `settle` gets the
+        tokens the request used, before the client has the answer's end: 0 if no instance
+        took it or one refused it, else what the answer says (router/usage.py); it is not
+        called if the answer says nothing (the estimate stands)."""
         tried: set[int] = set()
         refused: list[_Refused] = []
         headers = {k: v for k, v in ex.headers.items() if k in FORWARD_HEADERS}
         headers.setdefault("content-type", "application/json")  # the body parsed as JSON
+        headers[USAGE_HEADER] = "1"  # a kvmesh stream ends with its usage (a comment line)
         for _ in range(self.config.max_attempts):
             candidates = [i for i in self.upstreams.healthy() if i.number not in tried]
             if not candidates:
@@ -146,15 +149,15 @@ class Router:
                 self.metrics.predicted_hit_tokens.inc(hit)
             else:  # `prefix` guesses its hits: the one it chose by
                 hit = float(getattr(self.policy, "last_hit_tokens", 0.0))
-            lease = _Lease(inst, route.num_prompt_tokens - hit)
+            lease = _Lease(inst, route.num_prompt_tokens - hit, settle)
             result = await self._open(ex, lease, raw, headers)
             if isinstance(result, int):
                 self.metrics.requests.labels(inst.url, str(result)).inc()
-                return lease.used if result == HTTPStatus.OK else 0
+                return
             refused.append(result)
             self.metrics.retries.inc()
+        settle(0)
         await self._no_instance(ex, refused)
-        return 0
 
     async def _open(self, ex: Exchange, lease: _Lease, raw: bytes,
                     headers: dict[str, str]) -> int | _Refused:
@@ -170,7 +173,7 @@ class Router:
             if resp.status != HTTPStatus.OK:  # an error body: short, read it whole
                 body = await ex.unless_gone(resp.read())
                 lease.release()
-                return await _answer(ex, inst, resp, body)
+                return await _answer(ex, lease, resp, body)
             first = await ex.unless_gone(resp.content.readany())
             if not first:
                 raise aiohttp.ClientPayloadError("the stream ended before its first byte")
@@ -203,7 +206,9 @@ class Router:
                 async for chunk in resp.content.iter_any():
                     tap.feed(chunk)
                     await ex.write(chunk)
-            lease.used = tap.used()
+            used = tap.used()
+            if used is not None:
+                lease.settle(used)
         except UPSTREAM_ERRORS as exc:
             lease.inst.set_healthy(False, f"failed mid-stream: {type(exc).__name__}")
             self.metrics.broken_streams.inc()
@@ -235,11 +240,12 @@ class _Lease:
     until the first byte comes back), released exactly once. A response not read to its
     end is closed, not pooled: the instance sees the disconnect and stops generating."""
 
-    def __init__(self, inst: Instance, prefill_tokens: float):
+    def __init__(self, inst: Instance, prefill_tokens: float,
+                 settle: Callable[[int], None] = lambda used: None):
         self.inst = inst
         self.resp: aiohttp.ClientResponse | None = None
         self._is_released = False
-        self.used: int | None = None  # tokens its answer says it used, once relayed whole
+        self.settle = settle  # the tenant's charge, squared with what the request used
         self._prefill = max(0, int(prefill_tokens))
         self._epoch = inst.add_prefill(self._prefill)
         inst.num_in_flight += 1
@@ -262,15 +268,17 @@ class _Lease:
                 self.resp.close()
 
 
-async def _answer(ex: Exchange, inst: Instance, resp: aiohttp.ClientResponse,
+async def _answer(ex: Exchange, lease: _Lease, resp: aiohttp.ClientResponse,
                   body: bytes) -> int | _Refused:
     """A non-200 answer: passed to the client (400, 401, 404...), or a refusal to try
     elsewhere (429, 5xx). A 502/503/504 also takes the instance out until its next probe;
-    a 500 is one request's failure, not the instance's."""
+    a 500 is one request's failure, not the instance's. An answer passed on used no
+    tokens: the tenant's charge comes back."""
     if resp.status in RETRYABLE:
         if resp.status in UNAVAILABLE:
-            inst.set_healthy(False, f"HTTP {resp.status}")
+            lease.inst.set_healthy(False, f"HTTP {resp.status}")
         return _Refused(resp.status, body, _pass_headers(resp))
+    lease.settle(0)
     await ex.respond(resp.status, body, _pass_headers(resp))
     return resp.status
 

@@ -64,7 +64,7 @@ class Instance:
     key_scheme: tuple[str, str, str, int] | None = None
     last_change_s: float = 0.0
     discovered: bool = False  # found through /mesh, not given with --instances
-    out_reason: str = ""  # why it is out of rotation (the last reason logged)
+    out_reason: str = ""  # the kind of failure that keeps it out ("" while in)
 
     def load(self) -> InstanceLoad:
         return InstanceLoad(self.num_running, self.num_waiting, self.kv_usage, self.number,
@@ -94,15 +94,17 @@ class Instance:
             del self.sent_prefill[e]
 
     def set_healthy(self, healthy: bool, reason: str = "") -> None:
-        """Into or out of rotation; logged on a change, and on a new reason to stay out
-        (so an instance that never came in says why)."""
-        if healthy != self.is_healthy or (not healthy and reason != self.out_reason):
+        """Into or out of rotation; logged on a change, and while out on a new kind of
+        failure (so an instance that never came in says why; the same failure again is
+        not logged on every probe)."""
+        kind = reason.split(":")[0].split("(")[0].strip() or "out"
+        if healthy != self.is_healthy or (not healthy and kind != self.out_reason):
             log.warning("instance %s %s%s", self.url, "is back" if healthy else "is out",
                         f": {reason}" if reason else "")
         if healthy != self.is_healthy:
             self.is_healthy = healthy
             self.last_change_s = time.monotonic()
-        self.out_reason = "" if healthy else reason
+        self.out_reason = "" if healthy else kind
 
 
 class Upstreams:

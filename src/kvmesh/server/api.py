@@ -26,6 +26,7 @@ from kvmesh.engine.async_engine import AsyncEngine
 from kvmesh.engine.engine import LLMEngine
 from kvmesh.mesh.node import MeshNode
 from kvmesh.mesh.setup import engine_config_for_mesh, mesh_config, start_mesh
+from kvmesh.router.usage import USAGE_HEADER
 from kvmesh.server.auth import KeyAuth
 from kvmesh.server.errors import APIError, api_error_handler, error_body, validation_error_handler
 from kvmesh.server.handlers import Job, respond
@@ -267,6 +268,7 @@ def _add_routes(app: FastAPI, state: AppState, metrics: ServerMetrics, auth: Key
         engine = state.require_engine()
         _check_model(state, body.model)
         job = await asyncio.to_thread(make_job, engine.inputs, state.model_name, body, tenant)
+        job.usage_comment = request.headers.get(USAGE_HEADER) == "1"
         charged = job.num_charged_tokens
         try:
             auth.charge(tenant, charged)

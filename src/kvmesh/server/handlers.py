@@ -53,6 +53,7 @@ class Job:
     tools: ToolPlan | None = None
     result_cache: bool = True  # the client may opt out
     is_output_capped: bool = True  # False: the client set no max_tokens (the default fills)
+    usage_comment: bool = False  # end a stream with `: usage {...}` (a router asked)
 
     @property
     def is_deterministic(self) -> bool:
@@ -375,6 +376,6 @@ async def _sse(job: Job, streams, collector: Collector, fmt) -> AsyncIterator[st
         yield sse(chunk(job.rid, job.model, kind, [body], with_usage_field=job.include_usage))
     if job.include_usage:
         yield sse(chunk(job.rid, job.model, kind, [], usage=collector.usage.body()))
-    else:  # a comment line, which clients skip: a router settles the tenant's budget by it
+    elif job.usage_comment:  # a comment line, which clients skip: for a router's budgets
         yield usage_comment(collector.usage.body())
     yield sse("[DONE]")

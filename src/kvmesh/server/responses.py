@@ -18,8 +18,9 @@ def sse(payload: dict[str, Any] | str) -> str:
 
 
 def usage_comment(usage: dict[str, Any]) -> str:
-    """A stream's usage as an SSE comment (`: usage {...}`), for a client that did not ask
-    for the usage chunk: clients skip comment lines; `kvmesh router` reads it."""
+    """A stream's usage as an SSE comment (`: usage {...}`), for a router that asked
+    (`kvmesh.router.usage.USAGE_HEADER`) when its client did not ask for the usage chunk:
+    clients skip comment lines."""
     return f": usage {json.dumps(usage, separators=(',', ':'))}\n\n"
 
 
