@@ -227,9 +227,8 @@ def _carry_over(name: str, skip: set[str], figures: dict, notes: dict) -> None:
         notes["carried_over"] = carried
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=2)
+def add_workload_args(ap: argparse.ArgumentParser) -> None:
+    """The gain workload's settings (router_sim.py runs the same workload)."""
     ap.add_argument("--sessions", type=int, default=12)
     ap.add_argument("--groups", type=int, default=4)
     ap.add_argument("--turns", type=int, default=6)
@@ -241,6 +240,12 @@ def main() -> None:
                     help="a user's pause between a reply and the next turn")
     ap.add_argument("--num-blocks", type=int, default=128,
                     help="device KV blocks per instance in the gain runs (0: engine default)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=2)
+    add_workload_args(ap)
     ap.add_argument("--overhead-requests", type=int, default=60)
     ap.add_argument("--proxy-requests", type=int, default=2000)
     ap.add_argument("--stub-pairs", type=int, default=1000,

@@ -39,7 +39,7 @@ from kvmesh.sim.instance import InstanceSpec  # noqa: E402
 from kvmesh.sim.run import session_starts  # noqa: E402
 from kvmesh.sim.simulator import Simulator  # noqa: E402
 from kvmesh.sim.workload import from_bench  # noqa: E402
-from router import sessions  # noqa: E402
+from router import add_workload_args, sessions  # noqa: E402
 
 
 def slowed(model: Any, factor: float) -> Any:
@@ -81,14 +81,7 @@ def main() -> None:
     ap.add_argument("--policies", default="kv,prefix")
     ap.add_argument("--cost-model", default=str(RESULTS / "sim_cost_model.json"))
     ap.add_argument("--slowdown", type=float, default=2.5)
-    ap.add_argument("--sessions", type=int, default=12)
-    ap.add_argument("--groups", type=int, default=4)
-    ap.add_argument("--turns", type=int, default=6)
-    ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--rate", type=float, default=0.05)
-    ap.add_argument("--system-words", type=int, default=50)
-    ap.add_argument("--think-s", type=float, default=20.0)
-    ap.add_argument("--num-blocks", type=int, default=128)
+    add_workload_args(ap)
     ap.add_argument("--name", default="router_sim", help="results file name")
     args = ap.parse_args()
     cost = slowed(cost_model.load(args.cost_model), args.slowdown)

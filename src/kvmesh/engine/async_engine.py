@@ -151,7 +151,7 @@ class AsyncEngine:
         return EngineStats(core.num_running, core.num_waiting, core.pool.usage,
                            core.scheduler.num_preemptions, tiers, spec.drafted, spec.accepted,
                            spec.acceptance_rate, spec.tokens_per_step,
-                           core.num_prefill_tokens)
+                           core.scheduler.num_prefill_tokens)
 
     async def submit(
         self,

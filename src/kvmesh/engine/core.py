@@ -391,10 +391,6 @@ class EngineCore:
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
-    @property
-    def num_prefill_tokens(self) -> int:
-        return self.scheduler.num_prefill_tokens
-
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
         if self.store is not None:

@@ -166,7 +166,10 @@ class SimInstance:
                 block_bytes=self.block_bytes))
         return TieredStore(tiers, host, sources, self.block_size, self.clock.now)
 
-    def load(self) -> InstanceLoad:
+    def load(self, with_queue: bool = True) -> InstanceLoad:
+        """The instance's load; `with_queue`: its queued prefill too (a pass over its
+        requests, which only the cache-aware policies read)."""
         core = self.core
+        queued = core.scheduler.num_prefill_tokens if with_queue else 0
         return InstanceLoad(core.num_running, core.num_waiting, core.pool.usage, self.index,
-                            num_prefill_tokens=core.num_prefill_tokens)
+                            num_prefill_tokens=queued)

@@ -25,6 +25,7 @@ from kvmesh.router.policies import (
 from kvmesh.sim.instance import SimInstance
 
 NEEDS_KEYS = ("kv", "session")
+CACHE_AWARE = ("kv", "prefix", "session")
 
 
 class _Feed:
@@ -46,6 +47,7 @@ class SimRouter:
         self.name = name
         self.state = RouterState(weights or RouteWeights(), has_kv_events=True)
         self.policy: RoutePolicy = make_route_policy(name, self.state)
+        self.reads_queue = name in CACHE_AWARE  # the others never read queued prefill
         self.namespace = instances[0].core.namespace(None)
         self.block_size = instances[0].block_size
         if name in NEEDS_KEYS:

@@ -56,6 +56,8 @@ class SimRun:
 class _PlainRouter:
     """A policy object given as is: it sees sessions and prompts, no cache index."""
 
+    reads_queue = True  # a policy object given as is: it may read anything
+
     def __init__(self, policy: RoutePolicy):
         self.policy = policy
 
@@ -126,7 +128,7 @@ class Simulator:
     def _send(self, t: float, session: int, turn: int) -> None:
         s = self._sessions[session]
         prompt = s.prompt(turn, self._replies.get(session, []))
-        loads = [inst.load() for inst in self.instances]
+        loads = [inst.load(self.router.reads_queue) for inst in self.instances]
         target = self.router.choose(str(session), prompt, loads)
         record = RequestRecord(session, turn, t)
         self.records.append(record)
