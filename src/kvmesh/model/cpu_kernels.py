@@ -39,7 +39,8 @@ from kvmesh.model.registry import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCES = ("vec_math.h", "paged_decode.c", "paged_prefill.c", "small_linear.c",
-           "quant_linear.c", "quant_a8.c", "quant_bf16.c", "decode_layer.c", "near_top.c")
+           "quant_linear.c", "quant_a8.c", "quant_bf16.c", "quant_i8amx.c", "decode_layer.c",
+           "near_top.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-Wno-psabi"]
 _SYMBOLS = {
     torch.bfloat16: "paged_decode_bf16",
@@ -206,6 +207,10 @@ def _quant_signatures(lib: ctypes.CDLL) -> None:
     lib.quant_i4bf16_use_pipe.argtypes = [ctypes.c_int]
     lib.quant_i4bf16_use_pipe.restype = ctypes.c_int
     lib.quant_i4bf16_amx_calls.restype = ctypes.c_int64
+    lib.quant_linear_i8amx.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR,
+                                       _I64, _I64, _I64, _PTR, _I64]
+    lib.quant_linear_i8amx.restype = ctypes.c_int
+    lib.quant_i8amx_max_rows.restype = ctypes.c_int
     lib.quant_linear_i4a8.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR,
                                       _I64, _I64, _I64, _PTR, _I64]
     lib.quant_linear_i4a8.restype = ctypes.c_int

@@ -27,7 +27,9 @@ up to BF16_KERNEL_ROWS rows (float32 accumulation, so no less exact than bf16's 
 matmul; more rows when the fused decode layer runs, model/fused.py) and
 a bf16 copy packed for oneDNN for larger batches, where bf16 dot products are faster than
 any float32 kernel (`attach_dense`); its int4 layers also get the bf16-pair layout of
-kernels/quant_bf16.c (`bf16_pairs`). That is about 3.4 bytes per weight instead of bf16's
+kernels/quant_bf16.c (`bf16_pairs`), and on a CPU with AMX its int8 layers (the lm_head)
+run batches above their kernel's rows, up to 32, on the tiles (kernels/quant_i8amx.c:
+the exact int8 weights, float32 sums) rather than on the dense copy. That is about 3.4 bytes per weight instead of bf16's
 2 (int4 layers; 3.1 for int8 ones), and a decode step reads 0.75 of them (1.125).
 """
 
@@ -50,10 +52,11 @@ PROFILES = ("none", "auto", "int8", "int4")
 GROUP = 32
 COLS = 16
 BF16_KERNEL_ROWS = 8  # bf16 models: the quantized kernel up to here, bf16 dense above
-# an int8 lm_head where oneDNN's bf16 matmul runs on AMX tiles: from 5 rows its dense copy
-# (then exact_near_top) beats the float32 int8 kernel, which is bound by converting the
-# weights to float (Xeon, default model, in a decode step: 5 rows 3.25 -> 2.81 ms, 8 rows
-# 4.05 -> 2.96; what a verify step of speculative decoding runs)
+# an int8 lm_head on a CPU with AMX: from 5 rows the tiles (kernels/quant_i8amx.c; past 32
+# rows the dense bf16 copy) beat the float32 int8 kernel, which is bound by converting the
+# weights to float (Xeon, default model, in a decode step: 5 rows 3.25 -> 2.81 ms on the
+# dense copy, 9 rows 2.63 ms dense -> 1.8 ms on the tiles; what a verify step of
+# speculative decoding runs)
 BF16_HEAD_KERNEL_ROWS_AMX = 4
 EXACT_RTOL = 1e-6  # `auto`: reconstruction error allowed, relative to the layer's max |w|
 
@@ -169,6 +172,9 @@ class QuantLinear(nn.Module):
         # bf16 inputs: the kernel's float32 output is returned as is, not rounded to bf16
         # (the lm_head: logits 16-32 apart by 0.125 in bf16 tie where float32 does not)
         self.float_out = False
+        # bf16 models on AMX: int8 batches above kernel_rows and up to here run on the
+        # tiles (kernels/quant_i8amx.c) instead of the dense copy (attach_dense)
+        self.amx_rows = 0
 
     @property
     def a8(self) -> bool:
@@ -205,7 +211,8 @@ class QuantLinear(nn.Module):
             y = x2.new_empty((0, self.out_features))
         elif self.dense is not None and x2.dtype == torch.bfloat16:
             if rows > self.kernel_rows:
-                y = self.dense(x2)
+                tiles = self._amx_kernel(x2) if rows <= self.amx_rows else None
+                y = self.dense(x2) if tiles is None else tiles
             else:
                 y = self._bf16_kernel(x2.float().contiguous())
                 y = y if self.float_out else y.to(torch.bfloat16)
@@ -254,6 +261,24 @@ class QuantLinear(nn.Module):
         if rc != 0:
             raise RuntimeError(f"bf16-pair linear kernel rejected its inputs (code {rc})")
         return y
+
+    def _amx_kernel(self, x: torch.Tensor) -> torch.Tensor | None:
+        """An int8 layer's batch on AMX tiles (kernels/quant_i8amx.c: bf16 inputs, exact
+        weights, float32 sums), float32 for the head and bf16 otherwise; None where the
+        kernel declines (AMX turned off since), for the dense copy to take it."""
+        qw, lib = self.qw, self.lib
+        assert lib is not None
+        xf = x.float().contiguous()
+        y = torch.empty((xf.shape[0], qw.n), dtype=torch.float32)
+        rc = lib.quant_linear_i8amx(
+            xf.data_ptr(), xf.shape[0], xf.stride(0), qw.q.data_ptr(), qw.scale.data_ptr(),
+            None if self.bias is None else self.bias.data_ptr(), qw.n, qw.k, qw.group,
+            y.data_ptr(), y.stride(0))
+        if rc == 3:
+            return None
+        if rc != 0:
+            raise RuntimeError(f"int8 AMX linear kernel rejected its inputs (code {rc})")
+        return y if self.float_out else y.to(torch.bfloat16)
 
     def weight(self) -> torch.Tensor:
         """The float32 weight, rebuilt for a large batch (not kept: that is the point)."""
@@ -365,6 +390,9 @@ def attach_dense(model: nn.Module, dense_factory, kernel_rows: int = BF16_KERNEL
             module.dense = dense_factory(module.weight().to(torch.bfloat16), bias)
             rows = min(kernel_rows, head_rows) if module.float_out else kernel_rows
             module.kernel_rows = min(rows, module.max_rows)
+            if (lib is not None and module.qw.bits == 8 and module.qw.min is None
+                    and module.qw.k % 32 == 0 and module.qw.group % 32 == 0):
+                module.amx_rows = lib.quant_i8amx_max_rows()
             if pairs and module.qw.bits == 4 and module.qw.group % 8 == 0:
                 module.bf16_pairs = bf16_pairs(module.qw)
             count += 1

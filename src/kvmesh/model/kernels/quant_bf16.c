@@ -42,6 +42,9 @@ int quant_i4bf16_max_rows(void) {
     return __atomic_load_n(&use_amx, __ATOMIC_RELAXED) ? AMX_MAX_ROWS : MAX_ROWS;
 }
 
+/* AMX granted and on (quant_i8amx.c asks too) */
+int quant_amx_enabled(void) { return __atomic_load_n(&use_amx, __ATOMIC_RELAXED); }
+
 int quant_i4bf16_available(void) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
     return 1;
