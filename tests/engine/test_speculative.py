@@ -213,3 +213,31 @@ def test_draft_length_adapts_to_what_is_accepted():
     short = Speculator(SchedulerConfig(num_speculative_tokens=2), 10_000, drafter=_Echo())
     short.draft([req])
     assert len(req.spec_token_ids) == 2  # never past k, from the first draft on
+
+
+def test_backing_off_sequences_still_draft_from_a_strong_match():
+    """After a wholly rejected draft a sequence waits, but prompt lookup still drafts where
+    its longest n-gram matches (the output repeating a passage); a shorter match does not.
+    The index honours the minimum match it is asked for."""
+    from kvmesh.config import SchedulerConfig
+    from kvmesh.engine.drafter import NgramDrafter
+    from kvmesh.engine.speculation import START_LENGTH, Speculator
+    from tests.builders import make_request
+
+    idx = NgramIndex(max_n=3)
+    seq = [1, 2, 3, 4, 5, 9, 7, 3]
+    assert idx.propose(seq, 2) == [4, 5] and idx.propose(seq, 2, min_n=2) == []
+    spec = Speculator(SchedulerConfig(num_speculative_tokens=8), 10_000, NgramDrafter())
+    req = make_request("r", 0, max_tokens=1000)
+    req.token_ids[:] = [11, 12, 13, 14, 15, 16, 17, 13]
+
+    def draft(*new: int) -> list[int]:
+        req.token_ids.extend(new)
+        req.num_computed_tokens = req.num_tokens - 1  # decoding: one token pending
+        spec.draft([req])
+        return req.spec_token_ids
+
+    assert draft() == [14, 15, 16, 17][:START_LENGTH]  # a 1-token match, not backing off
+    spec.observe("r", len(req.spec_token_ids), 0)  # wholly rejected: backing off
+    assert draft(12) == []  # a 1-token match waits
+    assert draft(13, 14) == [15, 16, 17, 13][:START_LENGTH]  # "12 13 14": drafts anyway

@@ -28,6 +28,7 @@ class DraftWant:
     seq_id: str
     tokens: Sequence[int]
     max_tokens: int
+    min_match: int = 0  # prompt lookup: only from a match of this many tokens (0: any)
 
 
 class Drafter(Protocol):
@@ -59,12 +60,13 @@ class NgramIndex:
                 self._ends[tuple(tokens[end - n:end])] = end
         self._indexed = max(self._indexed, last + 1)
 
-    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
-        """Up to `k` tokens that followed the longest earlier match of the sequence's end."""
+    def propose(self, tokens: Sequence[int], k: int, min_n: int = 0) -> list[int]:
+        """Up to `k` tokens that followed the longest earlier match of the sequence's end
+        (of at least `min_n` tokens where that is more than the index's own minimum)."""
         if k <= 0 or len(tokens) < 2:
             return []
         self._catch_up(tokens)
-        for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
+        for n in range(min(self.max_n, len(tokens) - 1), max(self.min_n, min_n) - 1, -1):
             end = self._ends.get(tuple(tokens[len(tokens) - n:]))
             if end is not None:
                 return list(tokens[end:end + k])
@@ -81,6 +83,7 @@ class NgramDrafter:
 
     def __init__(self, max_n: int = 3, min_n: int = 1):
         self.max_n, self.min_n = max_n, min_n
+        self.strong_match = max_n  # the speculator's probes while backing off (min_match)
         self._indexes: dict[str, NgramIndex] = {}
 
     def propose(self, wants: Sequence[DraftWant]) -> list[list[int]]:
@@ -89,7 +92,7 @@ class NgramDrafter:
             index = self._indexes.get(w.seq_id)
             if index is None:
                 index = self._indexes[w.seq_id] = NgramIndex(self.max_n, self.min_n)
-            out.append(index.propose(w.tokens, w.max_tokens))
+            out.append(index.propose(w.tokens, w.max_tokens, w.min_match))
         return out
 
     def forget(self, seq_ids: Iterable[str]) -> None:

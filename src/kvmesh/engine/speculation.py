@@ -9,8 +9,11 @@ holds an end-of-sequence or stop token and never runs past `max_tokens` or the c
 Speculation turns itself down where it does not pay: each sequence keeps a moving
 average of the share of its drafts accepted and stops drafting while that is under
 `MIN_ACCEPTANCE`, and after a step whose draft was wholly rejected it waits 2, 4, ... 32
-steps before drafting again. A drafter that raises costs a step's drafts, never a request;
-after MAX_DRAFT_FAILURES in a row, speculation stays off.
+steps before drafting again. While it waits, a drafter with a `strong_match` (prompt
+lookup: its longest n-gram) still drafts from a match that long: the output repeating a
+passage, which after a stretch of prose the back-off would otherwise miss. A drafter
+that raises costs a step's drafts, never a request; after MAX_DRAFT_FAILURES in a row,
+speculation stays off.
 
 How long a draft may be adapts per sequence, within 1..k (`num_speculative_tokens`): it
 starts at min(k, START_LENGTH), doubles after a draft accepted whole and drops to one past
@@ -73,9 +76,9 @@ class Speculator:
         wants: list[tuple[Request, DraftWant]] = []
         for req in running:
             req.spec_token_ids = []
-            room = self._room(req) if active else 0
+            room, min_match = self._room(req) if active else (0, 0)
             if room > 0:
-                wants.append((req, DraftWant(req.request_id, req.token_ids, room)))
+                wants.append((req, DraftWant(req.request_id, req.token_ids, room, min_match)))
         if not wants:
             return
         try:
@@ -103,25 +106,34 @@ class Speculator:
                 f"the drafter failed {self._failures} times in a row; speculative decoding "
                 f"is off from now on (last: {type(exc).__name__}: {exc})")
 
-    def _room(self, req: Request) -> int:
-        """How many tokens `req` may draft this step (0: none, waiting or backing off)."""
+    def _room(self, req: Request) -> tuple[int, int]:
+        """How many tokens `req` may draft this step (0: none) and the match it needs (0:
+        any; a strong one while it backs off)."""
         p = req.params
         if req.num_pending_tokens != 1 or not can_speculate(p):
-            return 0
-        skip, step = self._backoff.get(req.request_id, (0, 2))
-        if skip:
-            self._backoff[req.request_id] = (skip - 1, step)
-            if skip == 1:  # a fresh start after the wait
-                self._rate.pop(req.request_id, None)
-            return 0
-        if self._rate.get(req.request_id, 1.0) < MIN_ACCEPTANCE:
-            self._backoff[req.request_id] = (step, min(2 * step, MAX_BACKOFF_STEPS))
-            return 0
+            return 0, 0
         room = self.max_model_len - req.num_tokens - 1
         if p.max_tokens is not None:
             room = min(room, p.max_tokens - req.num_output_tokens - 1)
         length = self._length.get(req.request_id, self.start_length)
-        return max(0, min(length, room))
+        if self._backing_off(req.request_id):
+            strong = getattr(self.drafter, "strong_match", 0)
+            return (max(0, min(max(length, self.start_length), room)), strong) if strong \
+                else (0, 0)
+        return max(0, min(length, room)), 0
+
+    def _backing_off(self, seq_id: str) -> bool:
+        """Whether `seq_id` waits this step (counting the wait down)."""
+        skip, step = self._backoff.get(seq_id, (0, 2))
+        if skip:
+            self._backoff[seq_id] = (skip - 1, step)
+            if skip == 1:  # a fresh start after the wait
+                self._rate.pop(seq_id, None)
+            return True
+        if self._rate.get(seq_id, 1.0) < MIN_ACCEPTANCE:
+            self._backoff[seq_id] = (step, min(2 * step, MAX_BACKOFF_STEPS))
+            return True
+        return False
 
     def observe(self, seq_id: str, num_drafted: int, num_accepted: int) -> None:
         self.num_drafted += num_drafted

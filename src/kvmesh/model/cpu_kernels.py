@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("vec_math.h", "paged_decode.c", "paged_prefill.c", "small_linear.c",
            "quant_linear.c", "quant_a8.c", "quant_bf16.c", "quant_i8amx.c", "decode_layer.c",
-           "near_top.c")
+           "near_top.c", "paged_verify.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-Wno-psabi"]
 _SYMBOLS = {
     torch.bfloat16: "paged_decode_bf16",
@@ -211,6 +211,15 @@ def _quant_signatures(lib: ctypes.CDLL) -> None:
                                        _I64, _I64, _I64, _PTR, _I64]
     lib.quant_linear_i8amx.restype = ctypes.c_int
     lib.quant_i8amx_max_rows.restype = ctypes.c_int
+    lib.paged_verify_bf16.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR,
+                                      _I64, _I64, _I64, _I64, ctypes.c_float]
+    lib.paged_verify_bf16.restype = ctypes.c_int
+    lib.paged_verify_available.restype = ctypes.c_int
+    lib.paged_verify_calls.restype = ctypes.c_int64
+    lib.quant_i4bf16_set_amx_min_rows.argtypes = [ctypes.c_int]
+    lib.quant_i4bf16_set_amx_min_rows.restype = ctypes.c_int
+    lib.decode_layer_set_verify_min_rows.argtypes = [ctypes.c_int]
+    lib.decode_layer_set_verify_min_rows.restype = ctypes.c_int
     lib.quant_linear_i4a8.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR,
                                       _I64, _I64, _I64, _PTR, _I64]
     lib.quant_linear_i4a8.restype = ctypes.c_int

@@ -29,8 +29,9 @@ a bf16 copy packed for oneDNN for larger batches, where bf16 dot products are fa
 any float32 kernel (`attach_dense`); its int4 layers also get the bf16-pair layout of
 kernels/quant_bf16.c (`bf16_pairs`), and on a CPU with AMX its int8 layers (the lm_head)
 run batches above their kernel's rows, up to 32, on the tiles (kernels/quant_i8amx.c:
-the exact int8 weights, float32 sums) rather than on the dense copy. That is about 3.4 bytes per weight instead of bf16's
-2 (int4 layers; 3.1 for int8 ones), and a decode step reads 0.75 of them (1.125).
+the exact int8 weights, float32 sums) rather than on the dense copy. That is about 3.4
+bytes per weight instead of bf16's 2 (int4 layers; 3.1 for int8 ones), and a decode step
+reads 0.75 of them (1.125).
 """
 
 from __future__ import annotations

@@ -41,6 +41,21 @@ int paged_decode_bf16(const void *q, int64_t q_stride, const void *k, const void
                       const int64_t *lengths, void *out, int64_t num_seqs, int64_t heads,
                       int64_t kv_heads, int64_t dim, int64_t block_size, float scale);
 
+int paged_verify_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k, const uint16_t *v,
+                      int64_t block_stride, const int64_t *table, int64_t len0, int64_t rows,
+                      uint16_t *out, int64_t heads, int64_t kv_heads, int64_t dim,
+                      int64_t block_size, float scale);
+int paged_verify_available(void);
+
+/* Runs of this many rows of one sequence's consecutive tokens or more go to paged_verify.c
+ * (AMX), shorter ones to paged_decode.c. */
+static int verify_min_rows = 2;
+
+/* Set verify_min_rows (for A/B runs); returns the previous value. */
+int decode_layer_set_verify_min_rows(int rows) {
+    return __atomic_exchange_n(&verify_min_rows, rows < 1 ? 1 : rows, __ATOMIC_RELAXED);
+}
+
 struct qlinear { /* one QuantLinear: model/quant.py fills it */
     const uint8_t *q;
     const float *scale, *min, *bias;
@@ -134,6 +149,56 @@ int64_t decode_layer_scratch(const struct layer *w, int64_t seqs) {
     return seqs * (2 * w->hidden + qkv + 2 * w->heads * w->dim + 3 * w->inter);
 }
 
+/* The end of the run of rows from t that are one sequence's consecutive tokens: the same
+ * blocks, lengths ascending by one (a verify step's rows). */
+static int64_t run_end(const struct step *s, int64_t t) {
+    const int64_t *first = s->tables + t * s->table_width;
+    int64_t e = t + 1;
+    while (e < s->seqs && s->lengths[e] == s->lengths[e - 1] + 1) {
+        const int64_t blocks = (s->lengths[e] + s->block_size - 1) / s->block_size;
+        if (blocks > s->table_width ||
+            memcmp(s->tables + e * s->table_width, first, sizeof(int64_t) * (size_t)blocks))
+            break;
+        e++;
+    }
+    return e;
+}
+
+/* bf16 attention for rows [a, b) with paged_decode: each row on its own. */
+static int decode_rows(const struct layer *w, const struct step *s, const uint16_t *q,
+                       const void *k_cache, const void *v_cache, uint16_t *out, int64_t a,
+                       int64_t b) {
+    const int64_t qn = w->heads * w->dim;
+    if (b <= a) return 0;
+    return paged_decode_bf16(q + a * qn, qn, k_cache, v_cache, s->block_stride,
+                             s->tables + a * s->table_width, s->table_width, s->lengths + a,
+                             out + a * qn, b - a, w->heads, w->kv_heads, w->dim,
+                             s->block_size, s->scale);
+}
+
+/* bf16 attention for every row: runs of one sequence's consecutive tokens (verify steps)
+ * on the tiles where they run here, the other rows with paged_decode. */
+static int attention_bf16(const struct layer *w, const struct step *s, const uint16_t *q,
+                          const void *k_cache, const void *v_cache, uint16_t *out) {
+    const int64_t qn = w->heads * w->dim;
+    int64_t pending = 0; /* rows [pending, t) wait for paged_decode */
+    int rc = 0;
+    for (int64_t t = 0; t < s->seqs && paged_verify_available();) {
+        const int64_t e = run_end(s, t);
+        if (e - t >= __atomic_load_n(&verify_min_rows, __ATOMIC_RELAXED)) {
+            rc |= decode_rows(w, s, q, k_cache, v_cache, out, pending, t);
+            const int vr = paged_verify_bf16(
+                q + t * qn, qn, k_cache, v_cache, s->block_stride, s->tables + t * s->table_width,
+                s->lengths[t], e - t, out + t * qn, w->heads, w->kv_heads, w->dim,
+                s->block_size, s->scale);
+            rc |= vr == 1 || vr == 3 ? decode_rows(w, s, q, k_cache, v_cache, out, t, e) : vr;
+            pending = e;
+        }
+        t = e;
+    }
+    return rc | decode_rows(w, s, q, k_cache, v_cache, out, pending, s->seqs);
+}
+
 /* Rotary, the cache write and attention: qkv [S, qkv_n] in, att [S, qn] float32 out. */
 static int attention(const struct layer *w, const struct step *s, float *qkv, void *k_cache,
                      void *v_cache, float *att, uint16_t *half) {
@@ -157,9 +222,7 @@ static int attention(const struct layer *w, const struct step *s, float *qkv, vo
                                 s->table_width, s->lengths, att, S, w->heads, w->kv_heads, D,
                                 s->block_size, s->scale);
     uint16_t *out = half + S * qn;
-    int rc = paged_decode_bf16(half, qn, k_cache, v_cache, s->block_stride, s->tables,
-                               s->table_width, s->lengths, out, S, w->heads, w->kv_heads, D,
-                               s->block_size, s->scale);
+    const int rc = attention_bf16(w, s, half, k_cache, v_cache, out);
     for (int64_t i = 0; i < S * qn; i++) att[i] = bf16_to_f32(out[i]);
     return rc;
 }

@@ -16,7 +16,7 @@
  * Returns non-zero on a shape it does not support, or where it was built without BF16.
  *
  * AMX (Sapphire Rapids and later, built where the compiler targets AMX-BF16): from
- * AMX_MIN_ROWS rows, each group's 16 columns are unpacked the same way into a 16-pair-row
+ * amx_min_rows rows, each group's 16 columns are unpacked the same way into a 16-pair-row
  * B tile in L1 and multiplied by the rows' bf16 inputs with one tile dot product, whose
  * cost does not grow with the rows; the group's float32 sums are then scaled as above.
  * Where the column blocks pair up, two row tiles and two column blocks go together (four
@@ -62,7 +62,17 @@ int quant_i4bf16_available(void) {
 #else
 #define AMX_BUILT 0
 #endif
-#define AMX_MIN_ROWS 3 /* measured on a Xeon with AMX: at 2 rows AVX-512 is faster */
+/* From 3 rows: on the Xeon with AMX, the default model's verify steps of 2 rows (one
+ * drafted token) took 8.44 ms with 2-row batches on the tiles and 8.07 on AVX-512
+ * (benchmarks/verify_step.py, variant linears_from_2), though these linears alone, called
+ * back to back, were faster on the tiles (4.24 against 4.72 ms); at 1 row AVX-512 is as
+ * fast or faster either way. */
+static int amx_min_rows = 3;
+
+/* The fewest rows that take the tiles (for A/B runs); returns the previous value. */
+int quant_i4bf16_set_amx_min_rows(int rows) {
+    return __atomic_exchange_n(&amx_min_rows, rows < 1 ? 1 : rows, __ATOMIC_RELAXED);
+}
 
 static int64_t amx_calls = 0;  /* calls that took the tile path (tests ask) */
 static int use_pipe = 1;       /* the pipelined one-row-tile path (amx_pipe21); 0 for A/B */
@@ -460,7 +470,8 @@ static void amx_pipe21(const struct bargs *a, int64_t nb, int64_t r0, int64_t ro
 static int amx_run22(const struct bargs *a, int64_t n, int64_t rows, int64_t R) {
     int64_t kk = 32;
     while (a->group % kk) kk -= 8;
-    if (!__atomic_load_n(&use_amx, __ATOMIC_RELAXED) || rows < AMX_MIN_ROWS ||
+    if (!__atomic_load_n(&use_amx, __ATOMIC_RELAXED) ||
+        rows < __atomic_load_n(&amx_min_rows, __ATOMIC_RELAXED) ||
         (n / COLS) % 2)
         return 0;
     __atomic_fetch_add(&amx_calls, 1, __ATOMIC_RELAXED);
@@ -492,7 +503,9 @@ static int amx_run22(const struct bargs *a, int64_t n, int64_t rows, int64_t R) 
 static int amx_run(const struct bargs *a, int64_t n, int64_t rows) {
     int64_t kk = 32; /* k per tile product: the largest of 32, 24, 16, 8 in the group */
     while (a->group % kk) kk -= 8;
-    if (!__atomic_load_n(&use_amx, __ATOMIC_RELAXED) || rows < AMX_MIN_ROWS) return 0;
+    if (!__atomic_load_n(&use_amx, __ATOMIC_RELAXED) ||
+        rows < __atomic_load_n(&amx_min_rows, __ATOMIC_RELAXED))
+        return 0;
     __atomic_fetch_add(&amx_calls, 1, __ATOMIC_RELAXED);
 #pragma omp parallel
     {
