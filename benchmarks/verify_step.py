@@ -55,7 +55,7 @@ def step_ms(llm, rows: int, context: int, steps: int) -> float:
 
     engine = llm.engine
     spec = engine.core.speculator
-    spec._room = lambda req: rows - 1 if req.num_pending_tokens == 1 else 0
+    spec._room = lambda req: (rows - 1 if req.num_pending_tokens == 1 else 0, 0)
     prompt = " ".join(WORDS[i % len(WORDS)] for i in range(context))
     rid = engine.add_request(None, prompt, SamplingParams(
         temperature=0.0, max_tokens=(steps + 4) * rows, ignore_eos=True))
