@@ -16,8 +16,8 @@ own counters, and `greedy_identical` counts the prompts whose output equals the 
 `per_prompt` has each prompt's median decode tok/s on both sides and its output length,
 to show which prompts the workload's speedup comes from.
 
-    python benchmarks/speculative.py [--tokens 128] [--rounds 3] [--k 8] [--dtype auto]
-        [--quantization auto] [--method ngram|draft] [--draft-model M]
+    python benchmarks/speculative.py [--tokens 128] [--rounds 3] [--repeats 1] [--k 8]
+        [--dtype auto] [--quantization auto] [--method ngram|draft] [--draft-model M]
         [--draft-quantization int4]
 
 Writes speculative.json (speculative_<dtype>.json for a --dtype other than auto; a
@@ -163,10 +163,25 @@ def _per_prompt(prompts: list[str], each: dict[str, list[list[float]]],
     return out
 
 
+def _workloads(plain, spec, args: argparse.Namespace) -> dict:
+    figures: dict = {}
+    for name, prompts in WORKLOADS.items():
+        figures[name] = measure(plain, spec, prompts, args)
+        print(name, {k: round(v, 3) if isinstance(v, float) else v
+                     for k, v in figures[name].items() if k != "per_prompt"})
+        for row in figures[name]["per_prompt"]:
+            print(f"  {row['prompt']!r:52} {row['output_tokens']:4} tokens "
+                  f"{row['decode_tok_per_s_plain']:6.1f} -> {row['decode_tok_per_s_spec']:6.1f}"
+                  f" ({row['speedup'] or 0:.2f}x)")
+    return figures
+
+
 def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="measure everything this many times (each repeat's figures kept)")
     ap.add_argument("--k", type=int, default=SchedulerConfig.num_speculative_tokens,
                     help="--num-speculative-tokens")
     ap.add_argument("--dtype", default="auto", help="as kvmesh serve --dtype")
@@ -177,8 +192,8 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--draft-quantization", default="int4",
                     help="--speculative-quantization for --method draft")
     args = ap.parse_args()
-    if args.tokens < 8 or args.rounds < 1 or not 1 <= args.k <= 16:
-        ap.error("--tokens >= 8, --rounds >= 1, 1 <= --k <= 16")
+    if args.tokens < 8 or args.rounds < 1 or args.repeats < 1 or not 1 <= args.k <= 16:
+        ap.error("--tokens >= 8, --rounds >= 1, --repeats >= 1, 1 <= --k <= 16")
     return args
 
 
@@ -194,19 +209,21 @@ def main() -> None:
     spec = LLM(**target, speculative_method=args.method, num_speculative_tokens=args.k, **draft)
     for llm in (plain, spec):
         llm.generate(["warm up"], None)
-    figures: dict = {}
-    for name, prompts in WORKLOADS.items():
-        figures[name] = measure(plain, spec, prompts, args)
-        print(name, {k: round(v, 3) if isinstance(v, float) else v
-                     for k, v in figures[name].items() if k != "per_prompt"})
-        for row in figures[name]["per_prompt"]:
-            print(f"  {row['prompt']!r:52} {row['output_tokens']:4} tokens "
-                  f"{row['decode_tok_per_s_plain']:6.1f} -> {row['decode_tok_per_s_spec']:6.1f}"
-                  f" ({row['speedup'] or 0:.2f}x)")
+    repeats = []
+    for _ in range(args.repeats):
+        figures = _workloads(plain, spec, args)
+        repeats.append({w: {k: figures[w][k] for k in ("decode_tok_per_s_plain",
+                                                        "decode_tok_per_s_spec", "speedup")}
+                        for w in WORKLOADS})
     figures["speedup_copy_heavy"] = figures["copy_heavy"]["speedup"]
     figures["speedup_chat"] = figures["chat"]["speedup"]
     figures["acceptance_rate"] = spec.engine.core.speculator.acceptance_rate
+    if args.repeats > 1:  # every repeat's figures; the workloads' details are the last one's
+        figures["repeats"] = repeats
+        for w in WORKLOADS:
+            figures[f"speedup_{w}_median"] = statistics.median(r[w]["speedup"] for r in repeats)
     config = {"model": "smollm2-135m-instruct", "tokens": args.tokens, "rounds": args.rounds,
+              "repeats": args.repeats,
               "num_speculative_tokens": args.k, "streams": 1, "method": args.method,
               "dtype": str(spec.engine.loaded.dtype).replace("torch.", ""),
               "quantization": spec.engine.loaded.quantization, **draft}

@@ -9,16 +9,20 @@ of each round's `--steps` steps after warm-up, the median over `--rounds` rounds
 ratio to the plain step of the same variant: what a draft must earn back in accepted
 tokens. Variants (rounds interleaved):
 
-- `tiles`: as served: int4 linears on the AMX tiles from 2 rows
-  (quant_i4bf16_set_amx_min_rows) and a sequence's verify rows attending together on the
-  tiles (kernels/paged_verify.c, decode_layer_set_verify_min_rows);
-- `linears_from_3`: the int4 linears on the tiles from 3 rows only (the earlier default);
-- `attention_per_row`: each verify row's attention on its own (paged_decode.c).
+- `tiles`: as served: int4 linears on the AMX tiles from 3 rows
+  (quant_i4bf16_set_amx_min_rows), a sequence's verify rows attending together on the
+  tiles from 2 rows (kernels/paged_verify.c, decode_layer_set_verify_min_rows), the int8
+  lm_head's rows above 4 on the tiles (kernels/quant_i8amx.c);
+- `linears_from_2`: the int4 linears on the tiles from 2 rows;
+- `attention_from_3`: verify rows attending together from 3 rows;
+- `attention_per_row`: each verify row's attention on its own (paged_decode.c);
+- `head_dense`: the lm_head's rows above 4 on its dense bf16 copy (then exact_near_top).
 
     python benchmarks/verify_step.py [--rows 1,2,3,5,9] [--context 200] [--rounds 5]
         [--steps 24]
 
-Writes verify_step.json and verify_step_<cpu kind>.json. Needs a CPU with AMX for the
+Writes verify_step.json and verify_step_<cpu kind>.json (with `_ctx<N>` before `.json`
+for a --context other than 200). Needs a CPU with AMX for the
 variants to differ (elsewhere they are the same path, and it says so).
 """
 
@@ -33,8 +37,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_kind, save  # noqa: E402
 
-VARIANTS = {"tiles": (3, 2), "linears_from_2": (2, 2), "attention_from_3": (3, 3),
-            "attention_per_row": (3, 1 << 20)}
+# (int4 linears' tiles from, verify attention from, lm_head on the tiles)
+VARIANTS = {"tiles": (3, 2, True), "linears_from_2": (2, 2, True),
+            "attention_from_3": (3, 3, True), "attention_per_row": (3, 1 << 20, True),
+            "head_dense": (3, 2, False)}
 WORDS = ["the", "harbour", "light", "turned", "over", "the", "water", "while", "ships",
          "passed", "in", "the", "night", "and", "the", "keeper", "wrote", "each", "name",
          "in", "his", "book"]
@@ -71,6 +77,15 @@ def step_ms(llm, rows: int, context: int, steps: int) -> float:
     return 1000 * statistics.median(times[3:])
 
 
+def _set(lib, head, head_rows: int, variant: tuple[int, int, bool]) -> None:
+    amx_min, verify_min, head_tiles = variant
+    if lib is not None:
+        lib.quant_i4bf16_set_amx_min_rows(amx_min)
+        lib.decode_layer_set_verify_min_rows(verify_min)
+    if hasattr(head, "amx_rows"):
+        head.amx_rows = head_rows if head_tiles else 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1,2,3,5,9")
@@ -88,16 +103,14 @@ def main() -> None:
     tiles = bool(lib is not None and lib.paged_verify_available())
     runs: dict[str, dict[int, list[float]]] = {v: {r: [] for r in rows} for v in VARIANTS}
     step_ms(llm, 2, args.context, 4)  # warm-up
+    head = llm.engine.loaded.model.lm_head
+    head_rows = getattr(head, "amx_rows", 0)
     for _ in range(args.rounds):
-        for name, (amx_min, verify_min) in VARIANTS.items():
-            if lib is not None:
-                lib.quant_i4bf16_set_amx_min_rows(amx_min)
-                lib.decode_layer_set_verify_min_rows(verify_min)
+        for name, variant in VARIANTS.items():
+            _set(lib, head, head_rows, variant)
             for r in rows:
                 runs[name][r].append(step_ms(llm, r, args.context, args.steps))
-    if lib is not None:
-        lib.quant_i4bf16_set_amx_min_rows(VARIANTS["tiles"][0])
-        lib.decode_layer_set_verify_min_rows(VARIANTS["tiles"][1])
+    _set(lib, head, head_rows, VARIANTS["tiles"])
     figures: dict = {}
     for name in VARIANTS:
         plain = statistics.median(runs[name][rows[0]])
@@ -110,12 +123,15 @@ def main() -> None:
               "rounds": args.rounds, "steps": args.steps, "cpu": cpu_kind(),
               "dtype": str(llm.engine.loaded.dtype).replace("torch.", ""),
               "quantization": llm.engine.loaded.quantization, "amx_tiles": tiles}
-    notes = {"variants": "tiles: as served; linears_from_3: int4 linears on the tiles from "
-                         "3 rows; attention_per_row: paged_decode for every verify row"}
+    notes = {"variants": "tiles: as served; linears_from_2: int4 linears on the tiles from "
+                         "2 rows; attention_from_3: verify rows attend together from 3 rows; "
+                         "attention_per_row: paged_decode for every verify row; head_dense: "
+                         "the lm_head's rows above 4 on its dense bf16 copy"}
     if not tiles:
         notes["amx"] = "no AMX tiles here: the variants run the same path"
-    print(save("verify_step", config, figures, notes))
-    print(save(f"verify_step_{config['cpu']}", config, figures, notes))
+    name = "verify_step" + ("" if args.context == 200 else f"_ctx{args.context}")
+    print(save(name, config, figures, notes))
+    print(save(f"{name}_{config['cpu']}", config, figures, notes))
 
 
 if __name__ == "__main__":
