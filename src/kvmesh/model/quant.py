@@ -56,8 +56,8 @@ BF16_KERNEL_ROWS = 8  # bf16 models: the quantized kernel up to here, bf16 dense
 # an int8 lm_head on a CPU with AMX: from 5 rows the tiles (kernels/quant_i8amx.c; past 32
 # rows the dense bf16 copy) beat the float32 int8 kernel, which is bound by converting the
 # weights to float (Xeon, default model, in a decode step: 5 rows 3.25 -> 2.81 ms on the
-# dense copy, 9 rows 2.63 ms dense -> 1.8 ms on the tiles; what a verify step of
-# speculative decoding runs)
+# dense copy; a 9-row verify step of speculative decoding 14.8 ms with the head on the
+# dense copy, 12.9 on the tiles, benchmarks/verify_step.py)
 BF16_HEAD_KERNEL_ROWS_AMX = 4
 EXACT_RTOL = 1e-6  # `auto`: reconstruction error allowed, relative to the layer's max |w|
 
