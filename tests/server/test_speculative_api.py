@@ -1,6 +1,6 @@
 """Speculative decoding behind a real server (default model, float32), with the openai
-client, by prompt lookup and with a draft model: streamed and whole answers agree, and the
-acceptance metrics move."""
+client, by prompt lookup and with a draft model: streamed and whole answers agree, so do
+the choices of n = 2, and the acceptance metrics move."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def test_a_speculating_server_streams_what_it_answers_and_counts_acceptance(tmp_
         streamed = "".join(c.choices[0].delta.content or ""
                            for c in client.chat.completions.create(**kw, stream=True))
         assert streamed == whole and len(whole) > 20
+        both = client.chat.completions.create(**kw, n=2).choices  # n > 1 speculates too
+        assert [c.message.content for c in both] == [whole, whole]
         assert s.metric("spec_decode_num_accepted_tokens_total") > 0
         drafted = s.metric("spec_decode_num_draft_tokens_total")
         assert s.metric("spec_decode_num_accepted_tokens_total") <= drafted
