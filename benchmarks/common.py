@@ -71,7 +71,9 @@ def read_gbps(size_bytes: int = 512 * 1024**2, repeats: int = 5) -> float:
 
 def cpu_kind(follow_switch: bool = True) -> str:
     """The CPU's native ISA level, with `_amx` where it has AMX tiles (`_amx_off` under
-    KVMESH_AMX=0 when `follow_switch`): the suffix of each CPU kind's results file."""
+    KVMESH_AMX=0 when `follow_switch`): the suffix of each CPU kind's results file. A level
+    forced lower (KVMESH_CPU_ISA) comes first, e.g. `avx2_on_avx512_bf16_amx`, so a forced
+    run never overwrites the native one's file."""
     from kvmesh.model import cpu_isa
     from kvmesh.model.cpu_kernels import AMX_ENV
 
@@ -79,7 +81,9 @@ def cpu_kind(follow_switch: bool = True) -> str:
     if cpu_isa.has_amx():
         off = follow_switch and os.environ.get(AMX_ENV, "1") == "0"
         amx = "_amx_off" if off else "_amx"
-    return cpu_isa.native_level() + amx
+    native = cpu_isa.native_level()
+    level = cpu_isa.level() if follow_switch else native
+    return native + amx if level == native else f"{level}_on_{native}{amx}"
 
 
 def save(name: str, config: dict[str, Any], figures: dict[str, Any],
