@@ -52,8 +52,8 @@ def _call(lib, fn, q, k, v, table, ctx, heads, kv_heads, dim, bs, scale, out):
     rows = q.shape[0]
     if fn == "verify":
         return lib.paged_verify_bf16(q.data_ptr(), heads * dim, k.data_ptr(), v.data_ptr(),
-                                     k.stride(0), table.data_ptr(), ctx + 1, rows,
-                                     out.data_ptr(), heads, kv_heads, dim, bs, scale)
+                                     k.stride(0), table.data_ptr(), table.shape[1], ctx + 1,
+                                     rows, out.data_ptr(), heads, kv_heads, dim, bs, scale)
     lengths = torch.arange(ctx + 1, ctx + 1 + rows, dtype=torch.int64)
     return lib.paged_decode_bf16(q.data_ptr(), heads * dim, k.data_ptr(), v.data_ptr(),
                                  k.stride(0), table.data_ptr(), table.shape[1],
@@ -110,8 +110,12 @@ def test_verify_attention_refuses_shapes_it_does_not_take():
     assert _call(lib, "verify", q, k, v, table, 10, 4, 2, 64, 16, 0.125, out) == want
     assert _call(lib, "verify", q, k, v, table, 10, 4, 2, 64, 8, 0.125, out) == 1  # block 8
     assert lib.paged_verify_bf16(q.data_ptr(), 4 * 96, k.data_ptr(), v.data_ptr(), 1,
-                                 table.data_ptr(), 11, 3, out.data_ptr(), 4, 2, 96, 16,
-                                 0.125) == 1  # head dim 96
+                                 table.data_ptr(), table.shape[1], 11, 3, out.data_ptr(), 4, 2,
+                                 96, 16, 0.125) == 1  # head dim 96
+    assert lib.paged_verify_bf16(q.data_ptr(), 4 * 64, k.data_ptr(), v.data_ptr(),
+                                 k.stride(0), table.data_ptr(), table.shape[1],
+                                 table.shape[1] * 16, 3, out.data_ptr(), 4, 2, 64, 16,
+                                 0.125) == 2  # lengths past the table
 
 
 @pytest.mark.skipif(not cpu_isa.has_fast_bf16_native(),

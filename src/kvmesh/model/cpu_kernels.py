@@ -211,8 +211,8 @@ def _quant_signatures(lib: ctypes.CDLL) -> None:
                                        _I64, _I64, _I64, _PTR, _I64]
     lib.quant_linear_i8amx.restype = ctypes.c_int
     lib.quant_i8amx_max_rows.restype = ctypes.c_int
-    lib.paged_verify_bf16.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR,
-                                      _I64, _I64, _I64, _I64, ctypes.c_float]
+    lib.paged_verify_bf16.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64,
+                                      _PTR, _I64, _I64, _I64, _I64, ctypes.c_float]
     lib.paged_verify_bf16.restype = ctypes.c_int
     lib.paged_verify_available.restype = ctypes.c_int
     lib.paged_verify_calls.restype = ctypes.c_int64

@@ -42,9 +42,9 @@ int paged_decode_bf16(const void *q, int64_t q_stride, const void *k, const void
                       int64_t kv_heads, int64_t dim, int64_t block_size, float scale);
 
 int paged_verify_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k, const uint16_t *v,
-                      int64_t block_stride, const int64_t *table, int64_t len0, int64_t rows,
-                      uint16_t *out, int64_t heads, int64_t kv_heads, int64_t dim,
-                      int64_t block_size, float scale);
+                      int64_t block_stride, const int64_t *table, int64_t table_width,
+                      int64_t len0, int64_t rows, uint16_t *out, int64_t heads,
+                      int64_t kv_heads, int64_t dim, int64_t block_size, float scale);
 int paged_verify_available(void);
 
 /* Runs of this many rows of one sequence's consecutive tokens or more go to paged_verify.c
@@ -189,7 +189,7 @@ static int attention_bf16(const struct layer *w, const struct step *s, const uin
             rc |= decode_rows(w, s, q, k_cache, v_cache, out, pending, t);
             const int vr = paged_verify_bf16(
                 q + t * qn, qn, k_cache, v_cache, s->block_stride, s->tables + t * s->table_width,
-                s->lengths[t], e - t, out + t * qn, w->heads, w->kv_heads, w->dim,
+                s->table_width, s->lengths[t], e - t, out + t * qn, w->heads, w->kv_heads, w->dim,
                 s->block_size, s->scale);
             rc |= vr == 1 || vr == 3 ? decode_rows(w, s, q, k_cache, v_cache, out, t, e) : vr;
             pending = e;

@@ -14,7 +14,7 @@
  * Items (KV head x query tile) are shared among the OpenMP threads. Needs AVX-512 BF16 and
  * AMX (granted: quant_amx_enabled), a head dim of 64 or 128 and a block size that is a
  * multiple of 16; returns 3 where it is not built or AMX is off, 1 on a shape it does not
- * take (the caller then runs paged_decode), 2 without memory.
+ * take (the caller then runs paged_decode), 2 for lengths past the table or without memory.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -224,12 +224,13 @@ static int run(const struct vargs *a) {
 #endif
 
 int paged_verify_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k, const uint16_t *v,
-                      int64_t block_stride, const int64_t *table, int64_t len0, int64_t rows,
-                      uint16_t *out, int64_t heads, int64_t kv_heads, int64_t dim,
-                      int64_t block_size, float scale) {
+                      int64_t block_stride, const int64_t *table, int64_t table_width,
+                      int64_t len0, int64_t rows, uint16_t *out, int64_t heads,
+                      int64_t kv_heads, int64_t dim, int64_t block_size, float scale) {
     if (rows <= 0 || len0 <= 0 || kv_heads <= 0 || heads % kv_heads || (dim != 64 && dim != 128) ||
-        block_size % 16)
+        block_size <= 0 || block_size % 16)
         return 1;
+    if (len0 + rows - 1 > table_width * block_size) return 2; /* past the table: as paged_decode */
 #if VERIFY_BUILT
     if (!quant_amx_enabled()) return 3;
     __atomic_fetch_add(&verify_calls, 1, __ATOMIC_RELAXED);
