@@ -56,6 +56,15 @@ def _wait(cond, timeout: float = 20.0) -> None:
         time.sleep(0.1)
 
 
+def _answers(url: str) -> bool:
+    """Whether a server listens at `url` (any status)."""
+    try:
+        httpx.get(url, timeout=2.0)
+    except httpx.TransportError:
+        return False
+    return True
+
+
 def _router_gauge(router: Server, name: str, instance: str) -> float:
     for line in httpx.get(router.url + "/metrics").text.splitlines():
         if line.startswith(name) and f'instance="{instance}"' in line:
@@ -183,6 +192,7 @@ def test_instances_with_api_keys_answer_the_routers_probes_only_with_its_key(tmp
         with serve(["--instances", inst.url, "--poll-interval-s", "0.2"], tmp_path,
                    wait=None, command="router") as keyless:
             _wait(lambda: "--upstream-api-key" in keyless.log.read_text(), 30)
+            _wait(lambda: _answers(keyless.url + "/health"), 30)  # it may log before listening
             assert httpx.get(keyless.url + "/health").status_code == 503  # its probes: 401
         with _router(tmp_path, [inst], "--policy", "least_load",
                      "--upstream-api-key", "inst-key") as router:
