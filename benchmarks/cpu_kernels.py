@@ -49,7 +49,8 @@ def main() -> None:
     import torch
 
     from kvmesh.model import cpu_isa, cpu_kernels
-    from kvmesh.model.quant import QuantLinear, bf16_pairs, quantize
+    from kvmesh.model.quant import QuantLinear, quantize
+    from kvmesh.model.quant_dense import bf16_pairs
 
     lib = cpu_kernels.load()
     if lib is None or not lib.quant_i4bf16_available():

@@ -17,13 +17,12 @@ from kvmesh.model.quant import (
     BF16_KERNEL_ROWS,
     GROUP,
     QuantLinear,
-    attach_dense,
-    bf16_pairs,
     dequantize,
     int8_activations_available,
     quantize,
     quantize_model,
 )
+from kvmesh.model.quant_dense import attach_dense, bf16_pairs
 from tests.builders import build_grid_model
 
 HAS_CC = shutil.which("cc") is not None

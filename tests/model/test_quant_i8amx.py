@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from kvmesh.model import cpu_isa, cpu_kernels
-from kvmesh.model.quant import QuantLinear, attach_dense, dequantize, quantize
+from kvmesh.model.quant import QuantLinear, dequantize, quantize
+from kvmesh.model.quant_dense import attach_dense
 
 HAS_CC = shutil.which("cc") is not None
 pytestmark = pytest.mark.skipif(not HAS_CC, reason="no C compiler")

@@ -16,7 +16,8 @@ from kvmesh.model.fused import FusedDecoder
 from kvmesh.model.layers import RotaryEmbedding
 from kvmesh.model.llama import LlamaForCausalLM
 from kvmesh.model.packed import PackedLinear, can_pack, pack_linears
-from kvmesh.model.quant import attach_dense, quantize_model
+from kvmesh.model.quant import quantize_model
+from kvmesh.model.quant_dense import attach_dense
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

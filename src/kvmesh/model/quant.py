@@ -25,11 +25,12 @@ token's result never depends on its batch.
 A bf16 model on a CPU with native bf16 keeps both: the packed ints for decode batches of
 up to BF16_KERNEL_ROWS rows (float32 accumulation, so no less exact than bf16's own
 matmul; more rows when the fused decode layer runs, model/fused.py) and
-a bf16 copy packed for oneDNN for larger batches, where bf16 dot products are faster than
-any float32 kernel (`attach_dense`); its int4 layers also get the bf16-pair layout of
-kernels/quant_bf16.c (`bf16_pairs`), and on a CPU with AMX its int8 layers (the lm_head)
-run batches above their kernel's rows, up to 32, on the tiles (kernels/quant_i8amx.c:
-the exact int8 weights, float32 sums) rather than on the dense copy. That is about 3.4
+a bf16 copy packed for oneDNN for larger batches, where bf16 dot products are faster
+than any float32 kernel (`quant_dense.attach_dense`); its int4 layers also get the
+bf16-pair layout of kernels/quant_bf16.c (`quant_dense.bf16_pairs`), and on a CPU with AMX
+its int8 layers (the lm_head) run batches above their kernel's rows, up to 32, on the tiles
+(kernels/quant_i8amx.c: the exact int8 weights, float32 sums) rather than on the dense
+copy. That is about 3.4
 bytes per weight instead of bf16's 2 (int4 layers; 3.1 for int8 ones), and a decode step
 reads 0.75 of them (1.125).
 """
@@ -44,7 +45,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvmesh.model import cpu_isa
 from kvmesh.model.cpu_kernels import load as load_kernels
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class QuantLinear(nn.Module):
 
     float32 activations: the native kernel for decode-sized batches, W dequantized for
     larger ones. bfloat16 activations (a bf16 model on a CPU with native bf16, see
-    `attach_dense`): batches of at most `kernel_rows` rows go to the packed ints, which
+    `quant_dense.attach_dense`): batches of at most `kernel_rows` rows go to the packed ints, which
     read a fraction of the bytes (the bf16-pair kernel where the layer has `bf16_pairs`,
     else the float32 one); larger ones, which are compute-bound, go to `dense`, a bf16
     copy of W packed for oneDNN."""
@@ -357,47 +357,6 @@ def quantize_model(model: nn.Module, profile: str, int8_activations: bool = Fals
     if load_kernels() is None and any(label != "float" for label in counts):
         log.warning("quantized linears without native kernels dequantize on every call")
     return summary if any(label != "float" for label in counts) else "none"
-
-
-def bf16_pairs(qw: Quantized) -> tuple[torch.Tensor, torch.Tensor]:
-    """An int4 weight in quant_bf16.c's layout: [N/16][K/8][16] uint32 lanes whose nibble i
-    is q[k + 2i] and nibble 4 + i is q[k + 2i + 1], and min - 128 scale per group."""
-    if qw.bits != 4 or qw.min is None or qw.group % 8:
-        raise ValueError("bf16 pairs are for affine int4 in groups of a multiple of 8")
-    nb = qw.n // COLS
-    packed = qw.q.reshape(nb, qw.k // 2, COLS)
-    lanes = torch.empty((nb, qw.k // 8, COLS), dtype=torch.int32)
-    shifts = 4 * torch.arange(4).reshape(1, 1, 4, 1)
-    step = max(1, (1 << 22) // (qw.k * COLS))  # column blocks at a time: bounded temporaries
-    for start in range(0, nb, step):
-        b = packed[start:start + step].to(torch.int64)
-        q = torch.stack((b & 15, b >> 4), dim=2).reshape(b.shape[0], qw.k // 8, 4, 2, COLS)
-        lanes[start:start + step] = (
-            (q[:, :, :, 0] << shifts) | (q[:, :, :, 1] << (shifts + 16))).sum(2).to(torch.int32)
-    return lanes, (qw.min - 128 * qw.scale).contiguous()
-
-
-def attach_dense(model: nn.Module, dense_factory, kernel_rows: int = BF16_KERNEL_ROWS) -> int:
-    """Give every QuantLinear of a bf16 model its dense copy for large batches:
-    `dense_factory(weight_bf16, bias_bf16)` builds it; int4 layers also get their bf16-pair
-    form where the kernels have it. Returns how many."""
-    count = 0
-    lib = load_kernels()
-    pairs = lib is not None and bool(lib.quant_i4bf16_available())
-    head_rows = BF16_HEAD_KERNEL_ROWS_AMX if cpu_isa.has_amx() else kernel_rows
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            bias = None if module.bias is None else module.bias.to(torch.bfloat16)
-            module.dense = dense_factory(module.weight().to(torch.bfloat16), bias)
-            rows = min(kernel_rows, head_rows) if module.float_out else kernel_rows
-            module.kernel_rows = min(rows, module.max_rows)
-            if (lib is not None and module.qw.bits == 8 and module.qw.min is None
-                    and module.qw.k % 32 == 0 and module.qw.group % 32 == 0):
-                module.amx_rows = lib.quant_i8amx_max_rows()
-            if pairs and module.qw.bits == 4 and module.qw.group % 8 == 0:
-                module.bf16_pairs = bf16_pairs(module.qw)
-            count += 1
-    return count
 
 
 def linear_weight_bytes(model: nn.Module) -> int:
