@@ -127,6 +127,7 @@ def test_prefix_policy_needs_no_kv_events(tmp_path, tiny_pair):
         busy = client.completions.create(model="", prompt="other text " * 10, stream=True,
                                          max_tokens=400, extra_body={"ignore_eos": True})
         next(iter(busy))  # in flight on instance 0 (ties go there)
+        time.sleep(0.6)  # probes (every 0.2 s) see it decoding, no prefill left queued
         again = _ask(client, "question 1")
         assert again.usage.prompt_tokens_details.cached_tokens > 0
         busy.close()
