@@ -116,11 +116,13 @@ class Speculator:
         if p.max_tokens is not None:
             room = min(room, p.max_tokens - req.num_output_tokens - 1)
         length = self._length.get(req.request_id, self.start_length)
+        min_match = 0
         if self._backing_off(req.request_id):
-            strong = getattr(self.drafter, "strong_match", 0)
-            return (max(0, min(max(length, self.start_length), room)), strong) if strong \
-                else (0, 0)
-        return max(0, min(length, room)), 0
+            min_match = getattr(self.drafter, "strong_match", 0)
+            if not min_match:
+                return 0, 0
+            length = max(length, self.start_length)
+        return max(0, min(length, room)), min_match
 
     def _backing_off(self, seq_id: str) -> bool:
         """Whether `seq_id` waits this step (counting the wait down)."""

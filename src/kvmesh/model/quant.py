@@ -30,9 +30,8 @@ than any float32 kernel (`quant_dense.attach_dense`); its int4 layers also get t
 bf16-pair layout of kernels/quant_bf16.c (`quant_dense.bf16_pairs`), and on a CPU with AMX
 its int8 layers (the lm_head) run batches above their kernel's rows, up to 32, on the tiles
 (kernels/quant_i8amx.c: the exact int8 weights, float32 sums) rather than on the dense
-copy. That is about 3.4
-bytes per weight instead of bf16's 2 (int4 layers; 3.1 for int8 ones), and a decode step
-reads 0.75 of them (1.125).
+copy. That is about 3.4 bytes per weight instead of bf16's 2 (int4 layers; 3.1 for int8
+ones), and a decode step reads 0.75 of them (1.125).
 """
 
 from __future__ import annotations
@@ -151,10 +150,11 @@ class QuantLinear(nn.Module):
 
     float32 activations: the native kernel for decode-sized batches, W dequantized for
     larger ones. bfloat16 activations (a bf16 model on a CPU with native bf16, see
-    `quant_dense.attach_dense`): batches of at most `kernel_rows` rows go to the packed ints, which
-    read a fraction of the bytes (the bf16-pair kernel where the layer has `bf16_pairs`,
-    else the float32 one); larger ones, which are compute-bound, go to `dense`, a bf16
-    copy of W packed for oneDNN."""
+    `quant_dense.attach_dense`): batches of at most `kernel_rows` rows go to the packed
+    ints, which read a fraction of the bytes (the bf16-pair kernel where the layer has
+    `bf16_pairs`, else the float32 one); larger ones, which are compute-bound, go to the
+    AMX tiles (int8 layers, up to `amx_rows`) or `dense`, a bf16 copy of W packed for
+    oneDNN."""
 
     def __init__(self, qw: Quantized, bias: torch.Tensor | None):
         super().__init__()

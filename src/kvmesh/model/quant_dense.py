@@ -40,10 +40,12 @@ def bf16_pairs(qw: Quantized) -> tuple[torch.Tensor, torch.Tensor]:
 def attach_dense(model: nn.Module, dense_factory, kernel_rows: int = BF16_KERNEL_ROWS) -> int:
     """Give every QuantLinear of a bf16 model its dense copy for large batches:
     `dense_factory(weight_bf16, bias_bf16)` builds it; int4 layers also get their bf16-pair
-    form where the kernels have it. Returns how many."""
+    form where the kernels have it, int8 ones the rows the AMX tiles take from them (0
+    without tiles). Returns how many."""
     count = 0
     lib = load_kernels()
     pairs = lib is not None and bool(lib.quant_i4bf16_available())
+    tile_rows = lib.quant_i8amx_max_rows() if lib is not None else 0
     head_rows = BF16_HEAD_KERNEL_ROWS_AMX if cpu_isa.has_amx() else kernel_rows
     for module in model.modules():
         if isinstance(module, QuantLinear):
@@ -51,9 +53,9 @@ def attach_dense(model: nn.Module, dense_factory, kernel_rows: int = BF16_KERNEL
             module.dense = dense_factory(module.weight().to(torch.bfloat16), bias)
             rows = min(kernel_rows, head_rows) if module.float_out else kernel_rows
             module.kernel_rows = min(rows, module.max_rows)
-            if (lib is not None and module.qw.bits == 8 and module.qw.min is None
-                    and module.qw.k % 32 == 0 and module.qw.group % 32 == 0):
-                module.amx_rows = lib.quant_i8amx_max_rows()
+            if (module.qw.bits == 8 and module.qw.min is None and module.qw.k % 32 == 0
+                    and module.qw.group % 32 == 0):
+                module.amx_rows = tile_rows
             if pairs and module.qw.bits == 4 and module.qw.group % 8 == 0:
                 module.bf16_pairs = bf16_pairs(module.qw)
             count += 1

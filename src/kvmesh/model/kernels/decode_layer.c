@@ -183,9 +183,12 @@ static int attention_bf16(const struct layer *w, const struct step *s, const uin
     const int64_t qn = w->heads * w->dim;
     int64_t pending = 0; /* rows [pending, t) wait for paged_decode */
     int rc = 0;
-    for (int64_t t = 0; t < s->seqs && paged_verify_available();) {
+    const int64_t least = paged_verify_available()
+                              ? __atomic_load_n(&verify_min_rows, __ATOMIC_RELAXED)
+                              : INT64_MAX; /* no tiles here: every row to paged_decode */
+    for (int64_t t = 0; t < s->seqs && least < INT64_MAX;) {
         const int64_t e = run_end(s, t);
-        if (e - t >= __atomic_load_n(&verify_min_rows, __ATOMIC_RELAXED)) {
+        if (e - t >= least) {
             rc |= decode_rows(w, s, q, k_cache, v_cache, out, pending, t);
             const int vr = paged_verify_bf16(
                 q + t * qn, qn, k_cache, v_cache, s->block_stride, s->tables + t * s->table_width,

@@ -49,16 +49,10 @@ struct vargs {
     float scale;
 };
 
-struct vtile_config {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
-
 /* 0: S or out C tile (nq x 16 floats); 1: Q (nq x 32 dims); 2: K^T pairs (16 x 16 tokens);
  * 3: P (nq x 32 tokens); 4: V pairs (16 token pairs x 16 dims). */
 static void configure(int64_t nq) {
-    struct vtile_config c = {0};
+    struct amx_tile_config c = {0};
     c.palette = 1;
     for (int t = 0; t < 5; t++) c.rows[t] = (uint8_t)nq, c.colsb[t] = 64;
     c.rows[2] = c.rows[4] = 16;
@@ -207,9 +201,7 @@ static int run(const struct vargs *a) {
 #pragma omp parallel reduction(| : failed)
     {
         void *buf = aligned_alloc(64, (bytes + 63) / 64 * 64);
-        uint16_t order[32];
-        for (int c = 0; c < 16; c++) order[2 * c] = (uint16_t)c, order[2 * c + 1] = (uint16_t)(16 + c);
-        const __m512i interleave = _mm512_loadu_si512(order);
+        const __m512i interleave = interleave_halves16();
         if (buf == NULL) failed = 2;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < a->kv_heads * tiles; it++) {

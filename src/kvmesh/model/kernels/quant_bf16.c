@@ -188,16 +188,10 @@ static inline __attribute__((always_inline)) void tile(const struct bargs *a, in
 }
 
 #if AMX_BUILT
-struct tile_config {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
-
 /* Tiles: C 0 and 1 (rows x 16 float), A 2 and 3 (rows x kk bf16), B 4 and 5 (kk/2
  * pair-rows x 16 columns); even groups use the first of each pair, odd ones the second. */
 static void amx_configure(int64_t rows, int64_t kk) {
-    struct tile_config c = {0};
+    struct amx_tile_config c = {0};
     c.palette = 1;
     for (int t = 0; t < 2; t++) {
         c.rows[t] = c.rows[2 + t] = (uint8_t)rows;
@@ -299,7 +293,7 @@ static void amx_block(struct amx_work *w) {
  * B 6 and 7 (a column block each), so each unpacked B tile serves two row tiles and each
  * loaded A tile two column blocks. */
 static void amx_configure22(int64_t rows, int64_t kk) {
-    struct tile_config c = {0};
+    struct amx_tile_config c = {0};
     c.palette = 1;
     for (int t = 0; t < 4; t++) c.rows[t] = (uint8_t)rows, c.colsb[t] = 64;
     for (int t = 4; t < 6; t++) c.rows[t] = (uint8_t)rows, c.colsb[t] = (uint16_t)(2 * kk);

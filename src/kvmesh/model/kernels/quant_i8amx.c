@@ -51,16 +51,10 @@ struct i8args {
     int RT;
 };
 
-struct tile_config8 {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
-
 /* C 0-3 (R x 16 float: [slice parity][row tile]), A 4-5 (R x 32 bf16, a row tile each),
  * B 6-7 (16 pair-rows x 16 columns, by slice parity). */
 static void configure(int64_t R) {
-    struct tile_config8 c = {0};
+    struct amx_tile_config c = {0};
     c.palette = 1;
     for (int t = 0; t < 6; t++) c.rows[t] = (uint8_t)R, c.colsb[t] = 64;
     for (int t = 6; t < 8; t++) c.rows[t] = 16, c.colsb[t] = 64;
@@ -149,9 +143,7 @@ static int run(const struct i8args *a, int64_t n) {
         uint16_t bbuf[2 * SLICE * COLS] __attribute__((aligned(64)));
         float cbuf[2 * TILE_ROWS * COLS] __attribute__((aligned(64)));
         float tot[2 * TILE_ROWS * COLS] __attribute__((aligned(64)));
-        uint16_t order[32];
-        for (int c = 0; c < COLS; c++) order[2 * c] = (uint16_t)c, order[2 * c + 1] = (uint16_t)(COLS + c);
-        const __m512i interleave = _mm512_loadu_si512(order);
+        const __m512i interleave = interleave_halves16();
         configure(a->R);
 #pragma omp for schedule(static)
         for (int64_t nb = 0; nb < n / COLS; nb++) run_block(a, nb, bbuf, cbuf, tot, interleave);

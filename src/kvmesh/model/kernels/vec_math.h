@@ -46,6 +46,14 @@ static inline int64_t prefetch_distance(void) {
     return __atomic_load_n(&kv_prefetch_dist, __ATOMIC_RELAXED);
 }
 
+/* The 64-byte tile configuration AMX's ldtilecfg reads (palette 1): per tile register, its
+ * rows and bytes per row. Shared by the kernels that use the tiles. */
+struct amx_tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
 static inline float bf16_to_f32(uint16_t h) {
     union { uint32_t u; float f; } c = {.u = (uint32_t)h << 16};
     return c.f;
@@ -59,6 +67,14 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stay
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+
+/* For _mm512_permutexvar_epi16: the words of a vector's two halves interleaved (a[0], b[0],
+ * a[1], b[1], ...), which makes bf16 pairs of two 16-word rows for a tile product. */
+static inline __m512i interleave_halves16(void) {
+    uint16_t order[32];
+    for (int c = 0; c < 16; c++) order[2 * c] = (uint16_t)c, order[2 * c + 1] = (uint16_t)(16 + c);
+    return _mm512_loadu_si512(order);
+}
 
 /* e^x for x <= 0, 16 lanes: 2^(x log2 e) = 2^n * 2^f, a degree-6 polynomial for 2^f. */
 static inline __m512 exp_neg16(__m512 x) {
