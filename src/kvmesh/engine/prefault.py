@@ -9,7 +9,11 @@ The block pool hands out free blocks in id order until every block has been used
 (`BlockPool.high_water`), so the fresh blocks are always the ones just above the high
 water mark. `Prefaulter` keeps `reserve_bytes` (`--prefault-bytes`) above it mapped, with
 madvise(MADV_POPULATE_WRITE) on a low-priority thread: that maps pages without touching
-their contents, so it is safe while the engine writes the same memory. Resident memory
+their contents, so it is safe while the engine writes the same memory. The first reserve
+is mapped at startup, before the engine takes requests: done in the background, it
+competed for the CPU with the first requests of a fresh server (on 2 vCPUs the first
+shared-prefix prompts of a load came 0.05-0.25 s later than on a server started without
+it, 0.35-0.70 s against 0.28-0.54 s). Resident memory
 runs at most `reserve_bytes` ahead of what the pool has used. Linux (5.14+) and CPU pools
 only; elsewhere, or if the call fails, it does nothing.
 """
@@ -23,6 +27,7 @@ import mmap
 import os
 import sys
 import threading
+import time
 import weakref
 from typing import Any, Protocol
 
@@ -78,6 +83,12 @@ class Prefaulter:
             log.info("madvise(MADV_POPULATE_WRITE) refused (errno %d): KV pages map on first "
                      "use", ctypes.get_errno())
             return False
+        t0 = time.perf_counter()
+        first = min(self.num_blocks, self.reserve_blocks)
+        if not self._map(0, first):  # the first reserve now: see the module's docstring
+            return False
+        log.info("KV prefault: %d MiB mapped in %.2f s", first * self.block_bytes >> 20,
+                 time.perf_counter() - t0)
         self.thread = threading.Thread(target=self._run, name="kv-prefault", daemon=True)
         self.thread.start()
         return True
