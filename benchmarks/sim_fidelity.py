@@ -19,7 +19,6 @@ Writes benchmarks/results/sim_fidelity.json (and sim_cost_model.json when it pro
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import subprocess
 import sys
@@ -33,9 +32,7 @@ sys.path.insert(0, str(ROOT))
 from common import RESULTS, save  # noqa: E402
 from tests.server_process import serve  # noqa: E402
 
-from kvmesh.bench.client import Endpoint  # noqa: E402
-from kvmesh.bench.metrics import SLO, summarize  # noqa: E402
-from kvmesh.bench.runner import run_load  # noqa: E402
+from kvmesh.bench.profile import bench_process  # noqa: E402
 from kvmesh.bench.workload import WorkloadConfig  # noqa: E402
 from kvmesh.config import CacheConfig, SchedulerConfig, TierConfig  # noqa: E402
 from kvmesh.sim.cli import run_sim  # noqa: E402
@@ -75,11 +72,14 @@ def profile(args: argparse.Namespace) -> Path:
 
 
 def real(args: argparse.Namespace, w: WorkloadConfig) -> dict[str, Any]:
+    """`kvmesh bench` against a fresh `kvmesh serve`, each in its own process (as
+    `kvmesh profile` measures the server: a client in this process, beside the
+    simulator's heap, read its token times later)."""
     with tempfile.TemporaryDirectory() as tmp, \
             serve(engine_flags(args, Path(tmp) / "disk"), Path(tmp)) as server:
-        records, duration = asyncio.run(run_load(Endpoint(server.url, None, "chat"),
-                                                 w.sessions(), w.profile(), False))
-    return summarize(records, duration, SLO())
+        summary: dict[str, Any] = bench_process(server.port, w.cli_args(),
+                                                Path(tmp) / "bench.json")["summary"]
+    return summary
 
 
 def simulated(cost: Path, args: argparse.Namespace, w: WorkloadConfig) -> dict[str, Any]:

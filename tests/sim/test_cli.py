@@ -39,6 +39,11 @@ def test_profile_fits_the_default_model(profiled):
     coef = doc["coefficients"]
     assert min(coef.values()) >= 0 and coef["const"] + coef["num_tokens"] > 0
     assert doc["tiers"]["disk_read_s"] > 0 and doc["tiers"]["request_overhead_s"] >= 0
+    rows = doc["fused_rows"]  # the engine's fused decode path: on every x86 CPU here
+    assert rows >= 1
+    for v in fit["samples"]:  # FEATURES in order, then the period: steps off that path
+        assert v[10] == float(v[8] > 0 or v[1] > rows)
+    assert {v[10] for v in fit["samples"]} == {0.0, 1.0}  # prefill steps and decode steps
 
 
 def test_sim_and_plan_with_the_profiled_model(profiled, tmp_path):

@@ -3,6 +3,7 @@ pure, with exact expected values."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -56,6 +57,42 @@ def test_decode_kv_counts_each_shared_full_block_once():
     assert steps[2] - steps[0] == pytest.approx(2 * f.num_seqs * (1e-6 + 3e-6))
 
 
+def test_steps_off_the_fused_path_pay_its_fixed_cost():
+    """A prefill chunk, or more decodes than `fused_rows`, runs op by op: `unfused_step`
+    prices that once per step, and a decode run prices each of its steps as `step_s`."""
+    model = cm.LinearCostModel(MODELS["smollm2-135m"], {"const": 0.008, "num_seqs": 1e-3,
+                                                       "decode_ctx_tokens": 1e-6,
+                                                       "unfused_step": 0.03}, fused_rows=4)
+    decodes = [cm.step_features(ExecuteBatch(tuple(seq(1, 50 + i) for i in range(k))), 16)
+               for k in (4, 5)]
+    assert [f.is_unfused(4) for f in decodes] == [False, True]
+    assert model.step_s(decodes[0]) == pytest.approx(0.008 + 4e-3 + 1e-6 * 210)
+    assert model.step_s(decodes[1]) == pytest.approx(0.038 + 5e-3 + 1e-6 * 265)
+    mixed = cm.step_features(ExecuteBatch((seq(1, 50), seq(2, 0, sampling=False))), 16)
+    assert mixed.is_unfused(4) and model.step_s(mixed) == pytest.approx(0.038 + 2e-3 + 51e-6)
+    for f in decodes:  # bit for bit: the simulator's decode runs rely on it
+        run = model.decode_run_s(f, 3, [0, 0, 0])
+        grown = [dataclasses.replace(f, decode_ctx_tokens=f.decode_ctx_tokens + j * f.num_seqs)
+                 for j in range(3)]
+        assert run == [model.step_s(g) for g in grown]
+    assert cm.from_json(model.to_json()).fused_rows == 4  # type: ignore[union-attr]
+
+
+def test_a_fused_steps_cost_is_piecewise_linear_in_its_sequences():
+    model = cm.LinearCostModel(MODELS["smollm2-135m"], {"fused_seqs_2_4": 1e-3,
+                                                       "fused_seqs_4_8": 5e-4,
+                                                       "fused_seqs_32_up": 1e-4},
+                               fused_rows=40)
+    cost = {k: model.step_s(cm.StepFeatures(num_seqs=k, num_tokens=k))
+            for k in (1, 2, 3, 4, 6, 8, 30, 40, 41)}
+    assert cost[1] == cost[2] == 0.0 and cost[3] == pytest.approx(1e-3)
+    assert cost[4] == pytest.approx(2e-3) and cost[6] == pytest.approx(3e-3)
+    assert cost[8] == cost[30] == pytest.approx(4e-3)
+    assert cost[40] == pytest.approx(4.8e-3) and cost[41] == 0.0  # 41: op by op
+    f = cm.StepFeatures(num_seqs=6, num_tokens=6, num_sampling=6, decode_ctx_tokens=600)
+    assert model.decode_run_s(f, 2, [0, 0]) == [model.step_s(f)] * 2
+
+
 def test_roofline_decode_is_memory_bound_and_prefill_compute_bound():
     m = cm.roofline("h100", "llama-3.1-8b")
     s = MODELS["llama-3.1-8b"]
@@ -93,8 +130,8 @@ def test_cost_models_round_trip_through_json(tmp_path):
 
 def test_fit_recovers_known_coefficients_and_keeps_them_non_negative():
     true = {"const": 0.004, "num_seqs": 2e-4, "num_tokens": 5e-5, "decode_ctx_tokens": 1e-7,
-            "prefill_pair_ktokens": 3e-6, "decode_kv_tokens": 4e-7}
-    model = cm.LinearCostModel(MODELS["smollm2-135m"], true)
+            "prefill_pair_ktokens": 3e-6, "decode_kv_tokens": 4e-7, "unfused_step": 0.02}
+    model = cm.LinearCostModel(MODELS["smollm2-135m"], true, fused_rows=16)
     rng = random.Random(0)
     samples = []
     for _ in range(200):
@@ -105,14 +142,15 @@ def test_fit_recovers_known_coefficients_and_keeps_them_non_negative():
         ctx = 0 if prefill else s * rng.randrange(10, 2000)
         f = cm.StepFeatures(s, n, sampling, ctx,
                             n * rng.randrange(0, 1000) / 1000 if prefill else 0.0,
-                            decode_shared_tokens=rng.randrange(0, ctx // 2 + 1))
+                            decode_shared_tokens=rng.randrange(0, ctx // 2 + 1),
+                            num_prefill_seqs=int(prefill))
         samples.append((f, model.step_s(f)))
-    coef, err = fit_step_model(samples)
+    coef, err = fit_step_model(samples, fused_rows=16)
     for name, value in true.items():
         assert coef[name] == pytest.approx(value, rel=1e-6)
     assert err["mean_abs_rel_error"] < 1e-9 and err["r2"] > 0.999999
     noisy = [(f, t * (1.2 if i % 2 else 0.8)) for i, (f, t) in enumerate(samples)]
-    coef, err = fit_step_model(noisy, fixed={"num_loads": 1e-4})
+    coef, err = fit_step_model(noisy, fixed={"num_loads": 1e-4}, fused_rows=16)
     assert min(coef.values()) >= 0 and coef["num_loads"] == 1e-4
     assert 0.1 < err["mean_abs_rel_error"] < 0.3
     with pytest.raises(ValueError, match="at least"):

@@ -121,13 +121,18 @@ def row_args(row: Row) -> list[str]:
             "--output-len", str(row.output), "--concurrency", str(row.concurrency)]
 
 
-def run_bench(port: int, args: list[str], out: Path) -> list[dict]:
-    """A `kvmesh bench` client process (flags `args`) against the server on `port`; its
-    records."""
+def bench_process(port: int, args: list[str], out: Path) -> dict[str, Any]:
+    """A `kvmesh bench` client process (flags `args`) against the server on `port`: its
+    run (`summary` and `records`)."""
     cmd = [sys.executable, "-m", "kvmesh.cli", "bench", "--base-url",
            f"http://127.0.0.1:{port}", *args, "--out", str(out), "--no-progress"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=1800)
-    return list(json.loads(out.read_text())["runs"][0]["records"])
+    return dict(json.loads(out.read_text())["runs"][0])
+
+
+def run_bench(port: int, args: list[str], out: Path) -> list[dict]:
+    """`bench_process`'s records."""
+    return list(bench_process(port, args, out)["records"])
 
 
 def _copy_costs(engine: Any, num_blocks: int = 64) -> tuple[float, float]:
@@ -174,10 +179,11 @@ def _disk_read_s(block_bytes: int, io_threads: int, num_blocks: int = 64) -> flo
 
 
 def _request_overhead_s(records: list[dict], coef: dict[str, float], block_size: int,
-                        budget: int) -> float:
+                        budget: int, fused_rows: int) -> float:
     """Mean client TTFT of lone requests minus the modelled time of their prefill (the
     tokens after the cached prefix: the chat template's system prompt is shared)."""
-    model = LinearCostModel(ModelShape("x", 1, 1, 1, 1, 1, 1, 1, 1), coef)
+    model = LinearCostModel(ModelShape("x", 1, 1, 1, 1, 1, 1, 1, 1), coef,
+                            fused_rows=fused_rows)
     gaps = []
     for r in records:
         cached = r.get("cached_tokens") or 0
@@ -188,6 +194,13 @@ def _request_overhead_s(records: list[dict], coef: dict[str, float], block_size:
                          block_size=block_size, num_prefill_seqs=int(n > 1))
         gaps.append(r["ttft_s"] - model.step_s(f))
     return max(0.0, sum(gaps) / len(gaps)) if gaps else 0.0
+
+
+def fused_decode_rows(engine: Any) -> int:
+    """The most decode sequences a step of `engine` runs on its fused native path (0: it
+    has none, every step runs op by op)."""
+    fused = getattr(engine.runner.model, "fused", None)
+    return int(fused.max_rows) if fused is not None else 0
 
 
 def model_shape(engine: Any) -> ModelShape:
@@ -230,13 +243,15 @@ def profile_engine(config: EngineConfig, budget_s: float = 600.0, seed: int = 0,
             on_row()
         rec.is_recording = False
         store_s, load_s = _copy_costs(engine)
-    coef, error = fit_step_model(rec.samples, {"num_loads": load_s, "num_stores": store_s})
+    fused_rows = fused_decode_rows(engine)
+    coef, error = fit_step_model(rec.samples, {"num_loads": load_s, "num_stores": store_s},
+                                 fused_rows)
     tiers = config.tiers if config.tiers.is_enabled else TierConfig()
     costs = TierCosts(disk_read_s=_disk_read_s(engine.runner.block_bytes, tiers.io_threads),
                       disk_io_threads=tiers.io_threads,
                       request_overhead_s=_request_overhead_s(
                           lone, coef, config.cache.block_size,
-                          config.scheduler.max_num_batched_tokens))
+                          config.scheduler.max_num_batched_tokens, fused_rows))
     fit: dict[str, Any] = {**error, "profile_s": time.perf_counter() - t0,
                            "block_size": config.cache.block_size,
                            "num_blocks": engine.pool.num_blocks,
@@ -244,6 +259,7 @@ def profile_engine(config: EngineConfig, budget_s: float = 600.0, seed: int = 0,
                            "quantization": engine.loaded.quantization,
                            "grid": [list(r) for r in GRID],
                            # (features in FEATURES order, measured period): to refit
-                           "samples": [[*f.vector(), round(t, 6)] for f, t in rec.samples]}
+                           "samples": [[*f.vector(fused_rows), round(t, 6)]
+                                       for f, t in rec.samples]}
     return LinearCostModel(model_shape(engine), coef, engine.runner.kv.element_size(), costs,
-                           fit)
+                           fit, fused_rows)

@@ -8,7 +8,8 @@ A step's cost depends on its batch only through `StepFeatures`. Two kinds:
       step_s = c_const + c_seq * num_seqs + c_tok * num_tokens + c_samp * num_sampling
              + c_ctx * decode_ctx_tokens + c_pair * prefill_pair_ktokens
              + c_load * num_loads + c_store * num_stores + c_pre * num_prefill_seqs
-             + c_kv * decode_kv_tokens
+             + c_kv * decode_kv_tokens + c_op * unfused_step
+             + sum over FUSED_SEGMENTS (lo, hi] of c_lo_hi * clamp(fused_seqs - lo, 0, hi - lo)
 
   `decode_ctx_tokens` is the KV a decode step attends to (sum of context lengths of the
   one-token sequences); `decode_kv_tokens` is the distinct KV among it: a full block
@@ -17,7 +18,12 @@ A step's cost depends on its batch only through `StepFeatures`. Two kinds:
   still in cache when the next sequence reads it); `prefill_pair_ktokens` is attention's
   quadratic work, the sum over prefill chunks of n * (start + (n + 1) / 2), in thousands;
   `num_prefill_seqs` prices the fixed work of each prefill chunk (its attention metadata
-  and kernel calls).
+  and kernel calls); `unfused_step` (1 or 0) the fixed work of the engine's op-by-op
+  path. The CPU engine runs a decode step of up to `fused_rows` sequences as one native
+  call per layer, and any other step (a prefill chunk, more sequences) op by op: some
+  30 ms more on the default model, whatever the chunk's size. A fused step's cost is
+  piecewise linear in its sequences (`fused_seqs`: 0 for an unfused step): kernels
+  change with the row count (AMX tiles of 16 rows; other kernels for 1-2 rows).
 
 - **roofline** (a named GPU and model shape; no measurement):
 
@@ -46,9 +52,15 @@ from typing import Any, Protocol
 from kvmesh.engine.batch import ExecuteBatch
 from kvmesh.sim.shapes import GpuSpec, ModelShape, gpu, model_shape
 
+# A fused decode step's cost against its sequences, piecewise linear: the slope of each
+# segment (lo, hi] of the count (the first sequence is in `const`).
+FUSED_SEGMENTS = ((1, 2), (2, 4), (4, 8), (8, 16), (16, 32), (32, 1 << 30))
 FEATURES = ("const", "num_seqs", "num_tokens", "num_sampling", "decode_ctx_tokens",
             "prefill_pair_ktokens", "num_loads", "num_stores", "num_prefill_seqs",
-            "decode_kv_tokens")
+            "decode_kv_tokens", "unfused_step",
+            *(f"fused_seqs_{lo}_{hi}" if hi < 1 << 30 else f"fused_seqs_{lo}_up"
+              for lo, hi in FUSED_SEGMENTS))
+NO_FUSED_LIMIT = 1 << 30  # `fused_rows` of an engine whose every decode step is fused
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,12 +83,24 @@ class StepFeatures:
         """Distinct decode KV: each shared block once."""
         return self.decode_ctx_tokens - self.decode_shared_tokens
 
-    def vector(self) -> list[float]:
+    def is_unfused(self, fused_rows: int) -> bool:
+        """Whether the engine runs this step op by op: a prefill chunk, or more
+        sequences than its fused decode path takes."""
+        return bool(self.num_prefill_seqs) or self.num_seqs > fused_rows
+
+    def vector(self, fused_rows: int = NO_FUSED_LIMIT) -> list[float]:
         """Values in `FEATURES` order (const is 1 for a batch that runs the model)."""
+        unfused = self.is_unfused(fused_rows)
         return [1.0 if self.num_seqs else 0.0, self.num_seqs, self.num_tokens,
                 self.num_sampling, self.decode_ctx_tokens, self.prefill_pair_ktokens,
                 self.num_loads, self.num_stores, self.num_prefill_seqs,
-                self.decode_kv_tokens]
+                self.decode_kv_tokens, 1.0 if unfused else 0.0,
+                *self.fused_segments(unfused)]
+
+    def fused_segments(self, unfused: bool) -> list[float]:
+        """How many of a fused step's sequences fall in each of `FUSED_SEGMENTS`."""
+        s = 0 if unfused else self.num_seqs
+        return [float(min(max(s - lo, 0), hi - lo)) for lo, hi in FUSED_SEGMENTS]
 
 
 def step_features(batch: ExecuteBatch, block_size: int) -> StepFeatures:
@@ -134,6 +158,7 @@ class LinearCostModel:
     kv_dtype_bytes: int = 4
     tiers: TierCosts = field(default_factory=TierCosts)
     fit: dict[str, Any] = field(default_factory=dict)  # error figures, samples, machine
+    fused_rows: int = NO_FUSED_LIMIT  # most decode sequences of a fused step
     kind: str = "linear"
 
     def __post_init__(self) -> None:
@@ -149,7 +174,7 @@ class LinearCostModel:
     def step_s(self, f: StepFeatures) -> float:
         coef: list[float] = self._coef  # type: ignore[attr-defined]
         total = 0.0  # left to right (not sum(), which compensates on 3.12+): see decode_run_s
-        for c, x in zip(coef, f.vector(), strict=True):
+        for c, x in zip(coef, f.vector(self.fused_rows), strict=True):
             total += c * x
         return total
 
@@ -157,20 +182,25 @@ class LinearCostModel:
                      stores: Sequence[int]) -> list[float]:
         """`step_s` of `num_steps` decode steps from `f` (no stores of its own): each
         reads one more token of context per sequence, step j saves `stores[j]` blocks."""
-        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9 = self._coef  # type: ignore[attr-defined]
+        coef: list[float] = self._coef  # type: ignore[attr-defined]
+        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10 = coef[:11]
         x0 = 1.0 if f.num_seqs else 0.0
         s, ctx, growth = f.num_seqs, f.decode_ctx_tokens, f.num_seqs
         kv = f.decode_kv_tokens  # new tokens land in each sequence's own tail block
+        unfused = f.is_unfused(self.fused_rows)
+        x10 = 1.0 if unfused else 0.0
+        e0, e1, e2, e3, e4, e5 = (c * x for c, x in zip(coef[11:], f.fused_segments(unfused),
+                                                        strict=True))
         # The same sum, in the same order, as `step_s`: bit-identical to stepping.
         return [0.0 + c0 * x0 + c1 * s + c2 * f.num_tokens + c3 * f.num_sampling
                 + c4 * (ctx + growth * j) + c5 * f.prefill_pair_ktokens + c6 * 0
                 + c7 * stores[j] + c8 * f.num_prefill_seqs + c9 * (kv + growth * j)
-                for j in range(num_steps)]
+                + c10 * x10 + e0 + e1 + e2 + e3 + e4 + e5 for j in range(num_steps)]
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "shape": self.shape.to_json(),
                 "coefficients": dict(self.coefficients), "kv_dtype_bytes": self.kv_dtype_bytes,
-                "tiers": asdict(self.tiers), "fit": self.fit}
+                "tiers": asdict(self.tiers), "fit": self.fit, "fused_rows": self.fused_rows}
 
 
 @dataclass(frozen=True)
@@ -253,7 +283,7 @@ def from_json(doc: dict[str, Any]) -> CostModel:
     shape = ModelShape(**doc["shape"])
     if kind == "linear":
         return LinearCostModel(shape, doc["coefficients"], doc.get("kv_dtype_bytes", 4), tiers,
-                               doc.get("fit", {}))
+                               doc.get("fit", {}), doc.get("fused_rows", NO_FUSED_LIMIT))
     if kind == "roofline":
         return RooflineCostModel(gpu(doc["gpu"]), shape, doc.get("mfu", 0.6),
                                  doc.get("mbu", 0.8), doc.get("overhead_s", 0.0003),

@@ -16,20 +16,22 @@ from typing import Any
 
 import numpy as np
 
-from kvmesh.sim.cost_model import FEATURES, StepFeatures
+from kvmesh.sim.cost_model import FEATURES, NO_FUSED_LIMIT, StepFeatures
 
 
 def fit_step_model(samples: Sequence[tuple[StepFeatures, float]],
-                   fixed: dict[str, float] | None = None
+                   fixed: dict[str, float] | None = None,
+                   fused_rows: int = NO_FUSED_LIMIT
                    ) -> tuple[dict[str, float], dict[str, Any]]:
     """Coefficients per feature name, and the fit's error figures.
 
-    `fixed` coefficients (measured apart, such as block copies) are subtracted first.
+    `fixed` coefficients (measured apart, such as block copies) are subtracted first;
+    `fused_rows` is the engine's (`StepFeatures.is_unfused`).
     """
     if len(samples) < len(FEATURES):
         raise ValueError(f"need at least {len(FEATURES)} samples, got {len(samples)}")
     fixed = fixed or {}
-    x = np.array([f.vector() for f, _ in samples], dtype=np.float64)
+    x = np.array([f.vector(fused_rows) for f, _ in samples], dtype=np.float64)
     y = np.array([t for _, t in samples], dtype=np.float64)
     fixed_vec = np.array([fixed.get(n, 0.0) for n in FEATURES])
     target = y - x @ fixed_vec
