@@ -283,7 +283,7 @@ def main() -> None:
                   "in turn (order rotating), so drift in the machine's speed hits all alike; "
                   f"kvmesh servers get --kv-cache-memory-bytes {KV_BYTES} (room for every "
                   "sequence of the run) so that all fit in memory at once, and map that "
-                  "pool in the background from startup (--prefault-bytes, as vLLM "
+                  "pool at startup, before they report ready (--prefault-bytes, as vLLM "
                   "touches its KV space at startup) instead of during the rounds; vLLM, whose "
                   "startup takes minutes, runs after them",
         "vllm_cpu": f"{VLLM_PY} -m vllm.entrypoints.openai.api_server (make peers-vllm), "

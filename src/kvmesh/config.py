@@ -108,9 +108,10 @@ class CacheConfig:
     )
     enable_prefix_caching: bool = _help("Reuse KV blocks across requests by prefix.", default=True)
     prefault_bytes: int = _help(
-        "CPU: keep this much of the KV pool's memory mapped ahead of the blocks in use, on a "
-        "background thread, so that filling fresh blocks (a long prompt, a host or peer "
-        "hit) does not pay page faults on the request's path (0: map pages on first use).",
+        "CPU: keep this much of the KV pool's memory mapped ahead of the blocks in use (the "
+        "first at startup, the rest on a background thread), so that filling fresh blocks "
+        "(a long prompt, a host or peer hit) does not pay page faults on the request's path "
+        "(0: map pages on first use).",
         default=256 * 1024**2)
 
     def __post_init__(self) -> None:

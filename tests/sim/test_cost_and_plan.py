@@ -91,6 +91,32 @@ def test_a_fused_steps_cost_is_piecewise_linear_in_its_sequences():
     assert cost[40] == pytest.approx(4.8e-3) and cost[41] == 0.0  # 41: op by op
     f = cm.StepFeatures(num_seqs=6, num_tokens=6, num_sampling=6, decode_ctx_tokens=600)
     assert model.decode_run_s(f, 2, [0, 0]) == [model.step_s(f)] * 2
+    every = cm.LinearCostModel(MODELS["smollm2-135m"], {n: 1e-3 / (i + 1) for i, n in
+                                                       enumerate(cm.FEATURES)}, fused_rows=16)
+    for s in (3, 12, 17, 40):  # bit for bit, every term non-zero (unfused from 17)
+        f = cm.StepFeatures(s, s, s, 100 * s, decode_shared_tokens=16 * s)
+        grown = [dataclasses.replace(f, decode_ctx_tokens=f.decode_ctx_tokens + j * s,
+                                     num_stores=j) for j in range(3)]
+        assert every.decode_run_s(f, 3, [0, 1, 2]) == [every.step_s(g) for g in grown]
+
+
+def test_cost_models_from_before_the_two_paths_still_load():
+    """A profile saved before `unfused_step`, the segments and `fused_rows` existed prices
+    every step as its ten coefficients did."""
+    old = {"const": 0.0034, "num_seqs": 7.6e-4, "num_tokens": 7.3e-4, "num_sampling": 0.0,
+           "decode_ctx_tokens": 7.9e-7, "prefill_pair_ktokens": 5.4e-4, "num_loads": 7.4e-5,
+           "num_stores": 6.5e-5, "num_prefill_seqs": 5.5e-3, "decode_kv_tokens": 2.4e-6}
+    doc = {"kind": "linear", "shape": MODELS["smollm2-135m"].to_json(), "coefficients": old,
+           "kv_dtype_bytes": 2, "tiers": {}, "fit": {}}
+    model = cm.from_json(doc)
+    assert model.fused_rows == cm.NO_FUSED_LIMIT  # type: ignore[union-attr]
+    for f in (cm.StepFeatures(1, 1, 1, 300), cm.StepFeatures(80, 80, 80, 9000),
+              cm.StepFeatures(3, 130, 3, 400, 9.5, num_loads=2, num_prefill_seqs=1)):
+        x = f.vector()
+        expected = 0.0
+        for c, v in zip(old.values(), x[:10], strict=True):
+            expected += c * v
+        assert model.step_s(f) == expected
 
 
 def test_roofline_decode_is_memory_bound_and_prefill_compute_bound():

@@ -241,8 +241,11 @@ def test_decode_runs_give_the_same_results_as_stepping_one_by_one():
     linear = LinearCostModel(COST.shape, {"const": 0.004, "num_tokens": 3e-4,
                                           "num_sampling": 1.7e-4, "decode_ctx_tokens": 3.3e-6,
                                           "num_stores": 7e-5, "num_prefill_seqs": 0.011,
-                                          "decode_kv_tokens": 1.3e-6},
-                             kv_dtype_bytes=2)
+                                          "decode_kv_tokens": 1.3e-6, "unfused_step": 0.02,
+                                          "fused_seqs_1_2": 1.1e-3, "fused_seqs_2_4": 7e-4,
+                                          "fused_seqs_4_8": 3e-4, "fused_seqs_8_16": 2e-4,
+                                          "fused_seqs_16_32": 1e-4, "fused_seqs_32_up": 5e-5},
+                             kv_dtype_bytes=2, fused_rows=8)  # 16 sequences cross it
     cases = [(single, 2, None, COST), (chat, 3, 6, COST), (chat, 3, 6, linear)]
     for sessions, n, concurrency, cost in cases:
         starts = [s.arrival_s for s in sessions]

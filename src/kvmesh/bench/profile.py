@@ -199,8 +199,9 @@ def _request_overhead_s(records: list[dict], coef: dict[str, float], block_size:
 def fused_decode_rows(engine: Any) -> int:
     """The most decode sequences a step of `engine` runs on its fused native path (0: it
     has none, every step runs op by op)."""
-    fused = getattr(engine.runner.model, "fused", None)
-    return int(fused.max_rows) if fused is not None else 0
+    runner = engine.runner
+    fused = getattr(runner.model, "fused", None)
+    return 0 if fused is None else int(fused.rows_with(runner.decode_kernel, runner.kv.dtype))
 
 
 def model_shape(engine: Any) -> ModelShape:

@@ -120,6 +120,12 @@ class FusedDecoder:
             return None
         return cls(lib, ready, decoder[0].self_attn.scale, dtype, keep)
 
+    def rows_with(self, decode_kernel: object, kv_dtype: torch.dtype) -> int:
+        """The most decode sequences a step runs here with this attention kernel and KV
+        dtype: `max_rows`, or 0 where `can_run` always refuses (no native decode kernel,
+        a KV dtype other than the model's)."""
+        return self.max_rows if decode_kernel is not None and kv_dtype == self.dtype else 0
+
     def can_run(self, meta: AttentionMetadata, num_tokens: int,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
         if (meta.decode_kernel is None or meta.num_decodes != num_tokens

@@ -23,7 +23,9 @@ A step's cost depends on its batch only through `StepFeatures`. Two kinds:
   call per layer, and any other step (a prefill chunk, more sequences) op by op: some
   30 ms more on the default model, whatever the chunk's size. A fused step's cost is
   piecewise linear in its sequences (`fused_seqs`: 0 for an unfused step): kernels
-  change with the row count (AMX tiles of 16 rows; other kernels for 1-2 rows).
+  change with the row count (AMX tiles of 16 rows; other kernels for 1-2 rows). Each
+  segment's coefficient is a non-negative slope on top of the per-sequence and
+  per-token ones that every step shares.
 
 - **roofline** (a named GPU and model shape; no measurement):
 
@@ -52,15 +54,16 @@ from typing import Any, Protocol
 from kvmesh.engine.batch import ExecuteBatch
 from kvmesh.sim.shapes import GpuSpec, ModelShape, gpu, model_shape
 
-# A fused decode step's cost against its sequences, piecewise linear: the slope of each
-# segment (lo, hi] of the count (the first sequence is in `const`).
-FUSED_SEGMENTS = ((1, 2), (2, 4), (4, 8), (8, 16), (16, 32), (32, 1 << 30))
+NO_FUSED_LIMIT = 1 << 30  # `fused_rows` of an engine whose every decode step is fused
+# A fused decode step's cost against its sequences, piecewise linear: the extra slope of
+# each segment (lo, hi] of the count (the first sequence is in `const`). decode_run_s
+# spells out one term per segment.
+FUSED_SEGMENTS = ((1, 2), (2, 4), (4, 8), (8, 16), (16, 32), (32, NO_FUSED_LIMIT))
 FEATURES = ("const", "num_seqs", "num_tokens", "num_sampling", "decode_ctx_tokens",
             "prefill_pair_ktokens", "num_loads", "num_stores", "num_prefill_seqs",
             "decode_kv_tokens", "unfused_step",
-            *(f"fused_seqs_{lo}_{hi}" if hi < 1 << 30 else f"fused_seqs_{lo}_up"
+            *(f"fused_seqs_{lo}_{hi}" if hi < NO_FUSED_LIMIT else f"fused_seqs_{lo}_up"
               for lo, hi in FUSED_SEGMENTS))
-NO_FUSED_LIMIT = 1 << 30  # `fused_rows` of an engine whose every decode step is fused
 
 
 @dataclass(frozen=True, slots=True)

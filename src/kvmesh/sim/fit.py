@@ -35,7 +35,8 @@ def fit_step_model(samples: Sequence[tuple[StepFeatures, float]],
     y = np.array([t for _, t in samples], dtype=np.float64)
     fixed_vec = np.array([fixed.get(n, 0.0) for n in FEATURES])
     target = y - x @ fixed_vec
-    active = [i for i, n in enumerate(FEATURES) if n not in fixed and x[:, i].any()]
+    active = [i for i, n in enumerate(FEATURES) if n not in fixed and x[:, i].any()
+              and not (n == "unfused_step" and fused_rows == 0)]  # then the same as const
     w = 1.0 / np.sqrt(np.maximum(y, 1e-6))
     coef = np.zeros(len(FEATURES))
     while active:
