@@ -123,21 +123,20 @@ class FusedDecoder:
     def rows_with(self, decode_kernel: object, kv_dtype: torch.dtype) -> int:
         """The most decode sequences a step runs here with this attention kernel and KV
         dtype: `max_rows`, or 0 where `can_run` always refuses (no native decode kernel,
-        a KV dtype other than the model's)."""
+        a KV dtype other than the model's). `kvmesh profile` saves it for the simulator."""
         return self.max_rows if decode_kernel is not None and kv_dtype == self.dtype else 0
 
     def can_run(self, meta: AttentionMetadata, num_tokens: int,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-        if (meta.decode_kernel is None or meta.num_decodes != num_tokens
-                or num_tokens > self.max_rows or meta.prefills
+        k, v = kv_caches[0]
+        if (num_tokens > self.rows_with(meta.decode_kernel, k.dtype)
+                or meta.num_decodes != num_tokens or meta.prefills
                 or meta.prefill_batch is not None or len(meta.decode_groups) != 1):
             return False
-        k, v = kv_caches[0]
         _, _, heads, dim = k.shape
         index = (meta.slot_blocks, meta.slot_offsets, meta.decode_groups[0].block_tables,
                  meta.decode_groups[0].lengths)
-        return (k.dtype == self.dtype and k.stride()[1:] == (heads * dim, dim, 1)
-                and v.stride() == k.stride()
+        return (k.stride()[1:] == (heads * dim, dim, 1) and v.stride() == k.stride()
                 and all(t.dtype == torch.int64 and t.is_contiguous() for t in index))
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
