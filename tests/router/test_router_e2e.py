@@ -199,8 +199,9 @@ def test_instances_with_api_keys_answer_the_routers_probes_only_with_its_key(tmp
                      "--upstream-api-key", "inst-key") as router:
             assert httpx.get(router.url + "/health").json()["healthy"] == [inst.url]
             # clients' requests pass on with the clients' own keys, not the router's
-            assert _client(router.url, "inst-key").completions.create(
-                model="", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+            assert _client(router.url, "inst-key").completions.create(  # random weights: no EOS
+                model="", prompt="hi", max_tokens=2,
+                extra_body={"ignore_eos": True}).usage.completion_tokens == 2
             with pytest.raises(openai.AuthenticationError):
                 _client(router.url, "wrong").completions.create(model="", prompt="hi",
                                                                 max_tokens=2)
