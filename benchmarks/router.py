@@ -1,37 +1,38 @@
 """The router: routing gain, added latency, and proxy throughput.
 
-    python benchmarks/router.py [--repeats 2] [--sessions 12] [--turns 6] [--rate 0.05]
+    python benchmarks/router.py [--repeats 2] [--workload pressure|light] [--sessions N] ...
 
 1. Routing gain. Three `kvmesh serve` instances (default model, one thread each; KV
    events on for the kv policy only, so round_robin and prefix run in front of
    instances as they would in front of another engine) and `kvmesh router` on
-   loopback, under `kvmesh bench`'s runner: multi-turn
-   chat sessions whose system prompts come from a few shared groups. By default each
-   instance holds 128 KV blocks (2,048 tokens), about half the working set of the
-   sessions open at once (so all of it fits in the three instances together, not in
-   one), as a real deployment's cache is smaller than its users' histories: with an
-   unbounded cache every policy ends up hitting most prefixes somewhere and routing
-   matters less (`--num-blocks 0` gives that workload).
-   The session rate is set so that on the slower of this project's CPUs (a 2-core Zen 1
-   EPYC) the offered prefill is past what round robin's recomputation can serve but
-   within what the instances serve once histories are reused: a routing gain is a
-   capacity gain, and its TTFT figures should come from that regime rather than from a
-   queue that grows without bound under every policy (24 sessions at 0.2/s, the default
-   before, had round robin's TTFT p50 at 52 s on Zen 1 and every cache turning over
-   before its session came back). A user pauses `--think-s` (20 s) between a reply and
-   the next turn, so several sessions are open at once and their turns interleave, as
-   a chat service's do; with back-to-back turns one session at a time runs alone, and
-   round robin's strict rotation sends every third turn back to where its history is
-   (its hit tokens then reached 71% of the ceiling, and kv's gain over it 1.35x, in a
-   run at this rate, commit f54623c). The shared system prompts are `--system-words`
-   (50) long, so that about 15% of the reusable tokens are theirs and the rest are the
-   sessions' own histories: in the Mooncake conversation trace (Kimi's chat service,
-   ../shared/traces) 86% of the prefix-hit blocks are held by fewer than 20 requests
-   (histories) and 11% by 100 or more (shared prompts). Prompts shared by every session
-   favour round robin, which finds them on every instance. Each policy
-   (round_robin, prefix, kv) gets fresh instances (cold caches) and the same sessions,
-   in the same run; the order of policies rotates per repeat. Hit tokens are the
-   instances' own `cached_tokens`.
+   loopback, under `kvmesh bench`'s runner: multi-turn chat sessions whose system
+   prompts come from a few shared groups. Each policy (round_robin, prefix, kv) gets
+   fresh instances (cold caches) and the same sessions, in the same run; the order of
+   policies rotates per repeat. Hit tokens are the instances' own `cached_tokens`.
+   A routing gain is a capacity gain: with an unbounded cache every policy ends up
+   hitting most prefixes somewhere (`--num-blocks 0`), so each instance's device KV is
+   held below the working set. Two presets (`--workload`; any flag overrides one
+   setting):
+   - `pressure` (default): 24 sessions of 6 turns, 128-token replies, 0.2 sessions/s,
+     0.5 s between a reply and the next turn, 6 groups sharing 150-word system
+     prompts, 200 KV blocks (3,200 tokens) per instance. The histories of the sessions
+     open at once fit in the three instances together, not in one: where a turn lands
+     decides whether its history is still cached, and round robin's copies of every
+     history on every instance evict each other. On the 2-core Xeon and Zen 4 machines
+     the offered prefill is past what round robin's recomputation serves (its TTFT
+     queues) and within what the instances serve once histories are reused; on a 2-core
+     Zen 1 it is past both (round robin's TTFT p50 was 52 s there), and `light` is the
+     workload for such a machine.
+   - `light`: 12 sessions at 0.05/s, 64-token replies, a user pausing 20 s between a
+     reply and the next turn (so several sessions are open at once and their turns
+     interleave, as a chat service's do), 4 groups of 50-word system prompts (about 15%
+     of the reusable tokens: in the Mooncake conversation trace, ../shared/traces, 86%
+     of the prefix-hit blocks are held by fewer than 20 requests and 11% by 100 or
+     more, benchmarks/trace_sharing.py), 128 blocks per instance (about half the working
+     set of the sessions open at once). Here round robin sends a third of the turns
+     home and finds older copies of a history elsewhere: it gets about half of the
+     reuse any cache could give, so no policy can reach twice its hit tokens
+     (docs/router.md).
 2. Added latency. One instance; streamed requests alternate between a direct
    connection and the router (policy kv, so tokenizing and key hashing are included),
    each prompt new to the cache. TTFT and inter-token latency, p50 and p99, both sides.
@@ -227,19 +228,43 @@ def _carry_over(name: str, skip: set[str], figures: dict, notes: dict) -> None:
         notes["carried_over"] = carried
 
 
+# The gain workload's presets (`--workload`); each setting can still be given on its own.
+WORKLOADS: dict[str, dict[str, float | int]] = {
+    # KV pressure, the default: 24 sessions of 6 turns with 128-token replies, 0.2 sessions/s
+    # with 0.5 s pauses, 6 groups sharing 150-word system prompts, 200 blocks per instance
+    "pressure": {"sessions": 24, "groups": 6, "turns": 6, "output_len": 128, "rate": 0.2,
+                 "system_words": 150, "think_s": 0.5, "num_blocks": 200},
+    # light: 12 sessions at 0.05/s with 20 s pauses, 4 groups of 50 words, 128 blocks
+    "light": {"sessions": 12, "groups": 4, "turns": 6, "output_len": 64, "rate": 0.05,
+              "system_words": 50, "think_s": 20.0, "num_blocks": 128},
+}
+
+
 def add_workload_args(ap: argparse.ArgumentParser) -> None:
-    """The gain workload's settings (router_sim.py runs the same workload)."""
-    ap.add_argument("--sessions", type=int, default=12)
-    ap.add_argument("--groups", type=int, default=4)
-    ap.add_argument("--turns", type=int, default=6)
-    ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--rate", type=float, default=0.05, help="sessions started per second")
-    ap.add_argument("--system-words", type=int, default=50,
+    """The gain workload's settings (router_sim.py runs the same workload): a preset
+    (`--workload`), any of whose settings a flag overrides; `workload_args` fills them."""
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="pressure",
+                    help="preset: pressure (caches hold a third of the open histories, "
+                         "the default) or light (see the module docstring)")
+    ap.add_argument("--sessions", type=int)
+    ap.add_argument("--groups", type=int)
+    ap.add_argument("--turns", type=int)
+    ap.add_argument("--output-len", type=int)
+    ap.add_argument("--rate", type=float, help="sessions started per second")
+    ap.add_argument("--system-words", type=int,
                     help="length of each group's shared system prompt, in words")
-    ap.add_argument("--think-s", type=float, default=20.0,
+    ap.add_argument("--think-s", type=float,
                     help="a user's pause between a reply and the next turn")
-    ap.add_argument("--num-blocks", type=int, default=128,
+    ap.add_argument("--num-blocks", type=int,
                     help="device KV blocks per instance in the gain runs (0: engine default)")
+
+
+def workload_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the workload settings no flag gave from the chosen preset."""
+    for key, value in WORKLOADS[args.workload].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def main() -> None:
@@ -252,7 +277,7 @@ def main() -> None:
                     help="sequential direct/router request pairs for the added latency")
     ap.add_argument("--skip", default="", help="comma-separated: gain,overhead,proxy")
     ap.add_argument("--name", default="router", help="results file name (a second workload)")
-    args = ap.parse_args()
+    args = workload_args(ap.parse_args())
     skip = set(args.skip.split(","))
     tmp = Path("/tmp/kvmesh-router-bench")
     tmp.mkdir(exist_ok=True)
@@ -290,12 +315,13 @@ def main() -> None:
             figures[f"ttft_p99_ratio_{p}_vs_round_robin_pooled"] = (
                 pooled_p / pooled_rr if pooled_p is not None and pooled_rr else None)
             figures[f"ttft_p99_ratio_{p}_vs_round_robin_runs"] = ratios_p99
-        notes["gain"] = (f"{args.sessions} sessions x {args.turns} turns, {args.groups} shared "
-                         f"system prompts of {args.system_words} words, {args.rate} "
-                         f"sessions/s, {args.think_s} s between a reply and the next "
-                         f"turn; medians over {args.repeats} repeats (the ratios: medians of "
-                         "each run's ratio; *_pooled: the p99 of every repeat's requests "
-                         f"together); round_robin hit tokens {rr['hit_tokens']}")
+        notes["gain"] = (f"{args.workload} workload: {args.sessions} sessions x "
+                         f"{args.turns} turns, {args.groups} shared system prompts of "
+                         f"{args.system_words} words, {args.rate} sessions/s, {args.think_s} s "
+                         "between a reply and the next turn; medians over "
+                         f"{args.repeats} repeats (the ratios: medians of each run's ratio; "
+                         "*_pooled: the p99 of every repeat's requests together); "
+                         f"round_robin hit tokens {rr['hit_tokens']}")
         notes["instances"] = (
             "kvmesh serve, default model, one thread each; KV events on (--kv-events-port) "
             "only for the kv policy. round_robin and prefix run in front of instances that "

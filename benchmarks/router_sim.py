@@ -8,7 +8,10 @@ times come from a `kvmesh profile` cost model (default: results/sim_cost_model.j
 multiplied by `--slowdown` (the real benchmark's instances run one thread each, three to
 a 2-core machine).
 
-    python benchmarks/router_sim.py [--seeds 24] [--weights -:1,512:0]
+    python benchmarks/router_sim.py [--seeds 24] [--weights -:1,512:0] [--workload light]
+
+Its default workload is router.py's `light` preset (router.py's own default is
+`pressure`): that is where the weights were chosen and what router_sim.json holds.
 
 Each `--weights` entry is `load_cost_tokens:queue_weight` for `kv` and `prefix` (`-`: the
 policy's default, 256 for kv and 512 for prefix); the ratios are against round_robin on
@@ -39,7 +42,7 @@ from kvmesh.sim.instance import InstanceSpec  # noqa: E402
 from kvmesh.sim.run import session_starts  # noqa: E402
 from kvmesh.sim.simulator import Simulator  # noqa: E402
 from kvmesh.sim.workload import from_bench  # noqa: E402
-from router import add_workload_args, sessions  # noqa: E402
+from router import add_workload_args, sessions, workload_args  # noqa: E402
 
 
 def slowed(model: Any, factor: float) -> Any:
@@ -82,8 +85,9 @@ def main() -> None:
     ap.add_argument("--cost-model", default=str(RESULTS / "sim_cost_model.json"))
     ap.add_argument("--slowdown", type=float, default=2.5)
     add_workload_args(ap)
+    ap.set_defaults(workload="light")
     ap.add_argument("--name", default="router_sim", help="results file name")
-    args = ap.parse_args()
+    args = workload_args(ap.parse_args())
     cost = slowed(cost_model.load(args.cost_model), args.slowdown)
     tok = Tokenizer(resolve_model("smollm2-135m-instruct", progress=False).path)
     seeds = range(1, args.seeds + 1)
