@@ -74,11 +74,18 @@ def test_kernel_matches_f_linear_at_each_level(level, monkeypatch):
             x = torch.randn(rows, k, generator=gen)
             torch.testing.assert_close(layer.forward(x), F.linear(x, ref_w, b),
                                        atol=1e-4, rtol=1e-4)
-        # from 5 rows the tiles read scaled floats: bit for bit what smaller batches give
-        x = torch.randn(13, k, generator=gen)
-        for rows in (5, 6, 7, 8, 9, 13):
-            parts = [layer._kernel(x[i:min(i + 4, rows)]) for i in range(0, rows, 4)]
-            assert torch.equal(layer._kernel(x[:rows]), torch.cat(parts)), (bits, rows)
+        # from 16 rows (quant_linear_set_batch_rows; 1 and 5 forced here) the tiles read
+        # scaled floats: bit for bit what the packed ints and smaller batches give
+        x = torch.randn(21, k, generator=gen)
+        for first in (1, 5, 16):
+            assert lib.quant_linear_set_batch_rows(first) == 16
+            try:
+                for rows in (5, 6, 7, 8, 9, 13, 16, 17, 21):
+                    parts = [layer._kernel(x[i:min(i + 4, rows)]) for i in range(0, rows, 4)]
+                    whole = layer._kernel(x[:rows])
+                    assert torch.equal(whole, torch.cat(parts)), (bits, rows, first)
+            finally:
+                lib.quant_linear_set_batch_rows(16)
     decode = cpu_kernels.decode_kernel(torch.float32, torch.device("cpu"))
     assert decode is not None  # float32 decode attention on every level
 

@@ -216,6 +216,8 @@ def _quant_signatures(lib: ctypes.CDLL) -> None:
     lib.paged_verify_bf16.restype = ctypes.c_int
     lib.paged_verify_available.restype = ctypes.c_int
     lib.paged_verify_calls.restype = ctypes.c_int64
+    lib.quant_linear_set_batch_rows.argtypes = [ctypes.c_int]
+    lib.quant_linear_set_batch_rows.restype = ctypes.c_int
     lib.quant_i4bf16_set_amx_min_rows.argtypes = [ctypes.c_int]
     lib.quant_i4bf16_set_amx_min_rows.restype = ctypes.c_int
     lib.decode_layer_set_verify_min_rows.argtypes = [ctypes.c_int]

@@ -248,13 +248,23 @@ INLINE_DECL void block(const struct qargs *a, const uint8_t *blk, const float *w
     if (r < rows) row1(a, blk, nb, r, bits);
 }
 
-/* Batches of BATCH_ROWS rows or more: each block's weights are converted once into a
+/* Batches of batch_rows rows or more: each block's weights are converted once into a
  * float scratch [K][16], already multiplied by their scales (the very floats a tile
  * computes from the packed ints, so the results are bit for bit the same), and the tiles
  * of 4, 3 or 2 rows read those: the conversion is paid once per block and step rather
  * than once per tile, and a tile is its multiply-adds. A last single row (row1) reads
- * the packed ints. */
-#define BATCH_ROWS 5 /* more rows than one tile */
+ * the packed ints. Below 16 rows converting costs more than it saves: on the Xeon
+ * (2 threads, int8 lm_head of the default model, 576 x 49152) the packed tiles took 2.0
+ * against 3.4 ms at 5 rows, 3.3 against 4.5 at 9, 4.1 against 4.6 at 12 with AVX-512,
+ * and 2.4/3.9, 4.2/5.2 at 5 and 9 rows with AVX2; about even at 16; from 24 rows the
+ * scratch wins (7.9 against 8.1 ms; 23 against 37 at 64 with AVX2). */
+static int batch_rows = 16;
+
+/* Set the batch size from which the float scratch is used (for A/B runs and tests);
+ * returns the previous value. */
+int quant_linear_set_batch_rows(int rows) {
+    return __atomic_exchange_n(&batch_rows, rows < 1 ? 1 : rows, __ATOMIC_RELAXED);
+}
 
 static void scaled_block(const struct qargs *a, const uint8_t *blk, int64_t nb, int bits,
                          float *out) {
@@ -311,7 +321,8 @@ int quant_linear_f32(const float *x, int64_t rows, int64_t x_stride, const uint8
     {
         /* without its scratch (no memory), a thread tiles on the packed ints: the same
          * results, only slower */
-        float *scaled = rows >= BATCH_ROWS ? malloc(sizeof(float) * (size_t)(k * COLS)) : NULL;
+        const int first = __atomic_load_n(&batch_rows, __ATOMIC_RELAXED);
+        float *scaled = rows >= first ? malloc(sizeof(float) * (size_t)(k * COLS)) : NULL;
 #pragma omp for schedule(static)
         for (int64_t nb = 0; nb < n / COLS; nb++) {
             const uint8_t *blk = q + nb * k * bytes_per_k;
