@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 
 import httpx
 import openai
@@ -168,3 +170,21 @@ def test_metrics_names(server):
                  "generation_tokens"]:
         assert f"kvmesh:{name}" in text, name
     assert server.metric("prefix_cache_hits_total") > 0
+
+
+def test_idle_keep_alive_connection_outlives_the_clients_pools(server):
+    """The server keeps an idle connection longer than httpx (5 s) and aiohttp (15 s)
+    clients keep theirs, so a client reusing one never races the server's close: two
+    requests on one socket, 6 s apart, both answered."""
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        for pause in (0.0, 6.0):
+            time.sleep(pause)
+            sock.sendall(request)
+            reply = b""
+            while b'"ok"' not in reply:
+                chunk = sock.recv(4096)
+                assert chunk, f"the server closed the connection after {pause} s idle"
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 200")

@@ -40,6 +40,7 @@ from kvmesh.router.upstreams import UPSTREAM_ERRORS, Instance, Upstreams
 from kvmesh.router.usage import USAGE_HEADER, UsageTap
 from kvmesh.server.auth import KeyAuth
 from kvmesh.server.errors import APIError, api_error_handler, error_body
+from kvmesh.server.keepalive import HTTP_KEEP_ALIVE_S
 from kvmesh.tenants import TenantTable, cache_salt
 
 log = logging.getLogger("kvmesh.router")
@@ -375,6 +376,7 @@ def run_router(config: RouterConfig) -> None:
     tokenizer = load_tokenizer(config.model) if config.policy in ("kv", "session") else None
     app = create_router_app(config, tokenizer)
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
+                timeout_keep_alive=HTTP_KEEP_ALIVE_S,
                 access_log=False, proxy_headers=False)  # no client addresses are used
 
 

@@ -9,6 +9,7 @@ import uvicorn
 
 from kvmesh.config import EngineConfig, ServerConfig
 from kvmesh.server.api import create_app
+from kvmesh.server.keepalive import HTTP_KEEP_ALIVE_S
 
 
 def _exit_cleanly(*_: object) -> None:
@@ -25,5 +26,6 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> None
         port=server_config.port,
         log_level=server_config.log_level,
         timeout_graceful_shutdown=int(server_config.graceful_shutdown_s),
+        timeout_keep_alive=HTTP_KEEP_ALIVE_S,
         access_log=False,
     )
