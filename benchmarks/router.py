@@ -31,7 +31,7 @@
      more, benchmarks/trace_sharing.py), 128 blocks per instance (about half the working
      set of the sessions open at once). Here round robin sends a third of the turns
      home and finds older copies of a history elsewhere: it gets about half of the
-     reuse any cache could give, so no policy can reach twice its hit tokens
+     reuse any cache could give, so twice its hit tokens needs about all of it
      (docs/router.md).
 2. Added latency. One instance; streamed requests alternate between a direct
    connection and the router (policy kv, so tokenizing and key hashing are included),
@@ -244,8 +244,9 @@ def add_workload_args(ap: argparse.ArgumentParser) -> None:
     """The gain workload's settings (router_sim.py runs the same workload): a preset
     (`--workload`), any of whose settings a flag overrides; `workload_args` fills them."""
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="pressure",
-                    help="preset: pressure (caches hold a third of the open histories, "
-                         "the default) or light (see the module docstring)")
+                    help="preset: pressure (caches hold a third of the open histories; "
+                         "router.py's default) or light (router_sim.py's default); see "
+                         "router.py's docstring")
     ap.add_argument("--sessions", type=int)
     ap.add_argument("--groups", type=int)
     ap.add_argument("--turns", type=int)
@@ -276,8 +277,11 @@ def main() -> None:
     ap.add_argument("--stub-pairs", type=int, default=1000,
                     help="sequential direct/router request pairs for the added latency")
     ap.add_argument("--skip", default="", help="comma-separated: gain,overhead,proxy")
-    ap.add_argument("--name", default="router", help="results file name (a second workload)")
+    ap.add_argument("--name", default=None,
+                    help="results file name (default: router, or router_light for "
+                         "--workload light)")
     args = workload_args(ap.parse_args())
+    args.name = args.name or ("router" if args.workload == "pressure" else "router_light")
     skip = set(args.skip.split(","))
     tmp = Path("/tmp/kvmesh-router-bench")
     tmp.mkdir(exist_ok=True)

@@ -56,7 +56,7 @@ def one_run(policy: str, weights: RouteWeights, args: argparse.Namespace, seed: 
                     args.think_s, args.system_words)
     work = from_bench(text, tok)
     starts = session_starts(work, text, LoadProfile(rate=args.rate, seed=seed))
-    spec = InstanceSpec(SchedulerConfig(), CacheConfig(num_blocks=args.num_blocks),
+    spec = InstanceSpec(SchedulerConfig(), CacheConfig(num_blocks=args.num_blocks or None),
                         TierConfig())
     sim = Simulator(spec, cost, 3, policy, weights=weights)
     run = sim.run(work, starts)
