@@ -21,8 +21,9 @@
      history on every instance evict each other. On the 2-core Xeon and Zen 4 machines
      the offered prefill is past what round robin's recomputation serves (its TTFT
      queues) and within what the instances serve once histories are reused; on a 2-core
-     Zen 1 it is past both (round robin's TTFT p50 was 52 s there), and `light` is the
-     workload for such a machine.
+     Zen 1 it is far past what round robin serves (its TTFT p50 was 52 s there, every
+     cache turning over before its session came back), and `light` is the workload for
+     such a machine.
    - `light`: 12 sessions at 0.05/s, 64-token replies, a user pausing 20 s between a
      reply and the next turn (so several sessions are open at once and their turns
      interleave, as a chat service's do), 4 groups of 50-word system prompts (about 15%
