@@ -92,3 +92,15 @@ def save(name: str, config: dict[str, Any], figures: dict[str, Any],
     path = RESULTS / f"{name}.json"
     write_json(path, result_doc(name, command, config, figures, notes))
     return path
+
+
+def save_by_cpu(name: str, config: dict[str, Any], figures: dict[str, Any],
+                notes: dict[str, Any] | None = None) -> list[Path]:
+    """`<name>_<cpu kind>.json`, each CPU kind's latest run, and `<name>.json` too where
+    this run took the CPU's own path: a run with a level forced lower (KVMESH_CPU_ISA) or
+    AMX switched off writes only its kind's file, never the headline one."""
+    kind = cpu_kind()
+    paths = [save(f"{name}_{kind}", config, figures, notes)]
+    if kind == cpu_kind(follow_switch=False):
+        paths.insert(0, save(name, config, figures, notes))
+    return paths

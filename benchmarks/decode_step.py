@@ -11,7 +11,8 @@ memory read bandwidth (a 512 MiB tensor sum), which one row cannot beat.
 
     python benchmarks/decode_step.py [--rows 1,2,4,8] [--rounds 5] [--steps 24]
 
-Writes decode_step.json and decode_step_<cpu kind>.json (each CPU kind's latest).
+Writes decode_step.json and decode_step_<cpu kind>.json (each CPU kind's latest; a
+forced ISA level or KVMESH_AMX=0 writes only the latter).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_kind, read_gbps, save  # noqa: E402
+from common import cpu_kind, read_gbps, save_by_cpu  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and the ships that pass"
 
@@ -98,8 +99,7 @@ def main() -> None:
     notes = {"floor": "weight bytes of the linears and lm_head per step / memory_read_gbps; "
                       "KV reads and the embedding lookup left out"}
     llm.close()
-    print(save("decode_step", config, figures, notes))
-    print(save(f"decode_step_{config['cpu']}", config, figures, notes))
+    print(*save_by_cpu("decode_step", config, figures, notes), sep="\n")
 
 
 if __name__ == "__main__":

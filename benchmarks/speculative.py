@@ -23,8 +23,9 @@ to show which prompts the workload's speedup comes from.
 Writes speculative.json (speculative_<dtype>.json for a --dtype other than auto; a
 `_draft` suffix with --method draft), and the same document with the CPU kind appended
 (e.g. speculative_avx512_bf16_amx.json), so each kind's latest figures stay side by
-side. The draft-model run that the README quotes is the exact float32 path drafting with
-an int4 copy of its own model:
+side; a run with KVMESH_CPU_ISA forced lower or KVMESH_AMX=0 writes only the latter
+(e.g. speculative_avx2_on_avx512_bf16_amx.json). The draft-model run that the README
+quotes is the exact float32 path drafting with an int4 copy of its own model:
 
     python benchmarks/speculative.py --method draft --dtype float32 --quantization none --k 6
 """
@@ -38,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_kind, save  # noqa: E402
+from common import cpu_kind, save_by_cpu  # noqa: E402
 
 from kvmesh.config import SchedulerConfig  # noqa: E402
 
@@ -233,8 +234,7 @@ def main() -> None:
     name = "speculative" + ("" if args.dtype == "auto" else f"_{args.dtype}")
     name += "_draft" if args.method == "draft" else ""
     config["cpu"] = cpu_kind()
-    print(save(name, config, figures, notes))
-    print(save(f"{name}_{config['cpu']}", config, figures, notes))  # each CPU kind's latest
+    print(*save_by_cpu(name, config, figures, notes), sep="\n")
 
 
 

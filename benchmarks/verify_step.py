@@ -22,7 +22,8 @@ tokens. Variants (rounds interleaved):
         [--steps 24]
 
 Writes verify_step.json and verify_step_<cpu kind>.json (with `_ctx<N>` before `.json`
-for a --context other than 200). Needs a CPU with AMX for the
+for a --context other than 200; a forced ISA level or KVMESH_AMX=0 writes only the
+latter). Needs a CPU with AMX for the
 variants to differ (elsewhere they are the same path, and it says so).
 """
 
@@ -35,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_kind, save  # noqa: E402
+from common import cpu_kind, save_by_cpu  # noqa: E402
 
 # (int4 linears' tiles from, verify attention from, lm_head on the tiles)
 VARIANTS = {"tiles": (3, 2, True), "linears_from_2": (2, 2, True),
@@ -130,8 +131,7 @@ def main() -> None:
     if not tiles:
         notes["amx"] = "no AMX tiles here: the variants run the same path"
     name = "verify_step" + ("" if args.context == 200 else f"_ctx{args.context}")
-    print(save(name, config, figures, notes))
-    print(save(f"{name}_{config['cpu']}", config, figures, notes))
+    print(*save_by_cpu(name, config, figures, notes), sep="\n")
 
 
 if __name__ == "__main__":
