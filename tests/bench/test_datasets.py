@@ -69,3 +69,7 @@ def test_a_workload_s_cli_args_are_what_kvmesh_bench_parses_back():
         for name, value in vars(w).items():
             if value is not None:
                 assert params[name] == value, name
+        # an unset field is kvmesh bench's own default: the same stop as the workload's
+        # profile (sim_fidelity sends a WorkloadConfig to `kvmesh bench` and to the sim)
+        if w.max_duration_s is None:
+            assert params["max_duration_s"] == w.profile().max_duration_s

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from kvmesh.bench.datasets import Session
 
+DEFAULT_MAX_DURATION_S = 3600.0  # a bench run stops sending after an hour unless told
+
 
 @dataclass(frozen=True)
 class LoadProfile:
@@ -15,7 +17,7 @@ class LoadProfile:
     burstiness: float = 1.0  # gamma shape: 1 is Poisson, < 1 burstier
     concurrency: int | None = None  # most sessions in flight
     use_trace_times: bool = False
-    max_duration_s: float = 3600.0
+    max_duration_s: float = DEFAULT_MAX_DURATION_S
     ignore_eos: bool = True
     seed: int = 0
 

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from kvmesh.bench import datasets as ds
+from kvmesh.bench.arrivals import DEFAULT_MAX_DURATION_S
 from kvmesh.bench.client import Endpoint
 from kvmesh.bench.metrics import SLO, summarize
 from kvmesh.bench.report import plot_sweep, plot_ttft_cdf, result_doc, write_json
@@ -64,7 +65,8 @@ def bench_command(
     sweep: str | None = typer.Option(None, help="Comma-separated rates to sweep."),
     slo: str | None = typer.Option(None, help="Goodput SLO, e.g. ttft_ms=500,tpot_ms=50."),
     ignore_eos: bool = typer.Option(True, help="Ask the server to ignore EOS (fixed lengths)."),
-    max_duration_s: float = typer.Option(1800.0, help="Stop sending after this many seconds."),
+    max_duration_s: float = typer.Option(DEFAULT_MAX_DURATION_S,
+                                         help="Stop sending after this many seconds."),
     seed: int = typer.Option(0, help="Workload and arrival seed."),
     out: Path = typer.Option(Path("bench.json"), help="JSON result path."),
     plot: Path | None = typer.Option(None, help="PNG plot path."),

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from kvmesh.bench import datasets as ds
-from kvmesh.bench.arrivals import LoadProfile
+from kvmesh.bench.arrivals import DEFAULT_MAX_DURATION_S, LoadProfile
 
 DATASETS = ("random", "shared-prefix", "multiturn", "longdoc", "trace")
 
@@ -59,7 +59,7 @@ class WorkloadConfig:
         return LoadProfile(rate=self.rate, burstiness=self.burstiness,
                            concurrency=self.concurrency,
                            use_trace_times=self.dataset == "trace" and self.rate is None,
-                           max_duration_s=self.max_duration_s or 3600.0,
+                           max_duration_s=self.max_duration_s or DEFAULT_MAX_DURATION_S,
                            ignore_eos=ignore_eos,
                            seed=self.seed)
 
