@@ -34,7 +34,7 @@ def free_ports(n: int) -> list[int]:
 class Server:
     def __init__(self, proc: subprocess.Popen, port: int, log: Path, host: str = "127.0.0.1"):
         self.proc = proc
-        self.port = port
+        self.host, self.port = host, port
         self.log = log
         self.url = f"http://{host}:{port}"
 

@@ -176,9 +176,8 @@ def test_idle_keep_alive_connection_outlives_the_clients_pools(server):
     """The server keeps an idle connection longer than httpx (5 s) and aiohttp (15 s)
     clients keep theirs, so a client reusing one never races the server's close: two
     requests on one socket, 6 s apart, both answered."""
-    host, port = server.url.removeprefix("http://").rsplit(":", 1)
-    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
+    request = f"GET /health HTTP/1.1\r\nHost: {server.host}\r\n\r\n".encode()
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
         for pause in (0.0, 6.0):
             time.sleep(pause)
             sock.sendall(request)
