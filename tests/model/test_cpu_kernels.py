@@ -154,13 +154,18 @@ def _prefill_reference(q, k_cache, v_cache, tables, segments, scale):
     return out
 
 
+@pytest.mark.parametrize("tiles", [True, False])  # AMX tiles where the CPU has them
 @pytest.mark.parametrize(("heads", "kv_heads", "dim", "block_size"),
                          [(9, 3, 64, 16), (8, 2, 128, 16), (4, 4, 64, 8), (6, 1, 128, 32)])
-def test_prefill_kernel_matches_sdpa(heads, kv_heads, dim, block_size):
+def test_prefill_kernel_matches_sdpa(heads, kv_heads, dim, block_size, tiles):
     kernel = cpu_kernels.prefill_kernel(torch.bfloat16, CPU, dim)
     assert (kernel is not None) == (cpu_isa.level() == "avx512_bf16")  # this CPU's path
     if kernel is None:
         pytest.skip(f"the bf16 prefill kernel needs AVX-512 BF16; ISA level {cpu_isa.level()}")
+    lib = cpu_kernels.load()
+    kernel.use_tiles = tiles
+    on_tiles = tiles and block_size % 16 == 0 and bool(lib.paged_verify_available())
+    calls = lib.paged_verify_calls()
     # (chunk length, context): whole prompts, chunks after a cached prefix, ragged tails.
     shapes = [(1, 1), (17, 17), (40, 200), (16, 16), (100, 100), (5, 77), (33, 64)]
     gen = torch.Generator().manual_seed(dim + heads)
@@ -183,6 +188,12 @@ def test_prefill_kernel_matches_sdpa(heads, kv_heads, dim, block_size):
     ref = _prefill_reference(q, kv[:, 1, 0], kv[:, 1, 1], tables, segments, scale)
     assert torch.all(out[:3] == 7.0)  # rows outside the segments are left alone
     torch.testing.assert_close(out[3:].float(), ref[3:], atol=2e-2, rtol=2e-2)
+    # one tile call per segment where the tiles take it, none elsewhere
+    assert lib.paged_verify_calls() - calls == (len(shapes) if on_tiles else 0)
+    with pytest.raises(ValueError, match="outside q"):
+        bad = segments.clone()
+        bad[-1, 1] += 1  # the last segment one row past q
+        kernel(q, kv[:, 1, 0], kv[:, 1, 1], tables, bad, out, scale)
     with pytest.raises(RuntimeError, match="rejected"):  # context beyond the block table
         bad = segments.clone()
         bad[0, 2] = width * block_size + 1

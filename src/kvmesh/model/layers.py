@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +17,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.native: Any = None  # model/native_ops.NativeOps on a bf16 CPU model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            out = self.native.rmsnorm(x, self.weight, self.eps)
+            if out is not None:
+                return out
         if x.dtype != torch.float32:  # one fused kernel (float32 inside, weight included)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -8,7 +8,7 @@ The forward pass calls submodules' `forward` directly: no hooks are used, and sk
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
+        self.native: Any = None  # model/native_ops.NativeOps on a bf16 CPU model
 
     def forward(self, x, cos, sin, cache, meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
@@ -48,7 +49,9 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             qk = torch.cat((self.q_norm.forward(q), self.k_norm.forward(k)), dim=1)
-        q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        rotated = None if self.native is None else self.native.rope(qk, cos, sin)
+        rotated = apply_rope(qk, cos, sin) if rotated is None else rotated
+        q, k = rotated.split([self.num_heads, self.num_kv_heads], dim=1)
         out = paged_attention(q, k, v, cache[0], cache[1], meta, self.scale)
         return self.o_proj.forward(out.reshape(n, self.q_size))
 

@@ -15,6 +15,7 @@ from kvmesh.model.arch import ModelArch, parse_arch
 from kvmesh.model.fused import FusedDecoder
 from kvmesh.model.layers import RotaryEmbedding
 from kvmesh.model.llama import LlamaForCausalLM
+from kvmesh.model.native_ops import attach as attach_native_ops
 from kvmesh.model.packed import PackedLinear, can_pack, pack_linears
 from kvmesh.model.quant import quantize_model
 from kvmesh.model.quant_dense import attach_dense
@@ -130,4 +131,5 @@ def load_model(
             model.fused = FusedDecoder.build(model)
         if can_pack(dtype, device):
             pack_linears(model)
+        attach_native_ops(model)  # bf16 on the CPU: RMSNorm and rope for prefill steps
     return model, applied
