@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_kind, random_prompts, save_by_cpu  # noqa: E402
+from common import cpu_kind, matmul_gflops, random_prompts, save_by_cpu  # noqa: E402
 
 
 def _median_us(fn, calls: int) -> float:
@@ -86,6 +86,10 @@ def prefill_figures(rounds: int) -> tuple[dict, dict]:
     loaded = llm.engine.loaded
     config = {"dtype": str(loaded.dtype).replace("torch.", ""),
               "quantization": loaded.quantization, "workloads": WORKLOADS}
+    arch = loaded.model.arch
+    q = arch.num_heads * arch.head_dim
+    linear_flop = 2 * arch.num_layers * arch.hidden_size * (
+        q + 2 * arch.kv_dim + q + 3 * arch.intermediate_size)  # per token, layers' linears
     layers = [m for m in loaded.model.modules() if hasattr(m, "native")]
     kernel = llm.engine.runner.prefill_kernel
     ops = native_ops()
@@ -119,6 +123,7 @@ def prefill_figures(rounds: int) -> tuple[dict, dict]:
         fig["speedup_vs_vector_attention"] = 1 / fig["vector_attention"]["vs_served"]
         fig["speedup_vs_torch_ops"] = 1 / fig["torch_ops"]["vs_served"]
         fig["speedup_vs_neither"] = 1 / fig["neither"]["vs_served"]
+        fig["served_linear_gflop_per_s"] = served * linear_flop / 1e9
         figures[workload] = fig
         print(workload, {side: f"{f['prefill_tok_per_s']:.0f} tok/s" for side, f in
                          fig.items() if isinstance(f, dict)},
@@ -127,6 +132,8 @@ def prefill_figures(rounds: int) -> tuple[dict, dict]:
     kernel.use_tiles = True
     for m in layers:
         m.native = ops
+    # the bound for the linears: a 2048^3 bf16 matmul in torch on this CPU
+    figures["bf16_matmul_gflops"] = matmul_gflops("bfloat16")
     return config, figures
 
 
@@ -145,7 +152,9 @@ def main() -> None:
                       "F.rms_norm and layers.apply_rope; neither: both of those. Same "
                       "process, rounds interleaved",
              "prefill": "make serve's settings (LLM()), chunked prefill of 512-token steps, "
-                        "fresh random prompts each round"}
+                        "fresh random prompts each round",
+             "bound": "served_linear_gflop_per_s: the layers' linear FLOPs per token (no "
+                      "attention, no lm_head) times served tok/s, against bf16_matmul_gflops"}
     print(*save_by_cpu("prefill_cpu", config, figures, notes), sep="\n")
 
 

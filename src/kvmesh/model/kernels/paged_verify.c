@@ -47,6 +47,12 @@ struct vargs {
     const int64_t *table;
     int64_t q_stride, block_stride, len0, rows, heads, kv_heads, dim, block_size;
     float scale;
+    /* K^T pair tiles and V pairs of every KV head over the run's whole context (lp_all
+     * tokens), made once where several query tiles share a head (a prefill chunk); NULL:
+     * each item makes its own */
+    const uint32_t *kt_all;
+    const uint16_t *vi_all;
+    int64_t lp_all;
 };
 
 /* 0: S or out C tile (nq x 16 floats); 1: Q (nq x 32 dims); 2: K^T pairs (16 x 16 tokens);
@@ -71,23 +77,35 @@ static inline const uint16_t *token_row(const struct vargs *a, const uint16_t *b
     return base + block * a->block_stride + (at * a->kv_heads + kvh) * a->dim;
 }
 
+/* The 16 tokens from t0 (one block) of KV head kvh as K^T pair tiles: per 32 dims, 16 pair
+ * rows (dims d0 + 2p, +1) x 16 tokens, into kt (dim / 32 tiles of 256 pairs). */
+static void key_tiles(const struct vargs *a, int64_t kvh, int64_t t0, uint32_t *kt) {
+    const int64_t dim = a->dim, tok = a->kv_heads * dim;
+    const uint16_t *k0 = token_row(a, a->k, kvh, t0);
+    const __m512i idx = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32((int)(tok / 2)));
+    for (int64_t d0 = 0; d0 < dim; d0 += 32)
+        for (int p = 0; p < 16; p++)
+            _mm512_store_si512(kt + (d0 / 32) * 256 + p * 16,
+                               _mm512_i32gather_epi32(idx, (const void *)(k0 + d0 + 2 * p), 4));
+}
+
 /* Pass 1: scores of queries [i0, i0 + nq) over tokens [0, L), scaled, into s (row stride
- * lp floats). qb: the queries' bf16 rows, kt: a 16 x 16 pair buffer. */
+ * lp floats). qb: the queries' bf16 rows, kt: dim / 32 pair tiles (unless shared). */
 static void scores(const struct vargs *a, int64_t kvh, int64_t nq, int64_t L, int64_t lp,
                    const uint16_t *qb, uint32_t *kt, float *s) {
-    const int64_t dim = a->dim, tok = a->kv_heads * dim;
+    const int64_t dim = a->dim, per_block = (dim / 32) * 256;
     for (int64_t t0 = 0; t0 < L; t0 += 16) {
-        const uint16_t *k0 = token_row(a, a->k, kvh, t0); /* 16 tokens: one block */
-        const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
-                                                                 10, 11, 12, 13, 14, 15),
-                                               _mm512_set1_epi32((int)(tok / 2)));
+        const uint32_t *tiles = kt;
+        if (a->kt_all != NULL)
+            tiles = a->kt_all + (kvh * (a->lp_all / 16) + t0 / 16) * per_block;
+        else
+            key_tiles(a, kvh, t0, kt);
         _tile_zero(0);
         for (int64_t d0 = 0; d0 < dim; d0 += 32) {
-            for (int p = 0; p < 16; p++) /* pair row p: dims d0 + 2p, +1 of each token */
-                _mm512_store_si512(kt + p * 16, _mm512_i32gather_epi32(
-                                                    idx, (const void *)(k0 + d0 + 2 * p), 4));
             _tile_loadd(1, qb + d0, dim * 2);
-            _tile_loadd(2, kt, 64);
+            _tile_loadd(2, tiles + (d0 / 32) * 256, 64);
             _tile_dpbf16ps(0, 1, 2);
         }
         float c[QT * 16] __attribute__((aligned(64)));
@@ -129,12 +147,12 @@ static float weights(const float *s, int64_t len, int64_t lp, uint16_t *p) {
     return 1.0f / _mm512_reduce_add_ps(sum);
 }
 
-/* V of tokens [0, lp) as token pairs: vi[j][d][2] = V[2j][d], V[2j + 1][d] (zero at and
- * past L, so no stale value meets a zero weight as a NaN). */
-static void pair_values(const struct vargs *a, int64_t kvh, int64_t L, int64_t lp,
-                        uint16_t *vi, __m512i interleave) {
+/* V of tokens [t_begin, t_end) (even bounds) as token pairs: vi[j][d][2] = V[2j][d],
+ * V[2j + 1][d] (zero at and past L, so no stale value meets a zero weight as a NaN). */
+static void pair_values(const struct vargs *a, int64_t kvh, int64_t L, int64_t t_begin,
+                        int64_t t_end, uint16_t *vi, __m512i interleave) {
     const int64_t dim = a->dim;
-    for (int64_t t = 0; t < lp; t += 2) {
+    for (int64_t t = t_begin; t < t_end; t += 2) {
         const uint16_t *r0 = t < L ? token_row(a, a->v, kvh, t) : NULL;
         const uint16_t *r1 = t + 1 < L ? token_row(a, a->v, kvh, t + 1) : NULL;
         for (int64_t d = 0; d < dim; d += 16) {
@@ -158,8 +176,8 @@ static void item(const struct vargs *a, int64_t kvh, int64_t i0, int64_t nq, voi
     char *at = buf;
     uint16_t *qb = (uint16_t *)at; /* QT x dim */
     at += QT * dim * 2;
-    uint32_t *kt = (uint32_t *)at; /* 16 x 16 */
-    at += 16 * 16 * 4;
+    uint32_t *kt = (uint32_t *)at; /* dim / 32 tiles of 16 x 16 pairs */
+    at += dim * 32;
     float *s = (float *)at; /* nq x lp */
     at += QT * lp * 4;
     uint16_t *p = (uint16_t *)at; /* nq x lp */
@@ -172,7 +190,10 @@ static void item(const struct vargs *a, int64_t kvh, int64_t i0, int64_t nq, voi
     scores(a, kvh, nq, L, lp, qb, kt, s);
     for (int64_t i = 0; i < nq; i++)
         inv[i] = weights(s + i * lp, a->len0 + (i0 + i) / group, lp, p + i * lp);
-    pair_values(a, kvh, L, lp, vi, interleave);
+    if (a->vi_all != NULL) /* past this item's L: real values with weights of zero */
+        vi = (uint16_t *)a->vi_all + kvh * a->lp_all * dim;
+    else
+        pair_values(a, kvh, L, 0, lp, vi, interleave);
     for (int64_t d0 = 0; d0 < dim; d0 += 16) {
         _tile_zero(0);
         for (int64_t t = 0; t < lp; t += 32) {
@@ -192,17 +213,49 @@ static void item(const struct vargs *a, int64_t kvh, int64_t i0, int64_t nq, voi
     }
 }
 
-static int run(const struct vargs *a) {
-    const int64_t group = a->heads / a->kv_heads, nqs = a->rows * group;
+/* The shared K^T tiles and V pairs (vargs.kt_all, vi_all) of every KV head: blocks of 16
+ * tokens below L, then token pairs up to lp (zero past L). Inside a parallel region. */
+static void share(const struct vargs *a, int64_t L, uint32_t *kt_all, uint16_t *vi_all,
+                  __m512i interleave) {
+    const int64_t blocks = (L + 15) / 16, lp = a->lp_all, per_block = (a->dim / 32) * 256;
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < a->kv_heads * blocks; it++)
+        key_tiles(a, it / blocks, (it % blocks) * 16,
+                  kt_all + ((it / blocks) * (lp / 16) + it % blocks) * per_block);
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < a->kv_heads * (lp / 32); it++) {
+        const int64_t kvh = it / (lp / 32), t = (it % (lp / 32)) * 32;
+        pair_values(a, kvh, L, t, t + 32, vi_all + kvh * lp * a->dim, interleave);
+    }
+}
+
+static int run(const struct vargs *in) {
+    const int64_t group = in->heads / in->kv_heads, nqs = in->rows * group, dim = in->dim;
     const int64_t tiles = (nqs + QT - 1) / QT, per = (nqs + tiles - 1) / tiles;
-    const int64_t L = a->len0 + a->rows - 1, lp = (L + 31) / 32 * 32;
-    const size_t bytes = (size_t)(QT * a->dim * 2 + 16 * 16 * 4 + QT * lp * 6 + lp * a->dim * 2);
+    const int64_t L = in->len0 + in->rows - 1, lp = (L + 31) / 32 * 32;
+    const size_t bytes = (size_t)(QT * dim * 2 + dim * 32 + QT * lp * 6 + lp * dim * 2);
+    /* several query tiles per KV head (a prefill chunk): convert its K and V once for all
+     * (else each tile converts the whole context again: a 4k-token prompt's prefill took
+     * twice as long); without the memory, each item converts its own */
+    struct vargs shared = *in;
+    const struct vargs *a = in;
+    uint32_t *kt_all = NULL;
+    uint16_t *vi_all = NULL;
+    if (tiles > 1) {
+        kt_all = aligned_alloc(64, (size_t)(in->kv_heads * lp * dim * 2));
+        vi_all = aligned_alloc(64, (size_t)(in->kv_heads * lp * dim * 2));
+        if (kt_all != NULL && vi_all != NULL) {
+            shared.kt_all = kt_all, shared.vi_all = vi_all, shared.lp_all = lp;
+            a = &shared;
+        }
+    }
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
         void *buf = aligned_alloc(64, (bytes + 63) / 64 * 64);
         const __m512i interleave = interleave_halves16();
         if (buf == NULL) failed = 2;
+        if (a->kt_all != NULL) share(a, L, kt_all, vi_all, interleave);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < a->kv_heads * tiles; it++) {
             const int64_t i0 = (it % tiles) * per, n = nqs - i0 < per ? nqs - i0 : per;
@@ -211,6 +264,8 @@ static int run(const struct vargs *a) {
         if (buf != NULL) _tile_release();
         free(buf);
     }
+    free(kt_all);
+    free(vi_all);
     return failed;
 }
 #endif
@@ -226,8 +281,9 @@ int paged_verify_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k, co
 #if VERIFY_BUILT
     if (!quant_amx_enabled()) return 3;
     __atomic_fetch_add(&verify_calls, 1, __ATOMIC_RELAXED);
-    const struct vargs a = {q, k, v, out, table, q_stride, block_stride, len0, rows, heads,
-                            kv_heads, dim, block_size, scale};
+    const struct vargs a = {q,    k,     v,        out,  table,      q_stride, block_stride,
+                            len0, rows,  heads,    kv_heads, dim, block_size, scale,
+                            NULL, NULL, 0};
     return run(&a);
 #else
     (void)q, (void)q_stride, (void)k, (void)v, (void)block_stride, (void)table, (void)out;
