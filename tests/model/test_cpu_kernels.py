@@ -176,9 +176,13 @@ def test_prefill_kernel_matches_sdpa(heads, kv_heads, dim, block_size, tiles):
     tables = torch.randperm(num_blocks, generator=gen)[: len(shapes) * width].view(
         len(shapes), width).contiguous()
     rows, start = [], 3  # three leading rows stand for decode tokens, untouched here
-    for length, context in shapes:
+    for i, (length, context) in enumerate(shapes):
         rows.append((start, length, context))
         start += length
+        # slots past the context hold stale values: NaN must never reach the output
+        used = -(-context // block_size)
+        kv[tables[i, used:], 1] = float("nan")
+        kv[tables[i, used - 1], 1, :, context - (used - 1) * block_size:] = float("nan")
     segments = torch.tensor(rows)
     q = torch.randn(start, heads + 2 * kv_heads, dim, generator=gen).to(torch.bfloat16)
     q = q[:, :heads]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from kvmesh import LLM, SamplingParams
 from kvmesh.model.layers import RMSNorm, apply_rope
 from kvmesh.model.llama import Attention
-from kvmesh.model.native_ops import ENV, native_ops
+from kvmesh.model.native_ops import ENV, NativeOps, native_ops
 from tests.builders import build_tiny_model
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
@@ -76,6 +76,17 @@ def test_declines_what_it_does_not_cover(ops):
 
 def _generate(model_dir, monkeypatch, native: bool):
     monkeypatch.setenv(ENV, "1" if native else "0")
+    ran: list[str] = []  # native ops that returned a result (not declined)
+    for name in ("rmsnorm", "rope"):
+        original = getattr(NativeOps, name)
+
+        def spy(self, *args, _original=original, _name=name):
+            out = _original(self, *args)
+            if out is not None:
+                ran.append(_name)
+            return out
+
+        monkeypatch.setattr(NativeOps, name, spy)
     llm = LLM(str(model_dir), device="cpu", dtype="bfloat16", block_size=8, num_blocks=256,
               max_num_batched_tokens=64)
     model = llm.engine.loaded.model
@@ -84,7 +95,9 @@ def _generate(model_dir, monkeypatch, native: bool):
     assert attached and all(attached) == native and any(attached) == native
     prompts = [[(5 * i + j) % 300 + 3 for j in range(4 + 41 * i)] for i in range(4)]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
-    return llm.generate(prompts, params)
+    outs = llm.generate(prompts, params)
+    assert ({"rmsnorm", "rope"} <= set(ran)) == native  # they ran, in the torch layers
+    return outs
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])  # qwen3: q/k norms, [T, H, D] rows

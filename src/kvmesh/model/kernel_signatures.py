@@ -8,7 +8,7 @@ import ctypes
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
-def quant_signatures(lib: ctypes.CDLL) -> None:
+def native_signatures(lib: ctypes.CDLL) -> None:
     """Argument and result types of the linears', verify attention's and logits' kernels."""
     lib.kernels_set_prefetch.argtypes = [_I64]
     lib.kernels_set_prefetch.restype = _I64

@@ -190,7 +190,10 @@ static void item(const struct vargs *a, int64_t kvh, int64_t i0, int64_t nq, voi
     scores(a, kvh, nq, L, lp, qb, kt, s);
     for (int64_t i = 0; i < nq; i++)
         inv[i] = weights(s + i * lp, a->len0 + (i0 + i) / group, lp, p + i * lp);
-    if (a->vi_all != NULL) /* past this item's L: real values with weights of zero */
+    /* shared V holds real values up to the run's last token: between a query's own length
+     * and lp they meet weights of exactly zero (as the tokens between a query's length and
+     * the item's last one do in the item's own buffer) */
+    if (a->vi_all != NULL)
         vi = (uint16_t *)a->vi_all + kvh * a->lp_all * dim;
     else
         pair_values(a, kvh, L, 0, lp, vi, interleave);
@@ -233,7 +236,7 @@ static int run(const struct vargs *in) {
     const int64_t group = in->heads / in->kv_heads, nqs = in->rows * group, dim = in->dim;
     const int64_t tiles = (nqs + QT - 1) / QT, per = (nqs + tiles - 1) / tiles;
     const int64_t L = in->len0 + in->rows - 1, lp = (L + 31) / 32 * 32;
-    const size_t bytes = (size_t)(QT * dim * 2 + dim * 32 + QT * lp * 6 + lp * dim * 2);
+    size_t bytes = (size_t)(QT * dim * 2 + dim * 32 + QT * lp * 6 + lp * dim * 2);
     /* several query tiles per KV head (a prefill chunk): convert its K and V once for all
      * (else each tile converts the whole context again: a 4k-token prompt's prefill took
      * twice as long); without the memory, each item converts its own */
@@ -247,6 +250,7 @@ static int run(const struct vargs *in) {
         if (kt_all != NULL && vi_all != NULL) {
             shared.kt_all = kt_all, shared.vi_all = vi_all, shared.lp_all = lp;
             a = &shared;
+            bytes -= (size_t)(lp * dim * 2); /* no V pairs of its own per thread */
         }
     }
     int failed = 0;
