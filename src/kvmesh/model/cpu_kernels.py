@@ -52,7 +52,7 @@ _SYMBOLS = {
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ARGTYPES = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR,
              _I64, _I64, _I64, _I64, _I64, ctypes.c_float]
-AMX_ENV = "KVMESH_AMX"  # "0": the kernels keep off the AMX tiles (int4/int8, verify attention)
+AMX_ENV = "KVMESH_AMX"  # "0": the kernels keep off the AMX tiles (int4/int8, verify/prefill)
 PREFETCH_ENV = "KVMESH_PREFETCH"  # bytes the linears prefetch ahead of their weights; 0: off
 DEFAULT_PREFETCH = 2048  # set at load (kv_prefetch_dist in quant_linear.c starts the same)
 _lock = threading.Lock()
