@@ -80,16 +80,15 @@ SIDES = {"served": (True, True), "vector_attention": (False, True), "torch_ops":
 
 def prefill_figures(rounds: int) -> tuple[dict, dict]:
     from kvmesh import LLM, SamplingParams
+    from kvmesh.bench.profile import model_shape
     from kvmesh.model.native_ops import native_ops
 
     llm = LLM()
     loaded = llm.engine.loaded
     config = {"dtype": str(loaded.dtype).replace("torch.", ""),
               "quantization": loaded.quantization, "workloads": WORKLOADS}
-    arch = loaded.model.arch
-    q = arch.num_heads * arch.head_dim
-    linear_flop = 2 * arch.num_layers * arch.hidden_size * (
-        q + 2 * arch.kv_dim + q + 3 * arch.intermediate_size)  # per token, layers' linears
+    shape = model_shape(llm.engine)  # per token, the layers' linears (no lm_head)
+    linear_flop = 2 * (shape.num_params - shape.hidden_size * shape.vocab_size)
     layers = [m for m in loaded.model.modules() if hasattr(m, "native")]
     kernel = llm.engine.runner.prefill_kernel
     ops = native_ops()

@@ -1,5 +1,6 @@
-"""ctypes signatures of the native kernels' entry points beyond attention (cpu_kernels.py
-sets those): the quantized linears, verify attention and the logits helper."""
+"""ctypes signatures of the native kernels' entry points beyond decode and prefill
+attention (cpu_kernels.py sets those): the quantized linears, verify attention, the logits
+helper and the bf16 RMSNorm and rope (model/native_ops.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
 def native_signatures(lib: ctypes.CDLL) -> None:
-    """Argument and result types of the linears', verify attention's and logits' kernels."""
+    """Argument and result types of every entry point named in the module docstring."""
     lib.kernels_set_prefetch.argtypes = [_I64]
     lib.kernels_set_prefetch.restype = _I64
     lib.quant_linear_f32.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR,
@@ -50,3 +51,7 @@ def native_signatures(lib: ctypes.CDLL) -> None:
     lib.quant_a8_available.restype = ctypes.c_int
     lib.near_top_bf16.argtypes = [_PTR, _I64, _I64, ctypes.c_float, _PTR, _PTR, _I64]
     lib.near_top_bf16.restype = ctypes.c_int64
+    lib.rmsnorm_bf16.argtypes = [_PTR, _I64, _I64, _PTR, ctypes.c_float, _PTR]
+    lib.rmsnorm_bf16.restype = ctypes.c_int
+    lib.rope_bf16.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR]
+    lib.rope_bf16.restype = ctypes.c_int

@@ -22,17 +22,12 @@ from torch import nn
 from kvmesh.model.cpu_kernels import load as load_kernels
 
 ENV = "KVMESH_NATIVE_OPS"
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
 class NativeOps:
-    def __init__(self, lib: ctypes.CDLL):
+    def __init__(self, lib: ctypes.CDLL):  # signatures: model/kernel_signatures.py
         self._norm = lib.rmsnorm_bf16
-        self._norm.argtypes = [_PTR, _I64, _I64, _PTR, ctypes.c_float, _PTR]
-        self._norm.restype = ctypes.c_int
         self._rope = lib.rope_bf16
-        self._rope.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR]
-        self._rope.restype = ctypes.c_int
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
         """RMSNorm over the last dim of bf16 `x` with a bf16 weight; None where it does
