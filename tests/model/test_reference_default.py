@@ -36,6 +36,7 @@ def test_default_model_matches_transformers(llm, prompts, default_gguf):
     native = llm.engine.runner.decode_kernel is not None
     on_cpu = llm.engine.loaded.device.type == "cpu"
     assert native == (on_cpu and cpu_kernels.load() is not None)
+    assert llm.engine.warmup_s > 0  # the startup warm-up ran, and changes no token below
     hf = load_hf(default_gguf.parent, gguf_file=default_gguf.name)
     expected = hf_greedy(hf, prompts, max_new_tokens=64, eos=2)
     params = SamplingParams(temperature=0.0, max_tokens=64)

@@ -86,6 +86,8 @@ def test_sigterm_drains_in_flight_requests(tiny_llama, tmp_path):
         texts = [json.loads(x[6:]) for x in rest if x.startswith("data: {")]
         assert texts[-1]["choices"][0]["finish_reason"] == "length"
         assert s.proc.wait(30) == 0
+        log = s.log.read_text()  # the warm-up pass ran before the server took requests
+        assert log.index("warm-up pass") < log.index("ready (")
 
 
 def test_bench_cli_end_to_end(tiny_llama, tmp_path):

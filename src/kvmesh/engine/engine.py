@@ -23,6 +23,7 @@ from kvmesh.engine.output_processor import OutputProcessor
 from kvmesh.engine.prefault import Prefaulter
 from kvmesh.engine.setup import LoadedModel, build_store, load_engine_model
 from kvmesh.engine.structured import Grammars
+from kvmesh.engine.warmup import warm_up
 from kvmesh.model.cpu_kernels import select_kernels
 from kvmesh.types import Prompt, RequestDelta, SamplingParams, TenantClass
 
@@ -57,6 +58,9 @@ class LLMEngine:
         self.executor = TorchExecutor(self.runner, self.store, grammars, loaded.eos_token_ids)
         self.inputs = InputProcessor(self.tokenizer, vocab, loaded.max_model_len, grammars)
         self.outputs = OutputProcessor(self.tokenizer)
+        self.warmup_s = (warm_up(self.executor, cache.block_size, loaded.num_blocks,
+                                 self.max_model_len, vocab)
+                         if self.config.model.warmup else 0.0)
 
     @property
     def scheduler(self):  # noqa: ANN201 - views of the core, for metrics and tests
