@@ -1,18 +1,22 @@
 """Simulator fidelity: the same workloads on the real engine and in `kvmesh sim`.
 
 1. `kvmesh profile` fits the cost model on this machine (or --cost-model FILE reuses one),
-   with the same engine flags as the server.
+   with the same engine flags as the server: once before the real runs and once after
+   (--profiles), their samples pooled into one fit (`kvmesh.sim.fit.merge_profiles`), so
+   the model and the real runs sample the same stretch of time on a machine whose speed
+   drifts (a shared VM here: 10-30% within the hour).
 2. For each workload (random, shared-prefix, multi-turn) the simulator finds the capacity
-   (every session at once), then each of three loads (light, near capacity, overloaded:
-   fractions of that capacity, Poisson arrivals with a fixed seed) runs on a fresh
-   `kvmesh serve` (one instance, host and disk tiers on, a small device cache so the tiers
-   are used) driven by a `kvmesh bench` process, and in the simulator.
+   (every session at once; with the first profile), then each of three loads (light, near
+   capacity, overloaded: fractions of that capacity, Poisson arrivals with a fixed seed)
+   runs on a fresh `kvmesh serve` (one instance, host and disk tiers on, a small device
+   cache so the tiers are used) driven by a `kvmesh bench` process, and in the simulator.
 3. The table compares TTFT mean and p99, TPOT mean, output throughput and prefix-hit
    tokens; errors are relative (hits: percentage points of prompt tokens). Each real run
-   is repeated (--real-repeats): errors are against their median, and their spread is the
-   noise floor of this machine.
+   is repeated (--real-repeats), in rounds over all the rows (not back to back), so a slow
+   spell of the machine lands on one run of several rows rather than every run of one:
+   errors are against their median, and their spread is the noise floor of this machine.
 
-    python benchmarks/sim_fidelity.py [--cost-model FILE] [--quick]
+    python benchmarks/sim_fidelity.py [--cost-model FILE] [--profiles N]
 Writes benchmarks/results/sim_fidelity.json (and sim_cost_model.json when it profiles).
 """
 
@@ -36,7 +40,9 @@ from tests.server_process import serve  # noqa: E402
 from kvmesh.bench.profile import bench_process  # noqa: E402
 from kvmesh.bench.workload import WorkloadConfig  # noqa: E402
 from kvmesh.config import CacheConfig, SchedulerConfig, TierConfig  # noqa: E402
+from kvmesh.sim import cost_model as cm  # noqa: E402
 from kvmesh.sim.cli import run_sim  # noqa: E402
+from kvmesh.sim.fit import merge_profiles  # noqa: E402
 from kvmesh.sim.instance import InstanceSpec  # noqa: E402
 from kvmesh.sim.run import SimConfig  # noqa: E402
 
@@ -63,12 +69,19 @@ def spec(args: argparse.Namespace) -> InstanceSpec:
                                    disk_bytes=args.disk_bytes))
 
 
-def profile(args: argparse.Namespace) -> Path:
-    out = RESULTS / "sim_cost_model.json"
+def profile(args: argparse.Namespace, out: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [str(Path(sys.executable).parent / "kvmesh"), "profile", "--out", str(out),
                "--budget-s", str(args.profile_budget_s), *engine_flags(args, Path(tmp))]
         subprocess.run(cmd, check=True)
+    return out
+
+
+def merged(paths: list[Path]) -> Path:
+    """The profiles' pooled fit, saved as sim_cost_model.json."""
+    models = [cm.load(str(p)) for p in paths]
+    out = RESULTS / "sim_cost_model.json"
+    cm.save(merge_profiles([m for m in models if isinstance(m, cm.LinearCostModel)]), out)
     return out
 
 
@@ -124,6 +137,17 @@ def capacity(cost: Path, args: argparse.Namespace, w: WorkloadConfig) -> float:
     return w.num_requests / s["duration_s"]
 
 
+def compare(cost: Path, args: argparse.Namespace, name: str, level: str, w: WorkloadConfig,
+            runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A row of the table: the real runs' median against the simulator."""
+    r, s = median_of(runs), pick(simulated(cost, args, w))
+    row = {"workload": name, "load": level, "rate_sessions_per_s": w.rate, "real": r,
+           "real_runs": runs, "real_spread": spread(runs), "sim": s, **errors(r, s)}
+    print(name, level, {k: round(v, 3) for k, v in errors(r, s).items()},
+          "real spread", {k: round(v, 3) for k, v in row["real_spread"].items()}, flush=True)
+    return row
+
+
 def add_run_args(ap: argparse.ArgumentParser) -> None:
     """The instance and workload flags this benchmark and sim_step_check.py share."""
     ap.add_argument("--dtype", default="auto")
@@ -140,22 +164,28 @@ def main() -> None:
     add_run_args(ap)
     ap.add_argument("--profile-budget-s", type=float, default=240.0)
     ap.add_argument("--real-repeats", type=int, default=3)
+    ap.add_argument("--profiles", type=int, default=2,
+                    help="profiles to pool: the first before the real runs, the rest after")
     args = ap.parse_args()
-    cost = args.cost_model or profile(args)
-    rows = []
-    for name in args.workloads.split(","):
-        cap = capacity(cost, args, WORKLOADS[name])
-        for level in args.levels.split(","):
-            w = dataclasses.replace(WORKLOADS[name], rate=cap * LEVELS[level], seed=1)
-            reals = [pick(real(args, w)) for _ in range(args.real_repeats)]
-            r, s = median_of(reals), pick(simulated(cost, args, w))
-            row = {"workload": name, "load": level, "rate_sessions_per_s": w.rate,
-                   "real": r, "real_runs": reals, "real_spread": spread(reals), "sim": s,
-                   **errors(r, s)}
-            print(name, level, {k: round(v, 3) for k, v in errors(r, s).items()},
-                  "real spread", {k: round(v, 3) for k, v in row["real_spread"].items()},
-                  flush=True)
-            rows.append(row)
+    with tempfile.TemporaryDirectory(prefix="sim-fidelity-") as tmp:
+        profiles = [] if args.cost_model else [profile(args, Path(tmp) / "profile-0.json")]
+        cost = args.cost_model or profiles[0]
+        plan = [(name, level, dataclasses.replace(WORKLOADS[name], rate=cap * LEVELS[level],
+                                                  seed=1))
+                for name in args.workloads.split(",")
+                for cap in [capacity(cost, args, WORKLOADS[name])]
+                for level in args.levels.split(",")]
+        reals: list[list[dict[str, Any]]] = [[] for _ in plan]
+        for rnd in range(args.real_repeats):  # rounds over every row
+            for i, (name, level, w) in enumerate(plan):
+                reals[i].append(pick(real(args, w)))
+                print(f"round {rnd + 1}: {name} {level} real", flush=True)
+        if profiles:
+            profiles += [profile(args, Path(tmp) / f"profile-{i}.json")
+                         for i in range(1, args.profiles)]
+            cost = merged(profiles)
+    rows = [compare(cost, args, name, level, w, runs)
+            for (name, level, w), runs in zip(plan, reals, strict=True)]
     keys = ("ttft_mean_err", "ttft_p99_err", "tpot_err", "throughput_err", "hit_tokens_err_pp")
     figures: dict[str, Any] = {f"{k}_max": max(row[k] for row in rows) for k in keys}
     figures["hit_tokens_err_max"] = figures.pop("hit_tokens_err_pp_max")
@@ -168,8 +198,11 @@ def main() -> None:
     notes = {"targets": "TTFT mean and p99 within 10%; TPOT and throughput within 5%; "
                         "hit tokens within 2 percentage points",
              "hit_tokens_err_max": "percentage points of prompt tokens",
-             "real": "the median of --real-repeats runs of the same workload and seed; "
-                     "real_spread is (max - min) / mean across them: the noise floor"}
+             "real": "the median of --real-repeats runs of the same workload and seed, run "
+                     "in rounds over all rows; real_spread is (max - min) / mean across "
+                     "them: the noise floor",
+             "cost_model": "--profiles profiles pooled (one before the real runs, the rest "
+                           "after); capacities (the rates) come from the first"}
     print("wrote", save("sim_fidelity", config, figures, notes))
 
 

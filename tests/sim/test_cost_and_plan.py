@@ -13,7 +13,7 @@ from kvmesh.bench.metrics import SLO
 from kvmesh.config import CacheConfig, SchedulerConfig, TierConfig
 from kvmesh.engine.batch import ExecuteBatch, SeqWork
 from kvmesh.sim import cost_model as cm
-from kvmesh.sim.fit import fit_step_model
+from kvmesh.sim.fit import fit_step_model, fit_vectors, merge_profiles
 from kvmesh.sim.instance import InstanceSpec
 from kvmesh.sim.planner import Candidate, Prices, SearchSpace, frontier, plan
 from kvmesh.sim.shapes import MODELS
@@ -181,6 +181,46 @@ def test_fit_recovers_known_coefficients_and_keeps_them_non_negative():
     assert 0.1 < err["mean_abs_rel_error"] < 0.3
     with pytest.raises(ValueError, match="at least"):
         fit_step_model(samples[:3])
+
+
+def _profiled(true: dict[str, float], speed: float, seed: int,
+              fused_rows: int = 16) -> cm.LinearCostModel:
+    """A profile as `kvmesh profile` saves one, of a machine `speed` times slower."""
+    model = cm.LinearCostModel(MODELS["smollm2-135m"], true, fused_rows=fused_rows)
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(120):
+        s = rng.randrange(1, 48)
+        prefill = rng.random() < 0.3
+        f = cm.StepFeatures(s, rng.randrange(16, 512) if prefill else s, s,
+                            0 if prefill else s * rng.randrange(10, 2000),
+                            num_prefill_seqs=int(prefill), num_loads=rng.randrange(0, 3))
+        rows.append([*f.vector(fused_rows), speed * model.step_s(f)])
+    coef, err = fit_vectors(rows, {"num_loads": speed * true["num_loads"]}, fused_rows)
+    tiers = cm.TierCosts(disk_read_s=speed * 1e-3, request_overhead_s=speed * 5e-3)
+    return cm.LinearCostModel(model.shape, coef, 2, tiers, {**err, "samples": rows},
+                              fused_rows)
+
+
+def test_merged_profiles_refit_the_pooled_samples():
+    true = {"const": 0.004, "num_tokens": 5e-5, "num_sampling": 3e-4, "unfused_step": 0.02,
+            "num_prefill_seqs": 0.005, "decode_ctx_tokens": 1e-7, "num_loads": 1e-4}
+    fast, slow = _profiled(true, 1.0, 1), _profiled(true, 1.3, 2)
+    again = merge_profiles([fast])
+    assert again.coefficients == pytest.approx(fast.coefficients, abs=1e-12)
+    both = merge_profiles([fast, slow])
+    assert both.fit["merged_profiles"] == 2 and both.fit["num_samples"] == 240
+    for name in ("const", "unfused_step", "num_tokens"):  # between the two machines' speeds
+        assert true[name] < both.coefficients[name] < 1.3 * true[name]
+    assert both.coefficients["num_loads"] == pytest.approx(1.15e-4)
+    assert both.tiers.disk_read_s == pytest.approx(1.15e-3)
+    assert both.tiers.request_overhead_s == pytest.approx(5.75e-3)
+    f = cm.StepFeatures(8, 8, 8, 8000)
+    assert fast.step_s(f) < both.step_s(f) < slow.step_s(f)
+    with pytest.raises(ValueError, match="do not merge"):
+        merge_profiles([fast, _profiled(true, 1.0, 3, fused_rows=8)])
+    with pytest.raises(ValueError, match="no profiles"):
+        merge_profiles([])
 
 
 def _workload(n: int = 48) -> list[TokenSession]:

@@ -16,7 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from kvmesh.sim.cost_model import FEATURES, NO_FUSED_LIMIT, StepFeatures
+from kvmesh.sim.cost_model import (
+    FEATURES,
+    NO_FUSED_LIMIT,
+    LinearCostModel,
+    StepFeatures,
+    TierCosts,
+)
 
 
 def fit_step_model(samples: Sequence[tuple[StepFeatures, float]],
@@ -28,11 +34,18 @@ def fit_step_model(samples: Sequence[tuple[StepFeatures, float]],
     `fixed` coefficients (measured apart, such as block copies) are subtracted first;
     `fused_rows` is the engine's (`StepFeatures.is_unfused`).
     """
-    if len(samples) < len(FEATURES):
-        raise ValueError(f"need at least {len(FEATURES)} samples, got {len(samples)}")
+    return fit_vectors([[*f.vector(fused_rows), t] for f, t in samples], fixed, fused_rows)
+
+
+def fit_vectors(rows: Sequence[Sequence[float]], fixed: dict[str, float] | None = None,
+                fused_rows: int = NO_FUSED_LIMIT) -> tuple[dict[str, float], dict[str, Any]]:
+    """`fit_step_model` on samples stored as a profile keeps them: each row the features'
+    values in FEATURES order, then the measured period."""
+    if len(rows) < len(FEATURES):
+        raise ValueError(f"need at least {len(FEATURES)} samples, got {len(rows)}")
     fixed = fixed or {}
-    x = np.array([f.vector(fused_rows) for f, _ in samples], dtype=np.float64)
-    y = np.array([t for _, t in samples], dtype=np.float64)
+    data = np.array(rows, dtype=np.float64)
+    x, y = data[:, :len(FEATURES)], data[:, len(FEATURES)]
     fixed_vec = np.array([fixed.get(n, 0.0) for n in FEATURES])
     target = y - x @ fixed_vec
     active = [i for i, n in enumerate(FEATURES) if n not in fixed and x[:, i].any()
@@ -51,10 +64,34 @@ def fit_step_model(samples: Sequence[tuple[StepFeatures, float]],
     rel = np.abs(pred - y) / np.maximum(y, 1e-9)
     total_rel = abs(pred.sum() - y.sum()) / y.sum()
     error = {
-        "num_samples": len(samples),
+        "num_samples": len(rows),
         "mean_abs_rel_error": float(rel.mean()),
         "p90_abs_rel_error": float(np.percentile(rel, 90)),
         "total_time_rel_error": float(total_rel),
         "r2": float(1 - ((pred - y) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30)),
     }
     return {n: float(c) for n, c in zip(FEATURES, coef, strict=True)}, error
+
+
+def merge_profiles(models: Sequence[LinearCostModel]) -> LinearCostModel:
+    """One cost model from several profiles of the same engine on the same machine (taken
+    at different times: a shared machine's speed drifts by 10-30% within an hour): their
+    step samples pooled and fitted again, the separately measured costs (block copies,
+    disk reads, request overhead) averaged."""
+    if not models:
+        raise ValueError("no profiles to merge")
+    first = models[0]
+    if any(m.fused_rows != first.fused_rows or m.shape != first.shape for m in models):
+        raise ValueError("profiles of different engines (model or fused rows) do not merge")
+    mean = lambda get: sum(get(m) for m in models) / len(models)  # noqa: E731
+    fixed = {n: mean(lambda m, n=n: m.coefficients[n]) for n in ("num_loads", "num_stores")}
+    rows = [row for m in models for row in m.fit.get("samples", [])]
+    coef, error = fit_vectors(rows, fixed, first.fused_rows)
+    t = first.tiers
+    tiers = TierCosts(mean(lambda m: m.tiers.disk_read_s), t.disk_io_threads,
+                      mean(lambda m: m.tiers.request_overhead_s),
+                      mean(lambda m: m.tiers.token_overhead_s))
+    fit = {**first.fit, **error, "samples": rows, "merged_profiles": len(models),
+           "profile_s": sum(m.fit.get("profile_s", 0.0) for m in models)}
+    return LinearCostModel(first.shape, coef, first.kv_dtype_bytes, tiers, fit,
+                           first.fused_rows)
