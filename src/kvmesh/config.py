@@ -72,8 +72,8 @@ class ModelConfig:
     )
     warmup: bool = _help(
         "Run a short prefill and two decode steps at startup, before taking requests, so "
-        "the first request does not pay the backends' one-time setup (some 0.15 s on the "
-        "default model on 2 vCPUs).",
+        "the first request does not pay the backends' one-time setup (about 0.07 s at "
+        "startup on the default model on 2 vCPUs).",
         default=True,
     )
 
