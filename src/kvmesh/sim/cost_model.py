@@ -46,6 +46,7 @@ engine queue (HTTP, tokenizing), `token_overhead_s` from a step's end to the cli
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -312,5 +313,11 @@ def load(spec: str) -> CostModel:
 
 
 def save(model: CostModel, path: Path) -> None:
+    """Indented JSON, each list of numbers (a profile's step sample) on one line."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(model.to_json(), indent=2) + "\n")
+    text = json.dumps(model.to_json(), indent=2)
+    text = _NUMBER_LIST.sub(lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
+    path.write_text(text + "\n")
+
+
+_NUMBER_LIST = re.compile(r"\[\s+([-+0-9.eE,\s]+?)\s+\]")
