@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -88,6 +89,8 @@ def test_sigterm_drains_in_flight_requests(tiny_llama, tmp_path):
         assert s.proc.wait(30) == 0
         log = s.log.read_text()  # the warm-up pass ran before the server took requests
         assert log.index("warm-up pass") < log.index("ready (")
+        frozen = re.search(r"; (\d+) startup objects out of the GC's walks\)", log)
+        assert frozen and int(frozen.group(1)) > 10_000  # torch, the app, the model
 
 
 def test_bench_cli_end_to_end(tiny_llama, tmp_path):

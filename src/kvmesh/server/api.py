@@ -24,6 +24,7 @@ from kvmesh import __version__
 from kvmesh.config import EngineConfig, ServerConfig
 from kvmesh.engine.async_engine import AsyncEngine
 from kvmesh.engine.engine import LLMEngine
+from kvmesh.engine.warmup import freeze_startup_heap
 from kvmesh.mesh.node import MeshNode
 from kvmesh.mesh.setup import engine_config_for_mesh, mesh_config, start_mesh
 from kvmesh.router.usage import USAGE_HEADER
@@ -117,7 +118,9 @@ def _load(state: AppState, metrics: ServerMetrics) -> None:
     state.model_name = state.server_config.served_model_name or async_engine.model_name
     metrics.model_name = state.model_name
     state.engine = async_engine
-    log.info("model %s ready (%d KV blocks)", state.model_name, async_engine.num_blocks)
+    frozen = freeze_startup_heap()
+    log.info("model %s ready (%d KV blocks; %d startup objects out of the GC's walks)",
+             state.model_name, async_engine.num_blocks, frozen)
 
 
 def load_tenants(config: ServerConfig) -> TenantTable:
