@@ -141,8 +141,9 @@ def compare(cost: Path, args: argparse.Namespace, name: str, level: str, w: Work
             runs: list[dict[str, Any]]) -> dict[str, Any]:
     """A row of the table: the real runs' median against the simulator."""
     r, s = median_of(runs), pick(simulated(cost, args, w))
-    row = {"workload": name, "load": level, "rate_sessions_per_s": w.rate, "real": r,
-           "real_runs": runs, "real_spread": spread(runs), "sim": s, **errors(r, s)}
+    row: dict[str, Any] = {
+        "workload": name, "load": level, "rate_sessions_per_s": w.rate, "real": r,
+        "real_runs": runs, "real_spread": spread(runs), "sim": s, **errors(r, s)}
     print(name, level, {k: round(v, 3) for k, v in errors(r, s).items()},
           "real spread", {k: round(v, 3) for k, v in row["real_spread"].items()}, flush=True)
     return row
@@ -165,8 +166,11 @@ def main() -> None:
     ap.add_argument("--profile-budget-s", type=float, default=240.0)
     ap.add_argument("--real-repeats", type=int, default=3)
     ap.add_argument("--profiles", type=int, default=2,
-                    help="profiles to pool: the first before the real runs, the rest after")
+                    help="profiles to pool: the first before the real runs, the rest after "
+                         "(not with --cost-model)")
     args = ap.parse_args()
+    if args.profiles < 1 or args.real_repeats < 1:
+        ap.error("--profiles and --real-repeats must be >= 1")
     with tempfile.TemporaryDirectory(prefix="sim-fidelity-") as tmp:
         profiles = [] if args.cost_model else [profile(args, Path(tmp) / "profile-0.json")]
         cost = args.cost_model or profiles[0]

@@ -51,6 +51,10 @@ def test_warmup_runs_prefill_and_decode_steps_and_leaves_no_state(tiny_llama):
     tables = [s.block_table for s in spy.batches[0].seqs]
     assert not set(tables[0]) & set(tables[1])  # each sequence writes its own blocks
     assert engine.pool.num_free_blocks == 96 and engine.pool.high_water == 0
+    assert not engine.executor._generators and not engine.executor._matchers
+    written = {b for s in spy.batches[0].seqs for b in s.block_table}
+    for block in range(96):  # KV written in the warm-up's blocks only
+        assert bool(engine.runner.kv[block].any()) == (block in written), block
     assert engine.num_steps == 0 and not engine.has_unfinished_requests()
     engine.kv.check_integrity()
     engine.pool.check_integrity()

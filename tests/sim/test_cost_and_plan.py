@@ -217,10 +217,29 @@ def test_merged_profiles_refit_the_pooled_samples():
     assert both.tiers.request_overhead_s == pytest.approx(5.75e-3)
     f = cm.StepFeatures(8, 8, 8, 8000)
     assert fast.step_s(f) < both.step_s(f) < slow.step_s(f)
+    assert merge_profiles([both, fast]).fit["merged_profiles"] == 3
     with pytest.raises(ValueError, match="do not merge"):
         merge_profiles([fast, _profiled(true, 1.0, 3, fused_rows=8)])
+    other_dtype = dataclasses.replace(slow, fit={**slow.fit, "dtype": "float32"})
+    with pytest.raises(ValueError, match="do not merge"):
+        merge_profiles([dataclasses.replace(fast, fit={**fast.fit, "dtype": "bfloat16"}),
+                        other_dtype])
+    for samples in ([], [row[:-2] for row in fast.fit["samples"]]):  # none; an old layout
+        with pytest.raises(ValueError, match="no step samples"):
+            merge_profiles([fast, dataclasses.replace(slow, fit={**slow.fit,
+                                                                 "samples": samples})])
     with pytest.raises(ValueError, match="no profiles"):
         merge_profiles([])
+
+
+def test_saved_profile_keeps_samples_and_strings(tmp_path):
+    model = _profiled({"const": 0.004, "num_tokens": 5e-5, "num_loads": 1e-4}, 1.0, 4)
+    model = dataclasses.replace(model, fit={**model.fit, "note": "x[\n 1, 2\n]y [ 3 ]"})
+    cm.save(model, tmp_path / "m.json")
+    text = (tmp_path / "m.json").read_text()
+    assert text.count("\n") < 100 + len(model.fit["samples"])  # a sample row per line
+    back = cm.load(str(tmp_path / "m.json"))
+    assert back.fit == model.fit and back.coefficients == model.coefficients
 
 
 def _workload(n: int = 48) -> list[TokenSession]:

@@ -9,10 +9,11 @@ engine pays that before it takes requests: two short sequences run a prefill ste
 (chunks of two sequences, the op-by-op path) and two decode steps (the fused path, one
 and two rows), straight through the executor.
 
-The pass goes around the engine core: no request, no prefix-cache entry, no tier store,
-no event and no metric comes of it. It writes the KV of the first few free blocks, which
-the pool hands out later as it does any free block (their contents are never read before
-a sequence writes them).
+A draft model's runner (`--speculative-method draft`) is not warmed: the first
+speculative request still pays its setup. The pass goes around the engine core: no
+request, no prefix-cache entry, no tier store, no event and no metric comes of it. It
+writes the KV of the first few free blocks, which the pool hands out later as it does any
+free block (their contents are never read before a sequence writes them).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ _IDS = ("kvmesh-warmup-0", "kvmesh-warmup-1")
 
 def warmup_lengths(block_size: int, num_blocks: int, max_model_len: int) -> list[int]:
     """Prompt lengths of the warm-up sequences that fit the pool and the context (each
-    also needs a slot for its one decoded token); [] when none fits."""
+    with room for two decoded tokens: the first sequence decodes twice); [] when none
+    fits."""
     lengths = []
     free = num_blocks * block_size
     for n in (WARMUP_TOKENS, WARMUP_TOKENS // 2):

@@ -6,6 +6,7 @@ Until the model is loaded, /health answers 200 and everything else 503.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -117,8 +118,8 @@ def _load(state: AppState, metrics: ServerMetrics) -> None:
             return
     state.model_name = state.server_config.served_model_name or async_engine.model_name
     metrics.model_name = state.model_name
+    frozen = freeze_startup_heap()  # before /ready: its collection stalls for ~0.1 s
     state.engine = async_engine
-    frozen = freeze_startup_heap()
     log.info("model %s ready (%d KV blocks; %d startup objects out of the GC's walks)",
              state.model_name, async_engine.num_blocks, frozen)
 
@@ -152,6 +153,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> Fast
             state.engine.shutdown()
         if state.publisher is not None:
             state.publisher.close()
+        gc.unfreeze()  # an app run inside a longer process (the profile) can be collected
 
     app = FastAPI(title="kvmesh", version=__version__, lifespan=lifespan)
     app.state.kvmesh = state

@@ -320,4 +320,6 @@ def save(model: CostModel, path: Path) -> None:
     path.write_text(text + "\n")
 
 
-_NUMBER_LIST = re.compile(r"\[\s+([-+0-9.eE,\s]+?)\s+\]")
+# a list of numbers as json.dumps(indent=...) writes one: "[" then a newline (a string
+# value never holds a raw newline), numbers one per line, "]"
+_NUMBER_LIST = re.compile(r"\[\n\s*([-+0-9.eE,\s]+?)\n\s*\]")

@@ -81,17 +81,27 @@ def merge_profiles(models: Sequence[LinearCostModel]) -> LinearCostModel:
     if not models:
         raise ValueError("no profiles to merge")
     first = models[0]
-    if any(m.fused_rows != first.fused_rows or m.shape != first.shape for m in models):
-        raise ValueError("profiles of different engines (model or fused rows) do not merge")
+    engine = lambda m: (m.shape, m.fused_rows, m.kv_dtype_bytes, m.tiers.disk_io_threads,  # noqa: E731
+                        *(m.fit.get(k) for k in ("block_size", "dtype", "quantization")))
+    if any(engine(m) != engine(first) for m in models):
+        raise ValueError("profiles of different engines (model, dtype, quantization, block "
+                         "size, fused rows or I/O threads) do not merge")
+    width = len(FEATURES) + 1
+    for i, m in enumerate(models):
+        samples = m.fit.get("samples") or []
+        if not samples or any(len(row) != width for row in samples):
+            raise ValueError(f"profile {i} has no step samples of this version's "
+                             f"{len(FEATURES)} features (profile again with `kvmesh profile`)")
     mean = lambda get: sum(get(m) for m in models) / len(models)  # noqa: E731
     fixed = {n: mean(lambda m, n=n: m.coefficients[n]) for n in ("num_loads", "num_stores")}
-    rows = [row for m in models for row in m.fit.get("samples", [])]
+    rows = [row for m in models for row in m.fit["samples"]]
     coef, error = fit_vectors(rows, fixed, first.fused_rows)
     t = first.tiers
     tiers = TierCosts(mean(lambda m: m.tiers.disk_read_s), t.disk_io_threads,
                       mean(lambda m: m.tiers.request_overhead_s),
                       mean(lambda m: m.tiers.token_overhead_s))
-    fit = {**first.fit, **error, "samples": rows, "merged_profiles": len(models),
+    merged = sum(m.fit.get("merged_profiles", 1) for m in models)
+    fit = {**first.fit, **error, "samples": rows, "merged_profiles": merged,
            "profile_s": sum(m.fit.get("profile_s", 0.0) for m in models)}
     return LinearCostModel(first.shape, coef, first.kv_dtype_bytes, tiers, fit,
                            first.fused_rows)
