@@ -16,11 +16,11 @@ from kvmesh.config import (
     CacheConfig,
     EngineConfig,
     ModelConfig,
-    RouterConfig,
     SchedulerConfig,
     ServerConfig,
     TierConfig,
 )
+from kvmesh.router.config import RouterConfig
 
 app = typer.Typer(
     help="kvmesh: LLM serving built around a reusable KV cache.",

@@ -8,6 +8,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 
+def help_field(text: str, **kwargs: Any) -> Any:
+    """A dataclass field documented by `text` (its --help)."""
+    return dataclasses.field(metadata={"help": text}, **kwargs)
+
+
 def field_help(cls: type) -> dict[str, str]:
     """Field name -> help text, for the CLI."""
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}

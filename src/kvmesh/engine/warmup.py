@@ -23,6 +23,7 @@ import logging
 import time
 
 from kvmesh.engine.batch import ExecuteBatch, Executor, SeqWork
+from kvmesh.engine.kv_cache_manager import cdiv
 from kvmesh.types import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def warmup_lengths(block_size: int, num_blocks: int, max_model_len: int) -> list
         if n < 1:
             break
         lengths.append(n)
-        free -= -(-(n + 2) // block_size) * block_size
+        free -= cdiv(n + 2, block_size) * block_size
     return lengths
 
 
@@ -57,7 +58,7 @@ def warm_up(executor: Executor, block_size: int, num_blocks: int, max_model_len:
     seqs, next_block = [], 0
     for seq_id, n in zip(_IDS, lengths, strict=False):
         tokens = [(7919 * i + 1) % vocab_size for i in range(n)]  # any ids will do
-        used = -(-(n + 2) // block_size)
+        used = cdiv(n + 2, block_size)
         table = list(range(next_block, next_block + used))
         next_block += used
         seqs.append(SeqWork(seq_id, tokens, 0, table, True, params, None, tokens, tokens))

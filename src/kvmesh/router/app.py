@@ -30,8 +30,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kvmesh.config import RouterConfig
 from kvmesh.model.tokenizer import Tokenizer
+from kvmesh.router.config import RouterConfig
 from kvmesh.router.exchange import ClientGone, Exchange, Receive, Scope, Send
 from kvmesh.router.metrics import RouterMetrics
 from kvmesh.router.policies import RouteRequest, RouterState, RouteWeights, make_route_policy
