@@ -142,10 +142,14 @@ def _check_pair_kernel(lib, amx_on: bool) -> None:
         ref_w = dequantize(layer.qw)
         limit = lib.quant_i4bf16_max_rows()  # 16, or 64 on AMX tiles (16 rows a tile)
         assert limit == (64 if amx_on else 16)
+        deq_rows = lib.quant_i4bf16_deq_min_rows() if amx_on and k % 32 == 0 else 65
         for rows in (0, 1, 2, 3, 4, 5, 7, 8, 11, 12, 15, 16, 17, 19, 35, 64):
             x = torch.randn(rows, 300, generator=gen)[:, :k]  # row stride 300
-            ref = F.linear(x.bfloat16().float() if rows <= limit else x, ref_w, b)
             y = layer._bf16_kernel(x)
+            ref = F.linear(x.bfloat16().float() if rows <= limit else x, ref_w, b)
+            if rows >= deq_rows:  # weights dequantized to bf16 on the tiles (quant_deq_amx.c):
+                # the dense bf16 copy's weights, so a bf16 model's linear
+                ref = F.linear(x.bfloat16().float(), ref_w.bfloat16().float(), b)
             torch.testing.assert_close(y, ref, atol=2e-4, rtol=1e-4)
             if amx_on and rows >= 3:  # a one-row-tile pass: pipelined, or amx_block22's way
                 lib.quant_i4bf16_use_pipe(0)
@@ -160,14 +164,21 @@ def _check_pair_kernel(lib, amx_on: bool) -> None:
             x = torch.randn(64, k, generator=torch.Generator().manual_seed(group))
             paired = (n // 16) % 2 == 0
             y = layer._bf16_kernel(x if paired else x[:16])
+            y16 = layer._bf16_kernel(x[:16])  # up to 16 rows: quant_bf16.c's tiles
             for rows in (3, 4, 5, 6, 9, 10, 13, 16) + ((17, 20, 33, 50) if paired else ()):
-                assert torch.equal(layer._bf16_kernel(x[:rows]), y[:rows]), (group, rows)
+                want = y if rows >= deq_rows or rows > 16 else y16
+                assert torch.equal(layer._bf16_kernel(x[:rows]), want[:rows]), (group, rows)
+            if deq_rows <= 64:  # the dequantizing path: any columns, any rows from its least
+                y = layer._bf16_kernel(x)
+                for rows in (deq_rows, 20, 33, 50):
+                    assert torch.equal(layer._bf16_kernel(x[:rows]), y[:rows]), (group, rows)
         x = torch.randn(65, k, generator=gen)  # over what the kernel ever takes: refused
         y = torch.empty(65, 48)
         pairs, min128 = layer.bf16_pairs
         assert lib.quant_linear_i4bf16(
             x.data_ptr(), 65, k, pairs.data_ptr(), layer.qw.scale.data_ptr(),
-            min128.data_ptr(), None, 48, k, group, y.data_ptr(), 48) == 1
+            min128.data_ptr(), layer.qw.min.data_ptr(), None, 48, k, group, y.data_ptr(),
+            48) == 1
 
 
 def test_auto_takes_only_exact_layers():

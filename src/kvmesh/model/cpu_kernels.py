@@ -41,8 +41,8 @@ from kvmesh.model.registry import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCES = ("vec_math.h", "paged_decode.c", "paged_prefill.c", "small_linear.c",
-           "quant_linear.c", "quant_a8.c", "quant_bf16.c", "quant_i8amx.c", "decode_layer.c",
-           "near_top.c", "paged_verify.c", "rows_bf16.c")
+           "quant_linear.c", "quant_a8.c", "quant_bf16.c", "quant_deq_amx.c", "quant_i8amx.c",
+           "decode_layer.c", "near_top.c", "paged_verify.c", "rows_bf16.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-Wno-psabi"]
 _SYMBOLS = {
     torch.bfloat16: "paged_decode_bf16",

@@ -19,7 +19,7 @@ def native_signatures(lib: ctypes.CDLL) -> None:
     lib.quant_dequantize_f32.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR]
     lib.quant_dequantize_f32.restype = ctypes.c_int
     lib.quant_linear_max_rows.restype = ctypes.c_int
-    lib.quant_linear_i4bf16.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR,
+    lib.quant_linear_i4bf16.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR,
                                         _I64, _I64, _I64, _PTR, _I64]
     lib.quant_linear_i4bf16.restype = ctypes.c_int
     lib.quant_i4bf16_available.restype = ctypes.c_int
@@ -43,6 +43,9 @@ def native_signatures(lib: ctypes.CDLL) -> None:
     lib.quant_linear_set_batch_rows.restype = ctypes.c_int
     lib.quant_i4bf16_set_amx_min_rows.argtypes = [ctypes.c_int]
     lib.quant_i4bf16_set_amx_min_rows.restype = ctypes.c_int
+    lib.quant_i4bf16_set_deq_min_rows.argtypes = [ctypes.c_int]
+    lib.quant_i4bf16_set_deq_min_rows.restype = ctypes.c_int
+    lib.quant_i4bf16_deq_min_rows.restype = ctypes.c_int
     lib.decode_layer_set_verify_min_rows.argtypes = [ctypes.c_int]
     lib.decode_layer_set_verify_min_rows.restype = ctypes.c_int
     lib.quant_linear_i4a8.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR,

@@ -257,7 +257,8 @@ class QuantLinear(nn.Module):
         y = torch.empty((x.shape[0], qw.n), dtype=torch.float32)
         rc = lib.quant_linear_i4bf16(
             x.data_ptr(), x.shape[0], x.stride(0), pairs.data_ptr(), qw.scale.data_ptr(),
-            min128.data_ptr(), None if self.bias is None else self.bias.data_ptr(),
+            min128.data_ptr(), None if qw.min is None else qw.min.data_ptr(),
+            None if self.bias is None else self.bias.data_ptr(),
             qw.n, qw.k, qw.group, y.data_ptr(), y.stride(0))
         if rc != 0:
             raise RuntimeError(f"bf16-pair linear kernel rejected its inputs (code {rc})")

@@ -26,8 +26,9 @@ int quant_linear_f32(const float *x, int64_t rows, int64_t x_stride, const uint8
                      const float *scale, const float *min, const float *bias, int64_t n,
                      int64_t k, int64_t group, int64_t bits, float *y, int64_t y_stride);
 int quant_linear_i4bf16(const float *x, int64_t rows, int64_t x_stride, const uint32_t *q,
-                        const float *scale, const float *min128, const float *bias, int64_t n,
-                        int64_t k, int64_t group, float *y, int64_t y_stride);
+                        const float *scale, const float *min128, const float *min,
+                        const float *bias, int64_t n, int64_t k, int64_t group, float *y,
+                        int64_t y_stride);
 int quant_i4bf16_max_rows(void);
 int quant_linear_i4a8(const float *x, int64_t rows, int64_t x_stride, const uint8_t *q,
                       const uint16_t *scale, const uint16_t *min, const float *bias, int64_t n,
@@ -86,8 +87,8 @@ static int linear(const struct qlinear *l, const float *x, int64_t rows, float *
         return quant_linear_i4a8(x, rows, l->k, l->q, l->scale16, l->min16, l->bias, l->n,
                                  l->k, l->group, y, l->n);
     if (l->pairs != NULL && rows <= quant_i4bf16_max_rows())
-        return quant_linear_i4bf16(x, rows, l->k, l->pairs, l->scale, l->min128, l->bias,
-                                   l->n, l->k, l->group, y, l->n);
+        return quant_linear_i4bf16(x, rows, l->k, l->pairs, l->scale, l->min128, l->min,
+                                   l->bias, l->n, l->k, l->group, y, l->n);
     return quant_linear_f32(x, rows, l->k, l->q, l->scale, l->min, l->bias, l->n, l->k,
                             l->group, l->bits, y, l->n);
 }
