@@ -40,10 +40,9 @@ static int use_amx = 0; /* read once per call: toggling it mid-run is safe */
 
 /* quant_deq_amx.c: the largest batches, weights dequantized to bf16 on the tiles */
 int quant_i4bf16_deq_min_rows(void);
-int quant_i4bf16_deq_amx(const uint32_t *q, const uint32_t *xb, const float *scale,
-                         const float *min, const float *bias, float *y, int64_t rows,
-                         int64_t padded, int64_t R, int64_t n, int64_t k, int64_t group,
-                         int64_t y_stride);
+int quant_i4bf16_deq_amx(const float *x, int64_t x_stride, int64_t rows, const uint32_t *q,
+                         const float *scale, const float *min, const float *bias, int64_t n,
+                         int64_t k, int64_t group, float *y, int64_t y_stride);
 
 int quant_i4bf16_max_rows(void) {
     return __atomic_load_n(&use_amx, __ATOMIC_RELAXED) ? AMX_MAX_ROWS : MAX_ROWS;
@@ -562,6 +561,15 @@ int quant_linear_i4bf16(const float *x, int64_t rows, int64_t x_stride, const ui
         k % group)
         return 1;
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if AMX_BUILT
+    if (min != NULL && __atomic_load_n(&use_amx, __ATOMIC_RELAXED) &&
+        rows >= quant_i4bf16_deq_min_rows() &&
+        quant_i4bf16_deq_amx(x, x_stride, rows, q, scale, min, bias, n, k, group, y,
+                             y_stride) == 0) {
+        __atomic_fetch_add(&amx_calls, 1, __ATOMIC_RELAXED);
+        return 0;
+    }
+#endif
     const int64_t groups = k / group, half = k / 2;
     /* row tiles of R rows for the paired AMX path, as few as fit and as even as they can
      * be (5 rows: one tile of 5, not of 8; 20: two of 10): a tile product and its C-tile
@@ -582,15 +590,6 @@ int quant_linear_i4bf16(const float *x, int64_t rows, int64_t x_stride, const ui
             xsum[r * groups + g] = round_group(x + r * x_stride + g * group, group,
                                                (uint16_t *)(xb + r * half) + g * group);
 #if AMX_BUILT
-    if (min != NULL && __atomic_load_n(&use_amx, __ATOMIC_RELAXED) &&
-        rows >= quant_i4bf16_deq_min_rows() &&
-        quant_i4bf16_deq_amx(q, xb, scale, min, bias, y, rows, padded, R, n, k, group,
-                             y_stride) == 0) {
-        __atomic_fetch_add(&amx_calls, 1, __ATOMIC_RELAXED);
-        free(xb);
-        free(xsum);
-        return 0;
-    }
     const struct bargs all = {q, xb, scale, min128, bias, xsum, y, k, group, groups, y_stride};
     if (amx_run22(&all, n, rows, R)) {
         free(xb);

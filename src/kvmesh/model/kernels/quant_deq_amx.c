@@ -145,29 +145,45 @@ static void deq_block(const uint32_t *q, const uint32_t *xa, const float *scale,
 }
 #endif
 
-/* y[rows][n] = x W^T (+ bias) with xb the rows' bf16 pairs ([padded][k/2], zeros past
- * `rows`), R rows a tile. Returns 0 if done, 1 where this path does not apply (not built,
- * shape, too many rows for four tiles); the caller has checked the tiles are granted. */
-int quant_i4bf16_deq_amx(const uint32_t *q, const uint32_t *xb, const float *scale,
-                         const float *min, const float *bias, float *y, int64_t rows,
-                         int64_t padded, int64_t R, int64_t n, int64_t k, int64_t group,
-                         int64_t y_stride) {
 #if DEQ_BUILT
-    const int64_t RT = (rows + R - 1) / R;
-    if (R < 1 || R > TILE_ROWS || RT > MAX_RT || RT * R > padded || n % COLS ||
-        k % TILE_K || group % 8 || k % group)
+/* Rows [0, rows_a) of x rounded to bf16 (nearest even) into xa chunk-major: row r's k in
+ * [32c, 32c + 32) at xa + (c * rows_a + r) * 16 (uint32 pairs); rows past `rows` zero. */
+static void inputs_chunk_major(const float *x, int64_t x_stride, int64_t rows, int64_t rows_a,
+                               int64_t k, uint32_t *xa) {
+    const int64_t chunks = k / TILE_K;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows_a; r++)
+        for (int64_t c = 0; c < chunks; c++) {
+            __m512i v = _mm512_setzero_si512();
+            if (r < rows) {
+                const float *src = x + r * x_stride + c * TILE_K;
+                v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
+            }
+            _mm512_store_si512(xa + (c * rows_a + r) * (TILE_K / 2), v);
+        }
+}
+#endif
+
+/* y[rows][n] = x W^T (+ bias), x float32 rounded to bf16 here (as a bf16 model's
+ * activations are). Returns 0 if done, 1 where this path does not apply (not built, shape,
+ * over 64 rows, no memory); the caller has checked the tiles are granted. */
+int quant_i4bf16_deq_amx(const float *x, int64_t x_stride, int64_t rows, const uint32_t *q,
+                         const float *scale, const float *min, const float *bias, int64_t n,
+                         int64_t k, int64_t group, float *y, int64_t y_stride) {
+#if DEQ_BUILT
+    const int64_t RT = (rows + TILE_ROWS - 1) / TILE_ROWS;
+    const int64_t R = RT < 1 ? 1 : (rows + RT - 1) / RT; /* as few and as even as fit */
+    if (rows < 1 || RT > MAX_RT || n % COLS || k % TILE_K || group % 8 || k % group)
         return 1;
     const int64_t pf = prefetch_distance(), chunks = k / TILE_K, rows_a = RT * R;
     /* the inputs chunk-major, [chunk][row][32 bf16]: a tile of A is 1 KiB in a row */
     uint32_t *xa = aligned_alloc(64, (size_t)(chunks * rows_a * (TILE_K / 2)) * 4);
     if (xa == NULL) return 1;
-    for (int64_t c = 0; c < chunks; c++)
-        for (int64_t r = 0; r < rows_a; r++)
-            memcpy(xa + (c * rows_a + r) * (TILE_K / 2), xb + r * (k / 2) + c * (TILE_K / 2), 64);
 #pragma omp parallel
     {
         uint32_t b[2 * TILE_ROWS * COLS] __attribute__((aligned(64)));
         float cs[MAX_RT * TILE_ROWS * COLS] __attribute__((aligned(64)));
+        inputs_chunk_major(x, x_stride, rows, rows_a, k, xa); /* ends in a barrier */
         deq_configure(R);
 #pragma omp for schedule(static)
         for (int64_t nb = 0; nb < n / COLS; nb++)
@@ -178,8 +194,8 @@ int quant_i4bf16_deq_amx(const uint32_t *q, const uint32_t *xb, const float *sca
     free(xa);
     return 0;
 #else
-    (void)q, (void)xb, (void)scale, (void)min, (void)bias, (void)y, (void)rows;
-    (void)padded, (void)R, (void)n, (void)k, (void)group, (void)y_stride;
+    (void)x, (void)x_stride, (void)rows, (void)q, (void)scale, (void)min, (void)bias;
+    (void)n, (void)k, (void)group, (void)y, (void)y_stride;
     return 1;
 #endif
 }
