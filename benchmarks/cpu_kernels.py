@@ -1,7 +1,8 @@
 """The int4 linear kernels of bf16 models, by batch rows: AVX-512 BF16 against AMX tiles.
 
 (AMX is timed twice: as it runs, and with one row tile not pipelined over the groups,
-`amx_unpiped`, the path before amx_pipe21.)
+`amx_unpiped`, the path before amx_pipe21. From 17 rows both AMX modes time the
+dequantizing path of kernels/quant_deq_amx.c, which has no such variant.)
 
 Times `QuantLinear` on the bf16-pair kernel (kernels/quant_bf16.c) for the default model's
 layer shapes (qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536), random int4

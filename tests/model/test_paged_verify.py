@@ -123,7 +123,10 @@ def test_verify_attention_refuses_shapes_it_does_not_take():
 def test_bf16_speculation_runs_verify_rows_on_the_tiles(tmp_path, monkeypatch):
     """A bf16 model with prompt lookup: the fused layers send each verify step's rows to
     the tile kernel (where it runs here), and the greedy tokens stay those of plain bf16
-    decoding but for rounding (the weights are bf16 in the tiles, float32 per row)."""
+    decoding but for rounding (the weights are bf16 in the tiles, float32 per row; and
+    verify batches of 17 rows and up take the int4 linears' dequantizing path, whose bf16
+    weights are the dense copy's, while plain decoding of 4 rows multiplies the exact
+    nibbles)."""
     monkeypatch.setenv("KVMESH_FUSED_DECODE", "1")
     lib = load_kernels()
     assert lib is not None

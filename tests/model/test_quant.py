@@ -158,15 +158,16 @@ def _check_pair_kernel(lib, amx_on: bool) -> None:
                 finally:
                     lib.quant_i4bf16_use_pipe(1)
         if amx_on:  # row tiles sized to the batch (5 rows: one tile of 5; 20: two of 10):
-            # a row's result is the same in a batch of any size on the tiles (beyond 16
-            # rows only where the column blocks pair up: else 16 at a time, and a rest of
-            # 1 or 2 rows takes the AVX-512 path)
+            # a row's result is the same in a batch of any size on the same tile path: up
+            # to 16 rows, and beyond (only where the column blocks pair up: else 16 at a
+            # time, and a rest of 1 or 2 rows takes the AVX-512 path) where the
+            # dequantizing path does not take those batches
             x = torch.randn(64, k, generator=torch.Generator().manual_seed(group))
             paired = (n // 16) % 2 == 0
             y = layer._bf16_kernel(x if paired else x[:16])
             y16 = layer._bf16_kernel(x[:16])  # up to 16 rows: quant_bf16.c's tiles
             for rows in (3, 4, 5, 6, 9, 10, 13, 16) + ((17, 20, 33, 50) if paired else ()):
-                want = y if rows >= deq_rows or rows > 16 else y16
+                want = y16 if rows <= 16 and deq_rows <= 64 else y
                 assert torch.equal(layer._bf16_kernel(x[:rows]), want[:rows]), (group, rows)
             if deq_rows <= 64:  # the dequantizing path: any columns, any rows from its least
                 y = layer._bf16_kernel(x)

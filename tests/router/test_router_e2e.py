@@ -124,9 +124,12 @@ def test_prefix_policy_needs_no_kv_events(tmp_path, tiny_pair):
         client = _client(router.url)
         assert _ask(client, "question 0").usage.prompt_tokens_details.cached_tokens == 0
         assert _served_by(insts) == [1.0, 0.0]
-        busy = client.completions.create(model="", prompt="other text " * 10, stream=True,
-                                         max_tokens=400, extra_body={"ignore_eos": True})
-        next(iter(busy))  # in flight on instance 0 (ties go there)
+        # in flight on instance 0, sent there directly: through the router, a load probe
+        # taken while question 0 still ran could send it to instance 1 instead
+        busy = _client(insts[0].url).completions.create(
+            model="", prompt="other text " * 10, stream=True, max_tokens=400,
+            extra_body={"ignore_eos": True})
+        next(iter(busy))
         time.sleep(0.6)  # probes (every 0.2 s) see it decoding, no prefill left queued
         again = _ask(client, "question 1")
         assert again.usage.prompt_tokens_details.cached_tokens > 0

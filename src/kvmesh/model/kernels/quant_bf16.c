@@ -611,7 +611,7 @@ int quant_linear_i4bf16(const float *x, int64_t rows, int64_t x_stride, const ui
     free(xsum);
     return 0;
 #else
-    (void)x, (void)x_stride, (void)q, (void)scale, (void)min128, (void)bias, (void)y;
+    (void)x, (void)x_stride, (void)q, (void)scale, (void)min128, (void)min, (void)bias, (void)y;
     (void)y_stride;
     return 3;
 #endif

@@ -37,7 +37,7 @@
 /* The fewest rows that take this path (quant_bf16.c asks): from two tiles of rows, where the
  * folds start to cost more than the conversion. The default model's decode step on a 2-core
  * Xeon with AMX (in process, short contexts, 4 rounds): 8 rows 0.95x, 12 and 16 rows 1.0x,
- * 20 rows 1.12x, 24 1.10x, 32 1.17x, 48 1.24x, 64 1.15x the time of quant_bf16.c's paths. */
+ * 20 rows 1.11x, 24 1.10-1.19x, 32 1.16x, 48 1.24x, 64 1.15-1.20x the time of quant_bf16.c's paths. */
 static int deq_min_rows = 17;
 
 int quant_i4bf16_deq_min_rows(void) { return __atomic_load_n(&deq_min_rows, __ATOMIC_RELAXED); }
