@@ -74,18 +74,26 @@ def test_kernel_matches_f_linear_at_each_level(level, monkeypatch):
             x = torch.randn(rows, k, generator=gen)
             torch.testing.assert_close(layer.forward(x), F.linear(x, ref_w, b),
                                        atol=1e-4, rtol=1e-4)
-        # from 16 rows (quant_linear_set_batch_rows; 1 and 5 forced here) the tiles read
-        # scaled floats: bit for bit what the packed ints and smaller batches give
+        # from 16 rows, 48 with AVX-512 (quant_linear_set_batch_rows; 1 and 5 forced
+        # here) the tiles read scaled floats: bit for bit what the packed ints and smaller
+        # batches give. With AVX-512 every tile runs one arithmetic, so from 2 rows a row's
+        # result does not depend on its batch; with AVX2 the tiles of 4, 3 and 2 rows
+        # differ, so the batch is compared with its own split
         x = torch.randn(21, k, generator=gen)
-        for first in (1, 5, 16):
-            assert lib.quant_linear_set_batch_rows(first) == 16
+        ref = layer._kernel(x)
+        default = 48 if level.startswith("avx512") else 16
+        for first in (1, 5, default):
+            assert lib.quant_linear_set_batch_rows(first) == default
             try:
-                for rows in (5, 6, 7, 8, 9, 13, 16, 17, 21):
-                    parts = [layer._kernel(x[i:min(i + 4, rows)]) for i in range(0, rows, 4)]
+                for rows in (2, 3, 5, 6, 7, 8, 9, 12, 13, 16, 17, 21):
                     whole = layer._kernel(x[:rows])
+                    if level.startswith("avx512"):  # one vector per column block
+                        assert torch.equal(whole, ref[:rows]), (bits, rows, first)
+                        continue
+                    parts = [layer._kernel(x[i:min(i + 4, rows)]) for i in range(0, rows, 4)]
                     assert torch.equal(whole, torch.cat(parts)), (bits, rows, first)
             finally:
-                lib.quant_linear_set_batch_rows(16)
+                lib.quant_linear_set_batch_rows(default)
     decode = cpu_kernels.decode_kernel(torch.float32, torch.device("cpu"))
     assert decode is not None  # float32 decode attention on every level
 

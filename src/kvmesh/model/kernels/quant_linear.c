@@ -101,6 +101,7 @@ struct qargs {
     int64_t x_stride, n, k, group;
     const uint8_t *q;
     const float *scale, *min, *bias, *xsum; /* xsum [rows][K/group], only with min */
+    const float *xt; /* AVX-512: the rows interleaved per tile (interleave_tiles) */ /* xsum [rows][K/group], only with min */
     float *y;
     int64_t y_stride, groups;
 };
@@ -113,7 +114,13 @@ INLINE_DECL void tile(const struct qargs *a, const uint8_t *blk, int64_t nb, int
     const int64_t pf = prefetch_distance();
     const float *sc = a->scale + nb * a->groups * COLS;
     const float *mn = a->min ? a->min + nb * a->groups * COLS : NULL;
+#if W == 16 /* the tile's rows interleaved, [k][R] (interleave_tiles): one base register */
+    const float *x = a->xt + row0 * a->k;
+#define XAT(r, kk) x[(kk) * R + (r)]
+#else
     const float *x = a->x + row0 * a->x_stride;
+#define XAT(r, kk) x[(r) * a->x_stride + (kk)]
+#endif
     vf acc[U][R][H];
     for (int u = 0; u < U; u++)
         for (int r = 0; r < R; r++)
@@ -134,7 +141,7 @@ INLINE_DECL void tile(const struct qargs *a, const uint8_t *blk, int64_t nb, int
                     for (int h = 0; h < H; h++) {
                         const vf w = VLOAD(wf + (k + u) * COLS + h * W);
                         for (int r = 0; r < R; r++)
-                            acc[u][r][h] = VFMA(VSET1(x[r * a->x_stride + k + u]), w,
+                            acc[u][r][h] = VFMA(VSET1(XAT(r, k + u)), w,
                                                 acc[u][r][h]);
                     }
         } else if (bits == 8) {
@@ -143,7 +150,7 @@ INLINE_DECL void tile(const struct qargs *a, const uint8_t *blk, int64_t nb, int
                     for (int h = 0; h < H; h++) {
                         const vf w = VMUL(q8(blk + (k + u) * COLS + h * W), s[h]);
                         for (int r = 0; r < R; r++)
-                            acc[u][r][h] = VFMA(VSET1(x[r * a->x_stride + k + u]), w,
+                            acc[u][r][h] = VFMA(VSET1(XAT(r, k + u)), w,
                                                 acc[u][r][h]);
                     }
         } else {
@@ -155,9 +162,8 @@ INLINE_DECL void tile(const struct qargs *a, const uint8_t *blk, int64_t nb, int
                     lo = VMUL(lo, s[h]);
                     hi = VMUL(hi, s[h]);
                     for (int r = 0; r < R; r++) {
-                        const float *xr = x + r * a->x_stride;
-                        acc[ulo][r][h] = VFMA(VSET1(xr[k]), lo, acc[ulo][r][h]);
-                        acc[uhi][r][h] = VFMA(VSET1(xr[k + 1]), hi, acc[uhi][r][h]);
+                        acc[ulo][r][h] = VFMA(VSET1(XAT(r, k)), lo, acc[ulo][r][h]);
+                        acc[uhi][r][h] = VFMA(VSET1(XAT(r, k + 1)), hi, acc[uhi][r][h]);
                     }
                 }
             }
@@ -176,6 +182,7 @@ INLINE_DECL void tile(const struct qargs *a, const uint8_t *blk, int64_t nb, int
             for (int u = 0; u < U; u++) sum = VADD(sum, acc[u][r][h]);
             VSTORE(a->y + (row0 + r) * a->y_stride + nb * COLS + h * W, sum);
         }
+#undef XAT
 }
 
 /* One row (single-stream decode): four k-streams of unscaled sums per group, scaled once
@@ -225,6 +232,61 @@ INLINE_DECL void row1(const struct qargs *a, const uint8_t *blk, int64_t nb, int
     }
 }
 
+#if W == 16
+/* AVX-512 (one vector per 16-column block): the rows in as few tiles of at most TILE_MAX
+ * as there can be, split evenly, each with two k-streams per row (even and odd k). A
+ * tile's 2 R accumulators stay in the 32 registers up to 12 rows, and 4+ rows keep 8+ FMA
+ * chains in flight (two FMA ports, four cycles each). Tiles of 4 rows and one stream, as
+ * on AVX2, were latency bound (4 chains) and decoded each weight once per 4 rows: on an
+ * Ice Lake Xeon (2 threads, the default model's 30 layers of int4 linears and its int8
+ * head) 9 rows took 38 ms against 27 now, 16 rows 94 against 72 (medians, same run).
+ * Every row of every tile runs the same arithmetic in the same order, so from 2 rows a
+ * row's result does not depend on its batch (a row alone takes row1). */
+#define TILE_MAX 12
+static inline int64_t tile_count(int64_t rows) { return (rows + TILE_MAX - 1) / TILE_MAX; }
+INLINE_DECL void tile_of(const struct qargs *a, const uint8_t *src, int64_t nb, int64_t row0,
+                         const int bits, int64_t rows) {
+    switch (rows) { /* 2..TILE_MAX */
+    case 2: tile(a, src, nb, row0, bits, 2, 2); break;
+    case 3: tile(a, src, nb, row0, bits, 3, 2); break;
+    case 4: tile(a, src, nb, row0, bits, 4, 2); break;
+    case 5: tile(a, src, nb, row0, bits, 5, 2); break;
+    case 6: tile(a, src, nb, row0, bits, 6, 2); break;
+    case 7: tile(a, src, nb, row0, bits, 7, 2); break;
+    case 8: tile(a, src, nb, row0, bits, 8, 2); break;
+    case 9: tile(a, src, nb, row0, bits, 9, 2); break;
+    case 10: tile(a, src, nb, row0, bits, 10, 2); break;
+    case 11: tile(a, src, nb, row0, bits, 11, 2); break;
+    default: tile(a, src, nb, row0, bits, TILE_MAX, 2); break;
+    }
+}
+INLINE_DECL int64_t tiles(const struct qargs *a, const uint8_t *src, int64_t nb, int64_t rows,
+                          const int bits) { /* returns the rows done: all but a lone row */
+    if (rows < 2) return 0;
+    int64_t r = 0;
+    for (int64_t t = 0, count = tile_count(rows); t < count; t++) {
+        const int64_t size = (rows - r) / (count - t); /* sizes differ by one at most, >= 2 */
+        tile_of(a, src, nb, r, bits, size);
+        r += size;
+    }
+    return r;
+}
+/* x's rows as the tiles read them: tile by tile (the split tiles() makes), each [K][R],
+ * so a tile addresses its rows' inputs from one pointer. NULL without memory. */
+static float *interleave_tiles(const float *x, int64_t rows, int64_t x_stride, int64_t k) {
+    float *xt = malloc(sizeof(float) * (size_t)(rows * k));
+    if (xt == NULL) return NULL;
+    int64_t r = 0;
+    for (int64_t t = 0, count = tile_count(rows); t < count; t++) {
+        const int64_t size = (rows - r) / (count - t);
+        float *dst = xt + r * k;
+        for (int64_t i = 0; i < size; i++)
+            for (int64_t kk = 0; kk < k; kk++) dst[kk * size + i] = x[(r + i) * x_stride + kk];
+        r += size;
+    }
+    return xt;
+}
+#else
 /* Rows in tiles of 4, 3 or 2 (one row: row1): a tile decodes the block's weights once for
  * all its rows, where one pass per row would decode them again. A tile of 2 or 3 rows runs
  * two k-streams per row so that enough FMA chains are in flight (3 rows on AVX2, two
@@ -239,6 +301,8 @@ INLINE_DECL int64_t tiles(const struct qargs *a, const uint8_t *src, int64_t nb,
     return r;
 }
 
+#endif
+
 /* One 16-column block for every row: the tiles read the scaled floats `wf` where the
  * caller made them (scaled_block, below), else the packed ints; a last row runs row1. */
 INLINE_DECL void block(const struct qargs *a, const uint8_t *blk, const float *wf, int64_t nb,
@@ -251,14 +315,19 @@ INLINE_DECL void block(const struct qargs *a, const uint8_t *blk, const float *w
 /* Batches of batch_rows rows or more: each block's weights are converted once into a
  * float scratch [K][16], already multiplied by their scales (the very floats a tile
  * computes from the packed ints, so the results are bit for bit the same), and the tiles
- * of 4, 3 or 2 rows read those: the conversion is paid once per block and step rather
+ * read those: the conversion is paid once per block and step rather
  * than once per tile, and a tile is its multiply-adds. A last single row (row1) reads
  * the packed ints. Below 16 rows converting costs more than it saves: on the Xeon
  * (2 threads, int8 lm_head of the default model, 576 x 49152) the packed tiles took 2.0
  * against 3.4 ms at 5 rows, 3.3 against 4.5 at 9, 4.1 against 4.6 at 12 with AVX-512,
  * and 2.4/3.9, 4.2/5.2 at 5 and 9 rows with AVX2; about even at 16; from 24 rows the
  * scratch wins (7.9 against 8.1 ms; 23 against 37 at 64 with AVX2). */
+#if W == 16 /* AVX-512: the packed tiles of up to 12 rows beat the scratch up to 32 rows
+             * (Ice Lake, same run: 16 rows 47 against 63 ms, 32 rows 88 against 104) */
+static int batch_rows = 48;
+#else
 static int batch_rows = 16;
+#endif
 
 /* Set the batch size from which the float scratch is used (for A/B runs and tests);
  * returns the previous value. */
@@ -311,11 +380,19 @@ int quant_linear_f32(const float *x, int64_t rows, int64_t x_stride, const uint8
     if (rows < 0 || rows > MAX_ROWS || n % COLS || group < 4 || group % 4 || k % group ||
         (bits != 8 && bits != 4))
         return 1;
-    struct qargs a = {x, x_stride, n, k, group, q, scale, min, bias, NULL, y, y_stride,
-                      k / group};
-    float *sums = NULL;
+    struct qargs a = {.x = x, .x_stride = x_stride, .n = n, .k = k, .group = group, .q = q,
+                      .scale = scale, .min = min, .bias = bias, .y = y, .y_stride = y_stride,
+                      .groups = k / group};
+    float *sums = NULL, *xt = NULL;
     if (min != NULL && (sums = group_sums(x, rows, x_stride, k, group)) == NULL) return 2;
+#if W == 16
+    if (rows >= 2 && (xt = interleave_tiles(x, rows, x_stride, k)) == NULL) {
+        free(sums);
+        return 2;
+    }
+#endif
     a.xsum = sums;
+    a.xt = xt;
     const int64_t bytes_per_k = bits == 8 ? COLS : COLS / 2;
 #pragma omp parallel
     {
@@ -333,6 +410,7 @@ int quant_linear_f32(const float *x, int64_t rows, int64_t x_stride, const uint8
         free(scaled);
     }
     free(sums);
+    free(xt);
     return 0;
 }
 
