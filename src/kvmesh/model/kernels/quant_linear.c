@@ -373,6 +373,17 @@ static float *group_sums(const float *x, int64_t rows, int64_t x_stride, int64_t
     return sums;
 }
 
+/* One row (single-stream decode) in a function of its own: inside the batched loop's, with
+ * its many inlined tiles, the compiler laid it out ~10% slower (Ice Lake, same run). */
+__attribute__((noinline)) static void one_row(const struct qargs *a, int64_t bits) {
+    const int64_t bytes = a->k * COLS * bits / 8;
+#pragma omp parallel for schedule(static)
+    for (int64_t nb = 0; nb < a->n / COLS; nb++) {
+        if (bits == 8) row1(a, a->q + nb * bytes, nb, 0, 8); /* literal bits: inlined */
+        else row1(a, a->q + nb * bytes, nb, 0, 4);
+    }
+}
+
 int quant_linear_f32(const float *x, int64_t rows, int64_t x_stride, const uint8_t *q,
                      const float *scale, const float *min, const float *bias, int64_t n,
                      int64_t k, int64_t group, int64_t bits, float *y, int64_t y_stride) {
@@ -393,6 +404,11 @@ int quant_linear_f32(const float *x, int64_t rows, int64_t x_stride, const uint8
 #endif
     a.xsum = sums;
     a.xt = xt;
+    if (rows == 1) {
+        one_row(&a, bits);
+        free(sums);
+        return 0;
+    }
     const int64_t bytes_per_k = bits == 8 ? COLS : COLS / 2;
 #pragma omp parallel
     {
