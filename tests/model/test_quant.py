@@ -74,14 +74,14 @@ def test_kernel_matches_f_linear_at_each_level(level, monkeypatch):
             x = torch.randn(rows, k, generator=gen)
             torch.testing.assert_close(layer.forward(x), F.linear(x, ref_w, b),
                                        atol=1e-4, rtol=1e-4)
-        # from 16 rows, 48 with AVX-512 (quant_linear_set_batch_rows; 1 and 5 forced
+        # from 16 rows, 32 with AVX-512 (quant_linear_set_batch_rows; 1 and 5 forced
         # here) the tiles read scaled floats: bit for bit what the packed ints and smaller
         # batches give. With AVX-512 every tile runs one arithmetic, so from 2 rows a row's
         # result does not depend on its batch; with AVX2 the tiles of 4, 3 and 2 rows
         # differ, so the batch is compared with its own split
         x = torch.randn(21, k, generator=gen)
         ref = layer._kernel(x)
-        default = 48 if level.startswith("avx512") else 16
+        default = 32 if level.startswith("avx512") else 16
         for first in (1, 5, default):
             assert lib.quant_linear_set_batch_rows(first) == default
             try:

@@ -185,6 +185,71 @@ INLINE_DECL void tile(const struct qargs *a, const uint8_t *blk, int64_t nb, int
 #undef XAT
 }
 
+#if W == 16
+/* Two adjacent blocks (bstride bytes apart) for R rows: each row's input is broadcast once
+ * per k for two FMAs. One k-stream per row (2 R chains): the arithmetic of tile(.., 1). */
+INLINE_DECL void tile2(const struct qargs *a, const uint8_t *blk, int64_t bstride, int64_t nb,
+                       int64_t row0, const int bits, const int R) {
+    const int64_t pf = prefetch_distance(), gs = a->groups * COLS;
+    const float *sc = a->scale + nb * gs;
+    const float *mn = a->min ? a->min + nb * gs : NULL;
+    const float *x = a->xt + row0 * a->k;
+    vf acc[R][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = VZERO();
+    for (int64_t g = 0; g < a->groups; g++) {
+        const int64_t k0 = g * a->group;
+        if (bits != 32)
+            for (int b = 0; b < 2; b++) {
+                prefetch_lines(blk + b * bstride + k0 * COLS * bits / 8,
+                               a->group * COLS * bits / 8, pf);
+                prefetch_lines(sc + b * gs + g * COLS, 64, pf / 4);
+                if (mn != NULL) prefetch_lines(mn + b * gs + g * COLS, 64, pf / 4);
+            }
+        const vf s0 = VLOAD(sc + g * COLS), s1 = VLOAD(sc + gs + g * COLS);
+        for (int64_t k = k0; k < k0 + a->group; k += 2) {
+            vf w00, w01, w10, w11; /* w[k + i][block] */
+            if (bits == 32) {
+                const float *f0 = (const float *)blk, *f1 = (const float *)(blk + bstride);
+                w00 = VLOAD(f0 + k * COLS), w10 = VLOAD(f0 + (k + 1) * COLS);
+                w01 = VLOAD(f1 + k * COLS), w11 = VLOAD(f1 + (k + 1) * COLS);
+            } else if (bits == 8) {
+                w00 = VMUL(q8(blk + k * COLS), s0), w10 = VMUL(q8(blk + (k + 1) * COLS), s0);
+                w01 = VMUL(q8(blk + bstride + k * COLS), s1);
+                w11 = VMUL(q8(blk + bstride + (k + 1) * COLS), s1);
+            } else {
+                q4(blk + (k / 2) * COLS, &w00, &w10);
+                q4(blk + bstride + (k / 2) * COLS, &w01, &w11);
+                w00 = VMUL(w00, s0), w10 = VMUL(w10, s0);
+                w01 = VMUL(w01, s1), w11 = VMUL(w11, s1);
+            }
+            for (int r = 0; r < R; r++) {
+                const vf xa = VSET1(x[k * R + r]);
+                acc[r][0] = VFMA(xa, w00, acc[r][0]);
+                acc[r][1] = VFMA(xa, w01, acc[r][1]);
+            }
+            for (int r = 0; r < R; r++) {
+                const vf xb = VSET1(x[(k + 1) * R + r]);
+                acc[r][0] = VFMA(xb, w10, acc[r][0]);
+                acc[r][1] = VFMA(xb, w11, acc[r][1]);
+            }
+        }
+        if (mn != NULL) {
+            const vf m0 = VLOAD(mn + g * COLS), m1 = VLOAD(mn + gs + g * COLS);
+            for (int r = 0; r < R; r++) {
+                const vf xs = VSET1(a->xsum[(row0 + r) * a->groups + g]);
+                acc[r][0] = VFMA(xs, m0, acc[r][0]);
+                acc[r][1] = VFMA(xs, m1, acc[r][1]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < 2; b++) {
+            vf sum = a->bias ? VLOAD(a->bias + (nb + b) * COLS) : VZERO();
+            VSTORE(a->y + (row0 + r) * a->y_stride + (nb + b) * COLS, VADD(sum, acc[r][b]));
+        }
+}
+#endif
+
 /* One row (single-stream decode): four k-streams of unscaled sums per group, scaled once
  * at the group's end, so no multiply per weight vector. */
 INLINE_DECL void row1(const struct qargs *a, const uint8_t *blk, int64_t nb, int64_t row,
@@ -233,40 +298,44 @@ INLINE_DECL void row1(const struct qargs *a, const uint8_t *blk, int64_t nb, int
 }
 
 #if W == 16
-/* AVX-512 (one vector per 16-column block): the rows in as few tiles of at most TILE_MAX
- * as there can be, split evenly, each with two k-streams per row (even and odd k). A
- * tile's 2 R accumulators stay in the 32 registers up to 12 rows, and 4+ rows keep 8+ FMA
- * chains in flight (two FMA ports, four cycles each). Tiles of 4 rows and one stream, as
- * on AVX2, were latency bound (4 chains) and decoded each weight once per 4 rows: on an
- * Ice Lake Xeon (2 threads, the default model's 30 layers of int4 linears and its int8
- * head) 9 rows took 38 ms against 27 now, 16 rows 94 against 72 (medians, same run).
- * Every row of every tile runs the same arithmetic in the same order, so from 2 rows a
- * row's result does not depend on its batch (a row alone takes row1). */
-#define TILE_MAX 12
+/* AVX-512 (one vector per 16-column block): column blocks taken in pairs (PAIR; an odd last
+ * one alone), so each row's input, broadcast once per k, feeds two FMAs (tile2), and the
+ * rows in as few tiles of at most TILE_MAX as there can be, split evenly. One k-stream a
+ * row: a tile of R rows has 2 R FMA chains, and its 2 R accumulators with four weight
+ * vectors fit the 32 registers. Tiles of 4 rows on one block, as on AVX2, were latency
+ * bound (4 chains), decoded each weight once per 4 rows and broadcast an input for every
+ * FMA (a load each: ~2.7 G FMA/s a core where 4.2 is the peak). On an Ice Lake Xeon (2
+ * threads, the default model's 30 layers of int4 linears and its int8 head, medians of 8
+ * alternating runs) 9 rows took 25 against 39 ms, 16 rows 43 against 67, 64 rows 146
+ * against 219; 2 rows 9.0 against 7.8. Every row of every tile runs the same arithmetic in
+ * the same order, so from 2 rows a row's result does not depend on its batch (a row alone
+ * takes row1). */
+#define PAIR 2
+#define TILE_MAX 10
 static inline int64_t tile_count(int64_t rows) { return (rows + TILE_MAX - 1) / TILE_MAX; }
-INLINE_DECL void tile_of(const struct qargs *a, const uint8_t *src, int64_t nb, int64_t row0,
-                         const int bits, int64_t rows) {
+#define CASE(n)                                                                            \
+    case n: {                                                                              \
+        if (B == 2) tile2(a, src, bstride, nb, row0, bits, n);                             \
+        else tile(a, src, nb, row0, bits, n, 1);                                           \
+        break;                                                                             \
+    }
+INLINE_DECL void tile_of(const struct qargs *a, const uint8_t *src, int64_t bstride, int64_t nb,
+                         int64_t row0, const int bits, int64_t rows, const int B) {
     switch (rows) { /* 2..TILE_MAX */
-    case 2: tile(a, src, nb, row0, bits, 2, 2); break;
-    case 3: tile(a, src, nb, row0, bits, 3, 2); break;
-    case 4: tile(a, src, nb, row0, bits, 4, 2); break;
-    case 5: tile(a, src, nb, row0, bits, 5, 2); break;
-    case 6: tile(a, src, nb, row0, bits, 6, 2); break;
-    case 7: tile(a, src, nb, row0, bits, 7, 2); break;
-    case 8: tile(a, src, nb, row0, bits, 8, 2); break;
-    case 9: tile(a, src, nb, row0, bits, 9, 2); break;
-    case 10: tile(a, src, nb, row0, bits, 10, 2); break;
-    case 11: tile(a, src, nb, row0, bits, 11, 2); break;
-    default: tile(a, src, nb, row0, bits, TILE_MAX, 2); break;
+    CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) CASE(9)
+    default:
+        if (B == 2) tile2(a, src, bstride, nb, row0, bits, TILE_MAX);
+        else tile(a, src, nb, row0, bits, TILE_MAX, 1);
     }
 }
-INLINE_DECL int64_t tiles(const struct qargs *a, const uint8_t *src, int64_t nb, int64_t rows,
-                          const int bits) { /* returns the rows done: all but a lone row */
-    if (rows < 2) return 0;
+#undef CASE
+INLINE_DECL int64_t tiles(const struct qargs *a, const uint8_t *src, int64_t bstride,
+                          int64_t nb, int64_t rows, const int bits, const int B) {
+    if (rows < 2) return 0; /* returns the rows done: all but a lone row */
     int64_t r = 0;
     for (int64_t t = 0, count = tile_count(rows); t < count; t++) {
         const int64_t size = (rows - r) / (count - t); /* sizes differ by one at most, >= 2 */
-        tile_of(a, src, nb, r, bits, size);
+        tile_of(a, src, bstride, nb, r, bits, size, B);
         r += size;
     }
     return r;
@@ -292,8 +361,10 @@ static float *interleave_tiles(const float *x, int64_t rows, int64_t x_stride, i
  * two k-streams per row so that enough FMA chains are in flight (3 rows on AVX2, two
  * vectors per block, keep one: the registers would not hold them); 4 rows have enough. */
 #define TILE3_U (H == 1 ? 2 : 1)
-INLINE_DECL int64_t tiles(const struct qargs *a, const uint8_t *src, int64_t nb, int64_t rows,
-                          const int bits) { /* returns the rows done: all but a last one */
+#define PAIR 1 /* B is 1 here, bstride unused */
+INLINE_DECL int64_t tiles(const struct qargs *a, const uint8_t *src, int64_t bstride,
+                          int64_t nb, int64_t rows, const int bits, const int B) {
+    (void)bstride, (void)B; /* returns the rows done: all but a last one */
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) tile(a, src, nb, r, bits, 4, 1);
     if (rows - r == 3) tile(a, src, nb, r, bits, 3, TILE3_U), r += 3;
@@ -303,13 +374,16 @@ INLINE_DECL int64_t tiles(const struct qargs *a, const uint8_t *src, int64_t nb,
 
 #endif
 
-/* One 16-column block for every row: the tiles read the scaled floats `wf` where the
- * caller made them (scaled_block, below), else the packed ints; a last row runs row1. */
+/* B adjacent 16-column blocks for every row: the tiles read the scaled floats `wf` where
+ * the caller made them (scaled_block, below), else the packed ints; a last row runs row1. */
 INLINE_DECL void block(const struct qargs *a, const uint8_t *blk, const float *wf, int64_t nb,
-                       int64_t rows, const int bits) {
-    const int64_t r = wf != NULL ? tiles(a, (const uint8_t *)wf, nb, rows, 32)
-                                 : tiles(a, blk, nb, rows, bits);
-    if (r < rows) row1(a, blk, nb, r, bits);
+                       int64_t rows, const int bits, const int B) {
+    const int64_t bytes = a->k * COLS * bits / 8; /* one block's packed ints */
+    const int64_t r = wf != NULL
+        ? tiles(a, (const uint8_t *)wf, a->k * COLS * 4, nb, rows, 32, B)
+        : tiles(a, blk, bytes, nb, rows, bits, B);
+    if (r < rows)
+        for (int b = 0; b < B; b++) row1(a, blk + b * bytes, nb + b, r, bits);
 }
 
 /* Batches of batch_rows rows or more: each block's weights are converted once into a
@@ -322,9 +396,9 @@ INLINE_DECL void block(const struct qargs *a, const uint8_t *blk, const float *w
  * against 3.4 ms at 5 rows, 3.3 against 4.5 at 9, 4.1 against 4.6 at 12 with AVX-512,
  * and 2.4/3.9, 4.2/5.2 at 5 and 9 rows with AVX2; about even at 16; from 24 rows the
  * scratch wins (7.9 against 8.1 ms; 23 against 37 at 64 with AVX2). */
-#if W == 16 /* AVX-512: the packed tiles of up to 12 rows beat the scratch up to 32 rows
-             * (Ice Lake, same run: 16 rows 47 against 63 ms, 32 rows 88 against 104) */
-static int batch_rows = 48;
+#if W == 16 /* AVX-512's paired tiles: the packed ints win below 32 rows (Ice Lake, same run:
+             * 16 rows 42 against 46 ms), the scratch from there (64 rows 150 against 166) */
+static int batch_rows = 32;
 #else
 static int batch_rows = 16;
 #endif
@@ -409,19 +483,26 @@ int quant_linear_f32(const float *x, int64_t rows, int64_t x_stride, const uint8
         free(sums);
         return 0;
     }
-    const int64_t bytes_per_k = bits == 8 ? COLS : COLS / 2;
+    const int64_t blocks = n / COLS, bytes = k * COLS * bits / 8;
 #pragma omp parallel
     {
         /* without its scratch (no memory), a thread tiles on the packed ints: the same
          * results, only slower */
         const int first = __atomic_load_n(&batch_rows, __ATOMIC_RELAXED);
-        float *scaled = rows >= first ? malloc(sizeof(float) * (size_t)(k * COLS)) : NULL;
+        float *scaled = rows >= first ? malloc(sizeof(float) * (size_t)(PAIR * k * COLS))
+                                      : NULL;
 #pragma omp for schedule(static)
-        for (int64_t nb = 0; nb < n / COLS; nb++) {
-            const uint8_t *blk = q + nb * k * bytes_per_k;
-            if (scaled != NULL) scaled_block(&a, blk, nb, (int)bits, scaled);
-            if (bits == 8) block(&a, blk, scaled, nb, rows, 8); /* literal bits: inlined */
-            else block(&a, blk, scaled, nb, rows, 4);
+        for (int64_t p = 0; p < (blocks + PAIR - 1) / PAIR; p++) {
+            const int64_t nb = p * PAIR;
+            const uint8_t *blk = q + nb * bytes;
+            const int two = PAIR == 2 && nb + 1 < blocks; /* else an odd last block */
+            if (scaled != NULL)
+                for (int b = 0; b < 1 + two; b++)
+                    scaled_block(&a, blk + b * bytes, nb + b, (int)bits, scaled + b * k * COLS);
+            if (two && bits == 8) block(&a, blk, scaled, nb, rows, 8, 2); /* literals: */
+            else if (two) block(&a, blk, scaled, nb, rows, 4, 2);        /* inlined */
+            else if (bits == 8) block(&a, blk, scaled, nb, rows, 8, 1);
+            else block(&a, blk, scaled, nb, rows, 4, 1);
         }
         free(scaled);
     }
