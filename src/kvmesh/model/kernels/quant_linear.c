@@ -101,7 +101,7 @@ struct qargs {
     int64_t x_stride, n, k, group;
     const uint8_t *q;
     const float *scale, *min, *bias, *xsum; /* xsum [rows][K/group], only with min */
-    const float *xt; /* AVX-512: the rows interleaved per tile (interleave_tiles) */ /* xsum [rows][K/group], only with min */
+    const float *xt; /* AVX-512: the rows interleaved per tile (interleave_tiles) */
     float *y;
     int64_t y_stride, groups;
 };
@@ -309,7 +309,7 @@ INLINE_DECL void row1(const struct qargs *a, const uint8_t *blk, int64_t nb, int
  * alternating runs) 9 rows took 25 against 39 ms, 16 rows 43 against 67, 64 rows 146
  * against 219; 2 rows 9.0 against 7.8. Every row of every tile runs the same arithmetic in
  * the same order, so from 2 rows a row's result does not depend on its batch (a row alone
- * takes row1). */
+ * takes row1; batches above MAX_ROWS are dequantized for torch's matmul). */
 #define PAIR 2
 #define TILE_MAX 10
 static inline int64_t tile_count(int64_t rows) { return (rows + TILE_MAX - 1) / TILE_MAX; }
@@ -321,6 +321,7 @@ static inline int64_t tile_count(int64_t rows) { return (rows + TILE_MAX - 1) / 
     }
 INLINE_DECL void tile_of(const struct qargs *a, const uint8_t *src, int64_t bstride, int64_t nb,
                          int64_t row0, const int bits, int64_t rows, const int B) {
+    _Static_assert(TILE_MAX == 10, "a case for every tile size below TILE_MAX");
     switch (rows) { /* 2..TILE_MAX */
     CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) CASE(9)
     default:
@@ -356,18 +357,18 @@ static float *interleave_tiles(const float *x, int64_t rows, int64_t x_stride, i
     return xt;
 }
 #else
-/* Rows in tiles of 4, 3 or 2 (one row: row1): a tile decodes the block's weights once for
- * all its rows, where one pass per row would decode them again. A tile of 2 or 3 rows runs
- * two k-streams per row so that enough FMA chains are in flight (3 rows on AVX2, two
- * vectors per block, keep one: the registers would not hold them); 4 rows have enough. */
-#define TILE3_U (H == 1 ? 2 : 1)
+/* AVX2 and generic: rows in tiles of 4, 3 or 2 (a last row: row1): a tile decodes the
+ * block's weights once for all its rows, where one pass per row would decode them again. A
+ * tile of 2 rows runs two k-streams per row so that enough FMA chains are in flight; 3 and
+ * 4 rows (two vectors per block on AVX2) have enough, and with two streams the registers
+ * would not hold them. */
 #define PAIR 1 /* B is 1 here, bstride unused */
 INLINE_DECL int64_t tiles(const struct qargs *a, const uint8_t *src, int64_t bstride,
                           int64_t nb, int64_t rows, const int bits, const int B) {
     (void)bstride, (void)B; /* returns the rows done: all but a last one */
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) tile(a, src, nb, r, bits, 4, 1);
-    if (rows - r == 3) tile(a, src, nb, r, bits, 3, TILE3_U), r += 3;
+    if (rows - r == 3) tile(a, src, nb, r, bits, 3, 1), r += 3;
     else if (rows - r == 2) tile(a, src, nb, r, bits, 2, 2), r += 2;
     return r;
 }
@@ -375,7 +376,8 @@ INLINE_DECL int64_t tiles(const struct qargs *a, const uint8_t *src, int64_t bst
 #endif
 
 /* B adjacent 16-column blocks for every row: the tiles read the scaled floats `wf` where
- * the caller made them (scaled_block, below), else the packed ints; a last row runs row1. */
+ * the caller made them (scaled_block, below), else the packed ints; a row the tiles leave
+ * (AVX2 and generic: a last odd one) runs row1. */
 INLINE_DECL void block(const struct qargs *a, const uint8_t *blk, const float *wf, int64_t nb,
                        int64_t rows, const int bits, const int B) {
     const int64_t bytes = a->k * COLS * bits / 8; /* one block's packed ints */
@@ -389,13 +391,12 @@ INLINE_DECL void block(const struct qargs *a, const uint8_t *blk, const float *w
 /* Batches of batch_rows rows or more: each block's weights are converted once into a
  * float scratch [K][16], already multiplied by their scales (the very floats a tile
  * computes from the packed ints, so the results are bit for bit the same), and the tiles
- * read those: the conversion is paid once per block and step rather
- * than once per tile, and a tile is its multiply-adds. A last single row (row1) reads
- * the packed ints. Below 16 rows converting costs more than it saves: on the Xeon
- * (2 threads, int8 lm_head of the default model, 576 x 49152) the packed tiles took 2.0
- * against 3.4 ms at 5 rows, 3.3 against 4.5 at 9, 4.1 against 4.6 at 12 with AVX-512,
- * and 2.4/3.9, 4.2/5.2 at 5 and 9 rows with AVX2; about even at 16; from 24 rows the
- * scratch wins (7.9 against 8.1 ms; 23 against 37 at 64 with AVX2). */
+ * read those: the conversion is paid once per block and step rather than once per tile,
+ * and a tile is its multiply-adds. A last single row (row1) reads the packed ints. With
+ * AVX2, below 16 rows converting costs more than it saves: on the Xeon (2 threads, int8
+ * lm_head of the default model, 576 x 49152) the packed tiles took 2.4 against 3.9 ms at
+ * 5 rows and 4.2 against 5.2 at 9; from 24 rows the scratch wins (23 against 37 ms at
+ * 64). */
 #if W == 16 /* AVX-512's paired tiles: the packed ints win below 32 rows (Ice Lake, same run:
              * 16 rows 42 against 46 ms), the scratch from there (64 rows 150 against 166) */
 static int batch_rows = 32;
