@@ -313,6 +313,9 @@ INLINE_DECL void row1(const struct qargs *a, const uint8_t *blk, int64_t nb, int
 #define PAIR 2
 #define TILE_MAX 10
 static inline int64_t tile_count(int64_t rows) { return (rows + TILE_MAX - 1) / TILE_MAX; }
+/* The even split that tiles() and interleave_tiles() share: the size of the next tile when
+ * `left` rows remain for `tiles_left` tiles (sizes differ by one at most, each >= 2). */
+static inline int64_t tile_size(int64_t left, int64_t tiles_left) { return left / tiles_left; }
 #define CASE(n)                                                                            \
     case n: {                                                                              \
         if (B == 2) tile2(a, src, bstride, nb, row0, bits, n);                             \
@@ -335,7 +338,7 @@ INLINE_DECL int64_t tiles(const struct qargs *a, const uint8_t *src, int64_t bst
     if (rows < 2) return 0; /* returns the rows done: all but a lone row */
     int64_t r = 0;
     for (int64_t t = 0, count = tile_count(rows); t < count; t++) {
-        const int64_t size = (rows - r) / (count - t); /* sizes differ by one at most, >= 2 */
+        const int64_t size = tile_size(rows - r, count - t);
         tile_of(a, src, bstride, nb, r, bits, size, B);
         r += size;
     }
@@ -348,7 +351,7 @@ static float *interleave_tiles(const float *x, int64_t rows, int64_t x_stride, i
     if (xt == NULL) return NULL;
     int64_t r = 0;
     for (int64_t t = 0, count = tile_count(rows); t < count; t++) {
-        const int64_t size = (rows - r) / (count - t);
+        const int64_t size = tile_size(rows - r, count - t);
         float *dst = xt + r * k;
         for (int64_t i = 0; i < size; i++)
             for (int64_t kk = 0; kk < k; kk++) dst[kk * size + i] = x[(r + i) * x_stride + kk];
